@@ -1,0 +1,30 @@
+# The first two targets are the README's two commands.
+.PHONY: demo test setup bpf lint bench vmtest clean
+
+VENV := .venv/bin
+PYTEST_ARGS ?=
+
+demo: setup
+	$(VENV)/rtml-ebpf demo
+
+test: setup lint
+	$(VENV)/python -m pytest $(PYTEST_ARGS)
+
+setup:
+	@scripts/setup.sh
+
+bpf: setup
+	$(VENV)/python setup.py -q build_py
+
+lint: setup
+	$(VENV)/ruff check rtml_ebpf tests benchmarks scripts
+	$(VENV)/mypy
+
+bench: setup
+	$(VENV)/python -m benchmarks.run
+
+vmtest: setup
+	scripts/vmtest.sh
+
+clean:
+	rm -rf build *.egg-info rtml_ebpf/bpf/*.o .pytest_cache .mypy_cache .ruff_cache

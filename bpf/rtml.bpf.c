@@ -1,0 +1,372 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * rtml.bpf.c - keeps, per watched memory cgroup, the kernel's own usage,
+ * effective limit and threshold verdicts in a mmapable array that Python
+ * reads without a syscall.
+ *
+ * Hooks (the loader attaches what the running kernel offers):
+ *   tp_btf/mod_memcg_lruvec_state  6.13+  per-memcg LRU/anon/file stat deltas
+ *   tp_btf/mod_memcg_state         6.13+  per-memcg kmem/sock stat deltas
+ *   tp/exceptions/page_fault_user  x86    every user fault, before it is charged
+ *   tp_btf/mark_victim             6.8+   OOM victim with its task pointer
+ * On kernels without the memcg tracepoints the fault hook alone refreshes the
+ * slot (the "fault" hook set): it reads the faulting task's memcg counter.
+ */
+#include "kernel_types.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "rtml.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RTML_MAX_SLOTS);
+	__type(key, __u64);		/* cgroup id (kernfs inode) */
+	__type(value, __u32);		/* index into slots and configs */
+} watch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, RTML_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rtml_slot);
+} slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, RTML_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rtml_config);
+} configs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rtml_ctl);
+} ctl SEC(".maps");
+
+enum event_kind {
+	EV_NONE = 0,
+	EV_ANON,
+	EV_FILE,
+	EV_KERNEL,
+	EV_SOCK,
+	EV_INACTIVE_FILE,
+};
+
+#define WHAT_FAULT 1
+#define WHAT_OOM 2
+
+struct reading {
+	__u64 usage;
+	__u64 limit;
+	__s64 headroom;
+	__u64 depth;
+};
+
+struct walk {
+	struct page_counter *pc;
+	struct reading r;
+};
+
+/*
+ * One level of the effective-limit walk. Run through bpf_loop (5.17+) so the
+ * verifier checks the body once instead of once per level and branch.
+ */
+static long limit_step(__u32 i, struct walk *w)
+{
+	struct page_counter *pc = w->pc;
+
+	if (!pc)
+		return 1;
+	__u64 max = pc->max;
+	if (max < RTML_UNLIMITED_PAGES) {
+		__s64 room = (__s64)max - pc->usage.counter;
+		if (max < w->r.limit) {
+			w->r.limit = max;
+			w->r.depth = i;
+		}
+		if (room < w->r.headroom)
+			w->r.headroom = room;
+	}
+	w->pc = pc->parent;
+	return 0;
+}
+
+/* Same step from a page_counter address the verifier cannot type: helper reads. */
+static long limit_step_probe(__u32 i, struct walk *w)
+{
+	const struct page_counter *pc = w->pc;
+
+	if (!pc)
+		return 1;
+	__u64 max = BPF_CORE_READ(pc, max);
+	if (max < RTML_UNLIMITED_PAGES) {
+		__s64 room = (__s64)max - BPF_CORE_READ(pc, usage.counter);
+		if (max < w->r.limit) {
+			w->r.limit = max;
+			w->r.depth = i;
+		}
+		if (room < w->r.headroom)
+			w->r.headroom = room;
+	}
+	w->pc = BPF_CORE_READ(pc, parent);
+	return 0;
+}
+
+static __always_inline void walk_init(struct walk *w, struct page_counter *pc, __u64 usage)
+{
+	w->pc = pc;
+	w->r.usage = usage;
+	w->r.limit = RTML_UNLIMITED_PAGES;
+	w->r.headroom = (__s64)RTML_UNLIMITED_PAGES;
+	w->r.depth = 0;
+}
+
+static __always_inline __u64 rule_pages(const struct rtml_rule *rule, __u64 value, __u64 limit)
+{
+	if (rule->kind == RTML_RULE_PAGES)
+		return value;
+	/* parts per million of the limit; split the product so it cannot overflow */
+	if (limit < (1ULL << 40))
+		return limit * value / 1000000;
+	return limit / 1000000 * value;
+}
+
+static __always_inline void count(__u64 *up, __u64 *down, long val)
+{
+	if (val > 0)
+		__sync_fetch_and_add(up, val);
+	else if (val < 0)
+		__sync_fetch_and_add(down, -val);
+}
+
+/* Global (not static): the verifier checks it once, not at every call site. */
+__noinline int update_slot(__u32 idx, struct reading *r, int kind, long val, __u32 what)
+{
+	struct rtml_slot *s = bpf_map_lookup_elem(&slots, &idx);
+	struct rtml_config *cfg = bpf_map_lookup_elem(&configs, &idx);
+
+	if (!s || !cfg || !r)
+		return 0;
+
+	__sync_fetch_and_add(&s->seq_begin, 1);
+	s->usage_pages = r->usage;
+	s->limit_pages = r->limit;
+	s->headroom_pages = r->headroom;
+	s->limit_depth = r->depth;
+	switch (kind) {
+	case EV_ANON:
+		count(&s->anon_charged, &s->anon_uncharged, val);
+		break;
+	case EV_FILE:
+		count(&s->file_charged, &s->file_uncharged, val);
+		break;
+	case EV_KERNEL:
+		count(&s->kernel_charged, &s->kernel_uncharged, val);
+		break;
+	case EV_SOCK:
+		count(&s->sock_charged, &s->sock_uncharged, val);
+		break;
+	case EV_INACTIVE_FILE:
+		__sync_fetch_and_add(&s->inactive_file_delta, val);
+		break;
+	}
+	if (what & WHAT_FAULT)
+		__sync_fetch_and_add(&s->faults, 1);
+	if (what & WHAT_OOM)
+		__sync_fetch_and_add(&s->oom_kills, 1);
+	__sync_fetch_and_add(&s->events, 1);
+	s->updated_ns = bpf_ktime_get_ns();
+
+	/*
+	 * Usage as the tightest ancestor sees it: with no siblings it is our own
+	 * usage, with busy siblings it is what is left of the shared limit.
+	 */
+	__s64 used = r->usage;
+	if (r->limit < RTML_UNLIMITED_PAGES)
+		used = (__s64)r->limit - r->headroom;
+	if (used < 0)
+		used = 0;
+	__s64 ws = used - (cfg->inactive_file_base + s->inactive_file_delta);
+	if (ws < 0)
+		ws = 0;
+
+#pragma unroll
+	for (int i = 0; i < RTML_MAX_RULES; i++) {
+		const struct rtml_rule *rule = &cfg->rules[i];
+		if (rule->kind == RTML_RULE_OFF)
+			continue;
+		if (rule->kind == RTML_RULE_FRACTION && r->limit >= RTML_UNLIMITED_PAGES) {
+			s->tripped[i] = 0;
+			continue;
+		}
+		__u64 metric = rule->metric == RTML_METRIC_WORKING_SET ? ws : used;
+		if (metric >= rule_pages(rule, rule->trip, r->limit)) {
+			if (!s->tripped[i]) {
+				s->tripped[i] = 1;
+				__sync_fetch_and_add(&s->trips[i], 1);
+			}
+		} else if (s->tripped[i] && metric < rule_pages(rule, rule->clear, r->limit)) {
+			s->tripped[i] = 0;
+		}
+	}
+	__sync_fetch_and_add(&s->seq_end, 1);
+	return 0;
+}
+
+static __always_inline struct rtml_ctl *active_ctl(void)
+{
+	__u32 zero = 0;
+	struct rtml_ctl *c = bpf_map_lookup_elem(&ctl, &zero);
+
+	if (!c || !c->nwatched)
+		return 0;
+	return c;
+}
+
+/*
+ * A watched cgroup may be the event's own memcg or any ancestor within
+ * RTML_WATCH_DEPTH levels (a pod watched while its containers charge). Up to
+ * RTML_NESTED_WATCHES watched cgroups on one path are refreshed per event;
+ * the walk itself is a small loop so that the verifier's work stays small.
+ */
+#define RTML_NESTED_WATCHES 2
+
+/* Typed path: the memcg tracepoints hand us a struct mem_cgroup pointer. */
+static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long val)
+{
+	struct rtml_ctl *c = active_ctl();
+	struct cgroup_subsys_state *css = &memcg->css;
+	struct page_counter *pc = &memcg->memory;
+	struct page_counter *hit_pc[RTML_NESTED_WATCHES] = {};
+	__u32 hit_idx[RTML_NESTED_WATCHES] = {};
+	struct walk w;
+	int hits = 0;
+
+	if (!c)
+		return;
+	__u32 min_level = c->min_level;
+	/* First only walk and remember; the costly refresh happens once per hit below. */
+	for (int depth = 0; depth < RTML_WATCH_DEPTH && css && pc; depth++) {
+		struct cgroup *cg = css->cgroup;
+		if (!cg || (__u32)cg->level < min_level)
+			break;
+		__u64 id = cg->kn->id;
+		__u32 *idx = bpf_map_lookup_elem(&watch, &id);
+		if (idx) {
+			if (hits == 0) {
+				hit_idx[0] = *idx;
+				hit_pc[0] = pc;
+			} else {
+				hit_idx[1] = *idx;
+				hit_pc[1] = pc;
+			}
+			if (++hits == RTML_NESTED_WATCHES)
+				break;
+		}
+		css = css->parent;
+		pc = pc->parent;
+	}
+	for (int h = 0; h < RTML_NESTED_WATCHES && h < hits; h++) {
+		pc = hit_pc[h];
+		if (!pc)
+			break;
+		walk_init(&w, pc, pc->usage.counter);
+		bpf_loop(RTML_LIMIT_DEPTH, limit_step, &w, 0);
+		update_slot(hit_idx[h], &w.r, kind, val, 0);
+	}
+}
+
+/* Task path: fault and OOM hooks find the memcg through the task's css_set. */
+static __always_inline void on_task(struct task_struct *task, __u32 what)
+{
+	struct rtml_ctl *c = active_ctl();
+	struct cgroup_subsys_state *css;
+	long hit_css[RTML_NESTED_WATCHES] = {};
+	__u32 hit_idx[RTML_NESTED_WATCHES] = {};
+	struct walk w;
+	int hits = 0;
+
+	if (!c || !task)
+		return;
+	css = task->cgroups->subsys[bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id)];
+	__u32 min_level = c->min_level;
+	for (int depth = 0; depth < RTML_WATCH_DEPTH && css; depth++) {
+		struct cgroup *cg = css->cgroup;
+		if (!cg || (__u32)cg->level < min_level)
+			break;
+		__u64 id = cg->kn->id;
+		__u32 *idx = bpf_map_lookup_elem(&watch, &id);
+		if (idx) {
+			if (hits == 0) {
+				hit_idx[0] = *idx;
+				hit_css[0] = (long)css;
+			} else {
+				hit_idx[1] = *idx;
+				hit_css[1] = (long)css;
+			}
+			if (++hits == RTML_NESTED_WATCHES)
+				break;
+		}
+		css = css->parent;
+	}
+	/* &memcg->memory from &memcg->css: the verifier cannot type a container_of, so helper reads follow */
+	long delta = (long)bpf_core_field_offset(struct mem_cgroup, memory) -
+		     (long)bpf_core_field_offset(struct mem_cgroup, css);
+	for (int h = 0; h < RTML_NESTED_WATCHES && h < hits; h++) {
+		struct page_counter *pc = (struct page_counter *)(hit_css[h] + delta);
+		walk_init(&w, pc, BPF_CORE_READ(pc, usage.counter));
+		bpf_loop(RTML_LIMIT_DEPTH, limit_step_probe, &w, 0);
+		/* the fault happened in the nearest watched cgroup: count it there only */
+		update_slot(hit_idx[h], &w.r, EV_NONE, 0, h == 0 ? what : (what & ~WHAT_FAULT));
+	}
+}
+
+SEC("tp_btf/mod_memcg_lruvec_state")
+int BPF_PROG(handle_memcg_lruvec, struct mem_cgroup *memcg, int item, int val)
+{
+	int kind = EV_NONE;
+
+	if (item == bpf_core_enum_value(enum node_stat_item, NR_INACTIVE_FILE))
+		kind = EV_INACTIVE_FILE;
+	else if (item == bpf_core_enum_value(enum node_stat_item, NR_ANON_MAPPED))
+		kind = EV_ANON;
+	else if (item == bpf_core_enum_value(enum node_stat_item, NR_FILE_PAGES))
+		kind = EV_FILE;
+	on_memcg(memcg, kind, val);
+	return 0;
+}
+
+SEC("tp_btf/mod_memcg_state")
+int BPF_PROG(handle_memcg_state, struct mem_cgroup *memcg, int item, int val)
+{
+	int kind = EV_NONE;
+
+	if (item == bpf_core_enum_value(enum memcg_stat_item, MEMCG_KMEM))
+		kind = EV_KERNEL;
+	else if (item == bpf_core_enum_value(enum memcg_stat_item, MEMCG_SOCK))
+		kind = EV_SOCK;
+	on_memcg(memcg, kind, val);
+	return 0;
+}
+
+SEC("tp/exceptions/page_fault_user")
+int handle_page_fault(struct trace_event_raw_x86_exceptions *ctx)
+{
+	on_task(bpf_get_current_task_btf(), WHAT_FAULT);
+	return 0;
+}
+
+SEC("tp_btf/mark_victim")
+int BPF_PROG(handle_oom_victim, struct task_struct *task)
+{
+	on_task(task, WHAT_OOM);
+	return 0;
+}

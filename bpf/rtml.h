@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * rtml.h - the ABI shared by rtml.bpf.c and the Python side (rtml_ebpf/_abi.py).
+ *
+ * Only constants and plain, naturally aligned structs live here: no kernel
+ * types, no vmlinux.h, so that user space can mirror it with ctypes and a
+ * test (tests/test_abi.py) can check both sides agree on every offset.
+ */
+#ifndef __RTML_H
+#define __RTML_H
+
+#define RTML_ABI_VERSION 1
+
+#define RTML_MAX_SLOTS 64	/* watched cgroups per loaded object */
+#define RTML_MAX_RULES 4	/* thresholds evaluated per watched cgroup */
+#define RTML_WATCH_DEPTH 8	/* levels walked up from an event's memcg to a watched one */
+#define RTML_LIMIT_DEPTH 8	/* page_counter ancestors walked for the effective limit */
+
+/*
+ * A page counter max at or above this many pages means "no limit". The
+ * kernel's PAGE_COUNTER_MAX is LONG_MAX / PAGE_SIZE (2^51 with 4 KiB pages,
+ * 2^47 with 64 KiB); 2^46 pages sits below both and above any real limit.
+ */
+#define RTML_UNLIMITED_PAGES (1ULL << 46)
+
+enum rtml_rule_kind {
+	RTML_RULE_OFF = 0,
+	RTML_RULE_FRACTION = 1,	/* trip/clear in parts per million of the effective limit */
+	RTML_RULE_PAGES = 2,	/* trip/clear in pages */
+};
+
+enum rtml_metric {
+	RTML_METRIC_USAGE = 0,
+	RTML_METRIC_WORKING_SET = 1,	/* usage - inactive_file, what kubelet evicts on */
+};
+
+/* ctl.flags */
+#define RTML_CTL_TRACK_INACTIVE 1	/* lruvec events are live: inactive_file_delta is exact */
+
+/* One threshold. A rule trips when metric >= trip and clears when metric < clear. */
+struct rtml_rule {
+	__u32 kind;
+	__u32 metric;
+	__u64 trip;
+	__u64 clear;
+};
+
+/* Written by user space only (mmapped read-write), read by the programs. */
+struct rtml_config {
+	__u64 cgroup_id;
+	__s64 inactive_file_base;	/* pages, read from memory.stat at registration */
+	struct rtml_rule rules[RTML_MAX_RULES];
+};
+
+/* Process-wide knobs, element 0 of the `ctl` array (mmapped read-write). */
+struct rtml_ctl {
+	__u32 nwatched;		/* 0: programs return at once */
+	__u32 min_level;	/* shallowest cgroup level that is watched */
+	__u32 flags;
+	__u32 abi_version;
+};
+
+/*
+ * Written by the programs only; user space maps it read-only. The hot path
+ * reads one byte, tripped[r]; every other field is for stats(). Multi-field
+ * reads are consistent when seq_begin read after them equals seq_end read
+ * before them (writers on several CPUs bump begin, write, then bump end).
+ */
+struct rtml_slot {
+	__u8 tripped[RTML_MAX_RULES];
+	__u32 level;			/* cgroup depth below the hierarchy root */
+	__u64 seq_begin;
+	__u64 seq_end;
+	__u64 cgroup_id;
+	__u64 usage_pages;		/* the watched cgroup's own page counter */
+	__u64 limit_pages;		/* tightest max on the path to the root */
+	__s64 headroom_pages;		/* min(max - usage) over limited ancestors */
+	__u64 limit_depth;		/* levels above the watched cgroup where that max sits */
+	__s64 inactive_file_delta;	/* pages, summed from lruvec events since registration */
+	__u64 anon_charged;
+	__u64 anon_uncharged;
+	__u64 file_charged;
+	__u64 file_uncharged;
+	__u64 kernel_charged;
+	__u64 kernel_uncharged;
+	__u64 sock_charged;
+	__u64 sock_uncharged;
+	__u64 faults;			/* user page faults by tasks in the subtree */
+	__u64 oom_kills;		/* OOM victims chosen in the subtree */
+	__u64 events;			/* program runs that refreshed this slot */
+	__u64 updated_ns;		/* bpf_ktime_get_ns() of the last refresh (CLOCK_MONOTONIC) */
+	__u64 trips[RTML_MAX_RULES];	/* clear -> tripped transitions per rule */
+	__u64 _reserved[7];		/* pads the slot to 256 bytes */
+};
+
+#endif /* __RTML_H */

@@ -1,0 +1,64 @@
+"""ctypes mirror of bpf/rtml.h. tests/test_abi.py compiles rtml.h with the C
+compiler and checks every offset here against it."""
+
+from __future__ import annotations
+
+import ctypes
+
+ABI_VERSION = 1
+MAX_SLOTS = 64
+MAX_RULES = 4
+UNLIMITED_PAGES = 1 << 46
+
+RULE_OFF, RULE_FRACTION, RULE_PAGES = 0, 1, 2
+METRIC_USAGE, METRIC_WORKING_SET = 0, 1
+CTL_TRACK_INACTIVE = 1
+
+u8, u32, u64, s64 = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
+
+
+class Rule(ctypes.Structure):
+    _fields_ = [("kind", u32), ("metric", u32), ("trip", u64), ("clear", u64)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("cgroup_id", u64), ("inactive_file_base", s64), ("rules", Rule * MAX_RULES)]
+
+
+class Ctl(ctypes.Structure):
+    _fields_ = [("nwatched", u32), ("min_level", u32), ("flags", u32), ("abi_version", u32)]
+
+
+class Slot(ctypes.Structure):
+    _fields_ = [
+        ("tripped", u8 * MAX_RULES),
+        ("level", u32),
+        ("seq_begin", u64),
+        ("seq_end", u64),
+        ("cgroup_id", u64),
+        ("usage_pages", u64),
+        ("limit_pages", u64),
+        ("headroom_pages", s64),
+        ("limit_depth", u64),
+        ("inactive_file_delta", s64),
+        ("anon_charged", u64),
+        ("anon_uncharged", u64),
+        ("file_charged", u64),
+        ("file_uncharged", u64),
+        ("kernel_charged", u64),
+        ("kernel_uncharged", u64),
+        ("sock_charged", u64),
+        ("sock_uncharged", u64),
+        ("faults", u64),
+        ("oom_kills", u64),
+        ("events", u64),
+        ("updated_ns", u64),
+        ("trips", u64 * MAX_RULES),
+        ("_reserved", u64 * 7),
+    ]
+
+
+GROWTH_KINDS = ("anon", "file", "kernel", "sock")
+TRIPPED_OFFSET = Slot.tripped.offset
+SEQ_BEGIN_OFFSET = Slot.seq_begin.offset
+SEQ_END_OFFSET = Slot.seq_end.offset

@@ -1,0 +1,125 @@
+"""Named, cached probes of what this kernel and process can do for the eBPF backend.
+
+Everything is settled before load, as libbpf-tools does: a hook whose
+tracepoint is missing from the kernel's BTF (or has another prototype) is
+turned off, never left to fail at attach.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+from dataclasses import dataclass
+
+from . import _libbpf
+from .errors import NotSupported, PermissionDenied
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+TRACEFS = "/sys/kernel/tracing"
+
+
+@dataclass(frozen=True)
+class Hook:
+    name: str  # what we report
+    program: str  # function name in rtml.bpf.c
+    tracepoint: str  # btf_trace_<tracepoint> in the kernel's BTF
+    nargs: int  # arguments after the leading void *
+    since: str  # the first kernel that has it in this shape
+    what: str
+
+
+HOOKS: tuple[Hook, ...] = (
+    Hook("memcg_lruvec", "handle_memcg_lruvec", "mod_memcg_lruvec_state", 3, "6.13",
+         "per-memcg LRU/anon/file stat deltas (charges, frees, inactive_file)"),
+    Hook("memcg_state", "handle_memcg_state", "mod_memcg_state", 3, "6.13",
+         "per-memcg kernel-memory and socket stat deltas"),
+    Hook("page_fault_user", "handle_page_fault", "page_fault_user", 3, "x86 (any kernel with BTF)",
+         "every user page fault, before it is charged"),
+    Hook("oom_victim", "handle_oom_victim", "mark_victim", 2, "6.8",
+         "OOM victims, with the task they kill"),
+)
+HOOK_NAMES = tuple(h.name for h in HOOKS)
+# The hook set a kernel before 6.13 gets: no memcg stat tracepoints.
+FAULT_HOOKS = ("page_fault_user", "oom_victim")
+
+
+def cap_effective() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def check_privileges() -> None:
+    """Raise PermissionDenied unless we may load tracing programs."""
+    caps = cap_effective()
+    if os.geteuid() == 0 and caps & (1 << CAP_SYS_ADMIN):
+        return
+    if caps & (1 << CAP_SYS_ADMIN):
+        return
+    if caps & (1 << CAP_BPF) and caps & (1 << CAP_PERFMON):
+        return
+    raise PermissionDenied(f"euid {os.geteuid()} has neither CAP_SYS_ADMIN nor CAP_BPF+CAP_PERFMON")
+
+
+def check_btf() -> None:
+    if not _libbpf.vmlinux_btf_exists():
+        raise NotSupported(
+            "kernel BTF", "/sys/kernel/btf/vmlinux is missing (kernel built without "
+            "CONFIG_DEBUG_INFO_BTF)", min_kernel="5.4 with CONFIG_DEBUG_INFO_BTF=y"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def tracepoint_nargs(tracepoint: str) -> int | None:
+    """Arguments of ``btf_trace_<tracepoint>`` after ``void *``; None when absent."""
+    lib = _libbpf.lib()
+    btf = lib.btf__load_vmlinux_btf()
+    if not btf:
+        return None
+    try:
+        type_id = lib.btf__find_by_name_kind(btf, f"btf_trace_{tracepoint}".encode(), _libbpf.BTF_KIND_TYPEDEF)
+        if type_id < 0:
+            return None
+        t = lib.btf__type_by_id(btf, type_id).contents  # typedef -> ptr -> func_proto
+        for _ in range(3):
+            if t.kind == _libbpf.BTF_KIND_FUNC_PROTO:
+                return max(0, t.vlen - 1)
+            t = lib.btf__type_by_id(btf, t.size_type).contents
+        return None
+    finally:
+        lib.btf__free(btf)
+
+
+def hook_unavailable(hook: Hook) -> str | None:
+    """Why this kernel cannot take ``hook``, or None when it can."""
+    if hook.name == "page_fault_user" and platform.machine() not in ("x86_64", "i686", "i386"):
+        return "exceptions:page_fault_user exists on x86 only"
+    nargs = tracepoint_nargs(hook.tracepoint)
+    if nargs is None:
+        return f"tracepoint {hook.tracepoint} not in this kernel (added in {hook.since})"
+    if nargs != hook.nargs:
+        return f"tracepoint {hook.tracepoint} has {nargs} arguments here, we need {hook.nargs} ({hook.since}+)"
+    return None
+
+
+def ensure_tracefs() -> None:
+    """Classic tracepoints are attached by id, which libbpf reads from tracefs."""
+    if os.path.isdir(os.path.join(TRACEFS, "events")):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"tracefs", TRACEFS.encode(), b"tracefs", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise NotSupported(
+            "tracefs", f"{TRACEFS} is not mounted and mounting it failed: {os.strerror(err)}; "
+            f"mount it (mount -t tracefs tracefs {TRACEFS})"
+        )

@@ -1,0 +1,152 @@
+"""ctypes declarations for the parts of libbpf (>= 1.0) we use. No logic beyond
+turning a libbpf failure into an exception, and capturing libbpf's log so a
+failed load can show the verifier's reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import logging
+import os
+import threading
+from typing import Any
+
+from .errors import LoadError, NotSupported
+
+log = logging.getLogger("rtml_ebpf.libbpf")
+
+# enum libbpf_print_level
+LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
+# BTF kinds (include/uapi/linux/btf.h)
+BTF_KIND_PTR = 2
+BTF_KIND_TYPEDEF = 8
+BTF_KIND_FUNC_PROTO = 13
+
+
+class BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size_type", ctypes.c_uint32)]
+
+    @property
+    def kind(self) -> int:
+        return (self.info >> 24) & 0x1F
+
+    @property
+    def vlen(self) -> int:
+        return self.info & 0xFFFF
+
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+_lib: Any = None
+_libc: Any = None
+_lib_lock = threading.Lock()
+_log_lines: collections.deque[str] = collections.deque(maxlen=400)
+_verbose = False
+
+
+def set_verbose(on: bool) -> None:
+    """Pass libbpf's debug output (verifier logs included) to logging at DEBUG."""
+    global _verbose
+    _verbose = on
+
+
+def take_log() -> str:
+    text = "".join(_log_lines)
+    _log_lines.clear()
+    return text
+
+
+def _on_print(level: int, fmt: bytes, args: int) -> int:
+    buf = ctypes.create_string_buffer(4096)
+    _libc.vsnprintf(buf, len(buf), fmt, ctypes.c_void_p(args))
+    line = buf.value.decode(errors="replace")
+    if level <= LIBBPF_INFO or _verbose:
+        _log_lines.append(line)
+    if _verbose:
+        log.debug("%s", line.rstrip())
+    elif level == LIBBPF_WARN:
+        log.info("%s", line.rstrip())
+    return 0
+
+
+_print_cb = _PRINT_FN(_on_print)  # kept alive for the life of the process
+
+
+def _declare(lib: Any) -> None:
+    P, I, U32, S32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_int32
+    sigs: dict[str, tuple[Any, list[Any]]] = {
+        "libbpf_set_print": (P, [_PRINT_FN]),
+        "bpf_object__open_file": (P, [ctypes.c_char_p, P]),
+        "bpf_object__load": (I, [P]),
+        "bpf_object__close": (None, [P]),
+        "bpf_object__find_program_by_name": (P, [P, ctypes.c_char_p]),
+        "bpf_object__find_map_by_name": (P, [P, ctypes.c_char_p]),
+        "bpf_program__set_autoload": (I, [P, ctypes.c_bool]),
+        "bpf_program__attach": (P, [P]),
+        "bpf_program__fd": (I, [P]),
+        "bpf_link__destroy": (I, [P]),
+        "bpf_map__fd": (I, [P]),
+        "bpf_map_update_elem": (I, [I, P, P, ctypes.c_uint64]),
+        "bpf_map_delete_elem": (I, [I, P]),
+        "bpf_map_lookup_elem": (I, [I, P, P]),
+        "bpf_obj_get_info_by_fd": (I, [I, P, ctypes.POINTER(U32)]),
+        "btf__load_vmlinux_btf": (P, []),
+        "btf__find_by_name_kind": (S32, [P, ctypes.c_char_p, U32]),
+        "btf__type_by_id": (ctypes.POINTER(BtfType), [P, U32]),
+        "btf__free": (None, [P]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+
+
+def lib() -> Any:
+    """The loaded libbpf, or NotSupported naming the package to install."""
+    global _lib, _libc
+    with _lib_lock:
+        if _lib is not None:
+            return _lib
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            handle = ctypes.CDLL(name, use_errno=True)
+            _declare(handle)
+        except (OSError, AttributeError) as exc:
+            raise NotSupported(
+                "libbpf", f"cannot load {name} ({exc}); apt-get install libbpf1 (1.0 or newer)"
+            ) from exc
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+        _libc.vsnprintf.restype = ctypes.c_int
+        handle.libbpf_set_print(_print_cb)
+        _lib = handle
+        return _lib
+
+
+def check(ret: int, step: str, name: str) -> int:
+    """libbpf 1.x returns -errno from int APIs."""
+    if ret < 0:
+        raise LoadError(step, name, -ret, take_log())
+    return ret
+
+
+def check_ptr(ptr: int | None, step: str, name: str) -> int:
+    """libbpf 1.x returns NULL and sets errno from pointer APIs."""
+    if not ptr:
+        raise LoadError(step, name, ctypes.get_errno() or 0, take_log())
+    return ptr
+
+
+def prog_id(fd: int) -> int:
+    """The kernel id of a loaded program (bpftool prog show id N)."""
+    # struct bpf_prog_info starts with: __u32 type; __u32 id; ...
+    info = (ctypes.c_uint8 * 256)()
+    size = ctypes.c_uint32(256)
+    check(lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)), "get info of", f"prog fd {fd}")
+    return int.from_bytes(bytes(info[4:8]), "little")
+
+
+def vmlinux_btf_exists() -> bool:
+    return os.path.exists("/sys/kernel/btf/vmlinux")

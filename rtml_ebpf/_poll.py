@@ -1,0 +1,142 @@
+"""The poll backend: cgroup files, cached for a minimum interval.
+
+Staleness: an answer is at most ``min_interval`` old (default 10 ms) plus the
+time of one file read; limits are re-read at most every ``limit_interval``
+(1 s). A burst that grows faster than that can overshoot: that is what the
+eBPF backend is for. The hot path costs one monotonic clock read and a
+compare while the cache is fresh.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ._backend import Snapshot
+from ._cgroup import LimitInfo, MemoryCgroup
+from ._rules import Rule, Usage, effective_used, evaluate
+
+DEFAULT_MIN_INTERVAL = 0.010
+DEFAULT_LIMIT_INTERVAL = 1.0
+
+
+class PollFlag:
+    """Answers ``flag[0]`` by refreshing the backend when the cache is stale."""
+
+    __slots__ = ("_backend", "index")
+
+    def __init__(self, backend: PollBackend, index: int) -> None:
+        self._backend = backend
+        self.index = index
+
+    def __getitem__(self, _: int) -> bool:
+        return self._backend.tripped(self.index)
+
+
+class PollBackend:
+    name = "poll"
+
+    def __init__(
+        self,
+        cgroup: MemoryCgroup,
+        reason: str,
+        *,
+        min_interval: float = DEFAULT_MIN_INTERVAL,
+        limit_interval: float = DEFAULT_LIMIT_INTERVAL,
+    ) -> None:
+        self.cgroup = cgroup
+        self.reason = reason
+        self._interval_ns = int(min_interval * 1e9)
+        self._limit_interval_ns = int(limit_interval * 1e9)
+        self._rules: dict[int, Rule] = {}
+        self._tripped: dict[int, bool] = {}
+        self._next_index = 0
+        self._lock = threading.Lock()
+        self._limits: LimitInfo | None = None
+        self._limits_ns = 0
+        self._last_ns = 0
+        self._snapshot: Snapshot | None = None
+        self._closed = False
+
+    # -- rules --------------------------------------------------------------------------
+    def add_rule(self, rule: Rule) -> PollFlag:
+        with self._lock:
+            index = self._next_index
+            self._next_index += 1
+            self._rules[index] = rule
+            self._tripped[index] = False
+        self._refresh(force=True)
+        return PollFlag(self, index)
+
+    def remove_rule(self, flag: object) -> None:
+        if isinstance(flag, PollFlag):
+            with self._lock:
+                self._rules.pop(flag.index, None)
+                self._tripped.pop(flag.index, None)
+
+    # -- hot path -----------------------------------------------------------------------
+    def tripped(self, index: int) -> bool:
+        if time.monotonic_ns() - self._last_ns >= self._interval_ns:
+            self._refresh()
+        return self._tripped.get(index, False)
+
+    # -- readings -----------------------------------------------------------------------
+    def _read_limits(self, now: int) -> LimitInfo:
+        if self._limits is None or now - self._limits_ns >= self._limit_interval_ns:
+            self._limits = self.cgroup.effective_limit()
+            self._limits_ns = now
+        return self._limits
+
+    def _read(self) -> Snapshot:
+        now = time.monotonic_ns()
+        limits = self._read_limits(now)
+        own = self.cgroup.read_usage()
+        headroom: int | None = None
+        for directory, limit in limits.limited:
+            usage = own if directory == self.cgroup.directory else self.cgroup.read_usage(directory)
+            room = limit - usage
+            headroom = room if headroom is None else min(headroom, room)
+        if limits.limit_bytes is not None and (
+            headroom is None or limits.limit_bytes - own < headroom
+        ):
+            # the v1 hierarchical limit sits above what we can read: judge it by our own usage
+            headroom = limits.limit_bytes - own
+        needs_ws = any(r.metric == "working_set" for r in self._rules.values()) or not self._rules
+        inactive = self.cgroup.read_inactive_file() if needs_ws else 0
+        return Snapshot(
+            usage=own,
+            used=effective_used(own, limits.limit_bytes, headroom),
+            inactive_file=inactive,
+            limit=limits.limit_bytes,
+            limit_source=limits.source,
+            headroom=headroom,
+            updated_ns=now,
+            oom_kills=0,
+        )
+
+    def _refresh(self, force: bool = False) -> None:
+        # Never block the hot path: whoever holds the lock refreshes for everyone.
+        if not self._lock.acquire(blocking=force):
+            return
+        try:
+            if self._closed:
+                return
+            snap = self._read()
+            usage = Usage(snap.used, snap.working_set, snap.limit)
+            for index, rule in self._rules.items():
+                self._tripped[index] = evaluate(rule, usage, self._tripped.get(index, False))
+            self._snapshot = snap
+            self._last_ns = snap.updated_ns
+        finally:
+            self._lock.release()
+
+    def snapshot(self) -> Snapshot:
+        snap = self._read()
+        try:
+            oom = self.cgroup.oom_kills()
+        except OSError:
+            oom = 0
+        return Snapshot(**{**snap.__dict__, "oom_kills": oom})
+
+    def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,106 @@
+"""Allocation workloads run inside a memory cgroup by the tests, the demo and the benchmarks.
+
+``python -m rtml_ebpf._workloads alloc --step-kib 1024 --max-mib 400 ...`` grows
+its resident memory in steps, asks a Limiter after each step, stops when the
+limiter trips and prints one JSON object: how far it got, what the kernel
+said the usage was at the flip, and the overshoot past the threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import sys
+import time
+from typing import Any
+
+
+def touch(buf: mmap.mmap, page: int = 4096) -> None:
+    """Fault in every page (a write per page, like a payload being decoded)."""
+    for off in range(0, len(buf), page):
+        buf[off] = 1
+
+
+def usage_file(cgroup_dir: str) -> str:
+    v2 = os.path.join(cgroup_dir, "memory.current")
+    return v2 if os.path.exists(v2) else os.path.join(cgroup_dir, "memory.usage_in_bytes")
+
+
+def read_int(path: str) -> int:
+    with open(path) as f:
+        return int(f.read())
+
+
+def alloc_until_tripped(
+    *, step: int, max_bytes: int, threshold: int, metric: str, backend: str, poll_interval: float | None
+) -> dict[str, Any]:
+    from rtml_ebpf import Limiter
+
+    kwargs: dict[str, Any] = {"threshold": threshold, "metric": metric, "backend": backend}
+    if poll_interval is not None:
+        kwargs["poll_interval"] = poll_interval
+    lim = Limiter(**kwargs)
+    ufile = usage_file(lim.cgroup.directory)
+    held: list[mmap.mmap] = []
+    allocated = 0
+    crossed_at: int | None = None  # kernel usage at the first step that crossed the threshold
+    result: dict[str, Any] = {"backend": lim.backend, "hooks": list(lim.stats().hooks), "threshold": threshold}
+    tripped = lim.is_mem_limit_reached()
+    t0 = time.perf_counter()
+    while not tripped and allocated < max_bytes:
+        buf = mmap.mmap(-1, step)
+        touch(buf)
+        held.append(buf)
+        allocated += step
+        tripped = lim.is_mem_limit_reached()  # the check under test, right after the step
+        usage = read_int(ufile)  # measurement only, after the check
+        if crossed_at is None and usage >= threshold:
+            crossed_at = usage
+        if tripped:
+            result["usage_at_flip"] = usage
+    result.update(
+        tripped=tripped,
+        allocated=allocated,
+        seconds=time.perf_counter() - t0,
+        usage_at_cross=crossed_at,
+        overshoot=(max(0, result["usage_at_flip"] - threshold) if tripped else None),
+        stats=lim.stats().as_dict(),
+    )
+    lim.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rtml_ebpf._workloads")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("alloc")
+    a.add_argument("--step-kib", type=int, default=1024)
+    a.add_argument("--max-mib", type=int, default=512)
+    a.add_argument("--threshold", type=int, required=True, help="bytes")
+    a.add_argument("--metric", default="usage")
+    a.add_argument("--backend", default="ebpf")
+    a.add_argument("--poll-interval", type=float, default=None)
+    h = sub.add_parser("hog", help="allocate and hold memory until killed (to provoke an OOM kill)")
+    h.add_argument("--mib", type=int, required=True)
+    args = p.parse_args(argv)
+    if args.cmd == "alloc":
+        out = alloc_until_tripped(
+            step=args.step_kib * 1024, max_bytes=args.max_mib << 20, threshold=args.threshold,
+            metric=args.metric, backend=args.backend, poll_interval=args.poll_interval,
+        )
+        print(json.dumps(out))
+        return 0
+    bufs = []
+    for _ in range(args.mib):
+        b = mmap.mmap(-1, 1 << 20)
+        touch(b)
+        bufs.append(b)
+    print(json.dumps({"held_mib": args.mib}), flush=True)
+    time.sleep(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

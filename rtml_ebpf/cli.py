@@ -1,0 +1,161 @@
+"""``rtml-ebpf``: status of a memory cgroup as the limiter sees it, and the demo.
+
+Exit codes: 0 ok, 2 bad arguments, 3 cgroup not found, 4 eBPF not supported
+or not permitted, 5 a libbpf step failed, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import _libbpf
+from .errors import CgroupNotFound, ConfigError, LoadError, NotSupported, RtmlError
+from .limiter import BACKENDS, Limiter, Stats, parse_threshold_text
+
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, 2),
+    (CgroupNotFound, 3),
+    (NotSupported, 4),
+    (LoadError, 5),
+    (RtmlError, 1),
+)
+
+
+def human(n: int | None) -> str:
+    if n is None:
+        return "unlimited"
+    sign = "-" if n < 0 else ""
+    v = float(abs(n))
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if v < 1024 or unit == "TiB":
+            return f"{sign}{v:.0f} {unit}" if unit == "B" else f"{sign}{v:.1f} {unit}"
+        v /= 1024
+    return f"{n} B"
+
+
+def status_dict(s: Stats) -> dict[str, Any]:
+    """Stable JSON keys for ``status --json`` (documented in the README)."""
+    return {
+        "cgroup_path": s.cgroup_path,
+        "cgroup_dir": s.cgroup_dir,
+        "cgroup_id": s.cgroup_id,
+        "cgroup_version": s.cgroup_version,
+        "limit_bytes": s.limit_bytes,
+        "limit_source": s.limit_source,
+        "usage_bytes": s.usage_bytes,
+        "working_set_bytes": s.working_set_bytes,
+        "metric": s.metric,
+        "threshold_bytes": s.threshold_bytes,
+        "headroom_bytes": s.headroom_bytes,
+        "limit_headroom_bytes": s.limit_headroom_bytes,
+        "tripped": s.tripped,
+        "backend": s.backend,
+        "backend_reason": s.backend_reason,
+        "hooks": list(s.hooks),
+        "oom_kills": s.oom_kills,
+        "faults": s.faults,
+        "updated_ns": s.updated_ns,
+    }
+
+
+def print_status(s: Stats) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="rtml-ebpf status", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    pct = ""
+    if s.limit_bytes:
+        value = s.working_set_bytes if s.metric == "working_set" else s.usage_bytes
+        pct = f"  ({100 * value / s.limit_bytes:.1f}% of limit)"
+    rows = [
+        ("cgroup", f"{s.cgroup_path}  (v{s.cgroup_version}, id {s.cgroup_id})"),
+        ("directory", s.cgroup_dir),
+        ("effective limit", human(s.limit_bytes) + (f"  set by {s.limit_source}" if s.limit_source else "")),
+        ("usage", human(s.usage_bytes)),
+        ("working set", human(s.working_set_bytes) + "  (usage - inactive_file)"),
+        ("metric", s.metric + pct),
+        ("threshold", human(s.threshold_bytes) if s.threshold_bytes is not None else "n/a (no limit)"),
+        ("headroom", (human(s.headroom_bytes) + " before the threshold") if s.headroom_bytes is not None else "n/a"),
+        ("room before OOM", human(s.limit_headroom_bytes) if s.limit_headroom_bytes is not None else "n/a"),
+        ("limit reached", "[red]YES[/red]" if s.tripped else "[green]no[/green]"),
+        ("backend", s.backend),
+        ("why", s.backend_reason),
+        ("OOM kills", str(s.oom_kills)),
+    ]
+    if s.faults is not None:
+        rows.append(("user faults seen", str(s.faults)))
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    t = parse_threshold_text(args.threshold, name="--threshold")
+    threshold: float | int = t.nbytes if t.nbytes is not None else (t.ppm or 0) / 1_000_000
+    with Limiter(args.cgroup, pid=args.pid, threshold=threshold, metric=args.metric, backend=args.backend) as lim:
+        s = lim.stats()
+    if args.json:
+        print(json.dumps(status_dict(s), indent=2))
+    else:
+        print_status(s)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rtml-ebpf", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("-v", "--verbose", action="store_true", help="log libbpf output (verifier logs included)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    st = sub.add_parser("status", help="show a memory cgroup as the limiter sees it")
+    who = st.add_mutually_exclusive_group()
+    who.add_argument("--cgroup", metavar="PATH", help="a memory cgroup directory (default: this process's)")
+    who.add_argument("--pid", type=int, help="the memory cgroup of this process")
+    st.add_argument("--json", action="store_true", help="machine-readable output with stable keys")
+    st.add_argument("--threshold", default="0.9", help="fraction (0.9, 90%%) or size (512Mi); default 0.9")
+    st.add_argument("--metric", default="working_set", choices=("working_set", "usage"))
+    st.add_argument("--backend", default="auto", choices=BACKENDS)
+    st.set_defaults(func=cmd_status)
+
+    try:
+        from .demo import add_arguments
+    except ImportError:  # pragma: no cover - demo module always ships
+        add_arguments = None
+    if add_arguments is not None:
+        dm = sub.add_parser("demo", help="flood a service in a memory cgroup, unguarded and guarded")
+        add_arguments(dm)
+        dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    _libbpf.set_verbose(args.verbose)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        for kind, code in EXIT_CODES:
+            if isinstance(exc, kind):
+                print(f"rtml-ebpf: {exc}", file=sys.stderr)
+                return code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
