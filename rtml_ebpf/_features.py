@@ -79,7 +79,7 @@ def check_btf() -> None:
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tracepoint_nargs(tracepoint: str) -> int | None:
     """Arguments of ``btf_trace_<tracepoint>`` after ``void *``; None when absent."""
     lib = _libbpf.lib()
@@ -93,7 +93,7 @@ def tracepoint_nargs(tracepoint: str) -> int | None:
         t = lib.btf__type_by_id(btf, type_id).contents  # typedef -> ptr -> func_proto
         for _ in range(3):
             if t.kind == _libbpf.BTF_KIND_FUNC_PROTO:
-                return max(0, t.vlen - 1)
+                return max(0, int(t.vlen) - 1)
             t = lib.btf__type_by_id(btf, t.size_type).contents
         return None
     finally:

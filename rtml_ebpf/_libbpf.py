@@ -30,11 +30,11 @@ class BtfType(ctypes.Structure):
 
     @property
     def kind(self) -> int:
-        return (self.info >> 24) & 0x1F
+        return int(self.info >> 24) & 0x1F
 
     @property
     def vlen(self) -> int:
-        return self.info & 0xFFFF
+        return int(self.info) & 0xFFFF
 
 
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
@@ -75,23 +75,23 @@ _print_cb = _PRINT_FN(_on_print)  # kept alive for the life of the process
 
 
 def _declare(lib: Any) -> None:
-    P, I, U32, S32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_int32
+    P, INT, U32, S32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_int32
     sigs: dict[str, tuple[Any, list[Any]]] = {
         "libbpf_set_print": (P, [_PRINT_FN]),
         "bpf_object__open_file": (P, [ctypes.c_char_p, P]),
-        "bpf_object__load": (I, [P]),
+        "bpf_object__load": (INT, [P]),
         "bpf_object__close": (None, [P]),
         "bpf_object__find_program_by_name": (P, [P, ctypes.c_char_p]),
         "bpf_object__find_map_by_name": (P, [P, ctypes.c_char_p]),
-        "bpf_program__set_autoload": (I, [P, ctypes.c_bool]),
+        "bpf_program__set_autoload": (INT, [P, ctypes.c_bool]),
         "bpf_program__attach": (P, [P]),
-        "bpf_program__fd": (I, [P]),
-        "bpf_link__destroy": (I, [P]),
-        "bpf_map__fd": (I, [P]),
-        "bpf_map_update_elem": (I, [I, P, P, ctypes.c_uint64]),
-        "bpf_map_delete_elem": (I, [I, P]),
-        "bpf_map_lookup_elem": (I, [I, P, P]),
-        "bpf_obj_get_info_by_fd": (I, [I, P, ctypes.POINTER(U32)]),
+        "bpf_program__fd": (INT, [P]),
+        "bpf_link__destroy": (INT, [P]),
+        "bpf_map__fd": (INT, [P]),
+        "bpf_map_update_elem": (INT, [INT, P, P, ctypes.c_uint64]),
+        "bpf_map_delete_elem": (INT, [INT, P]),
+        "bpf_map_lookup_elem": (INT, [INT, P, P]),
+        "bpf_obj_get_info_by_fd": (INT, [INT, P, ctypes.POINTER(U32)]),
         "btf__load_vmlinux_btf": (P, []),
         "btf__find_by_name_kind": (S32, [P, ctypes.c_char_p, U32]),
         "btf__type_by_id": (ctypes.POINTER(BtfType), [P, U32]),

@@ -129,14 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--backend", default="auto", choices=BACKENDS)
     st.set_defaults(func=cmd_status)
 
-    try:
-        from .demo import add_arguments
-    except ImportError:  # pragma: no cover - demo module always ships
-        add_arguments = None
-    if add_arguments is not None:
-        dm = sub.add_parser("demo", help="flood a service in a memory cgroup, unguarded and guarded")
-        add_arguments(dm)
-        dm.set_defaults(func=cmd_demo)
+    from .demo import add_arguments
+
+    dm = sub.add_parser("demo", help="flood a service in a memory cgroup: unguarded, poll-guarded, eBPF-guarded")
+    add_arguments(dm)
+    dm.set_defaults(func=cmd_demo)
     return p
 
 

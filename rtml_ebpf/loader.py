@@ -184,7 +184,8 @@ class Runtime:
             self._links[hook.name] = link
             self.prog_ids[hook.name] = _libbpf.prog_id(lib.bpf_program__fd(prog))
         if not self._links:
-            raise NotSupported("eBPF hooks", "no hook attached: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
+            why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+            raise NotSupported("eBPF hooks", "no hook attached: " + why)
 
         self._watch_fd = self._map_fd("watch")
         self._slots_mm = self._mmap("slots", SLOT_SIZE, _abi.MAX_SLOTS)

@@ -1,0 +1,95 @@
+"""Child memory cgroups with a limit, for the demo and the benchmarks (and the tests).
+
+A child is made under the calling process's own memory cgroup, so it never
+touches cgroups that belong to anything else, and it is removed on close:
+the processes we started in it are killed by pid first.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+import uuid
+from types import TracebackType
+
+from . import _cgroup
+
+
+class ChildCgroup:
+    def __init__(self, limit: int | None = None, *, prefix: str = "rtml", parent: str | None = None) -> None:
+        if parent is None:
+            own = _cgroup.find_process_cgroup()
+            parent, self.version = own.directory, own.version
+        else:
+            self.version = 2 if os.path.exists(os.path.join(parent, "cgroup.controllers")) else 1
+        self.directory = os.path.join(parent, f"{prefix}-{uuid.uuid4().hex[:8]}")
+        if self.version == 2:
+            with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory")
+        os.mkdir(self.directory)
+        self.procs: list[subprocess.Popen[str]] = []
+        if limit is not None:
+            self.set_limit(limit)
+
+    # -- files ---------------------------------------------------------------------------
+    def _path(self, v1: str, v2: str) -> str:
+        return os.path.join(self.directory, v2 if self.version == 2 else v1)
+
+    def set_limit(self, nbytes: int) -> None:
+        with open(self._path("memory.limit_in_bytes", "memory.max"), "w") as f:
+            f.write(str(nbytes))
+
+    def usage(self) -> int:
+        with open(self._path("memory.usage_in_bytes", "memory.current")) as f:
+            return int(f.read())
+
+    def peak(self) -> int | None:
+        try:
+            with open(self._path("memory.max_usage_in_bytes", "memory.peak")) as f:
+                return int(f.read())
+        except OSError:
+            return None
+
+    def oom_kills(self) -> int:
+        text = _cgroup.read_text(self._path("memory.oom_control", "memory.events"))
+        return _cgroup.parse_flat_keyed(text).get("oom_kill", 0)
+
+    # -- processes -----------------------------------------------------------------------
+    def popen(self, argv: list[str], env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen[str]:
+        """Start argv inside this cgroup: the shell joins it, then execs argv."""
+        procs = os.path.join(self.directory, "cgroup.procs")
+        script = f"echo $$ > {shlex.quote(procs)} && exec " + " ".join(shlex.quote(a) for a in argv)
+        p = subprocess.Popen(  # type: ignore[call-overload]
+            ["/bin/sh", "-c", script], text=True, env={**os.environ, **(env or {})}, **kwargs
+        )
+        self.procs.append(p)
+        return p  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for _ in range(100):
+            try:
+                os.rmdir(self.directory)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)  # exits still being reaped
+        raise OSError(f"could not remove cgroup {self.directory}: processes remain in it")
+
+    def __enter__(self) -> ChildCgroup:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,47 @@
+"""The flood-survival demo in a short mode: unguarded dies, the eBPF-guarded service lives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import needs_bpf, needs_cgroups
+
+pytestmark = pytest.mark.root
+
+
+@needs_bpf
+@needs_cgroups
+def test_demo_short_run(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "rtml_ebpf.cli", "demo", "--json", "--duration", "6", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    runs = {r["guard"]: r for r in result["runs"]}
+    assert runs["none"]["oom_kills"] >= 1
+    assert runs["none"]["time_to_first_oom_s"] is not None
+    assert runs["ebpf"]["oom_kills"] == 0
+    assert runs["ebpf"]["served"] > 0 and runs["ebpf"]["rejected"] > 0
+    assert runs["ebpf"]["failed"] == 0
+    assert runs["ebpf"]["peak_bytes"] < result["limit_bytes"]
+    png = Path(result["plot"])
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "flood.json").read_text())["samples"]["rtml-ebpf"]
+
+
+def test_demo_refuses_without_root_with_clear_message() -> None:
+    if os.geteuid() == 0:
+        # as root, drop to nobody for this one check
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "rtml_ebpf.cli",
+               "demo", "--duration", "1", "--out", "/tmp"]
+    else:
+        cmd = [sys.executable, "-m", "rtml_ebpf.cli", "demo", "--duration", "1", "--out", "/tmp"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 4, (out.returncode, out.stderr)
+    assert "run it as root" in out.stderr

@@ -1,0 +1,163 @@
+"""Real memory cgroups with real limits: the poll backend, and the eBPF backend on this kernel.
+
+Each test makes its cgroups under the test process's own memory cgroup with
+small limits and removes them. The allocating process runs inside the cgroup;
+the checks run in that process, as a service would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import MiB, make_cgroup, needs_bpf, needs_cgroups
+
+from rtml_ebpf import Limiter
+from rtml_ebpf.loader import Runtime
+
+pytestmark = pytest.mark.root
+
+ALLOC = ["-m", "rtml_ebpf._workloads", "alloc"]
+NCPU = os.cpu_count() or 1
+BATCH = 64 * 4096 * NCPU  # MEMCG_CHARGE_BATCH pages per CPU
+
+
+def alloc_args(threshold: int, backend: str, *, step_kib: int = 1024, max_mib: int = 400,
+               metric: str = "usage", poll_interval: float | None = None) -> list[str]:
+    args = [*ALLOC, "--threshold", str(threshold), "--backend", backend, "--step-kib", str(step_kib),
+            "--max-mib", str(max_mib), "--metric", metric]
+    if poll_interval is not None:
+        args += ["--poll-interval", str(poll_interval)]
+    return args
+
+
+@needs_cgroups
+def test_poll_limiter_flips_before_oom_kill() -> None:
+    with make_cgroup(limit=128 * MiB) as cg:
+        threshold = int(0.8 * 128 * MiB)
+        out = cg.run_python(alloc_args(threshold, "poll", poll_interval=0.0))
+        assert out["backend"] == "poll"
+        assert out["tripped"] is True, out
+        assert out["usage_at_flip"] >= threshold
+        assert out["allocated"] < 128 * MiB
+        assert cg.oom_kills() == 0
+
+
+@needs_cgroups
+def test_unguarded_allocation_is_oom_killed() -> None:
+    # The control: without the check the same workload dies, so the test above can fail.
+    with make_cgroup(limit=64 * MiB) as cg:
+        p = cg.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "200"])
+        p.communicate(timeout=60)
+        assert p.returncode == -9
+        assert cg.oom_kills() >= 1
+
+
+@needs_bpf
+@needs_cgroups
+def test_ebpf_limiter_flips_with_small_overshoot() -> None:
+    with make_cgroup(limit=128 * MiB) as cg:
+        threshold = int(0.9 * 128 * MiB)
+        out = cg.run_python(alloc_args(threshold, "ebpf"))
+        assert out["backend"] == "ebpf"
+        assert "memcg_lruvec" in out["hooks"]
+        assert out["tripped"] is True, out
+        assert out["overshoot"] <= 2 * MiB, out
+        assert cg.oom_kills() == 0
+
+
+@needs_bpf
+@needs_cgroups
+def test_reduced_pre_6_13_hook_set_still_flips_in_time() -> None:
+    with make_cgroup(limit=128 * MiB) as cg:
+        threshold = int(0.9 * 128 * MiB)
+        out = cg.run_python(alloc_args(threshold, "ebpf"), env={"RTML_HOOKS": "fault"})
+        assert set(out["hooks"]) <= {"page_fault_user", "oom_victim"} and "page_fault_user" in out["hooks"]
+        assert out["tripped"] is True, out
+        assert out["overshoot"] <= 2 * MiB, out
+        assert out["stats"]["faults"] > 0
+        assert cg.oom_kills() == 0
+
+
+@needs_bpf
+@needs_cgroups
+def test_ebpf_usage_matches_kernel_file_at_rest() -> None:
+    with make_cgroup(limit=256 * MiB) as cg, Limiter(cg.directory, backend="ebpf", metric="usage") as lim:
+        p = cg.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "40"])
+        assert p.stdout is not None
+        json.loads(p.stdout.readline())  # holding 40 MiB now
+        time.sleep(0.2)
+        s = lim.stats()
+        file_usage = cg.usage()
+        assert abs(s.usage_bytes - file_usage) <= BATCH, (s.usage_bytes, file_usage)
+        assert s.usage_bytes > 40 * MiB
+        assert s.limit_bytes == 256 * MiB
+        assert s.faults is not None and s.faults >= 40 * MiB // 4096 // 2  # the hog's first-touch faults
+        p.kill()
+        p.wait()
+
+
+@needs_bpf
+@needs_cgroups
+def test_parent_limit_is_the_effective_limit() -> None:
+    with make_cgroup(limit=128 * MiB) as parent, make_cgroup(parent=parent) as child:
+        with Limiter(child.directory, backend="ebpf", threshold=0.5, metric="usage") as lim, \
+                Limiter(child.directory, backend="poll", threshold=0.5, metric="usage", poll_interval=0) as poll:
+            assert poll.stats().limit_bytes == 128 * MiB
+            assert poll.stats().limit_source == parent.directory
+            assert lim.is_mem_limit_reached() is False
+            p = child.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "80"])
+            assert p.stdout is not None
+            json.loads(p.stdout.readline())
+            s = lim.stats()
+            assert s.limit_bytes == 128 * MiB
+            assert s.limit_source == parent.directory
+            assert lim.is_mem_limit_reached() is True  # 80 MiB > half of the parent's 128
+            assert poll.is_mem_limit_reached() is True
+            p.kill()
+            p.wait()
+
+
+@needs_bpf
+@needs_cgroups
+def test_oom_kill_is_counted_in_the_slot() -> None:
+    with make_cgroup(limit=64 * MiB) as cg, Limiter(cg.directory, backend="ebpf") as lim:
+        if "oom_victim" not in lim.stats().hooks:
+            pytest.fail(f"oom_victim hook not live on this kernel: {lim.stats().backend_reason}")
+        p = cg.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "200"])
+        p.communicate(timeout=60)
+        assert p.returncode == -9
+        assert cg.oom_kills() >= 1
+        assert lim.stats().oom_kills == cg.oom_kills()
+
+
+def bpftool_ids(kind: str) -> dict[int, str]:
+    out = subprocess.run(["bpftool", "-j", kind, "list"], capture_output=True, text=True, check=True).stdout
+    return {item["id"]: item.get("name", "") for item in json.loads(out or "[]")}
+
+
+@needs_bpf
+def test_close_leaves_no_programs_or_links() -> None:
+    assert Runtime.current() is None, "a Runtime leaked from an earlier test"
+    progs_before, links_before = bpftool_ids("prog"), bpftool_ids("link")
+    a = Limiter(backend="ebpf")
+    b = Limiter(backend="ebpf", threshold=0.5)  # shares the loaded object
+    rt = Runtime.current()
+    assert rt is not None
+    live = set(rt.prog_ids.values())
+    assert live and live <= set(bpftool_ids("prog")) - set(progs_before)
+    assert len(set(bpftool_ids("link")) - set(links_before)) == len(rt.hooks)
+    a.close()
+    assert Runtime.current() is rt  # b still holds it
+    b.close()
+    assert Runtime.current() is None
+    # The kernel frees tracing programs after an RCU grace period: give it a moment.
+    deadline = time.monotonic() + 10
+    while live & set(bpftool_ids("prog")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not live & set(bpftool_ids("prog"))
+    assert set(bpftool_ids("link")) == set(links_before)

@@ -1,0 +1,63 @@
+"""rtml_ebpf/_abi.py agrees with bpf/rtml.h on every size and offset (compiled with the C compiler)."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rtml_ebpf import _abi
+
+HEADER = Path(__file__).resolve().parent.parent / "bpf" / "rtml.h"
+STRUCTS = {"rtml_rule": _abi.Rule, "rtml_config": _abi.Config, "rtml_ctl": _abi.Ctl, "rtml_slot": _abi.Slot}
+
+
+def c_layout(tmp_path: Path) -> dict[str, int]:
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.fail("no C compiler: scripts/setup.sh installs clang")
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include <linux/types.h>', f'#include "{HEADER}"',
+             "int main(void) {"]
+    for cname, py in STRUCTS.items():
+        lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
+        for field, _ in py._fields_:
+            lines.append(f'printf("{cname}.{field} %zu\\n", offsetof(struct {cname}, {field}));')
+    for const in ("RTML_ABI_VERSION", "RTML_MAX_SLOTS", "RTML_MAX_RULES"):
+        lines.append(f'printf("{const} %llu\\n", (unsigned long long){const});')
+    lines.append('printf("RTML_UNLIMITED_PAGES %llu\\n", (unsigned long long)RTML_UNLIMITED_PAGES);')
+    lines.append("return 0; }")
+    src = tmp_path / "layout.c"
+    src.write_text("\n".join(lines))
+    exe = tmp_path / "layout"
+    subprocess.run([cc, "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+def test_struct_layouts_match_the_header(tmp_path: Path) -> None:
+    c = c_layout(tmp_path)
+    for cname, py in STRUCTS.items():
+        assert c[cname] == ctypes.sizeof(py), cname
+        for field, _ in py._fields_:
+            assert c[f"{cname}.{field}"] == getattr(py, field).offset, f"{cname}.{field}"
+    assert c["RTML_ABI_VERSION"] == _abi.ABI_VERSION
+    assert c["RTML_MAX_SLOTS"] == _abi.MAX_SLOTS
+    assert c["RTML_MAX_RULES"] == _abi.MAX_RULES
+    assert c["RTML_UNLIMITED_PAGES"] == _abi.UNLIMITED_PAGES
+
+
+def test_slot_is_256_bytes_and_hot_bytes_come_first() -> None:
+    assert ctypes.sizeof(_abi.Slot) == 256
+    assert _abi.TRIPPED_OFFSET == 0
+
+
+def test_enum_values_match_the_header() -> None:
+    text = HEADER.read_text()
+    for name, value in (("RTML_RULE_FRACTION", _abi.RULE_FRACTION), ("RTML_RULE_PAGES", _abi.RULE_PAGES),
+                        ("RTML_METRIC_WORKING_SET", _abi.METRIC_WORKING_SET)):
+        m = re.search(rf"{name} = (\d+)", text)
+        assert m and int(m.group(1)) == value, name
