@@ -9,8 +9,8 @@
  *   tp_btf/mod_memcg_state         6.13+  per-memcg kmem/sock stat deltas
  *   tp/exceptions/page_fault_user  x86    every user fault, before it is charged
  *   tp_btf/mark_victim             6.8+   OOM victim with its task pointer
- * On kernels without the memcg tracepoints the fault hook alone refreshes the
- * slot (the "fault" hook set): it reads the faulting task's memcg counter.
+ * Without the memcg tracepoints (before 6.13) the fault hook refreshes the
+ * slot itself from the faulting task's memcg page counter (RTML_CTL_FAULT_REFRESH).
  */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
@@ -20,11 +20,18 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/*
+ * A watched cgroup may be the event's own memcg or an ancestor within
+ * RTML_WATCH_DEPTH levels (a pod watched while its containers charge); up to
+ * RTML_NESTED_WATCHES watched cgroups on one path are refreshed per event.
+ */
+#define RTML_NESTED_WATCHES 2
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, RTML_MAX_SLOTS);
 	__type(key, __u64);		/* cgroup id (kernfs inode) */
-	__type(value, __u32);		/* index into slots and configs */
+	__type(value, __u32);		/* index into slots, configs, counters */
 } watch SEC(".maps");
 
 struct {
@@ -44,12 +51,40 @@ struct {
 } configs SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RTML_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rtml_counters);
+} counters SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct rtml_ctl);
 } ctl SEC(".maps");
+
+/*
+ * The last memcg this CPU saw and which watched cgroups sit above it. Stat
+ * events come in runs from one memcg (about four per fault), so this spares
+ * the hash walk on nearly every event. Keyed by cgroup id, which the kernel
+ * never reuses, and dropped whenever user space bumps ctl.gen.
+ */
+struct watch_cache {
+	__u64 id;
+	__u32 gen;
+	__u32 hits;
+	__u32 idx[2];
+	__u32 depth[2];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct watch_cache);
+} wcache SEC(".maps");
 
 enum event_kind {
 	EV_NONE = 0,
@@ -58,10 +93,9 @@ enum event_kind {
 	EV_KERNEL,
 	EV_SOCK,
 	EV_INACTIVE_FILE,
+	EV_FAULT,
+	EV_OOM,
 };
-
-#define WHAT_FAULT 1
-#define WHAT_OOM 2
 
 struct reading {
 	__u64 usage;
@@ -99,7 +133,10 @@ static long limit_step(__u32 i, struct walk *w)
 	return 0;
 }
 
-/* Same step from a page_counter address the verifier cannot type: helper reads. */
+/*
+ * The same step from a page_counter the verifier cannot type (reached from a
+ * css through container_of): helper reads. Only the fault hook set uses it.
+ */
 static long limit_step_probe(__u32 i, struct walk *w)
 {
 	const struct page_counter *pc = w->pc;
@@ -139,16 +176,11 @@ static __always_inline __u64 rule_pages(const struct rtml_rule *rule, __u64 valu
 	return limit / 1000000 * value;
 }
 
-static __always_inline void count(__u64 *up, __u64 *down, long val)
-{
-	if (val > 0)
-		__sync_fetch_and_add(up, val);
-	else if (val < 0)
-		__sync_fetch_and_add(down, -val);
-}
-
-/* Global (not static): the verifier checks it once, not at every call site. */
-__noinline int update_slot(__u32 idx, struct reading *r, int kind, long val, __u32 what)
+/*
+ * Rewrites the snapshot and re-evaluates every rule of one slot. Global (not
+ * static): the verifier checks it once, not at every call site.
+ */
+__noinline int update_slot(__u32 idx, struct reading *r)
 {
 	struct rtml_slot *s = bpf_map_lookup_elem(&slots, &idx);
 	struct rtml_config *cfg = bpf_map_lookup_elem(&configs, &idx);
@@ -161,29 +193,8 @@ __noinline int update_slot(__u32 idx, struct reading *r, int kind, long val, __u
 	s->limit_pages = r->limit;
 	s->headroom_pages = r->headroom;
 	s->limit_depth = r->depth;
-	switch (kind) {
-	case EV_ANON:
-		count(&s->anon_charged, &s->anon_uncharged, val);
-		break;
-	case EV_FILE:
-		count(&s->file_charged, &s->file_uncharged, val);
-		break;
-	case EV_KERNEL:
-		count(&s->kernel_charged, &s->kernel_uncharged, val);
-		break;
-	case EV_SOCK:
-		count(&s->sock_charged, &s->sock_uncharged, val);
-		break;
-	case EV_INACTIVE_FILE:
-		__sync_fetch_and_add(&s->inactive_file_delta, val);
-		break;
-	}
-	if (what & WHAT_FAULT)
-		__sync_fetch_and_add(&s->faults, 1);
-	if (what & WHAT_OOM)
-		__sync_fetch_and_add(&s->oom_kills, 1);
-	__sync_fetch_and_add(&s->events, 1);
 	s->updated_ns = bpf_ktime_get_ns();
+	s->refreshes++;
 
 	/*
 	 * Usage as the tightest ancestor sees it: with no siblings it is our own
@@ -221,6 +232,60 @@ __noinline int update_slot(__u32 idx, struct reading *r, int kind, long val, __u
 	return 0;
 }
 
+/*
+ * Per-event bookkeeping for one watched slot; returns nonzero when the
+ * snapshot must be rewritten. Counters are per-CPU: no atomics, no shared
+ * cache line on the hot kernel path.
+ */
+static __always_inline int account(__u32 idx, int kind, long val, __u64 usage)
+{
+	struct rtml_counters *c = bpf_map_lookup_elem(&counters, &idx);
+	struct rtml_slot *s = bpf_map_lookup_elem(&slots, &idx);
+	int force = 0;
+
+	if (!c || !s)
+		return 0;
+	c->events++;
+	switch (kind) {
+	case EV_ANON:
+		if (val > 0)
+			c->anon_charged += val;
+		else
+			c->anon_uncharged -= val;
+		break;
+	case EV_FILE:
+		if (val > 0)
+			c->file_charged += val;
+		else
+			c->file_uncharged -= val;
+		break;
+	case EV_KERNEL:
+		if (val > 0)
+			c->kernel_charged += val;
+		else
+			c->kernel_uncharged -= val;
+		break;
+	case EV_SOCK:
+		if (val > 0)
+			c->sock_charged += val;
+		else
+			c->sock_uncharged -= val;
+		break;
+	case EV_INACTIVE_FILE:
+		__sync_fetch_and_add(&s->inactive_file_delta, val);
+		force = 1;	/* the working set moved */
+		break;
+	case EV_FAULT:
+		c->faults++;
+		break;
+	case EV_OOM:
+		__sync_fetch_and_add(&s->oom_kills, 1);
+		force = 1;
+		break;
+	}
+	return force || s->usage_pages != usage;
+}
+
 static __always_inline struct rtml_ctl *active_ctl(void)
 {
 	__u32 zero = 0;
@@ -231,61 +296,68 @@ static __always_inline struct rtml_ctl *active_ctl(void)
 	return c;
 }
 
-/*
- * A watched cgroup may be the event's own memcg or any ancestor within
- * RTML_WATCH_DEPTH levels (a pod watched while its containers charge). Up to
- * RTML_NESTED_WATCHES watched cgroups on one path are refreshed per event;
- * the walk itself is a small loop so that the verifier's work stays small.
- */
-#define RTML_NESTED_WATCHES 2
-
 /* Typed path: the memcg tracepoints hand us a struct mem_cgroup pointer. */
 static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long val)
 {
 	struct rtml_ctl *c = active_ctl();
-	struct cgroup_subsys_state *css = &memcg->css;
-	struct page_counter *pc = &memcg->memory;
-	struct page_counter *hit_pc[RTML_NESTED_WATCHES] = {};
-	__u32 hit_idx[RTML_NESTED_WATCHES] = {};
+	__u32 zero = 0;
+	struct watch_cache *wc = bpf_map_lookup_elem(&wcache, &zero);
+	struct cgroup *cg = memcg->css.cgroup;
 	struct walk w;
-	int hits = 0;
 
-	if (!c)
+	if (!c || !wc || !cg)
 		return;
-	__u32 min_level = c->min_level;
-	/* First only walk and remember; the costly refresh happens once per hit below. */
-	for (int depth = 0; depth < RTML_WATCH_DEPTH && css && pc; depth++) {
-		struct cgroup *cg = css->cgroup;
-		if (!cg || (__u32)cg->level < min_level)
-			break;
-		__u64 id = cg->kn->id;
-		__u32 *idx = bpf_map_lookup_elem(&watch, &id);
-		if (idx) {
-			if (hits == 0) {
-				hit_idx[0] = *idx;
-				hit_pc[0] = pc;
-			} else {
-				hit_idx[1] = *idx;
-				hit_pc[1] = pc;
-			}
-			if (++hits == RTML_NESTED_WATCHES)
+	__u64 id = cg->kn->id;
+	__u32 gen = c->gen;
+	if (wc->id != id || wc->gen != gen) {
+		/* Miss: walk up, looking each level up in the watch map. */
+		struct cgroup_subsys_state *css = &memcg->css;
+		__u32 min_level = c->min_level;
+		__u32 hits = 0;
+		for (__u32 depth = 0; depth < RTML_WATCH_DEPTH && css; depth++) {
+			struct cgroup *g = css->cgroup;
+			if (!g || (__u32)g->level < min_level)
 				break;
+			__u64 gid = g->kn->id;
+			__u32 *idx = bpf_map_lookup_elem(&watch, &gid);
+			if (idx) {
+				if (hits == 0) {
+					wc->idx[0] = *idx;
+					wc->depth[0] = depth;
+				} else {
+					wc->idx[1] = *idx;
+					wc->depth[1] = depth;
+				}
+				if (++hits == RTML_NESTED_WATCHES)
+					break;
+			}
+			css = css->parent;
 		}
-		css = css->parent;
-		pc = pc->parent;
+		wc->id = id;
+		wc->gen = gen;
+		wc->hits = hits;
 	}
-	for (int h = 0; h < RTML_NESTED_WATCHES && h < hits; h++) {
-		pc = hit_pc[h];
+	__u32 hits = wc->hits;
+	struct page_counter *pc = &memcg->memory;
+	__u32 at = 0;
+	for (__u32 h = 0; h < RTML_NESTED_WATCHES && h < hits; h++) {
+		__u32 idx = wc->idx[h & 1];
+		__u32 depth = wc->depth[h & 1];
+		for (int d = 0; d < RTML_WATCH_DEPTH && at < depth && pc; d++, at++)
+			pc = pc->parent;
 		if (!pc)
 			break;
-		walk_init(&w, pc, pc->usage.counter);
+		__u64 usage = pc->usage.counter;
+		if (!account(idx, kind, val, usage))
+			continue;
+		walk_init(&w, pc, usage);
 		bpf_loop(RTML_LIMIT_DEPTH, limit_step, &w, 0);
-		update_slot(hit_idx[h], &w.r, kind, val, 0);
+		update_slot(idx, &w.r);
 	}
 }
 
 /* Task path: fault and OOM hooks find the memcg through the task's css_set. */
-static __always_inline void on_task(struct task_struct *task, __u32 what)
+static __always_inline void on_task(struct task_struct *task, int kind)
 {
 	struct rtml_ctl *c = active_ctl();
 	struct cgroup_subsys_state *css;
@@ -317,15 +389,21 @@ static __always_inline void on_task(struct task_struct *task, __u32 what)
 		}
 		css = css->parent;
 	}
-	/* &memcg->memory from &memcg->css: the verifier cannot type a container_of, so helper reads follow */
+	/* With memcg events live they keep the slot fresh: a fault is only counted. */
+	int refresh = kind == EV_OOM || (c->flags & RTML_CTL_FAULT_REFRESH);
+	/* &memcg->memory from &memcg->css, by CO-RE offsets */
 	long delta = (long)bpf_core_field_offset(struct mem_cgroup, memory) -
 		     (long)bpf_core_field_offset(struct mem_cgroup, css);
 	for (int h = 0; h < RTML_NESTED_WATCHES && h < hits; h++) {
 		struct page_counter *pc = (struct page_counter *)(hit_css[h] + delta);
-		walk_init(&w, pc, BPF_CORE_READ(pc, usage.counter));
-		bpf_loop(RTML_LIMIT_DEPTH, limit_step_probe, &w, 0);
 		/* the fault happened in the nearest watched cgroup: count it there only */
-		update_slot(hit_idx[h], &w.r, EV_NONE, 0, h == 0 ? what : (what & ~WHAT_FAULT));
+		int k = (h == 0 || kind == EV_OOM) ? kind : EV_NONE;
+		__u64 usage = refresh ? BPF_CORE_READ(pc, usage.counter) : 0;
+		if (!account(hit_idx[h], k, 0, usage) || !refresh)
+			continue;
+		walk_init(&w, pc, usage);
+		bpf_loop(RTML_LIMIT_DEPTH, limit_step_probe, &w, 0);
+		update_slot(hit_idx[h], &w.r);
 	}
 }
 
@@ -360,13 +438,13 @@ int BPF_PROG(handle_memcg_state, struct mem_cgroup *memcg, int item, int val)
 SEC("tp/exceptions/page_fault_user")
 int handle_page_fault(struct trace_event_raw_x86_exceptions *ctx)
 {
-	on_task(bpf_get_current_task_btf(), WHAT_FAULT);
+	on_task(bpf_get_current_task_btf(), EV_FAULT);
 	return 0;
 }
 
 SEC("tp_btf/mark_victim")
 int BPF_PROG(handle_oom_victim, struct task_struct *task)
 {
-	on_task(task, WHAT_OOM);
+	on_task(task, EV_OOM);
 	return 0;
 }

@@ -36,6 +36,7 @@ enum rtml_metric {
 
 /* ctl.flags */
 #define RTML_CTL_TRACK_INACTIVE 1	/* lruvec events are live: inactive_file_delta is exact */
+#define RTML_CTL_FAULT_REFRESH 2	/* no memcg events: the fault hook refreshes the slot */
 
 /* One threshold. A rule trips when metric >= trip and clears when metric < clear. */
 struct rtml_rule {
@@ -58,13 +59,18 @@ struct rtml_ctl {
 	__u32 min_level;	/* shallowest cgroup level that is watched */
 	__u32 flags;
 	__u32 abi_version;
+	__u32 gen;		/* bumped after every change of the watch map */
+	__u32 _pad;
 };
 
 /*
- * Written by the programs only; user space maps it read-only. The hot path
- * reads one byte, tripped[r]; every other field is for stats(). Multi-field
- * reads are consistent when seq_begin read after them equals seq_end read
- * before them (writers on several CPUs bump begin, write, then bump end).
+ * Written by the programs only (user space writes it once, before the cgroup
+ * is watched). The hot path reads one byte, tripped[r]; the other fields are
+ * for stats(). Multi-field reads are consistent when seq_begin read after
+ * them equals seq_end read before them (writers on several CPUs bump begin,
+ * write, then bump end). The slot is rewritten only when the page counter
+ * moved (or inactive_file did): the counter moves in per-CPU batches of 64
+ * pages, so most events leave it alone and cost a compare.
  */
 struct rtml_slot {
 	__u8 tripped[RTML_MAX_RULES];
@@ -77,6 +83,19 @@ struct rtml_slot {
 	__s64 headroom_pages;		/* min(max - usage) over limited ancestors */
 	__u64 limit_depth;		/* levels above the watched cgroup where that max sits */
 	__s64 inactive_file_delta;	/* pages, summed from lruvec events since registration */
+	__u64 oom_kills;		/* OOM victims chosen in the subtree */
+	__u64 refreshes;		/* times the snapshot fields were rewritten */
+	__u64 updated_ns;		/* bpf_ktime_get_ns() of the last rewrite (CLOCK_MONOTONIC) */
+	__u64 trips[RTML_MAX_RULES];	/* clear -> tripped transitions per rule */
+	__u64 _reserved[16];		/* pads the slot to 256 bytes */
+};
+
+/*
+ * Per-CPU event counters, one element per slot (a BPF_MAP_TYPE_PERCPU_ARRAY):
+ * plain increments on the CPU that saw the event, summed by user space.
+ * Charged/uncharged pages by kind are the resident growth counters.
+ */
+struct rtml_counters {
 	__u64 anon_charged;
 	__u64 anon_uncharged;
 	__u64 file_charged;
@@ -86,11 +105,7 @@ struct rtml_slot {
 	__u64 sock_charged;
 	__u64 sock_uncharged;
 	__u64 faults;			/* user page faults by tasks in the subtree */
-	__u64 oom_kills;		/* OOM victims chosen in the subtree */
-	__u64 events;			/* program runs that refreshed this slot */
-	__u64 updated_ns;		/* bpf_ktime_get_ns() of the last refresh (CLOCK_MONOTONIC) */
-	__u64 trips[RTML_MAX_RULES];	/* clear -> tripped transitions per rule */
-	__u64 _reserved[7];		/* pads the slot to 256 bytes */
+	__u64 events;			/* program runs that found this slot */
 };
 
 #endif /* __RTML_H */

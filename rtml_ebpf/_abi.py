@@ -13,6 +13,7 @@ UNLIMITED_PAGES = 1 << 46
 RULE_OFF, RULE_FRACTION, RULE_PAGES = 0, 1, 2
 METRIC_USAGE, METRIC_WORKING_SET = 0, 1
 CTL_TRACK_INACTIVE = 1
+CTL_FAULT_REFRESH = 2
 
 u8, u32, u64, s64 = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
 
@@ -26,7 +27,8 @@ class Config(ctypes.Structure):
 
 
 class Ctl(ctypes.Structure):
-    _fields_ = [("nwatched", u32), ("min_level", u32), ("flags", u32), ("abi_version", u32)]
+    _fields_ = [("nwatched", u32), ("min_level", u32), ("flags", u32), ("abi_version", u32), ("gen", u32),
+                ("_pad", u32)]
 
 
 class Slot(ctypes.Structure):
@@ -41,6 +43,16 @@ class Slot(ctypes.Structure):
         ("headroom_pages", s64),
         ("limit_depth", u64),
         ("inactive_file_delta", s64),
+        ("oom_kills", u64),
+        ("refreshes", u64),
+        ("updated_ns", u64),
+        ("trips", u64 * MAX_RULES),
+        ("_reserved", u64 * 16),
+    ]
+
+
+class Counters(ctypes.Structure):
+    _fields_ = [
         ("anon_charged", u64),
         ("anon_uncharged", u64),
         ("file_charged", u64),
@@ -50,11 +62,7 @@ class Slot(ctypes.Structure):
         ("sock_charged", u64),
         ("sock_uncharged", u64),
         ("faults", u64),
-        ("oom_kills", u64),
         ("events", u64),
-        ("updated_ns", u64),
-        ("trips", u64 * MAX_RULES),
-        ("_reserved", u64 * 7),
     ]
 
 

@@ -48,7 +48,8 @@ class EbpfBackend:
     def remove_rule(self, flag: object) -> None:
         if isinstance(flag, EbpfFlag) and flag in self._flags:
             self._flags.remove(flag)
-            flag.hot.release()
+            # Views are dropped, never released: a thread may still be indexing one, and a
+            # released view would raise. The mapping goes when its last view is collected.
             self._runtime.unregister(flag.handle)
 
     def snapshot(self) -> Snapshot:

@@ -44,6 +44,7 @@ HOOKS: tuple[Hook, ...] = (
          "OOM victims, with the task they kill"),
 )
 HOOK_NAMES = tuple(h.name for h in HOOKS)
+MEMCG_HOOKS = ("memcg_lruvec", "memcg_state")
 # The hook set a kernel before 6.13 gets: no memcg stat tracepoints.
 FAULT_HOOKS = ("page_fault_user", "oom_victim")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
 import threading
 import time
@@ -177,6 +179,11 @@ class Limiter:
         self._error_logged = False
         self._closed = False
         self._lock = threading.Lock()
+        if isinstance(self._hot, memoryview):
+            # eBPF: the check *is* a C-level index into the mapped verdict byte, with no Python
+            # frame in between (about an empty method call). The view is never released while
+            # this object lives, so the call cannot raise.
+            self.is_mem_limit_reached = functools.partial(operator.getitem, self._hot, 0)  # type: ignore[method-assign,assignment]
 
     # -- the hot path -------------------------------------------------------------------
     def is_mem_limit_reached(self) -> bool:
@@ -246,8 +253,9 @@ class Limiter:
             if self._closed:
                 return
             self._closed = True
-            # The hot path keeps answering (False) rather than touching a released buffer.
+            # Closed limiters keep answering (the fail answer) rather than touch a dropped view.
             self._hot = (self._fail_answer,)
+            self.is_mem_limit_reached = functools.partial(bool, self._fail_answer)  # type: ignore[method-assign]
             self._backend.remove_rule(self._handle)
             self._backend.close()
 

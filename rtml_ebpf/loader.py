@@ -36,11 +36,14 @@ _U64 = struct.Struct("=Q")
 
 
 def hooks_from_env(value: str | None = None) -> tuple[str, ...] | None:
-    """RTML_HOOKS: unset/"auto" -> all the kernel offers; "fault" -> the pre-6.13 set; or a list."""
+    """RTML_HOOKS: unset/"auto" -> what the kernel offers, page_fault_user only where the memcg
+    events are missing; "all" -> everything the kernel offers; "fault" -> the pre-6.13 set; or a list."""
     value = os.environ.get("RTML_HOOKS", "") if value is None else value
     value = value.strip()
     if value in ("", "auto"):
         return None
+    if value == "all":
+        return _features.HOOK_NAMES
     if value == "fault":
         return _features.FAULT_HOOKS
     names = tuple(v.strip() for v in value.split(",") if v.strip())
@@ -51,6 +54,20 @@ def hooks_from_env(value: str | None = None) -> tuple[str, ...] | None:
             + ", ".join(_features.HOOK_NAMES)
         )
     return names
+
+
+def possible_cpus() -> int:
+    """Per-CPU maps hold one value per possible CPU (not online, not cpu_count)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return n
 
 
 def _map_len(value_size: int, entries: int) -> int:
@@ -146,10 +163,17 @@ class Runtime:
         self._obj = _libbpf.check_ptr(lib.bpf_object__open_file(OBJECT_PATH.encode(), None), "open", OBJECT_PATH)
 
         chosen: list[_features.Hook] = []
+        memcg_events = all(
+            _features.hook_unavailable(h) is None for h in _features.HOOKS if h.name in _features.MEMCG_HOOKS
+        )
         for hook in _features.HOOKS:
             why = None
             if wanted is not None and hook.name not in wanted:
                 why = "not requested (RTML_HOOKS)"
+            elif wanted is None and hook.name == "page_fault_user" and memcg_events:
+                # The memcg events already follow every charge; the fault hook would only count
+                # faults, at about 10% of a fault's cost. RTML_HOOKS=all attaches it.
+                why = "not needed: memcg events are live (RTML_HOOKS=all adds it to count faults)"
             else:
                 why = _features.hook_unavailable(hook)
             prog = _libbpf.check_ptr(
@@ -188,6 +212,7 @@ class Runtime:
             raise NotSupported("eBPF hooks", "no hook attached: " + why)
 
         self._watch_fd = self._map_fd("watch")
+        self._counters_fd = self._map_fd("counters")
         self._slots_mm = self._mmap("slots", SLOT_SIZE, _abi.MAX_SLOTS)
         self._configs_mm = self._mmap("configs", CONFIG_SIZE, _abi.MAX_SLOTS)
         self._ctl_mm = self._mmap("ctl", ctypes.sizeof(_abi.Ctl), 1)
@@ -195,7 +220,10 @@ class Runtime:
         self._views.append(self._slots_view)
         ctl = _abi.Ctl.from_buffer(self._ctl_mm)
         ctl.abi_version = _abi.ABI_VERSION
-        ctl.flags = _abi.CTL_TRACK_INACTIVE if "memcg_lruvec" in self._links else 0
+        memcg_live = "memcg_lruvec" in self._links or "memcg_state" in self._links
+        ctl.flags = (_abi.CTL_TRACK_INACTIVE if "memcg_lruvec" in self._links else 0) | (
+            0 if memcg_live else _abi.CTL_FAULT_REFRESH
+        )
         del ctl
         log.info("rtml-ebpf: BPF hooks live: %s; skipped: %s", ", ".join(self._links) or "none",
                  "; ".join(f"{k} ({v})" for k, v in self.skipped.items()) or "none")
@@ -267,7 +295,6 @@ class Runtime:
         with self._lock:
             if flag in self._flags:
                 self._flags.remove(flag)
-            flag.view.release()
             if self._closed:
                 return
             state = next((s for s in self._slots_by_cgid.values() if s.index == flag.slot), None)
@@ -296,6 +323,10 @@ class Runtime:
         slot.updated_ns = time.monotonic_ns()
         base = state.index * SLOT_SIZE
         self._slots_mm[base : base + SLOT_SIZE] = bytes(slot)
+        zeros = (_abi.Counters * possible_cpus())()  # a reused slot starts from zero
+        key = ctypes.c_uint32(state.index)
+        _libbpf.check(_libbpf.lib().bpf_map_update_elem(self._counters_fd, ctypes.byref(key), zeros, 0),
+                      "reset", "counters")
         cfg = _abi.Config()
         cfg.cgroup_id = cgroup.cgroup_id
         cfg.inactive_file_base = snap.inactive_file // PAGE_SIZE
@@ -325,6 +356,7 @@ class Runtime:
         states = list(self._slots_by_cgid.values())
         ctl.min_level = min((s.cgroup.depth for s in states), default=0)
         ctl.nwatched = len(states)
+        ctl.gen = (ctl.gen + 1) & 0xFFFFFFFF  # after the watch map changed: drops the programs' caches
         del ctl
 
     # -- readings -----------------------------------------------------------------------
@@ -345,6 +377,7 @@ class Runtime:
         if state is None:
             raise RtmlError(f"cgroup {cgroup.directory} is not watched")
         s = self.read_slot(state.index)
+        c = self.read_counters(state.index)
         cfg = _abi.Config.from_buffer_copy(
             self._configs_mm[state.index * CONFIG_SIZE : (state.index + 1) * CONFIG_SIZE]
         )
@@ -352,9 +385,9 @@ class Runtime:
             # Without lruvec events the kernel side cannot follow inactive_file: refresh the base.
             try:
                 base_pages = cgroup.read_inactive_file() // PAGE_SIZE
-                c = _abi.Config.from_buffer(self._configs_mm, state.index * CONFIG_SIZE)
-                c.inactive_file_base = base_pages
-                del c
+                live_cfg = _abi.Config.from_buffer(self._configs_mm, state.index * CONFIG_SIZE)
+                live_cfg.inactive_file_base = base_pages
+                del live_cfg
                 cfg.inactive_file_base = base_pages
             except OSError:
                 pass
@@ -377,13 +410,27 @@ class Runtime:
             headroom=headroom,
             updated_ns=int(s.updated_ns),
             oom_kills=int(s.oom_kills),
-            faults=int(s.faults),
-            events=int(s.events),
+            faults=c.faults if "page_fault_user" in self._links else None,
+            events=c.events,
             growth={
-                k: (int(getattr(s, f"{k}_charged")) * PAGE_SIZE, int(getattr(s, f"{k}_uncharged")) * PAGE_SIZE)
+                k: (int(getattr(c, f"{k}_charged")) * PAGE_SIZE, int(getattr(c, f"{k}_uncharged")) * PAGE_SIZE)
                 for k in _abi.GROWTH_KINDS
             },
         )
+
+    def read_counters(self, index: int) -> _abi.Counters:
+        """The per-CPU counters of one slot, summed."""
+        ncpu = possible_cpus()
+        values = (_abi.Counters * ncpu)()
+        key = ctypes.c_uint32(index)
+        _libbpf.check(
+            _libbpf.lib().bpf_map_lookup_elem(self._counters_fd, ctypes.byref(key), values), "read", "counters"
+        )
+        total = _abi.Counters()
+        for field_spec in _abi.Counters._fields_:
+            name = field_spec[0]
+            setattr(total, name, sum(getattr(v, name) for v in values))
+        return total
 
     # -- teardown -----------------------------------------------------------------------
     def close(self) -> None:
@@ -394,14 +441,14 @@ class Runtime:
         for link in reversed(list(self._links.values())):
             lib.bpf_link__destroy(link)
         self._links.clear()
-        for flag in self._flags:
-            flag.view.release()
         self._flags.clear()
-        for view in self._views:
-            view.release()
         self._views.clear()
+        self._slots_view = None  # type: ignore[assignment]
         for mm in reversed(self._maps):
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a Limiter's view still points into it: it unmaps when that view is collected
         self._maps.clear()
         if self._obj:
             lib.bpf_object__close(self._obj)

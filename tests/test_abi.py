@@ -13,7 +13,8 @@ import pytest
 from rtml_ebpf import _abi
 
 HEADER = Path(__file__).resolve().parent.parent / "bpf" / "rtml.h"
-STRUCTS = {"rtml_rule": _abi.Rule, "rtml_config": _abi.Config, "rtml_ctl": _abi.Ctl, "rtml_slot": _abi.Slot}
+STRUCTS = {"rtml_rule": _abi.Rule, "rtml_config": _abi.Config, "rtml_ctl": _abi.Ctl, "rtml_slot": _abi.Slot,
+           "rtml_counters": _abi.Counters}
 
 
 def c_layout(tmp_path: Path) -> dict[str, int]:
@@ -60,4 +61,8 @@ def test_enum_values_match_the_header() -> None:
     for name, value in (("RTML_RULE_FRACTION", _abi.RULE_FRACTION), ("RTML_RULE_PAGES", _abi.RULE_PAGES),
                         ("RTML_METRIC_WORKING_SET", _abi.METRIC_WORKING_SET)):
         m = re.search(rf"{name} = (\d+)", text)
+        assert m and int(m.group(1)) == value, name
+    for name, value in (("RTML_CTL_TRACK_INACTIVE", _abi.CTL_TRACK_INACTIVE),
+                        ("RTML_CTL_FAULT_REFRESH", _abi.CTL_FAULT_REFRESH)):
+        m = re.search(rf"#define {name} (\d+)", text)
         assert m and int(m.group(1)) == value, name

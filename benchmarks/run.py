@@ -1,0 +1,372 @@
+"""``make bench``: every performance figure rtml-ebpf claims, measured in one run.
+
+P1 check cost, P2 overshoot, P3 probe overhead, P4 start-up, P5 flood survival.
+This machine is noisy: variants are interleaved, repeated, and reported as
+median and spread (min-max). Ratios are taken against baselines from the
+same run. Nothing here is asserted: the report states figures and targets.
+
+    python -m benchmarks.run [--quick] [--only P1,P3] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+MiB = 1 << 20
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> str:
+    return f"{min(xs):.4g}–{max(xs):.4g}"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        pass
+    return {"kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+# -- P1 -------------------------------------------------------------------------------------
+class _Empty:
+    def method(self) -> bool:
+        return False
+
+
+def p1_check_cost(reps: int, number: int) -> dict[str, Any]:
+    import rtml_ebpf
+
+    ebpf = rtml_ebpf.Limiter(backend="ebpf")
+    poll = rtml_ebpf.Limiter(backend="poll")  # default 10 ms cache
+    poll0 = rtml_ebpf.Limiter(backend="poll", poll_interval=0)
+    usage_file = os.path.join(ebpf.cgroup.directory, ebpf.cgroup.usage_file)
+    proc = psutil.Process()
+    empty = _Empty()
+
+    def read_file() -> bool:
+        with open(usage_file) as f:
+            return int(f.read()) > 0
+
+    # Each variant is timed as a caller writes it: attribute lookup plus call.
+    env = {"empty": empty, "ebpf": ebpf, "poll": poll, "poll0": poll0, "rtml_ebpf": rtml_ebpf,
+           "read_file": read_file, "proc": proc}
+    variants: dict[str, tuple[str, int]] = {
+        "empty method call": ("empty.method()", number),
+        "ebpf Limiter.is_mem_limit_reached": ("ebpf.is_mem_limit_reached()", number),
+        "rtml_ebpf.is_mem_limit_reached (module)": ("rtml_ebpf.is_mem_limit_reached()", number),
+        "poll Limiter (10 ms cache)": ("poll.is_mem_limit_reached()", number),
+        "poll Limiter (no cache)": ("poll0.is_mem_limit_reached()", max(1, number // 200)),
+        "direct read of the usage file": ("read_file()", max(1, number // 200)),
+        "psutil RSS": ("proc.memory_info().rss", max(1, number // 200)),
+    }
+    rtml_ebpf.configure(backend="ebpf")
+    rtml_ebpf.is_mem_limit_reached()
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(reps):  # interleaved
+        for name, (stmt, n) in variants.items():
+            samples[name].append(timeit.timeit(stmt, number=n, globals=env) / n * 1e9)
+    for lim in (ebpf, poll, poll0):
+        lim.close()
+    rtml_ebpf.configure(backend="auto")
+    rows = {k: {"median_ns": med(v), "spread_ns": spread(v)} for k, v in samples.items()}
+    e = rows["ebpf Limiter.is_mem_limit_reached"]["median_ns"]
+    return {
+        "rows": rows,
+        "file_read_over_ebpf": rows["direct read of the usage file"]["median_ns"] / e,
+        "ebpf_over_empty": e / rows["empty method call"]["median_ns"],
+        "psutil_over_ebpf": rows["psutil RSS"]["median_ns"] / e,
+        "poll_nocache_over_ebpf": rows["poll Limiter (no cache)"]["median_ns"] / e,
+    }
+
+
+# -- P2 -------------------------------------------------------------------------------------
+def p2_overshoot(reps: int) -> dict[str, Any]:
+    from rtml_ebpf._sandbox import ChildCgroup
+
+    limit, threshold, max_mib = 1024 * MiB, 256 * MiB, 700
+    variants = {"ebpf": ("ebpf", None), "poll 10 ms": ("poll", 0.010), "poll 100 ms": ("poll", 0.100),
+                "poll 1 s": ("poll", 1.0)}
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, (backend, interval) in variants.items():
+            with ChildCgroup(limit, prefix="rtml-bench") as cg:
+                args = [sys.executable, "-m", "rtml_ebpf._workloads", "alloc", "--threshold", str(threshold),
+                        "--backend", backend, "--metric", "usage", "--step-kib", "1024", "--max-mib", str(max_mib),
+                        "--fast"]
+                if interval is not None:
+                    args += ["--poll-interval", str(interval)]
+                p = cg.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                out, err = p.communicate(timeout=300)
+                if p.returncode != 0:
+                    raise RuntimeError(f"P2 {name}: workload failed: {err[-2000:]}")
+                r = json.loads(out.strip().splitlines()[-1])
+                rate = r["allocated"] / r["seconds"] / MiB if r["seconds"] else 0.0
+                results[name].append({"overshoot": r["overshoot"], "tripped": r["tripped"], "rate_mib_s": rate,
+                                      "allocated": r["allocated"]})
+    rows = {}
+    for name, rs in results.items():
+        flipped = [x["overshoot"] / MiB for x in rs if x["tripped"]]
+        rows[name] = {
+            "median_mib": med(flipped) if flipped else None,
+            "spread_mib": spread(flipped) if flipped else "-",
+            "not_flipped": sum(not x["tripped"] for x in rs),
+            "rate_mib_s": med([x["rate_mib_s"] for x in rs]),
+        }
+    return {"limit": limit, "threshold": threshold, "max_mib": max_mib, "rows": rows}
+
+
+# -- P3 -------------------------------------------------------------------------------------
+def compile_storm(out_dir: str) -> str:
+    exe = os.path.join(out_dir, "storm")
+    subprocess.run(["cc", "-O2", "-o", exe, os.path.join(HERE, "storm.c")], check=True)
+    return exe
+
+
+def bpf_run_stats(prog_ids: dict[str, int]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, pid in prog_ids.items():
+        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(pid)], capture_output=True,
+                                         text=True, check=True).stdout)
+        out[name] = (int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0)))
+    return out
+
+
+def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
+    import rtml_ebpf
+    from rtml_ebpf._sandbox import ChildCgroup
+    from rtml_ebpf.loader import Runtime
+
+    storm = compile_storm(tmp)
+    mib, rounds = 64, 30
+
+    def run_storm(cg: ChildCgroup) -> float:
+        p = cg.popen([storm, str(mib), str(rounds)], stdout=subprocess.PIPE)
+        out, _ = p.communicate(timeout=120)
+        return float(out.split()[0])
+
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        stats_before = f.read().strip()
+    base, with_bpf = [], []
+    per_event: dict[str, list[float]] = {}
+    pages = (mib << 20) // 4096 * rounds
+    def set_stats(on: str) -> None:
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write(on)
+
+    unwatched = []
+    try:
+        with ChildCgroup(512 * MiB, prefix="rtml-bench") as cg, ChildCgroup(512 * MiB, prefix="rtml-bench") as other:
+            run_storm(cg)  # warm-up
+            for _ in range(reps):
+                # Wall time with run-time accounting off (it adds two clock reads per program run).
+                set_stats("0")
+                base.append(run_storm(cg))
+                with rtml_ebpf.Limiter(cg.directory, backend="ebpf") as lim:
+                    with_bpf.append(run_storm(cg))
+                    unwatched.append(run_storm(other))  # programs attached, this cgroup not watched
+                    rt = Runtime.current()
+                    assert rt is not None
+                    set_stats("1")
+                    before = bpf_run_stats(rt.prog_ids)
+                    run_storm(cg)
+                    after = bpf_run_stats(rt.prog_ids)
+                    set_stats("0")
+                    hooks = lim.stats().hooks
+                for name in hooks:
+                    dt = after[name][0] - before[name][0]
+                    dn = after[name][1] - before[name][1]
+                    if dn:
+                        per_event.setdefault(name, []).append(dt / dn)
+                        per_event.setdefault(name + " events per fault", []).append(dn / pages)
+    finally:
+        set_stats(stats_before)
+    ratios = [w / b for w, b in zip(with_bpf, base, strict=True)]
+    other_ratios = [w / b for w, b in zip(unwatched, base, strict=True)]
+    return {
+        "unwatched_overhead_pct": (med(other_ratios) - 1) * 100,
+        "unwatched_spread_pct": spread([(r - 1) * 100 for r in other_ratios]),
+        "pages_per_run": pages,
+        "base_s": med(base), "bpf_s": med(with_bpf),
+        "overhead_pct": (med(ratios) - 1) * 100, "overhead_spread_pct": spread([(r - 1) * 100 for r in ratios]),
+        "fault_us_base": med(base) / pages * 1e6,
+        "per_event": {k: {"median": med(v), "spread": spread(v)} for k, v in per_event.items()},
+    }
+
+
+# -- P4 -------------------------------------------------------------------------------------
+P4_CHILD = """
+import json, time, resource, os
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+r0 = rss(); t0 = time.perf_counter()
+import rtml_ebpf
+t1 = time.perf_counter(); r1 = rss()
+lim = rtml_ebpf.Limiter(backend='ebpf')
+t2 = time.perf_counter(); r2 = rss()
+print(json.dumps({'import_s': t1 - t0, 'limiter_s': t2 - t1, 'total_s': t2 - t0, 'rss_bytes': r2 - r0}))
+lim.close()
+"""
+
+
+def p4_startup(reps: int) -> dict[str, Any]:
+    runs = []
+    for _ in range(reps):
+        out = subprocess.run([sys.executable, "-c", P4_CHILD], capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout))
+    return {k: {"median": med([r[k] for r in runs]), "spread": spread([r[k] for r in runs])}
+            for k in ("import_s", "limiter_s", "total_s", "rss_bytes")}
+
+
+# -- P5 -------------------------------------------------------------------------------------
+def p5_flood(out_dir: str, duration: float) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "rtml_ebpf.cli", "demo", "--json", "--duration", str(duration),
+                          "--out", out_dir], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"P5 demo failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout))
+
+
+# -- report ---------------------------------------------------------------------------------
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def write_report(res: dict[str, Any], out_dir: str) -> str:
+    m = res["machine"]
+    lines = ["# rtml-ebpf benchmark report", "",
+             f"Machine: Linux {m['kernel']}, {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+             f"Python {m['python']}; {m['date']}. A shared VM: figures are medians of interleaved repeats "
+             "with their spread (min–max).", "",
+             "Reproduce: `make bench` (as root).", ""]
+    if "P1" in res:
+        p = res["P1"]
+        lines += ["## P1 check cost", "", "| check | ns per call (median) | spread |", "|---|---|---|"]
+        lines += [f"| {k} | {v['median_ns']:.1f} | {v['spread_ns']} |" for k, v in p["rows"].items()]
+        lines += ["", f"- direct file read / ebpf check: **{p['file_read_over_ebpf']:.0f}x** (target ≥ 100x: "
+                  f"{verdict(p['file_read_over_ebpf'] >= 100)})",
+                  f"- ebpf check / empty method call: **{p['ebpf_over_empty']:.2f}x** (target ≤ 1.6x: "
+                  f"{verdict(p['ebpf_over_empty'] <= 1.6)})",
+                  f"- psutil RSS / ebpf check: {p['psutil_over_ebpf']:.0f}x; uncached poll / ebpf: "
+                  f"{p['poll_nocache_over_ebpf']:.0f}x", ""]
+    if "P2" in res:
+        p = res["P2"]
+        lines += ["## P2 overshoot", "",
+                  f"A process in a {p['limit'] // MiB} MiB cgroup allocates and touches memory in 1 MiB steps as "
+                  f"fast as it can, checking after each step; threshold {p['threshold'] // MiB} MiB (usage). "
+                  f"Overshoot = kernel usage at the flip minus the threshold. A run that had not flipped after "
+                  f"{p['max_mib']} MiB counts as 'not flipped' (overshoot > {p['max_mib'] - p['threshold'] // MiB}"
+                  " MiB).", "",
+                  "| check | overshoot MiB (median) | spread | not flipped | alloc rate MiB/s |",
+                  "|---|---|---|---|---|"]
+        for k, v in p["rows"].items():
+            med_s = f"{v['median_mib']:.2f}" if v["median_mib"] is not None else "-"
+            lines.append(f"| {k} | {med_s} | {v['spread_mib']} | {v['not_flipped']} | {v['rate_mib_s']:.0f} |")
+        e = p["rows"]["ebpf"]["median_mib"]
+        lines += ["", f"- ebpf overshoot target ≤ 1 MiB: {verdict(e is not None and e <= 1)}", ""]
+    if "P3" in res:
+        p = res["P3"]
+        lines += ["## P3 probe overhead", "",
+                  f"A C fault storm (mmap 64 MiB, touch every page, munmap; {p['pages_per_run']} faults per run) "
+                  "in a watched cgroup, with and without the programs attached, interleaved.", "",
+                  f"- without BPF: {p['base_s']:.3f} s ({p['fault_us_base']:.2f} µs per fault); with: "
+                  f"{p['bpf_s']:.3f} s",
+                  f"- wall-time overhead, storm in the watched cgroup: **{p['overhead_pct']:.1f}%** "
+                  f"(spread {p['overhead_spread_pct']}); target ≤ 5%: {verdict(p['overhead_pct'] <= 5)}",
+                  f"- wall-time overhead, storm in another cgroup while one is watched: "
+                  f"**{p['unwatched_overhead_pct']:.1f}%** (spread {p['unwatched_spread_pct']})", "",
+                  "| program | ns per run (median, kernel.bpf_stats_enabled) | spread |", "|---|---|---|"]
+        for k, v in p["per_event"].items():
+            if "events per fault" in k:
+                continue
+            lines.append(f"| {k} | {v['median']:.0f} | {v['spread']} |")
+        lines += ["", "Events per fault: " + ", ".join(
+            f"{k.split(' ')[0]} {v['median']:.2f}" for k, v in p["per_event"].items() if "events per fault" in k)]
+        worst = max((v["median"] for k, v in p["per_event"].items() if "events per fault" not in k), default=0)
+        lines += [f"- slowest program per event: {worst:.0f} ns; target ≤ 100 ns: {verdict(worst <= 100)}", ""]
+    if "P4" in res:
+        p = res["P4"]
+        lines += ["## P4 start-up", "", "| step | median | spread |", "|---|---|---|",
+                  f"| import rtml_ebpf | {p['import_s']['median'] * 1e3:.1f} ms | {p['import_s']['spread']} s |",
+                  f"| first ebpf Limiter (load, verify, attach) | {p['limiter_s']['median'] * 1e3:.1f} ms | "
+                  f"{p['limiter_s']['spread']} s |",
+                  f"| RSS added | {p['rss_bytes']['median'] / MiB:.1f} MiB | {p['rss_bytes']['spread']} B |", "",
+                  f"- total {p['total_s']['median'] * 1e3:.0f} ms, target ≤ 150 ms: "
+                  f"{verdict(p['total_s']['median'] <= 0.150)}; RSS target ≤ 10 MiB: "
+                  f"{verdict(p['rss_bytes']['median'] <= 10 * MiB)}", ""]
+    if "P5" in res:
+        p = res["P5"]
+        lines += ["## P5 flood survival", "",
+                  f"`rtml-ebpf demo`: limit {p['limit_bytes'] // MiB} MiB, threshold {p['threshold']}, "
+                  f"{p['clients']} clients, {p['payload_mib']} MiB per request, {p['duration_s']:.0f} s per run.", "",
+                  "| run | OOM kills | served | rejected | failed | peak MiB | first OOM kill |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in p["runs"]:
+            first = f"{r['time_to_first_oom_s']:.1f} s" if r["time_to_first_oom_s"] is not None else "-"
+            lines.append(f"| {r['name']} | {r['oom_kills']} | {r['served']} | {r['rejected']} | {r['failed']} | "
+                         f"{r['peak_bytes'] / MiB:.0f} | {first} |")
+        ebpf = next(r for r in p["runs"] if r["guard"] == "ebpf")
+        lines += ["", f"- zero OOM kills for the ebpf-guarded run: {verdict(ebpf['oom_kills'] == 0)}",
+                  "", "![flood](flood.png)", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    ap.add_argument("--only", default="P1,P2,P3,P4,P5")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("benchmarks: run as root (they load BPF programs and create memory cgroups)", file=sys.stderr)
+        return 4
+    os.makedirs(args.out, exist_ok=True)
+    only = {s.strip().upper() for s in args.only.split(",")}
+    reps = 3 if args.quick else 7
+    res: dict[str, Any] = {"machine": machine()}
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("P1", lambda: p1_check_cost(reps, 200_000 if args.quick else 1_000_000)),
+        ("P2", lambda: p2_overshoot(2 if args.quick else 5)),
+        ("P3", lambda: p3_probe_overhead(reps, args.out)),
+        ("P4", lambda: p4_startup(reps)),
+        ("P5", lambda: p5_flood(args.out, 6 if args.quick else 20)),
+    ]
+    for name, fn in steps:
+        if name in only:
+            print(f"benchmarks: {name} ...", file=sys.stderr, flush=True)
+            t = time.monotonic()
+            res[name] = fn()
+            print(f"benchmarks: {name} done in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    path = write_report(res, args.out)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
