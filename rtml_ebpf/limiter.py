@@ -183,7 +183,11 @@ class Limiter:
             # eBPF: the check *is* a C-level index into the mapped verdict byte, with no Python
             # frame in between (about an empty method call). The view is never released while
             # this object lives, so the call cannot raise.
-            self.is_mem_limit_reached = functools.partial(operator.getitem, self._hot, 0)  # type: ignore[method-assign,assignment]
+            check = functools.partial(operator.getitem, self._hot, 0)
+            # A caller may keep only `lim.is_mem_limit_reached`: it must keep the Limiter
+            # (and its watch) alive as a bound method would.
+            check.limiter = self  # type: ignore[attr-defined]
+            self.is_mem_limit_reached = check  # type: ignore[method-assign,assignment]
 
     # -- the hot path -------------------------------------------------------------------
     def is_mem_limit_reached(self) -> bool:

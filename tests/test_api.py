@@ -160,3 +160,11 @@ def test_module_check_is_thread_safe_and_builds_one_default() -> None:
 def test_configure_validates() -> None:
     with pytest.raises(ValueError, match="metric='x'"):
         rtml_ebpf.configure(metric="x")
+
+
+def test_a_kept_check_keeps_its_limiter_alive() -> None:
+    import gc
+
+    check = Limiter(backend="poll", threshold=4096, metric="usage").is_mem_limit_reached
+    gc.collect()
+    assert check() is True  # the Limiter behind it was not closed by the collector

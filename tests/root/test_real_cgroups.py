@@ -159,6 +159,26 @@ def bpftool_ids(kind: str) -> dict[int, str]:
 
 
 @needs_bpf
+@needs_cgroups
+def test_a_kept_ebpf_check_keeps_watching() -> None:
+    import gc
+
+    with make_cgroup(limit=128 * MiB) as cg:
+        check = Limiter(cg.directory, backend="ebpf", threshold=0.25, metric="usage").is_mem_limit_reached
+        gc.collect()
+        assert check() is False
+        p = cg.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "64"])
+        assert p.stdout is not None
+        json.loads(p.stdout.readline())
+        assert check() is True  # still watched: the kernel flipped it
+        p.kill()
+        p.wait()
+        del check
+        gc.collect()
+    assert Runtime.current() is None  # collected with its check, and closed
+
+
+@needs_bpf
 def test_close_leaves_no_programs_or_links() -> None:
     assert Runtime.current() is None, "a Runtime leaked from an earlier test"
     progs_before, links_before = bpftool_ids("prog"), bpftool_ids("link")
