@@ -24,11 +24,12 @@ from .errors import (
     PermissionDenied,
     RtmlError,
 )
-from .limiter import Limiter, Stats, check_backend, check_metric, parse_threshold, parse_threshold_text
+from .limiter import Level, Limiter, Stats, check_backend, check_metric, parse_threshold, parse_threshold_text
 
 __all__ = [
     "CgroupNotFound",
     "ConfigError",
+    "Level",
     "Limiter",
     "LoadError",
     "MemoryLimitReached",
@@ -38,9 +39,13 @@ __all__ = [
     "Stats",
     "configure",
     "default_limiter",
+    "guard",
     "is_mem_limit_reached",
+    "wait_for_headroom",
 ]
 __version__ = "0.1.0"
+
+from ._guard import guard, wait_for_headroom  # noqa: E402 - needs Limiter above
 
 log = logging.getLogger("rtml_ebpf")
 

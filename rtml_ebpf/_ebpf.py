@@ -52,8 +52,13 @@ class EbpfBackend:
             # released view would raise. The mapping goes when its last view is collected.
             self._runtime.unregister(flag.handle)
 
-    def snapshot(self) -> Snapshot:
-        return self._runtime.snapshot(self.cgroup)
+    def snapshot(self, full: bool = True) -> Snapshot:
+        return self._runtime.snapshot(self.cgroup, full=full)
+
+    def trips(self, flag: object) -> int:
+        if not isinstance(flag, EbpfFlag):
+            return 0
+        return int(self._runtime.read_slot(flag.handle.slot).trips[flag.handle.rule])
 
     def close(self) -> None:
         for flag in list(self._flags):

@@ -50,6 +50,7 @@ class PollBackend:
         self._limit_interval_ns = int(limit_interval * 1e9)
         self._rules: dict[int, Rule] = {}
         self._tripped: dict[int, bool] = {}
+        self._trips: dict[int, int] = {}
         self._next_index = 0
         self._lock = threading.Lock()
         self._limits: LimitInfo | None = None
@@ -65,6 +66,7 @@ class PollBackend:
             self._next_index += 1
             self._rules[index] = rule
             self._tripped[index] = False
+            self._trips[index] = 0
         self._refresh(force=True)
         return PollFlag(self, index)
 
@@ -124,13 +126,24 @@ class PollBackend:
             snap = self._read()
             usage = Usage(snap.used, snap.working_set, snap.limit)
             for index, rule in self._rules.items():
-                self._tripped[index] = evaluate(rule, usage, self._tripped.get(index, False))
+                was = self._tripped.get(index, False)
+                now_tripped = evaluate(rule, usage, was)
+                if now_tripped and not was and index in self._trips:
+                    self._trips[index] += 1
+                self._tripped[index] = now_tripped
             self._snapshot = snap
             self._last_ns = snap.updated_ns
         finally:
             self._lock.release()
 
-    def snapshot(self) -> Snapshot:
+    def trips(self, flag: object) -> int:
+        return self._trips.get(flag.index, 0) if isinstance(flag, PollFlag) else 0
+
+    def snapshot(self, full: bool = True) -> Snapshot:
+        if not full:
+            self._refresh()
+            if self._snapshot is not None:
+                return self._snapshot
         snap = self._read()
         try:
             oom = self.cgroup.oom_kills()

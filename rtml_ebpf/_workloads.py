@@ -76,6 +76,27 @@ def alloc_until_tripped(
     return result
 
 
+def hold() -> int:
+    """A steerable hog for tests: memory grows and shrinks on command, each change acknowledged."""
+    held: list[mmap.mmap] = []
+    print(json.dumps({"held_mib": 0}), flush=True)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        n = int(line)
+        if n > 0:
+            for _ in range(n):
+                b = mmap.mmap(-1, 1 << 20)
+                touch(b, fast=True)
+                held.append(b)
+        else:
+            for _ in range(min(-n, len(held))):
+                held.pop().close()
+        print(json.dumps({"held_mib": len(held)}), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rtml_ebpf._workloads")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -89,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--fast", action="store_true", help="touch pages with one strided write per step")
     h = sub.add_parser("hog", help="allocate and hold memory until killed (to provoke an OOM kill)")
     h.add_argument("--mib", type=int, required=True)
+    sub.add_parser("hold", help="read '+N' / '-N' lines on stdin: grow or shrink by N MiB; answer each")
     args = p.parse_args(argv)
+    if args.cmd == "hold":
+        return hold()
     if args.cmd == "alloc":
         out = alloc_until_tripped(
             step=args.step_kib * 1024, max_bytes=args.max_mib << 20, threshold=args.threshold,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import operator
 import os
+import random
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -17,10 +21,13 @@ from ._backend import Backend, Flag
 from ._poll import DEFAULT_MIN_INTERVAL, PollBackend
 from ._rules import METRICS, PPM, Rule, Threshold
 from .errors import CgroupNotFound, ConfigError, NotSupported, RtmlError
+from .relief import Relief, default_relief
 
 log = logging.getLogger("rtml_ebpf")
 
 BACKENDS = ("auto", "ebpf", "poll")
+MiB = 1 << 20
+MONITOR_INTERVAL = 0.05  # seconds between the monitor thread's looks at each limiter
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -46,7 +53,13 @@ class Stats:
     cgroup_version: int
     updated_ns: int  # CLOCK_MONOTONIC (time.monotonic_ns()) of the reading
     oom_kills: int  # ebpf: OOM victims seen since watched; poll: the cgroup's counter
-    faults: int | None  # ebpf: user page faults seen since watched
+    faults: int | None  # ebpf with the page_fault_user hook: user page faults seen since watched
+    soft_threshold_bytes: int | None = None
+    level: str = "OK"
+    trips: int = 0  # clear -> tripped transitions of the hard level
+    soft_trips: int = 0
+    relief_runs: int = 0
+    relief_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -140,15 +153,55 @@ def make_backend(cg: _cgroup.MemoryCgroup, backend: str, poll_interval: float = 
         )
 
 
+class Level(enum.IntEnum):
+    """Graded pressure: shed optional work at SOFT, everything at HARD."""
+
+    OK = 0
+    SOFT = 1
+    HARD = 2
+
+
+def make_clear(trip: Threshold, hysteresis: object, name: str = "hysteresis") -> Threshold:
+    """The clear point below ``trip``: a float is a fraction of the threshold's base, an int is bytes."""
+    if isinstance(hysteresis, bool) or not isinstance(hysteresis, (int, float)):
+        raise ConfigError(f"{name}={hysteresis!r}: pass a float in [0, 1) or an int (bytes)")
+    if isinstance(hysteresis, float):
+        if not 0.0 <= hysteresis < 1.0:
+            raise ConfigError(f"{name}={hysteresis!r}: a float margin must be in [0, 1), e.g. 0.02")
+        if trip.ppm is not None:  # points of the limit
+            return Threshold(ppm=max(0, trip.ppm - round(hysteresis * PPM)))
+        return Threshold(nbytes=int((trip.nbytes or 0) * (1 - hysteresis)))
+    if hysteresis < 0:
+        raise ConfigError(f"{name}={hysteresis!r}: a margin in bytes must be >= 0")
+    if trip.ppm is not None:
+        raise ConfigError(
+            f"{name}={hysteresis!r} is bytes but the threshold is a fraction of the limit; "
+            "pass a float margin such as 0.02, or a byte threshold"
+        )
+    return Threshold(nbytes=max(0, (trip.nbytes or 0) - hysteresis))
+
+
+Callback = Callable[["Stats"], object]
+
+
 class Limiter:
     """Answers "is this cgroup's memory limit reached?" on every call, cheaply.
 
     ``cgroup``: None for this process's memory cgroup, or a cgroup directory.
-    ``threshold``: a float in (0, 1] is a fraction of the effective limit, an int is bytes.
+    ``threshold``: the hard level. A float in (0, 1] is a fraction of the effective limit,
+    an int is bytes.
+    ``soft_threshold``: optional soft level, below the hard one (shed optional work there).
+    ``hysteresis``: a tripped level clears only below threshold minus this margin: a float is
+    a fraction of the threshold's base (of the limit for fractions, of the threshold for bytes),
+    an int is bytes. Default 0.02.
     ``metric``: ``"working_set"`` (usage minus inactive file cache, default) or ``"usage"``.
     ``backend``: ``"auto"`` (eBPF when it can load, else poll), ``"ebpf"`` or ``"poll"``.
     ``fail_closed``: what the check answers if the backend breaks (default False: let work in).
     ``poll_interval``: poll backend only, seconds a file reading is reused (default 0.01).
+    ``relief``: run ``gc.collect()`` + ``malloc_trim(0)`` when the hard level trips (and again
+    while it stays tripped), rate-limited: True (the shared default, at most every 5 s),
+    False, or a :class:`rtml_ebpf.relief.Relief`.
+    ``on_trip`` / ``on_clear``: called with :class:`Stats` when the level rises / falls to OK.
     """
 
     def __init__(
@@ -157,28 +210,63 @@ class Limiter:
         *,
         pid: int | None = None,
         threshold: float | int = 0.9,
+        soft_threshold: float | int | None = None,
+        hysteresis: float | int = 0.02,
         metric: str = "working_set",
         backend: str = "auto",
         fail_closed: bool = False,
         poll_interval: float = DEFAULT_MIN_INTERVAL,
+        relief: bool | Relief = True,
+        on_trip: Callback | None = None,
+        on_clear: Callback | None = None,
     ) -> None:
         self._closed = True
         self._trip = parse_threshold(threshold)
+        self._soft = None if soft_threshold is None else parse_threshold(soft_threshold, name="soft_threshold")
+        if self._soft is not None and _same_kind_not_below(self._soft, self._trip):
+            raise ConfigError(
+                f"soft_threshold={soft_threshold!r} must be below threshold={threshold!r}; "
+                "the soft level sheds optional work before the hard one sheds everything"
+            )
+        self._clear = make_clear(self._trip, hysteresis)
+        self._soft_clear = None if self._soft is None else make_clear(self._soft, hysteresis)
         self._metric = check_metric(metric)
         check_backend(backend)
         if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or not (
             0 <= poll_interval <= 60
         ):
             raise ConfigError(f"poll_interval={poll_interval!r}: pass seconds between 0 and 60 (default 0.01)")
+        if relief is True:
+            self._relief: Relief | None = default_relief()
+        elif relief is False or relief is None:
+            self._relief = None
+        elif isinstance(relief, Relief):
+            self._relief = relief
+        else:
+            raise ConfigError(f"relief={relief!r}: pass True, False or a rtml_ebpf.relief.Relief")
+        for cb_name, cb in (("on_trip", on_trip), ("on_clear", on_clear)):
+            if cb is not None and not callable(cb):
+                raise ConfigError(f"{cb_name}={cb!r}: pass a callable taking a Stats, or None")
+        self._on_trip = on_trip
+        self._on_clear = on_clear
         self._fail_answer = bool(fail_closed)
         self._cgroup = resolve_cgroup(cgroup, pid)
         self._backend: Backend = make_backend(self._cgroup, backend, float(poll_interval))
-        self._rule = Rule(self._metric, self._trip, self._trip)
-        self._handle: Flag = self._backend.add_rule(self._rule)
-        self._hot: Any = getattr(self._handle, "hot", self._handle)
-        self._error_logged = False
-        self._closed = False
         self._lock = threading.Lock()
+        self._error_logged = False
+        try:
+            self._handle: Flag = self._backend.add_rule(Rule(self._metric, self._trip, self._clear))
+            self._soft_handle: Flag | None = None
+            if self._soft is not None and self._soft_clear is not None:
+                self._soft_handle = self._backend.add_rule(Rule(self._metric, self._soft, self._soft_clear))
+        except BaseException:
+            self._backend.close()
+            raise
+        self._hot: Any = getattr(self._handle, "hot", self._handle)
+        self._soft_hot: Any = None if self._soft_handle is None else getattr(self._soft_handle, "hot",
+                                                                           self._soft_handle)
+        self._last_level = Level.OK
+        self._closed = False
         if isinstance(self._hot, memoryview):
             # eBPF: the check *is* a C-level index into the mapped verdict byte, with no Python
             # frame in between (about an empty method call). The view is never released while
@@ -188,14 +276,59 @@ class Limiter:
             # (and its watch) alive as a bound method would.
             check.limiter = self  # type: ignore[attr-defined]
             self.is_mem_limit_reached = check  # type: ignore[method-assign,assignment]
+        self._last_level = self.level()
+        if self._relief is not None or on_trip is not None or on_clear is not None:
+            _monitor().add(self)
 
     # -- the hot path -------------------------------------------------------------------
     def is_mem_limit_reached(self) -> bool:
-        """True while the cgroup is at or over the threshold. Never raises, never blocks."""
+        """True while the cgroup is at or over the (hard) threshold. Never raises, never blocks."""
         try:
             return self._hot[0]  # type: ignore[no-any-return]
         except Exception as exc:  # noqa: BLE001 - the check must never raise
             return self._failed(exc)
+
+    def level(self) -> Level:
+        """OK, SOFT (at or over soft_threshold) or HARD (at or over threshold). Never raises."""
+        try:
+            if self._hot[0]:
+                return Level.HARD
+            if self._soft_hot is not None and self._soft_hot[0]:
+                return Level.SOFT
+            return Level.OK
+        except Exception as exc:  # noqa: BLE001
+            return Level.HARD if self._failed(exc) else Level.OK
+
+    def pressure(self) -> float:
+        """0.0 below the soft level, 1.0 at the hard one, linear in between (by the metric).
+
+        Without a soft level: 0.0 or 1.0. Reads the backend's snapshot when between the
+        levels (no syscall on eBPF), so it costs a few microseconds there.
+        """
+        lvl = self.level()
+        if lvl is Level.HARD:
+            return 1.0
+        if lvl is Level.OK or self._soft is None:
+            return 0.0
+        try:
+            snap = self._backend.snapshot(full=False)
+            value = snap.working_set if self._metric == "working_set" else snap.used
+            lo = self._soft.resolve(snap.limit)
+            hi = self._trip.resolve(snap.limit)
+            if lo is None or hi is None or hi <= lo:
+                return 1.0
+            return min(1.0, max(0.0, (value - lo) / (hi - lo)))
+        except Exception as exc:  # noqa: BLE001
+            return 1.0 if self._failed(exc) else 0.0
+
+    def should_shed(self) -> bool:
+        """Probabilistic shedding: True with probability :meth:`pressure` (always at HARD)."""
+        if self.is_mem_limit_reached():
+            return True
+        if self._soft_hot is None:
+            return False
+        p = self.pressure()
+        return p > 0.0 and random.random() < p
 
     def _failed(self, exc: BaseException) -> bool:
         if not self._error_logged and not self._closed:
@@ -205,6 +338,41 @@ class Limiter:
                 self._backend.name, exc, self._fail_answer, "closed" if self._fail_answer else "open",
             )
         return self._fail_answer
+
+    # -- transitions (called by the monitor thread) -------------------------------------
+    def _observe(self) -> None:
+        if self._closed:
+            return
+        lvl = self.level()
+        prev, self._last_level = self._last_level, lvl
+        if lvl != prev:
+            self._transition(prev, lvl)
+        if lvl is Level.HARD and self._relief is not None:
+            self._relief.run(reason=f"{self._cgroup.directory} at HARD")
+
+    def _transition(self, prev: Level, lvl: Level) -> None:
+        try:
+            s = self.stats()
+        except Exception as exc:  # noqa: BLE001 - a broken reading must not stop the monitor
+            log.warning("rtml-ebpf: memory level %s -> %s in %s (no reading: %s)", prev.name, lvl.name,
+                        self._cgroup.directory, exc)
+            return
+        value = s.working_set_bytes if s.metric == "working_set" else s.usage_bytes
+        limit = f"{s.limit_bytes / MiB:.0f} MiB" if s.limit_bytes is not None else "unlimited"
+        level_threshold = s.threshold_bytes if lvl is not Level.SOFT else s.soft_threshold_bytes
+        cause = {Level.HARD: "hard threshold reached", Level.SOFT: "soft threshold reached",
+                 Level.OK: "back below the clear point"}[lvl]
+        log.warning(
+            "rtml-ebpf: memory level %s -> %s in %s: %s %.1f MiB of %s (threshold %s); %s",
+            prev.name, lvl.name, s.cgroup_dir, s.metric.replace("_", " "), value / MiB, limit,
+            f"{level_threshold / MiB:.1f} MiB" if level_threshold is not None else "n/a", cause,
+        )
+        callback = self._on_trip if lvl > prev else (self._on_clear if lvl is Level.OK else None)
+        if callback is not None:
+            try:
+                callback(s)
+            except Exception:  # noqa: BLE001 - a user callback must not stop the monitor
+                log.exception("rtml-ebpf: %s callback failed", "on_trip" if lvl > prev else "on_clear")
 
     # -- introspection ------------------------------------------------------------------
     @property
@@ -220,8 +388,16 @@ class Limiter:
         return self._trip
 
     @property
+    def soft_threshold(self) -> Threshold | None:
+        return self._soft
+
+    @property
     def metric(self) -> str:
         return self._metric
+
+    @property
+    def relief(self) -> Relief | None:
+        return self._relief
 
     def stats(self) -> Stats:
         """A consistent reading (may read files: not for the hot path)."""
@@ -248,6 +424,13 @@ class Limiter:
             updated_ns=snap.updated_ns or time.monotonic_ns(),
             oom_kills=snap.oom_kills,
             faults=snap.faults,
+            soft_threshold_bytes=None if self._soft is None or (self._soft.ppm is not None and snap.limit is None)
+            else self._soft.resolve(snap.limit),
+            level=self.level().name,
+            trips=self._backend.trips(self._handle),
+            soft_trips=0 if self._soft_handle is None else self._backend.trips(self._soft_handle),
+            relief_runs=self._relief.stats.runs if self._relief else 0,
+            relief_bytes=self._relief.stats.bytes_returned if self._relief else 0,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -259,8 +442,11 @@ class Limiter:
             self._closed = True
             # Closed limiters keep answering (the fail answer) rather than touch a dropped view.
             self._hot = (self._fail_answer,)
+            self._soft_hot = None
             self.is_mem_limit_reached = functools.partial(bool, self._fail_answer)  # type: ignore[method-assign]
             self._backend.remove_rule(self._handle)
+            if self._soft_handle is not None:
+                self._backend.remove_rule(self._soft_handle)
             self._backend.close()
 
     def __enter__(self) -> Limiter:
@@ -279,7 +465,54 @@ class Limiter:
             pass
 
     def __repr__(self) -> str:
+        soft = f", soft_threshold={self._soft.describe()!r}" if self._soft else ""
         return (
-            f"Limiter(cgroup={self._cgroup.directory!r}, threshold={self._trip.describe()!r}, "
+            f"Limiter(cgroup={self._cgroup.directory!r}, threshold={self._trip.describe()!r}{soft}, "
             f"metric={self._metric!r}, backend={self._backend.name!r})"
         )
+
+
+def _same_kind_not_below(soft: Threshold, hard: Threshold) -> bool:
+    if soft.ppm is not None and hard.ppm is not None:
+        return soft.ppm >= hard.ppm
+    if soft.nbytes is not None and hard.nbytes is not None:
+        return soft.nbytes >= hard.nbytes
+    return False  # mixed kinds: comparable only against a limit, at run time
+
+
+class _Monitor:
+    """One daemon thread per process: watches limiters for level changes, runs relief.
+
+    It holds limiters weakly, so it never keeps one alive. The hot path never waits on it.
+    """
+
+    def __init__(self) -> None:
+        self._limiters: weakref.WeakSet[Limiter] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lim: Limiter) -> None:
+        with self._lock:
+            self._limiters.add(lim)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="rtml-ebpf-monitor", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(MONITOR_INTERVAL)
+            for lim in list(self._limiters):
+                try:
+                    lim._observe()
+                except Exception:  # noqa: BLE001 - keep watching the others
+                    log.exception("rtml-ebpf: monitor failed on %r", lim)
+
+
+_MONITOR: _Monitor | None = None
+
+
+def _monitor() -> _Monitor:
+    global _MONITOR
+    if _MONITOR is None:
+        _MONITOR = _Monitor()
+    return _MONITOR

@@ -372,16 +372,16 @@ class Runtime:
                 break
         return _abi.Slot.from_buffer_copy(raw)
 
-    def snapshot(self, cgroup: MemoryCgroup) -> Snapshot:
+    def snapshot(self, cgroup: MemoryCgroup, full: bool = True) -> Snapshot:
         state = next((st for st in self._slots_by_cgid.values() if st.cgroup.directory == cgroup.directory), None)
         if state is None:
             raise RtmlError(f"cgroup {cgroup.directory} is not watched")
         s = self.read_slot(state.index)
-        c = self.read_counters(state.index)
+        c = self.read_counters(state.index) if full else _abi.Counters()
         cfg = _abi.Config.from_buffer_copy(
             self._configs_mm[state.index * CONFIG_SIZE : (state.index + 1) * CONFIG_SIZE]
         )
-        if not self.tracks_inactive_file:
+        if full and not self.tracks_inactive_file:
             # Without lruvec events the kernel side cannot follow inactive_file: refresh the base.
             try:
                 base_pages = cgroup.read_inactive_file() // PAGE_SIZE

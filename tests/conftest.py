@@ -85,6 +85,17 @@ class Cgroup:
         self.procs.append(p)
         return p
 
+    def hold(self) -> Holder:
+        """A process in this cgroup whose memory the test grows and shrinks (see Holder)."""
+        p = subprocess.Popen(
+            ["/bin/sh", "-c", f"echo $$ > {shlex.quote(os.path.join(self.directory, 'cgroup.procs'))} && exec "
+             f"{shlex.quote(sys.executable)} -m rtml_ebpf._workloads hold"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.procs.append(p)
+        h = Holder(p)
+        h.read()
+        return h
+
     def run_python(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> dict:
         p = self.popen([sys.executable, *args], env=env)
         out, err = p.communicate(timeout=timeout)
@@ -107,6 +118,31 @@ class Cgroup:
             except OSError:
                 time.sleep(0.1)  # the last exits are still being reaped
         raise AssertionError(f"could not remove test cgroup {self.directory}")
+
+
+class Holder:
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+
+    def read(self) -> int:
+        assert self.proc.stdout is not None
+        return int(json.loads(self.proc.stdout.readline())["held_mib"])
+
+    def change(self, mib: int) -> int:
+        """Grow (+) or shrink (-) by ``mib`` MiB; returns what is held once done."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{mib}\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+
+def wait_until(predicate: object, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return bool(predicate())  # type: ignore[operator]
 
 
 @contextmanager

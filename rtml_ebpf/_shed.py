@@ -1,0 +1,101 @@
+"""The shedding decision every integration shares: which limiter, which level, which paths
+are never shed, the jittered Retry-After, and the count of rejections by integration."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from .errors import ConfigError
+from .limiter import Level, Limiter
+
+# Health, readiness and metrics endpoints must answer while the service sheds: an orchestrator
+# that sees them fail restarts the pod, and a scraper that sees them fail loses the spike.
+DEFAULT_EXCLUDE_PATHS = ("/health", "/healthz", "/ready", "/readyz", "/live", "/livez", "/metrics")
+SHED_AT = ("hard", "soft", "probabilistic")
+
+_rejections: Counter[str] = Counter()
+_rejections_lock = threading.Lock()
+
+
+def rejections() -> dict[str, int]:
+    """Requests rejected so far in this process, by integration name."""
+    with _rejections_lock:
+        return dict(_rejections)
+
+
+def record_rejection(integration: str) -> None:
+    with _rejections_lock:
+        _rejections[integration] += 1
+
+
+class Policy:
+    """Validated once at construction; per request it is a path lookup and one check."""
+
+    def __init__(
+        self,
+        integration: str,
+        limiter: Limiter | None,
+        *,
+        shed_at: str = "hard",
+        exclude: Iterable[str] = DEFAULT_EXCLUDE_PATHS,
+        retry_after: tuple[int, int] = (1, 5),
+    ) -> None:
+        if limiter is not None and not isinstance(limiter, Limiter):
+            raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
+        if shed_at not in SHED_AT:
+            raise ConfigError(f"shed_at={shed_at!r}: use one of {', '.join(map(repr, SHED_AT))}")
+        if isinstance(exclude, str):
+            raise ConfigError(f"exclude={exclude!r}: pass a list of paths, not one string")
+        lo, hi = retry_after
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
+            raise ConfigError(f"retry_after={retry_after!r}: pass (min, max) whole seconds, 0 <= min <= max")
+        self.integration = integration
+        self.limiter = limiter
+        self.exclude = frozenset(exclude)
+        self._prefixes = tuple(p.rstrip("/") + "/" for p in self.exclude if p != "/")
+        self.retry_after = (lo, hi)
+        self.shed_at = shed_at
+        self._decide = self._make_decider()
+
+    def _make_decider(self) -> Callable[[], bool]:
+        lim = self.limiter
+        if lim is None:
+            import rtml_ebpf
+
+            if self.shed_at == "hard":
+                return rtml_ebpf.is_mem_limit_reached  # builds the default lazily, never raises
+
+            def default_decider() -> bool:
+                if rtml_ebpf.is_mem_limit_reached():
+                    return True
+                try:
+                    d = rtml_ebpf.default_limiter()
+                except Exception:  # noqa: BLE001 - the module check already logged and failed open
+                    return False
+                return d.level() >= Level.SOFT if self.shed_at == "soft" else d.should_shed()
+
+            return default_decider
+        if self.shed_at == "hard":
+            return lim.is_mem_limit_reached
+        if self.shed_at == "soft":
+            return lambda: lim.level() >= Level.SOFT
+        return lim.should_shed
+
+    def excluded(self, path: str) -> bool:
+        return path in self.exclude or path.startswith(self._prefixes)
+
+    def should_shed(self, path: str = "") -> bool:
+        if path and self.excluded(path):
+            return False
+        if self._decide():
+            record_rejection(self.integration)
+            return True
+        return False
+
+    def retry_after_seconds(self) -> int:
+        # Jitter spreads the retries of many rejected clients over the window.
+        lo, hi = self.retry_after
+        return random.randint(lo, hi)

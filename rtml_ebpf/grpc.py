@@ -1,0 +1,136 @@
+"""gRPC server interceptors: reject calls before their request is decoded.
+
+    server = grpc.server(pool, interceptors=[MemoryLimitInterceptor()])
+    server = grpc.aio.server(interceptors=[AsyncMemoryLimitInterceptor()])
+
+By default a rejected call ends with UNAVAILABLE, which gRPC clients retry
+under their retry policy. ``code="resource_exhausted"`` ends it with
+RESOURCE_EXHAUSTED and a google.rpc.RetryInfo detail (jittered delay), as the
+OpenTelemetry collector does. Health checks are never shed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc  # the grpcio package (extra: rtml-ebpf[grpc])
+
+from ._shed import Policy
+from .limiter import Limiter
+
+DEFAULT_EXCLUDE_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
+DETAILS = "memory limit reached, retry later"
+CODES = {"unavailable": grpc.StatusCode.UNAVAILABLE, "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def _retry_info_status(code: grpc.StatusCode, delay_s: int) -> bytes:
+    """A serialized google.rpc.Status carrying RetryInfo, for grpc-status-details-bin."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=delay_s))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=DETAILS, details=[detail])
+    return bytes(status.SerializeToString())
+
+
+class _Rejecter:
+    """Validated settings and the metadata of a rejection, shared by both interceptors."""
+
+    def __init__(self, integration: str, limiter: Limiter | None, code: str, exclude_methods: Iterable[str],
+                 shed_at: str, retry_after: tuple[int, int]) -> None:
+        if code not in CODES:
+            raise ValueError(f"code={code!r}: use 'unavailable' (default) or 'resource_exhausted'")
+        if code == "resource_exhausted":
+            try:
+                _retry_info_status(grpc.StatusCode.RESOURCE_EXHAUSTED, 1)
+            except ImportError as exc:
+                raise ValueError(
+                    "code='resource_exhausted' sends RetryInfo and needs googleapis-common-protos; "
+                    "pip install 'rtml-ebpf[grpc]'"
+                ) from exc
+        self.code = CODES[code]
+        self.policy = Policy(integration, limiter, shed_at=shed_at, exclude=exclude_methods,
+                             retry_after=retry_after)
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        delay = self.policy.retry_after_seconds()
+        if self.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return (("grpc-status-details-bin", _retry_info_status(self.code, delay)),
+                    ("retry-after", str(delay)))
+        return (("retry-after", str(delay)),)
+
+
+def _like(handler: Any, behaviour: Callable[..., Any]) -> Any:
+    """A handler of the same shape as ``handler`` that runs ``behaviour``. Requests are not
+    deserialized: a rejected call never pays for decoding its payload."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(behaviour, response_serializer=handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(behaviour, response_serializer=handler.response_serializer)
+
+
+class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Sync server interceptor (``grpc.server(..., interceptors=[...])``)."""
+
+    def __init__(
+        self,
+        limiter: Limiter | None = None,
+        *,
+        code: str = "unavailable",
+        exclude_methods: Iterable[str] = DEFAULT_EXCLUDE_METHODS,
+        shed_at: str = "hard",
+        retry_after: tuple[int, int] = (1, 5),
+    ) -> None:
+        self._r = _Rejecter("grpc", limiter, code, exclude_methods, shed_at, retry_after)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or not self._r.policy.should_shed(handler_call_details.method):
+            return handler
+        r = self._r
+
+        def reject(request: Any, context: grpc.ServicerContext) -> Any:
+            context.set_trailing_metadata(r.trailing_metadata())
+            context.abort(r.code, DETAILS)
+
+        return _like(handler, reject)
+
+
+class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """asyncio server interceptor (``grpc.aio.server(interceptors=[...])``)."""
+
+    def __init__(
+        self,
+        limiter: Limiter | None = None,
+        *,
+        code: str = "unavailable",
+        exclude_methods: Iterable[str] = DEFAULT_EXCLUDE_METHODS,
+        shed_at: str = "hard",
+        retry_after: tuple[int, int] = (1, 5),
+    ) -> None:
+        self._r = _Rejecter("grpc_aio", limiter, code, exclude_methods, shed_at, retry_after)
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or not self._r.policy.should_shed(handler_call_details.method):
+            return handler
+        r = self._r
+
+        async def reject(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(r.code, DETAILS, trailing_metadata=r.trailing_metadata())
+
+        if handler.unary_stream or handler.stream_stream:
+            async def reject_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await context.abort(r.code, DETAILS, trailing_metadata=r.trailing_metadata())
+                yield  # pragma: no cover - makes this an async generator, as stream handlers are
+
+            return _like(handler, reject_stream)
+        return _like(handler, reject)
