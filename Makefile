@@ -17,7 +17,7 @@ bpf: setup
 	$(VENV)/python setup.py -q build_py
 
 lint: setup
-	$(VENV)/ruff check rtml_ebpf tests benchmarks scripts
+	$(VENV)/ruff check rtml_ebpf tests benchmarks scripts examples
 	$(VENV)/mypy
 
 bench: setup

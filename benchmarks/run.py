@@ -143,6 +143,30 @@ def compile_storm(out_dir: str) -> str:
     return exe
 
 
+class FloorPrograms:
+    """Empty programs on the same tracepoints (benchmarks/floor.bpf.c): what the kernel charges
+    for running any BPF program there, before rtml does any work."""
+
+    def __init__(self, out_dir: str) -> None:
+        from rtml_ebpf import _libbpf
+
+        obj_path = os.path.join(out_dir, "floor.bpf.o")
+        subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-I", os.path.join(HERE, "..", "bpf"), "-c",
+                        os.path.join(HERE, "floor.bpf.c"), "-o", obj_path], check=True)
+        self.lib = _libbpf.lib()
+        self.obj = _libbpf.check_ptr(self.lib.bpf_object__open_file(obj_path.encode(), None), "open", obj_path)
+        _libbpf.check(self.lib.bpf_object__load(self.obj), "load", obj_path)
+        self.links = []
+        for name in (b"floor_lruvec", b"floor_state"):
+            prog = self.lib.bpf_object__find_program_by_name(self.obj, name)
+            self.links.append(_libbpf.check_ptr(self.lib.bpf_program__attach(prog), "attach", name.decode()))
+
+    def close(self) -> None:
+        for link in self.links:
+            self.lib.bpf_link__destroy(link)
+        self.lib.bpf_object__close(self.obj)
+
+
 def bpf_run_stats(prog_ids: dict[str, int]) -> dict[str, tuple[int, int]]:
     out = {}
     for name, pid in prog_ids.items():
@@ -174,7 +198,8 @@ def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write(on)
 
-    unwatched = []
+    unwatched: list[float] = []
+    floor: list[float] = []
     try:
         with ChildCgroup(512 * MiB, prefix="rtml-bench") as cg, ChildCgroup(512 * MiB, prefix="rtml-bench") as other:
             run_storm(cg)  # warm-up
@@ -182,7 +207,12 @@ def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
                 # Wall time with run-time accounting off (it adds two clock reads per program run).
                 set_stats("0")
                 base.append(run_storm(cg))
-                with rtml_ebpf.Limiter(cg.directory, backend="ebpf") as lim:
+                floor_progs = FloorPrograms(tmp)
+                try:
+                    floor.append(run_storm(cg))
+                finally:
+                    floor_progs.close()
+                with rtml_ebpf.Limiter(cg.directory, backend="ebpf", relief=False) as lim:
                     with_bpf.append(run_storm(cg))
                     unwatched.append(run_storm(other))  # programs attached, this cgroup not watched
                     rt = Runtime.current()
@@ -203,7 +233,10 @@ def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
         set_stats(stats_before)
     ratios = [w / b for w, b in zip(with_bpf, base, strict=True)]
     other_ratios = [w / b for w, b in zip(unwatched, base, strict=True)]
+    floor_ratios = [w / b for w, b in zip(floor, base, strict=True)]
     return {
+        "floor_overhead_pct": (med(floor_ratios) - 1) * 100,
+        "floor_spread_pct": spread([(r - 1) * 100 for r in floor_ratios]),
         "unwatched_overhead_pct": (med(other_ratios) - 1) * 100,
         "unwatched_spread_pct": spread([(r - 1) * 100 for r in other_ratios]),
         "pages_per_run": pages,
@@ -295,7 +328,10 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
                   f"- wall-time overhead, storm in the watched cgroup: **{p['overhead_pct']:.1f}%** "
                   f"(spread {p['overhead_spread_pct']}); target ≤ 5%: {verdict(p['overhead_pct'] <= 5)}",
                   f"- wall-time overhead, storm in another cgroup while one is watched: "
-                  f"**{p['unwatched_overhead_pct']:.1f}%** (spread {p['unwatched_spread_pct']})", "",
+                  f"**{p['unwatched_overhead_pct']:.1f}%** (spread {p['unwatched_spread_pct']})",
+                  f"- the floor, empty programs on the same two tracepoints: **{p['floor_overhead_pct']:.1f}%** "
+                  f"(spread {p['floor_spread_pct']}): what the kernel charges to run any program there "
+                  "(about four runs per fault), before rtml does any work", "",
                   "| program | ns per run (median, kernel.bpf_stats_enabled) | spread |", "|---|---|---|"]
         for k, v in p["per_event"].items():
             if "events per fault" in k:
@@ -303,8 +339,12 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
             lines.append(f"| {k} | {v['median']:.0f} | {v['spread']} |")
         lines += ["", "Events per fault: " + ", ".join(
             f"{k.split(' ')[0]} {v['median']:.2f}" for k, v in p["per_event"].items() if "events per fault" in k)]
-        worst = max((v["median"] for k, v in p["per_event"].items() if "events per fault" not in k), default=0)
-        lines += [f"- slowest program per event: {worst:.0f} ns; target ≤ 100 ns: {verdict(worst <= 100)}", ""]
+        busiest = max((k for k in p["per_event"] if "events per fault" not in k),
+                      key=lambda k: p["per_event"].get(k + " events per fault", {"median": 0})["median"], default=None)
+        worst = p["per_event"][busiest]["median"] if busiest else 0.0
+        lines += [f"- run time per event of the program that runs on every fault ({busiest}): {worst:.0f} ns, "
+                  f"with the accounting's own two clock reads; target ≤ 100 ns: {verdict(worst <= 100)}. "
+                  "Programs that ran a handful of times in the storm (memcg_state) have noisy figures.", ""]
     if "P4" in res:
         p = res["P4"]
         lines += ["## P4 start-up", "", "| step | median | spread |", "|---|---|---|",

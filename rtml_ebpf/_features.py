@@ -81,24 +81,34 @@ def check_btf() -> None:
 
 
 @functools.cache
-def tracepoint_nargs(tracepoint: str) -> int | None:
-    """Arguments of ``btf_trace_<tracepoint>`` after ``void *``; None when absent."""
+def _tracepoint_arity() -> dict[str, int | None]:
+    """Arguments (after ``void *``) of each hook's ``btf_trace_<tracepoint>``; None when absent.
+
+    One parse of the kernel's BTF for all hooks: it is several MiB and takes milliseconds.
+    """
     lib = _libbpf.lib()
+    out: dict[str, int | None] = {h.tracepoint: None for h in HOOKS}
     btf = lib.btf__load_vmlinux_btf()
     if not btf:
-        return None
+        return out
     try:
-        type_id = lib.btf__find_by_name_kind(btf, f"btf_trace_{tracepoint}".encode(), _libbpf.BTF_KIND_TYPEDEF)
-        if type_id < 0:
-            return None
-        t = lib.btf__type_by_id(btf, type_id).contents  # typedef -> ptr -> func_proto
-        for _ in range(3):
-            if t.kind == _libbpf.BTF_KIND_FUNC_PROTO:
-                return max(0, int(t.vlen) - 1)
-            t = lib.btf__type_by_id(btf, t.size_type).contents
-        return None
+        for tracepoint in out:
+            type_id = lib.btf__find_by_name_kind(btf, f"btf_trace_{tracepoint}".encode(), _libbpf.BTF_KIND_TYPEDEF)
+            if type_id < 0:
+                continue
+            t = lib.btf__type_by_id(btf, type_id).contents  # typedef -> ptr -> func_proto
+            for _ in range(3):
+                if t.kind == _libbpf.BTF_KIND_FUNC_PROTO:
+                    out[tracepoint] = max(0, int(t.vlen) - 1)
+                    break
+                t = lib.btf__type_by_id(btf, t.size_type).contents
+        return out
     finally:
         lib.btf__free(btf)
+
+
+def tracepoint_nargs(tracepoint: str) -> int | None:
+    return _tracepoint_arity().get(tracepoint)
 
 
 def hook_unavailable(hook: Hook) -> str | None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import inspect
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
@@ -14,6 +12,12 @@ from .errors import MemoryLimitReached
 from .limiter import Level, Limiter
 
 F = TypeVar("F", bound=Callable[..., Any])
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect (and asyncio) at start-up
+
+
+def _is_coroutine_function(f: Callable[..., Any]) -> bool:
+    code = getattr(getattr(f, "__func__", f), "__code__", None)
+    return code is not None and bool(code.co_flags & _CO_COROUTINE)
 
 
 @overload
@@ -35,7 +39,7 @@ def guard(func: F | None = None, *, limiter: Limiter | None = None, shed_at: str
         def refuse() -> MemoryLimitReached:
             return MemoryLimitReached(f"{name}: memory limit reached; retry later")
 
-        if inspect.iscoroutinefunction(f):
+        if _is_coroutine_function(f):
             @functools.wraps(f)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 if policy.should_shed():
@@ -64,6 +68,8 @@ async def wait_for_headroom(
     Returns True once there is headroom, False when ``timeout`` seconds passed first. Checks
     every ``interval`` seconds (each check is a memory read on the eBPF backend).
     """
+    import asyncio
+
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout={timeout!r}: pass seconds >= 0 or None to wait indefinitely")
     if interval <= 0:

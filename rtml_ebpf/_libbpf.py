@@ -109,15 +109,20 @@ def lib() -> Any:
     with _lib_lock:
         if _lib is not None:
             return _lib
-        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        # The soname first: find_library spawns ldconfig, which costs tens of milliseconds.
+        name = "libbpf.so.1"
         try:
-            handle = ctypes.CDLL(name, use_errno=True)
+            try:
+                handle = ctypes.CDLL(name, use_errno=True)
+            except OSError:
+                name = ctypes.util.find_library("bpf") or name
+                handle = ctypes.CDLL(name, use_errno=True)
             _declare(handle)
         except (OSError, AttributeError) as exc:
             raise NotSupported(
                 "libbpf", f"cannot load {name} ({exc}); apt-get install libbpf1 (1.0 or newer)"
             ) from exc
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc = ctypes.CDLL("libc.so.6")
         _libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
         _libc.vsnprintf.restype = ctypes.c_int
         handle.libbpf_set_print(_print_cb)

@@ -225,6 +225,9 @@ class Runtime:
             0 if memcg_live else _abi.CTL_FAULT_REFRESH
         )
         del ctl
+        from .relief import trim_heap
+
+        trim_heap()  # libbpf parsed the kernel's BTF (megabytes) to relocate: hand that heap back
         log.info("rtml-ebpf: BPF hooks live: %s; skipped: %s", ", ".join(self._links) or "none",
                  "; ".join(f"{k} ({v})" for k, v in self.skipped.items()) or "none")
 

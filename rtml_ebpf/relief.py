@@ -10,7 +10,6 @@ never more often than ``min_interval`` seconds.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 import os
@@ -27,7 +26,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def _load_malloc_trim() -> Any:
     # glibc only: musl and others have no malloc_trim.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # the glibc soname; find_library would spawn ldconfig
         fn = libc.malloc_trim
     except (OSError, AttributeError):
         return None
@@ -37,6 +36,12 @@ def _load_malloc_trim() -> Any:
 
 
 _malloc_trim = _load_malloc_trim()
+
+
+def trim_heap() -> None:
+    """glibc malloc_trim(0) where it exists."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def resident_bytes() -> int:

@@ -1,0 +1,18 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* Empty programs on rtml's memcg hooks: the floor any BPF program on them costs. */
+#include "kernel_types.h"
+#include <bpf/bpf_helpers.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+SEC("tp_btf/mod_memcg_lruvec_state")
+int floor_lruvec(void *ctx)
+{
+	return 0;
+}
+
+SEC("tp_btf/mod_memcg_state")
+int floor_state(void *ctx)
+{
+	return 0;
+}
