@@ -296,6 +296,30 @@ static __always_inline struct rtml_ctl *active_ctl(void)
 	return c;
 }
 
+/*
+ * Climb from the counter at level *at to the one at level depth (a watched cgroup), account
+ * the event there and refresh its slot if the counter moved. Returns that counter.
+ */
+static __always_inline struct page_counter *refresh_hit(struct page_counter *pc, __u32 *at, __u32 idx,
+							 __u32 depth, int kind, long val)
+{
+	struct walk w;
+
+	for (int d = 0; d < RTML_WATCH_DEPTH && *at < depth && pc; d++) {
+		pc = pc->parent;
+		(*at)++;
+	}
+	if (!pc)
+		return 0;
+	__u64 usage = pc->usage.counter;
+	if (account(idx, kind, val, usage)) {
+		walk_init(&w, pc, usage);
+		bpf_loop(RTML_LIMIT_DEPTH, limit_step, &w, 0);
+		update_slot(idx, &w.r);
+	}
+	return pc;
+}
+
 /* Typed path: the memcg tracepoints hand us a struct mem_cgroup pointer. */
 static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long val)
 {
@@ -303,7 +327,6 @@ static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long va
 	__u32 zero = 0;
 	struct watch_cache *wc = bpf_map_lookup_elem(&wcache, &zero);
 	struct cgroup *cg = memcg->css.cgroup;
-	struct walk w;
 
 	if (!c || !wc || !cg)
 		return;
@@ -340,20 +363,27 @@ static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long va
 	__u32 hits = wc->hits;
 	struct page_counter *pc = &memcg->memory;
 	__u32 at = 0;
-	for (__u32 h = 0; h < RTML_NESTED_WATCHES && h < hits; h++) {
-		__u32 idx = wc->idx[h & 1];
-		__u32 depth = wc->depth[h & 1];
-		for (int d = 0; d < RTML_WATCH_DEPTH && at < depth && pc; d++, at++)
-			pc = pc->parent;
-		if (!pc)
-			break;
-		__u64 usage = pc->usage.counter;
-		if (!account(idx, kind, val, usage))
-			continue;
-		walk_init(&w, pc, usage);
-		bpf_loop(RTML_LIMIT_DEPTH, limit_step, &w, 0);
-		update_slot(idx, &w.r);
-	}
+
+	/*
+	 * Written out per hit, not as a loop: verifiers before ~6.4 reject a loop whose body ends
+	 * in a call ("back-edge from insn N to N+1"), and each refresh ends in one.
+	 */
+	if (hits > 0)
+		pc = refresh_hit(pc, &at, wc->idx[0], wc->depth[0], kind, val);
+	if (hits > 1 && pc)
+		refresh_hit(pc, &at, wc->idx[1], wc->depth[1], kind, val);
+}
+
+static __always_inline void refresh_task_hit(__u32 idx, struct page_counter *pc, int kind, int refresh)
+{
+	struct walk w;
+	__u64 usage = refresh ? BPF_CORE_READ(pc, usage.counter) : 0;
+
+	if (!account(idx, kind, 0, usage) || !refresh)
+		return;
+	walk_init(&w, pc, usage);
+	bpf_loop(RTML_LIMIT_DEPTH, limit_step_probe, &w, 0);
+	update_slot(idx, &w.r);
 }
 
 /* Task path: fault and OOM hooks find the memcg through the task's css_set. */
@@ -363,7 +393,6 @@ static __always_inline void on_task(struct task_struct *task, int kind)
 	struct cgroup_subsys_state *css;
 	long hit_css[RTML_NESTED_WATCHES] = {};
 	__u32 hit_idx[RTML_NESTED_WATCHES] = {};
-	struct walk w;
 	int hits = 0;
 
 	if (!c || !task)
@@ -394,17 +423,13 @@ static __always_inline void on_task(struct task_struct *task, int kind)
 	/* &memcg->memory from &memcg->css, by CO-RE offsets */
 	long delta = (long)bpf_core_field_offset(struct mem_cgroup, memory) -
 		     (long)bpf_core_field_offset(struct mem_cgroup, css);
-	for (int h = 0; h < RTML_NESTED_WATCHES && h < hits; h++) {
-		struct page_counter *pc = (struct page_counter *)(hit_css[h] + delta);
+	/* written out per hit: see on_memcg */
+	if (hits > 0)
+		refresh_task_hit(hit_idx[0], (struct page_counter *)(hit_css[0] + delta), kind, refresh);
+	if (hits > 1)
 		/* the fault happened in the nearest watched cgroup: count it there only */
-		int k = (h == 0 || kind == EV_OOM) ? kind : EV_NONE;
-		__u64 usage = refresh ? BPF_CORE_READ(pc, usage.counter) : 0;
-		if (!account(hit_idx[h], k, 0, usage) || !refresh)
-			continue;
-		walk_init(&w, pc, usage);
-		bpf_loop(RTML_LIMIT_DEPTH, limit_step_probe, &w, 0);
-		update_slot(hit_idx[h], &w.r);
-	}
+		refresh_task_hit(hit_idx[1], (struct page_counter *)(hit_css[1] + delta),
+				 kind == EV_OOM ? kind : EV_NONE, refresh);
 }
 
 SEC("tp_btf/mod_memcg_lruvec_state")

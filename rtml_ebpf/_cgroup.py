@@ -255,9 +255,13 @@ def _controllers_at(directory: str) -> set[str]:
 
 
 def find_process_cgroup(
-    pid: int | None = None, *, procfs: str = "/proc", rootfs: str = "/"
+    pid: int | None = None, *, procfs: str = "/proc", rootfs: str = "/", require_accounting: bool = True
 ) -> MemoryCgroup:
-    """The memory cgroup of ``pid`` (default: this process)."""
+    """The memory cgroup of ``pid`` (default: this process).
+
+    ``require_accounting=False`` also accepts the cgroup v2 root, which has the memory
+    controller but no memory.current / memory.max: useful to make child cgroups under it.
+    """
     who = "self" if pid is None else str(pid)
     try:
         cgroup_text = read_text(os.path.join(procfs, who, "cgroup"))
@@ -303,7 +307,15 @@ def find_process_cgroup(
         )
     mount, rel = picked
     directory = os.path.normpath(os.path.join(mount.mount_point, rel.lstrip("/")))
-    if version == 2 and not _v2_has_memory(directory, mount):
+    if version == 2 and not os.path.exists(os.path.join(directory, "memory.current")):
+        is_root = path == "/" and mount.root == "/" and "memory" in _controllers_at(directory)
+        if is_root and not require_accounting:
+            return MemoryCgroup(version, path, directory, mount)
+        if is_root:
+            raise CgroupNotFound(
+                f"the process is in the cgroup v2 root ({directory}), which has no memory.current or "
+                "memory.max and no limit: run it in a child cgroup (a systemd unit, a container) or pass cgroup="
+            )
         raise CgroupNotFound(
             f"cgroup {directory} has no memory controller: enable it in the parent "
             "(echo +memory > <parent>/cgroup.subtree_control)"

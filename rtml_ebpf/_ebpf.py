@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from ._backend import Snapshot
 from ._cgroup import MemoryCgroup
 from ._rules import Rule
@@ -28,6 +30,7 @@ class EbpfBackend:
         self.cgroup = cgroup
         self._runtime = Runtime.acquire()
         self._flags: list[EbpfFlag] = []
+        self._last_upkeep = 0.0
         hooks = ", ".join(self._runtime.hooks)
         skipped = "; ".join(f"{k}: {v}" for k, v in self._runtime.skipped.items())
         self.reason = f"{why}: BPF programs attached ({hooks})" + (f"; skipped {skipped}" if skipped else "")
@@ -54,6 +57,16 @@ class EbpfBackend:
 
     def snapshot(self, full: bool = True) -> Snapshot:
         return self._runtime.snapshot(self.cgroup, full=full)
+
+    @property
+    def needs_upkeep(self) -> bool:
+        return self._runtime is not None and self._runtime.needs_upkeep
+
+    def maintain(self) -> None:
+        now = time.monotonic()
+        if now - self._last_upkeep >= self._runtime.MAINTAIN_INTERVAL:
+            self._last_upkeep = now
+            self._runtime.maintain(self.cgroup)
 
     def trips(self, flag: object) -> int:
         if not isinstance(flag, EbpfFlag):

@@ -21,7 +21,7 @@ from . import _cgroup
 class ChildCgroup:
     def __init__(self, limit: int | None = None, *, prefix: str = "rtml", parent: str | None = None) -> None:
         if parent is None:
-            own = _cgroup.find_process_cgroup()
+            own = _cgroup.find_process_cgroup(require_accounting=False)
             parent, self.version = own.directory, own.version
         else:
             self.version = 2 if os.path.exists(os.path.join(parent, "cgroup.controllers")) else 1

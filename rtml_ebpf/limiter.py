@@ -277,7 +277,8 @@ class Limiter:
             check.limiter = self  # type: ignore[attr-defined]
             self.is_mem_limit_reached = check  # type: ignore[method-assign,assignment]
         self._last_level = self.level()
-        if self._relief is not None or on_trip is not None or on_clear is not None:
+        self._upkeep = bool(getattr(self._backend, "needs_upkeep", False))
+        if self._relief is not None or on_trip is not None or on_clear is not None or self._upkeep:
             _monitor().add(self)
 
     # -- the hot path -------------------------------------------------------------------
@@ -343,6 +344,8 @@ class Limiter:
     def _observe(self) -> None:
         if self._closed:
             return
+        if self._upkeep:
+            self._backend.maintain()  # type: ignore[attr-defined]
         lvl = self.level()
         prev, self._last_level = self._last_level, lvl
         if lvl != prev:

@@ -56,6 +56,14 @@ def hooks_from_env(value: str | None = None) -> tuple[str, ...] | None:
     return names
 
 
+def _file_oom_kills(cgroup: MemoryCgroup) -> int:
+    """Without the oom_victim hook (before 6.8) the cgroup's own counter stands in."""
+    try:
+        return cgroup.oom_kills()
+    except OSError:
+        return 0
+
+
 def possible_cpus() -> int:
     """Per-CPU maps hold one value per possible CPU (not online, not cpu_count)."""
     try:
@@ -362,6 +370,36 @@ class Runtime:
         ctl.gen = (ctl.gen + 1) & 0xFFFFFFFF  # after the watch map changed: drops the programs' caches
         del ctl
 
+    # -- upkeep without memcg events ----------------------------------------------------
+    MAINTAIN_INTERVAL = 0.25
+
+    @property
+    def needs_upkeep(self) -> bool:
+        """True where only the fault hook feeds the slots (kernels before 6.13)."""
+        return not self.tracks_inactive_file
+
+    def maintain(self, cgroup: MemoryCgroup) -> None:
+        """Fault-hook kernels only: the program sees growth as it faults in, but not frees nor
+        inactive_file. Re-read both from the cgroup files and re-evaluate the verdicts, so a
+        cgroup that freed memory (or whose cache went inactive) clears without waiting for its
+        next fault. Called by the limiter monitor every MAINTAIN_INTERVAL."""
+        with self._lock:
+            state = next((st for st in self._slots_by_cgid.values() if st.cgroup.directory == cgroup.directory),
+                         None)
+            if state is None or self._closed:
+                return
+            snap = self._file_snapshot(cgroup)
+            cfg = _abi.Config.from_buffer(self._configs_mm, state.index * CONFIG_SIZE)
+            cfg.inactive_file_base = snap.inactive_file // PAGE_SIZE
+            del cfg
+            usage = Usage(snap.used, snap.working_set, snap.limit)
+            base = state.index * SLOT_SIZE + _abi.TRIPPED_OFFSET
+            for index, rule in state.rules.items():
+                was = bool(self._slots_mm[base + index])
+                now = evaluate(rule, usage, was)
+                if now != was:
+                    self._slots_mm[base + index] = int(now)
+
     # -- readings -----------------------------------------------------------------------
     def read_slot(self, index: int) -> _abi.Slot:
         """A consistent copy of one slot (retries while a writer is in the middle)."""
@@ -412,7 +450,7 @@ class Runtime:
             limit_source=source,
             headroom=headroom,
             updated_ns=int(s.updated_ns),
-            oom_kills=int(s.oom_kills),
+            oom_kills=int(s.oom_kills) if "oom_victim" in self._links else _file_oom_kills(cgroup),
             faults=c.faults if "page_fault_user" in self._links else None,
             events=c.events,
             growth={

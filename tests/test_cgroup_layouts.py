@@ -115,6 +115,15 @@ def test_poll_backend_on_fixture_uses_pod_limit_and_working_set(tmp_path: Path) 
     assert backend2.add_rule(ws_rule)[0] is False  # 300 MiB - 57 MiB < 256 MiB
 
 
+def test_v2_root_has_no_accounting(tmp_path: Path) -> None:
+    rootfs, procfs = build_v2_host(tmp_path)
+    Path(procfs, "self/cgroup").write_text("0::/\n")
+    with pytest.raises(LookupError, match="cgroup v2 root .* run it in a child cgroup"):
+        _cgroup.find_process_cgroup(procfs=procfs, rootfs=rootfs)
+    cg = _cgroup.find_process_cgroup(procfs=procfs, rootfs=rootfs, require_accounting=False)
+    assert cg.directory == dir_of(rootfs, "sys/fs/cgroup")
+
+
 def test_missing_memory_controller(tmp_path: Path) -> None:
     rootfs, procfs = build_no_memory(tmp_path)
     with pytest.raises(LookupError, match="no memory controller.*subtree_control"):
