@@ -52,6 +52,9 @@ log = logging.getLogger("rtml_ebpf")
 _default: Limiter | None = None
 _create_lock = threading.Lock()
 _failed = False
+_generation = 0
+_upgrade_done = threading.Event()
+_upgrade_done.set()
 _settings: dict[str, object] = {}
 
 
@@ -84,7 +87,7 @@ def configure(
     fail_closed: bool | None = None,
 ) -> None:
     """Set the default limiter's settings (they override the environment) and rebuild it lazily."""
-    global _default, _failed
+    global _default, _failed, _generation
     if threshold is not None:
         parse_threshold(threshold)
     if metric is not None:
@@ -97,27 +100,37 @@ def configure(
             if value is not None:
                 _settings[key] = value
         old, _default, _failed = _default, None, False
+        _generation += 1  # a build still under way for the old settings is dropped
+        _upgrade_done.set()
     if old is not None:
         old.close()
 
 
 def default_limiter() -> Limiter:
-    """The process-wide limiter behind :func:`is_mem_limit_reached` (created if needed; may raise)."""
+    """The process-wide limiter behind :func:`is_mem_limit_reached` (built if needed; may raise).
+
+    Waits for the eBPF limiter when one is being built in the background.
+    """
     global _default
+    _upgrade_done.wait(timeout=30)
     with _create_lock:
         if _default is None:
-            kwargs = {**_env_settings(), **_settings}
-            _default = Limiter(**kwargs)  # type: ignore[arg-type]
+            _default = Limiter(**_kwargs())  # type: ignore[arg-type]
         return _default
+
+
+def _kwargs() -> dict[str, object]:
+    return {**_env_settings(), **_settings}
 
 
 def is_mem_limit_reached() -> bool:
     """True when this process's memory cgroup is at or over the default threshold.
 
-    Never raises and never blocks: the first call builds the default limiter
-    (another thread calling meanwhile gets the fail-open answer); if that fails
-    the error is logged once and every call answers False, or True with
-    RTML_FAIL_CLOSED=1 / configure(fail_closed=True).
+    Never raises and never blocks. The first call answers from a poll limiter it builds from
+    the cgroup files (microseconds) and starts building the eBPF one in the background (the BPF
+    load takes about 100 ms); the eBPF one takes over when ready. A thread calling while the
+    first call is under way gets the fail answer. If nothing can be built the error is logged
+    once and every call answers False, or True with RTML_FAIL_CLOSED=1 / configure(fail_closed=True).
     """
     lim = _default
     if lim is not None:
@@ -131,8 +144,15 @@ def _first_call() -> bool:
         return _fail_closed()
     try:
         if _default is None:
-            kwargs = {**_env_settings(), **_settings}
-            _default = Limiter(**kwargs)  # type: ignore[arg-type]
+            kwargs = _kwargs()
+            wanted = kwargs.get("backend", "auto")
+            if wanted == "poll":
+                _default = Limiter(**kwargs)  # type: ignore[arg-type]
+            else:
+                _default = Limiter(**{**kwargs, "backend": "poll"})  # type: ignore[arg-type]
+                _upgrade_done.clear()
+                threading.Thread(target=_upgrade, args=(kwargs, _generation), name="rtml-ebpf-load",
+                                 daemon=True).start()
         return _default.is_mem_limit_reached()
     except Exception as exc:  # noqa: BLE001 - never raise from the check
         _failed = True
@@ -140,3 +160,24 @@ def _first_call() -> bool:
         return _fail_closed()
     finally:
         _create_lock.release()
+
+
+def _upgrade(kwargs: dict[str, object], generation: int) -> None:
+    """Builds the eBPF (or auto) default off the request path, then swaps it in."""
+    global _default
+    try:
+        try:
+            better = Limiter(**kwargs)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - keep the poll limiter, say why once
+            log.error("rtml-ebpf: backend=%r failed (%s); the default limiter keeps polling the cgroup files",
+                      kwargs.get("backend", "auto"), exc)
+            return
+        with _create_lock:
+            if generation != _generation or _default is None:
+                stale: Limiter | None = better  # configure() ran meanwhile
+            else:
+                stale, _default = _default, better
+        if stale is not None:
+            stale.close()
+    finally:
+        _upgrade_done.set()

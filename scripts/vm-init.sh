@@ -17,13 +17,15 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose hostroo
 mount -t tmpfs -o size=1g tmpfs /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot
-# The repo, read-write; cache=loose so that reads fill the page cache (the working-set test).
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,cache=loose repo "/newroot$REPO"
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
 mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
+# The repo, read-write, after /tmp so that a clone under /tmp is not hidden by it;
+# cache=loose so that reads fill the page cache (the working-set test).
+mkdir -p "/newroot$REPO"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,cache=loose repo "/newroot$REPO"
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
 echo +memory > /newroot/sys/fs/cgroup/cgroup.subtree_control
 mount -t bpf bpf /newroot/sys/fs/bpf

@@ -157,6 +157,21 @@ def test_module_check_is_thread_safe_and_builds_one_default() -> None:
         rtml_ebpf._settings.clear()
 
 
+def test_first_call_answers_at_once_and_upgrades_in_the_background() -> None:
+    code = ("import json, time, rtml_ebpf\n"
+            "first = rtml_ebpf.is_mem_limit_reached(); answered_by = rtml_ebpf._default.backend\n"
+            "lim = rtml_ebpf.default_limiter()\n"
+            "print(json.dumps([first, answered_by, lim.backend, lim.stats().backend_reason]))")
+    out = run_py(code, {"RTML_METRIC": "usage", "RTML_THRESHOLD": "64Ki"})
+    assert out.returncode == 0, out.stderr
+    first, answered_by, backend, reason = json.loads(out.stdout)
+    assert first is True and answered_by == "poll"  # answered by a poll limiter built on the spot
+    if os.geteuid() == 0:
+        assert backend == "ebpf", reason  # swapped in once loaded
+    else:
+        assert backend == "poll" and "auto" in reason
+
+
 def test_configure_validates() -> None:
     with pytest.raises(ValueError, match="metric='x'"):
         rtml_ebpf.configure(metric="x")
