@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
 from rtml_ebpf import _cgroup
+from rtml_ebpf._sandbox import ChildCgroup
 
 MiB = 1 << 20
 IS_ROOT = os.geteuid() == 0
@@ -46,52 +44,19 @@ needs_bpf = pytest.mark.skipif(bpf_unavailable() is not None, reason=str(bpf_una
 needs_cgroups = pytest.mark.skipif(cgroups_unavailable() is not None, reason=str(cgroups_unavailable()))
 
 
-class Cgroup:
-    """A real memory cgroup directory we made, with helpers to run processes in it."""
+class Cgroup(ChildCgroup):
+    """A real memory cgroup the test made (see rtml_ebpf._sandbox), with test helpers."""
 
-    def __init__(self, directory: str, version: int) -> None:
-        self.directory = directory
-        self.version = version
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def set_limit(self, nbytes: int) -> None:
-        name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
-        with open(os.path.join(self.directory, name), "w") as f:
-            f.write(str(nbytes))
-
-    def usage(self) -> int:
-        name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
-        with open(os.path.join(self.directory, name)) as f:
-            return int(f.read())
-
-    def oom_kills(self) -> int:
-        name = "memory.events" if self.version == 2 else "memory.oom_control"
-        return _cgroup.parse_flat_keyed(_cgroup.read_text(os.path.join(self.directory, name))).get("oom_kill", 0)
-
-    def child(self, name: str) -> Cgroup:
-        path = os.path.join(self.directory, name)
-        os.mkdir(path)
-        if self.version == 2:
-            with open(os.path.join(self.directory, "cgroup.subtree_control"), "w") as f:
-                f.write("+memory")
-        return Cgroup(path, self.version)
-
-    def popen(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        """Start argv as a member of this cgroup (it joins before exec)."""
-        procs = os.path.join(self.directory, "cgroup.procs")
-        script = f"echo $$ > {shlex.quote(procs)} && exec " + " ".join(shlex.quote(a) for a in argv)
-        p = subprocess.Popen(["/bin/sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, **(env or {})})
-        self.procs.append(p)
-        return p
+    def popen(self, argv: list[str], env: dict[str, str] | None = None,  # type: ignore[override]
+              **kwargs: object) -> subprocess.Popen[str]:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        return super().popen(argv, env=env, **kwargs)
 
     def hold(self) -> Holder:
         """A process in this cgroup whose memory the test grows and shrinks (see Holder)."""
-        p = subprocess.Popen(
-            ["/bin/sh", "-c", f"echo $$ > {shlex.quote(os.path.join(self.directory, 'cgroup.procs'))} && exec "
-             f"{shlex.quote(sys.executable)} -m rtml_ebpf._workloads hold"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.procs.append(p)
+        p = self.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hold"], stdin=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, bufsize=1)
         h = Holder(p)
         h.read()
         return h
@@ -103,21 +68,6 @@ class Cgroup:
             raise AssertionError(f"child exited {p.returncode} (signal {-p.returncode if p.returncode < 0 else 0}); "
                                  f"stderr:\n{err[-3000:]}")
         return json.loads(out.strip().splitlines()[-1])
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait(timeout=10)
-        for _ in range(50):
-            try:
-                os.rmdir(self.directory)
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)  # the last exits are still being reaped
-        raise AssertionError(f"could not remove test cgroup {self.directory}")
 
 
 class Holder:
@@ -147,33 +97,13 @@ def wait_until(predicate: object, timeout: float = 5.0, interval: float = 0.01) 
 
 @contextmanager
 def make_cgroup(limit: int | None = None, parent: Cgroup | None = None) -> Iterator[Cgroup]:
-    if parent is None:
-        own = _cgroup.find_process_cgroup(require_accounting=False)
-        base = Cgroup(own.directory, own.version)
-        cg = base.child(f"rtml-test-{uuid.uuid4().hex[:8]}")
-    else:
-        cg = parent.child(f"c-{uuid.uuid4().hex[:6]}")
+    """A child memory cgroup under the test process's own (or under ``parent``), removed after."""
+    cg = Cgroup(limit, prefix="rtml-test" if parent is None else "c",
+                parent=None if parent is None else parent.directory)
     try:
-        if limit is not None:
-            cg.set_limit(limit)
         yield cg
     finally:
-        cg.cleanup()
-
-
-@pytest.fixture
-def cgroup_factory() -> Iterator[object]:
-    stack: list = []
-
-    def make(limit: int | None = None, parent: Cgroup | None = None) -> Cgroup:
-        cm = make_cgroup(limit, parent)
-        cg = cm.__enter__()
-        stack.append(cm)
-        return cg
-
-    yield make
-    for cm in reversed(stack):
-        cm.__exit__(None, None, None)
+        cg.close()
 
 
 @pytest.hookimpl(hookwrapper=True)
