@@ -286,6 +286,52 @@ def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
+def write_plots(res: dict[str, Any], out_dir: str) -> list[str]:
+    """P1 and P2 as bar charts (log scale: the figures span four orders of magnitude)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if "P1" in res:
+        rows = res["P1"]["rows"]
+        names = list(rows)
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.barh(names, [rows[n]["median_ns"] for n in names],
+                color=["tab:gray" if "empty" in n else "tab:green" if "ebpf" in n else "tab:orange" for n in names])
+        ax.set_xscale("log")
+        ax.set_xlabel("ns per call (median, log scale)")
+        ax.set_title("P1: cost of one memory check")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        path = os.path.join(out_dir, "p1_check_cost.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    if "P2" in res:
+        rows = res["P2"]["rows"]
+        cap = res["P2"]["max_mib"] - res["P2"]["threshold"] // MiB
+        names = list(rows)
+        values = [rows[n]["median_mib"] if not rows[n]["not_flipped"] else cap for n in names]
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        bars = ax.bar(names, [max(v, 0.01) for v in values],
+                      color=["tab:green" if n == "ebpf" else "tab:orange" for n in names])
+        for bar, n in zip(bars, names, strict=True):
+            if rows[n]["not_flipped"]:
+                ax.annotate(f"> {cap} MiB in {rows[n]['not_flipped']} runs", (bar.get_x(), bar.get_height()),
+                            fontsize=8, xytext=(0, 3), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_ylabel("MiB past the threshold (median)")
+        ax.set_title("P2: overshoot before the check flips")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "p2_overshoot.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def write_report(res: dict[str, Any], out_dir: str) -> str:
     m = res["machine"]
     lines = ["# rtml-ebpf benchmark report", "",
@@ -302,7 +348,7 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
                   f"- ebpf check / empty method call: **{p['ebpf_over_empty']:.2f}x** (target ≤ 1.6x: "
                   f"{verdict(p['ebpf_over_empty'] <= 1.6)})",
                   f"- psutil RSS / ebpf check: {p['psutil_over_ebpf']:.0f}x; uncached poll / ebpf: "
-                  f"{p['poll_nocache_over_ebpf']:.0f}x", ""]
+                  f"{p['poll_nocache_over_ebpf']:.0f}x", "", "![P1](p1_check_cost.png)", ""]
     if "P2" in res:
         p = res["P2"]
         lines += ["## P2 overshoot", "",
@@ -317,7 +363,8 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
             med_s = f"{v['median_mib']:.2f}" if v["median_mib"] is not None else "-"
             lines.append(f"| {k} | {med_s} | {v['spread_mib']} | {v['not_flipped']} | {v['rate_mib_s']:.0f} |")
         e = p["rows"]["ebpf"]["median_mib"]
-        lines += ["", f"- ebpf overshoot target ≤ 1 MiB: {verdict(e is not None and e <= 1)}", ""]
+        lines += ["", f"- ebpf overshoot target ≤ 1 MiB: {verdict(e is not None and e <= 1)}", "",
+                  "![P2](p2_overshoot.png)", ""]
     if "P3" in res:
         p = res["P3"]
         lines += ["## P3 probe overhead", "",
@@ -403,6 +450,7 @@ def main() -> int:
             print(f"benchmarks: {name} done in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
+    write_plots(res, args.out)
     path = write_report(res, args.out)
     print(path)
     return 0
