@@ -143,6 +143,7 @@ class Runtime:
     def __init__(self, hooks: tuple[str, ...] | None = None) -> None:
         self._refs = 0
         self._closed = False
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._obj = 0
         self._links: dict[str, int] = {}
@@ -302,11 +303,18 @@ class Runtime:
             self._flags.append(flag)
             return flag
 
+    @property
+    def inherited(self) -> bool:
+        """True in a child forked after the load (gunicorn --preload, multiprocessing fork)."""
+        return os.getpid() != self._pid
+
     def unregister(self, flag: SlotFlag) -> None:
         with self._lock:
             if flag in self._flags:
                 self._flags.remove(flag)
-            if self._closed:
+            if self._closed or self.inherited:
+                # The kernel state belongs to the process that loaded it: a forked child that
+                # closes its copy must not unwatch the cgroup for its parent and siblings.
                 return
             state = next((s for s in self._slots_by_cgid.values() if s.index == flag.slot), None)
             if state is None or flag.rule not in state.rules:
@@ -478,6 +486,12 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        if self.inherited:
+            # Forked copy: leave links and maps to the loading process (fds close at exit).
+            self._links.clear()
+            self._maps.clear()
+            self._obj = 0
+            return
         lib = _libbpf._lib
         for link in reversed(list(self._links.values())):
             lib.bpf_link__destroy(link)

@@ -271,3 +271,22 @@ def test_working_set_excludes_inactive_file_cache(backend: str) -> None:
             reader.wait()
     finally:
         os.unlink(path)
+
+
+@needs_bpf
+@needs_cgroups
+def test_a_forked_child_closing_its_copy_does_not_unwatch_the_parent() -> None:
+    with make_cgroup(limit=128 * MiB) as cg, Limiter(cg.directory, backend="ebpf", threshold=0.5,
+                                                     metric="usage", relief=False) as lim:
+        pid = os.fork()
+        if pid == 0:  # a pre-fork worker that shuts down
+            try:
+                lim.close()
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        holder = cg.hold()
+        holder.change(80)
+        assert wait_until(lim.is_mem_limit_reached, timeout=5)  # still fed by the kernel
+        holder.change(-200)
+        assert wait_until(lambda: not lim.is_mem_limit_reached(), timeout=5)
