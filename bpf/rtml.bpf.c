@@ -219,7 +219,9 @@ __noinline int update_slot(__u32 idx, struct reading *r)
 			continue;
 		}
 		__u64 metric = rule->metric == RTML_METRIC_WORKING_SET ? ws : used;
-		if (metric >= rule_pages(rule, rule->trip, r->limit)) {
+		__u64 trip = rule_pages(rule, rule->trip, r->limit);
+		s->trip_pages[i] = trip;
+		if (metric >= trip) {
 			if (!s->tripped[i]) {
 				s->tripped[i] = 1;
 				__sync_fetch_and_add(&s->trips[i], 1);

@@ -87,7 +87,8 @@ struct rtml_slot {
 	__u64 refreshes;		/* times the snapshot fields were rewritten */
 	__u64 updated_ns;		/* bpf_ktime_get_ns() of the last rewrite (CLOCK_MONOTONIC) */
 	__u64 trips[RTML_MAX_RULES];	/* clear -> tripped transitions per rule */
-	__u64 _reserved[16];		/* pads the slot to 256 bytes */
+	__u64 trip_pages[RTML_MAX_RULES]; /* each rule's trip point under the current limit */
+	__u64 _reserved[12];		/* pads the slot to 256 bytes */
 };
 
 /*

@@ -47,7 +47,8 @@ class Slot(ctypes.Structure):
         ("refreshes", u64),
         ("updated_ns", u64),
         ("trips", u64 * MAX_RULES),
-        ("_reserved", u64 * 16),
+        ("trip_pages", u64 * MAX_RULES),
+        ("_reserved", u64 * 12),
     ]
 
 

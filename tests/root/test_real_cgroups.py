@@ -143,6 +143,11 @@ def test_parent_limit_is_the_effective_limit() -> None:
             assert s.limit_bytes == 128 * MiB
             assert s.limit_source == parent.directory
             assert lim.is_mem_limit_reached() is True  # 80 MiB > half of the parent's 128
+            rt = Runtime.current()
+            assert rt is not None
+            handle = lim._handle.handle  # type: ignore[attr-defined]
+            slot = rt.read_slot(handle.slot)
+            assert slot.trip_pages[handle.rule] * 4096 == 64 * MiB  # the kernel's own trip point
             assert wait_until(poll.is_mem_limit_reached, timeout=3)  # a refresh may be under way in the monitor
             p.kill()
             p.wait()
