@@ -7,6 +7,7 @@ the processes we started in it are killed by pid first.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import signal
@@ -16,6 +17,7 @@ import uuid
 from types import TracebackType
 
 from . import _cgroup
+from .errors import RtmlError
 
 
 class ChildCgroup:
@@ -27,8 +29,17 @@ class ChildCgroup:
             self.version = 2 if os.path.exists(os.path.join(parent, "cgroup.controllers")) else 1
         self.directory = os.path.join(parent, f"{prefix}-{uuid.uuid4().hex[:8]}")
         if self.version == 2:
-            with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
-                f.write("+memory")
+            try:
+                with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory")
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                raise RtmlError(
+                    f"cannot enable the memory controller below {parent}: cgroup v2 forbids it while "
+                    "processes live in that cgroup itself; run from the root cgroup (as root: "
+                    "echo $$ > /sys/fs/cgroup/cgroup.procs, then start it from that shell)"
+                ) from exc
         os.mkdir(self.directory)
         self.procs: list[subprocess.Popen[str]] = []
         if limit is not None:
