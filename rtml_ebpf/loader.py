@@ -121,7 +121,9 @@ class Runtime:
     @classmethod
     def acquire(cls) -> Runtime:
         with cls._class_lock:
-            if cls._instance is None or cls._instance._closed:
+            inst = cls._instance
+            if inst is None or inst._closed or inst.inherited:
+                # A forked child builds its own: the inherited one belongs to its parent.
                 cls._instance = cls(hooks_from_env())
             cls._instance._refs += 1
             return cls._instance

@@ -67,7 +67,7 @@ RELIEF_CHILD = textwrap.dedent(
         nodes.append(n)
     tripped_before = lim.is_mem_limit_reached()
     del nodes, n  # dropped: only the cycles keep them
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 5
     while lim.is_mem_limit_reached() and time.monotonic() < deadline:
         time.sleep(0.02)
     s = lim.stats()
@@ -86,9 +86,9 @@ def test_relief_brings_a_process_that_dropped_references_back_below() -> None:
         with_relief = cg.run_python(["-c", RELIEF_CHILD, "relief"])
     with make_cgroup(limit=256 * MiB) as cg:
         without = cg.run_python(["-c", RELIEF_CHILD, "none"])
-    assert with_relief["tripped_before"] and without["tripped_before"]
+    assert with_relief["tripped_before"] and without["tripped_before"], (with_relief, without)
     assert with_relief["tripped_after"] is False, with_relief
-    assert with_relief["relief_runs"] >= 1 and with_relief["relief_bytes"] > 50 * MiB
+    assert with_relief["relief_runs"] >= 1 and with_relief["relief_bytes"] > 50 * MiB, with_relief
     assert without["tripped_after"] is True, without
     assert without["relief_runs"] == 0
     assert json.dumps(without)

@@ -283,12 +283,16 @@ def test_working_set_excludes_inactive_file_cache(backend: str) -> None:
 def test_a_forked_child_closing_its_copy_does_not_unwatch_the_parent() -> None:
     with make_cgroup(limit=128 * MiB) as cg, Limiter(cg.directory, backend="ebpf", threshold=0.5,
                                                      metric="usage", relief=False) as lim:
+        parent_runtime = Runtime.current()
         pid = os.fork()
-        if pid == 0:  # a pre-fork worker that shuts down
+        if pid == 0:  # a pre-fork worker that makes its own limiter, then shuts down
+            code = 1
             try:
+                with Limiter(cg.directory, backend="ebpf", relief=False):
+                    code = 0 if Runtime.current() is not parent_runtime else 2  # its own programs
                 lim.close()
             finally:
-                os._exit(0)
+                os._exit(code)
         assert os.waitpid(pid, 0)[1] == 0
         holder = cg.hold()
         holder.change(80)
