@@ -124,9 +124,9 @@ class Runtime:
             inst = cls._instance
             if inst is None or inst._closed or inst.inherited:
                 # A forked child builds its own: the inherited one belongs to its parent.
-                cls._instance = cls(hooks_from_env())
-            cls._instance._refs += 1
-            return cls._instance
+                inst = cls._instance = cls(hooks_from_env())
+            inst._refs += 1
+            return inst
 
     def release(self) -> None:
         with Runtime._class_lock:
