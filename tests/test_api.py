@@ -183,3 +183,12 @@ def test_a_kept_check_keeps_its_limiter_alive() -> None:
     check = Limiter(backend="poll", threshold=4096, metric="usage").is_mem_limit_reached
     gc.collect()
     assert check() is True  # the Limiter behind it was not closed by the collector
+
+
+def test_bad_hook_selection_names_the_choices() -> None:
+    from rtml_ebpf.loader import hooks_from_env
+
+    with pytest.raises(ValueError, match=r"RTML_HOOKS='memcg,nope': unknown hook 'memcg'.*page_fault_user"):
+        hooks_from_env("memcg,nope")
+    assert hooks_from_env("fault") == ("page_fault_user", "oom_victim")
+    assert hooks_from_env("") is None and hooks_from_env("auto") is None

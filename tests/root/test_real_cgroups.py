@@ -299,3 +299,21 @@ def test_a_forked_child_closing_its_copy_does_not_unwatch_the_parent() -> None:
         assert wait_until(lim.is_mem_limit_reached, timeout=5)  # still fed by the kernel
         holder.change(-200)
         assert wait_until(lambda: not lim.is_mem_limit_reached(), timeout=5)
+
+
+@needs_bpf
+@needs_cgroups
+def test_nested_watched_cgroups_both_follow_the_child() -> None:
+    # A pod and its container, both watched: one event in the container refreshes both slots.
+    with make_cgroup(limit=128 * MiB) as pod, make_cgroup(parent=pod) as ctr, \
+            Limiter(pod.directory, backend="ebpf", threshold=0.5, metric="usage", relief=False) as by_pod, \
+            Limiter(ctr.directory, backend="ebpf", threshold=96 * MiB, metric="usage", relief=False) as by_ctr:
+        holder = ctr.hold()
+        holder.change(70)
+        assert wait_until(by_pod.is_mem_limit_reached)  # 70+ MiB > 64 (half the pod's 128)
+        assert not by_ctr.is_mem_limit_reached()  # < 96 MiB
+        holder.change(30)
+        assert wait_until(by_ctr.is_mem_limit_reached)
+        s_pod, s_ctr = by_pod.stats(), by_ctr.stats()
+        assert abs(s_pod.usage_bytes - pod.usage()) <= BATCH and abs(s_ctr.usage_bytes - ctr.usage()) <= BATCH
+        assert s_ctr.limit_bytes == 128 * MiB and s_ctr.limit_source == pod.directory
