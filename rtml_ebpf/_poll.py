@@ -67,7 +67,7 @@ class PollBackend:
             self._rules[index] = rule
             self._tripped[index] = False
             self._trips[index] = 0
-        self._refresh(force=True)
+        self._refresh()
         return PollFlag(self, index)
 
     def remove_rule(self, flag: object) -> None:
@@ -103,7 +103,8 @@ class PollBackend:
         ):
             # the v1 hierarchical limit sits above what we can read: judge it by our own usage
             headroom = limits.limit_bytes - own
-        needs_ws = any(r.metric == "working_set" for r in self._rules.values()) or not self._rules
+        rules = list(self._rules.values())  # one C-level copy: safe against a concurrent add_rule
+        needs_ws = any(r.metric == "working_set" for r in rules) or not rules
         inactive = self.cgroup.read_inactive_file() if needs_ws else 0
         return Snapshot(
             usage=own,
@@ -116,15 +117,18 @@ class PollBackend:
             oom_kills=0,
         )
 
-    def _refresh(self, force: bool = False) -> None:
-        # Never block the hot path: whoever holds the lock refreshes for everyone.
-        if not self._lock.acquire(blocking=force):
+    def _refresh(self) -> None:
+        # Read without the lock: a reader holding it across file reads would make every other
+        # thread answer from a stale cache for as long as the GIL keeps it waiting between
+        # reads (tens of ms under load, which a fast allocator turns into an OOM kill). Only
+        # the evaluation and the publishing, no I/O, happen under the lock.
+        if self._closed:
             return
-        try:
-            if self._closed:
-                return
-            snap = self._read()
-            usage = Usage(snap.used, snap.working_set, snap.limit)
+        snap = self._read()
+        usage = Usage(snap.used, snap.working_set, snap.limit)
+        with self._lock:
+            if snap.updated_ns < self._last_ns:
+                return  # a newer reading was published meanwhile
             for index, rule in self._rules.items():
                 was = self._tripped.get(index, False)
                 now_tripped = evaluate(rule, usage, was)
@@ -133,8 +137,6 @@ class PollBackend:
                 self._tripped[index] = now_tripped
             self._snapshot = snap
             self._last_ns = snap.updated_ns
-        finally:
-            self._lock.release()
 
     def trips(self, flag: object) -> int:
         return self._trips.get(flag.index, 0) if isinstance(flag, PollFlag) else 0

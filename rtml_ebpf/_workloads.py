@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -38,7 +39,7 @@ def read_int(path: str) -> int:
 
 def alloc_until_tripped(
     *, step: int, max_bytes: int, threshold: int, metric: str, backend: str, poll_interval: float | None,
-    fast: bool = False,
+    fast: bool = False, contend: bool = False,
 ) -> dict[str, Any]:
     from rtml_ebpf import Limiter
 
@@ -47,6 +48,9 @@ def alloc_until_tripped(
         kwargs["poll_interval"] = poll_interval
     lim = Limiter(**kwargs)
     ufile = usage_file(lim.cgroup.directory)
+    done = threading.Event()
+    if contend:  # another thread asking all the time, as request handlers of a service do
+        threading.Thread(target=lambda: [lim.level() for _ in iter(done.is_set, True)], daemon=True).start()
     held: list[mmap.mmap] = []
     allocated = 0
     crossed_at: int | None = None  # kernel usage at the first step that crossed the threshold
@@ -64,6 +68,7 @@ def alloc_until_tripped(
             crossed_at = usage
         if tripped:
             result["usage_at_flip"] = usage
+    done.set()
     result.update(
         tripped=tripped,
         allocated=allocated,
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--backend", default="ebpf")
     a.add_argument("--poll-interval", type=float, default=None)
     a.add_argument("--fast", action="store_true", help="touch pages with one strided write per step")
+    a.add_argument("--contend", action="store_true", help="a second thread checks the limiter in a loop")
     h = sub.add_parser("hog", help="allocate and hold memory until killed (to provoke an OOM kill)")
     h.add_argument("--mib", type=int, required=True)
     sub.add_parser("hold", help="read '+N' / '-N' lines on stdin: grow or shrink by N MiB; answer each")
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         out = alloc_until_tripped(
             step=args.step_kib * 1024, max_bytes=args.max_mib << 20, threshold=args.threshold,
             metric=args.metric, backend=args.backend, poll_interval=args.poll_interval, fast=args.fast,
+            contend=args.contend,
         )
         print(json.dumps(out))
         return 0

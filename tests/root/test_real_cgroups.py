@@ -29,9 +29,9 @@ BATCH = 64 * 4096 * NCPU  # MEMCG_CHARGE_BATCH pages per CPU
 
 
 def alloc_args(threshold: int, backend: str, *, step_kib: int = 1024, max_mib: int = 400,
-               metric: str = "usage", poll_interval: float | None = None) -> list[str]:
+               metric: str = "usage", poll_interval: float | None = None, contend: bool = False) -> list[str]:
     args = [*ALLOC, "--threshold", str(threshold), "--backend", backend, "--step-kib", str(step_kib),
-            "--max-mib", str(max_mib), "--metric", metric]
+            "--max-mib", str(max_mib), "--metric", metric] + (["--contend"] if contend else [])
     if poll_interval is not None:
         args += ["--poll-interval", str(poll_interval)]
     return args
@@ -47,6 +47,19 @@ def test_poll_limiter_flips_before_oom_kill() -> None:
         assert out["tripped"] is True, out
         assert out["usage_at_flip"] >= threshold
         assert out["allocated"] < 128 * MiB
+        assert cg.oom_kills() == 0
+
+
+@pytest.mark.vm
+@needs_cgroups
+def test_poll_limiter_stays_fresh_while_another_thread_checks() -> None:
+    # A second thread checking in a loop must not leave the allocating thread with stale
+    # answers (a refresh that held a lock across its file reads did, under GIL contention).
+    with make_cgroup(limit=128 * MiB) as cg:
+        threshold = int(0.8 * 128 * MiB)
+        out = cg.run_python(alloc_args(threshold, "poll", poll_interval=0.0, contend=True))
+        assert out["tripped"] is True, out
+        assert out["overshoot"] <= 4 * MiB, out
         assert cg.oom_kills() == 0
 
 
