@@ -14,7 +14,7 @@ setup:
 	@scripts/setup.sh
 
 bpf: setup
-	$(VENV)/python setup.py -q build_py
+	python3 scripts/build_bpf.py
 
 lint: setup
 	$(VENV)/ruff check rtml_ebpf tests benchmarks scripts examples

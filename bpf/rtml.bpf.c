@@ -234,6 +234,15 @@ __noinline int update_slot(__u32 idx, struct reading *r)
 	return 0;
 }
 
+/* A stat delta into its per-CPU charged / uncharged pair. */
+static __always_inline void grow(__u64 *charged, __u64 *uncharged, long val)
+{
+	if (val > 0)
+		*charged += val;
+	else
+		*uncharged -= val;
+}
+
 /*
  * Per-event bookkeeping for one watched slot; returns nonzero when the
  * snapshot must be rewritten. Counters are per-CPU: no atomics, no shared
@@ -250,28 +259,16 @@ static __always_inline int account(__u32 idx, int kind, long val, __u64 usage)
 	c->events++;
 	switch (kind) {
 	case EV_ANON:
-		if (val > 0)
-			c->anon_charged += val;
-		else
-			c->anon_uncharged -= val;
+		grow(&c->anon_charged, &c->anon_uncharged, val);
 		break;
 	case EV_FILE:
-		if (val > 0)
-			c->file_charged += val;
-		else
-			c->file_uncharged -= val;
+		grow(&c->file_charged, &c->file_uncharged, val);
 		break;
 	case EV_KERNEL:
-		if (val > 0)
-			c->kernel_charged += val;
-		else
-			c->kernel_uncharged -= val;
+		grow(&c->kernel_charged, &c->kernel_uncharged, val);
 		break;
 	case EV_SOCK:
-		if (val > 0)
-			c->sock_charged += val;
-		else
-			c->sock_uncharged -= val;
+		grow(&c->sock_charged, &c->sock_uncharged, val);
 		break;
 	case EV_INACTIVE_FILE:
 		__sync_fetch_and_add(&s->inactive_file_delta, val);

@@ -63,8 +63,6 @@ def cap_effective() -> int:
 def check_privileges() -> None:
     """Raise PermissionDenied unless we may load tracing programs."""
     caps = cap_effective()
-    if os.geteuid() == 0 and caps & (1 << CAP_SYS_ADMIN):
-        return
     if caps & (1 << CAP_SYS_ADMIN):
         return
     if caps & (1 << CAP_BPF) and caps & (1 << CAP_PERFMON):

@@ -89,7 +89,8 @@ class PollBackend:
             self._limits_ns = now
         return self._limits
 
-    def _read(self) -> Snapshot:
+    def read(self) -> Snapshot:
+        """One reading of the files (limits cached for ``limit_interval``), no OOM counter."""
         now = time.monotonic_ns()
         limits = self._read_limits(now)
         own = self.cgroup.read_usage()
@@ -124,7 +125,7 @@ class PollBackend:
         # the evaluation and the publishing, no I/O, happen under the lock.
         if self._closed:
             return
-        snap = self._read()
+        snap = self.read()
         usage = Usage(snap.used, snap.working_set, snap.limit)
         with self._lock:
             if snap.updated_ns < self._last_ns:
@@ -143,10 +144,11 @@ class PollBackend:
 
     def snapshot(self, full: bool = True) -> Snapshot:
         if not full:
-            self._refresh()
+            if time.monotonic_ns() - self._last_ns >= self._interval_ns:
+                self._refresh()
             if self._snapshot is not None:
                 return self._snapshot
-        snap = self._read()
+        snap = self.read()
         try:
             oom = self.cgroup.oom_kills()
         except OSError:

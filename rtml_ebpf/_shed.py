@@ -15,6 +15,7 @@ from .limiter import Level, Limiter
 # that sees them fail restarts the pod, and a scraper that sees them fail loses the spike.
 DEFAULT_EXCLUDE_PATHS = ("/health", "/healthz", "/ready", "/readyz", "/live", "/livez", "/metrics")
 SHED_AT = ("hard", "soft", "probabilistic")
+REJECTION_BODY = b"memory limit reached, retry later\n"
 
 _rejections: Counter[str] = Counter()
 _rejections_lock = threading.Lock()

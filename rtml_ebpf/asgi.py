@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from ._shed import DEFAULT_EXCLUDE_PATHS, Policy
+from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
 from .limiter import Limiter
 
 Scope = MutableMapping[str, Any]
@@ -19,7 +19,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-BODY = b"memory limit reached, retry later\n"
 
 
 class MemoryLimitMiddleware:
@@ -48,9 +47,9 @@ class MemoryLimitMiddleware:
             return
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(BODY)).encode()),
+            (b"content-length", str(len(REJECTION_BODY)).encode()),
             (b"retry-after", str(self.policy.retry_after_seconds()).encode()),
             (b"connection", b"close"),
         ]
         await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": BODY})
+        await send({"type": "http.response.body", "body": REJECTION_BODY})

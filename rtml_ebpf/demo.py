@@ -13,6 +13,7 @@ import argparse
 import http.client
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -86,8 +87,6 @@ class Flood:
         argv = [sys.executable, "-m", "rtml_ebpf._demo_service", "--guard", self.r.guard,
                 "--threshold", str(self.args.threshold), "--payload-mib", str(self.args.payload_mib),
                 "--hold", str(self.args.hold)]
-        import subprocess
-
         p = cg.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert p.stdout is not None
         line = p.stdout.readline()

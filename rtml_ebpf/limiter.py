@@ -20,7 +20,7 @@ from . import _cgroup
 from ._backend import Backend, Flag
 from ._poll import DEFAULT_MIN_INTERVAL, PollBackend
 from ._rules import METRICS, PPM, Rule, Threshold
-from .errors import CgroupNotFound, ConfigError, NotSupported, RtmlError
+from .errors import CgroupNotFound, ConfigError, RtmlError
 from .relief import Relief, default_relief
 
 log = logging.getLogger("rtml_ebpf")
@@ -145,7 +145,7 @@ def make_backend(cg: _cgroup.MemoryCgroup, backend: str, poll_interval: float = 
         from ._ebpf import EbpfBackend
 
         return EbpfBackend(cg, "ebpf requested" if backend == "ebpf" else "auto")
-    except (NotSupported, RtmlError, OSError) as exc:
+    except (RtmlError, OSError) as exc:
         if backend == "ebpf":
             raise
         return PollBackend(

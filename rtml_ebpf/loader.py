@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from . import _abi, _features, _libbpf
 from ._backend import Snapshot
 from ._cgroup import MemoryCgroup
+from ._poll import PollBackend
 from ._rules import Rule, Usage, effective_used, evaluate
 from .errors import ConfigError, LoadError, NotSupported, RtmlError
 
@@ -89,6 +90,7 @@ class _SlotState:
     index: int
     cgroup: MemoryCgroup
     cgroup_id: int
+    reader: PollBackend  # the cgroup's files, for the initial reading and the upkeep (caches limits)
     rules: dict[int, Rule] = field(default_factory=dict)
     ancestors: list[str] = field(default_factory=list)
 
@@ -102,9 +104,6 @@ class SlotFlag:
         self.slot = slot
         self.rule = rule
         self._view = view
-
-    def __getitem__(self, index: int) -> bool:
-        return bool(self._view[0])
 
     @property
     def view(self) -> memoryview:
@@ -152,9 +151,7 @@ class Runtime:
         self.prog_ids: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
         self._maps: list[mmap.mmap] = []
-        self._views: list[memoryview] = []
         self._slots_by_cgid: dict[int, _SlotState] = {}
-        self._flags: list[SlotFlag] = []
         try:
             self._load(hooks)
         except BaseException:
@@ -228,7 +225,6 @@ class Runtime:
         self._configs_mm = self._mmap("configs", CONFIG_SIZE, _abi.MAX_SLOTS)
         self._ctl_mm = self._mmap("ctl", ctypes.sizeof(_abi.Ctl), 1)
         self._slots_view = memoryview(self._slots_mm)
-        self._views.append(self._slots_view)
         ctl = _abi.Ctl.from_buffer(self._ctl_mm)
         ctl.abi_version = _abi.ABI_VERSION
         memcg_live = "memcg_lruvec" in self._links or "memcg_state" in self._links
@@ -277,14 +273,15 @@ class Runtime:
                 free = next((i for i in range(_abi.MAX_SLOTS) if i not in used), None)
                 if free is None:
                     raise RtmlError(f"all {_abi.MAX_SLOTS} eBPF slots are in use; close Limiters you no longer need")
-                state = _SlotState(free, cgroup, cgid, ancestors=cgroup.ancestors())
+                state = _SlotState(free, cgroup, cgid, PollBackend(cgroup, "file reader"),
+                                   ancestors=cgroup.ancestors())
             rule_index = next((i for i in range(_abi.MAX_RULES) if i not in state.rules), None)
             if rule_index is None:
                 raise RtmlError(
                     f"cgroup {cgroup.directory} already has {_abi.MAX_RULES} thresholds watched in this "
                     "process; share a Limiter instead of creating more"
                 )
-            snap = self._file_snapshot(cgroup)
+            snap = state.reader.read()
             tripped = evaluate(rule, Usage(snap.used, snap.working_set, snap.limit), False)
             if fresh:
                 self._init_slot(state, cgroup, snap)
@@ -301,9 +298,7 @@ class Runtime:
                 self._slots_by_cgid[cgid] = state
                 self._update_ctl()
             off = state.index * SLOT_SIZE + _abi.TRIPPED_OFFSET + rule_index
-            flag = SlotFlag(state.index, rule_index, self._slots_view[off : off + 1])
-            self._flags.append(flag)
-            return flag
+            return SlotFlag(state.index, rule_index, self._slots_view[off : off + 1])
 
     @property
     def inherited(self) -> bool:
@@ -312,8 +307,6 @@ class Runtime:
 
     def unregister(self, flag: SlotFlag) -> None:
         with self._lock:
-            if flag in self._flags:
-                self._flags.remove(flag)
             if self._closed or self.inherited:
                 # The kernel state belongs to the process that loaded it: a forked child that
                 # closes its copy must not unwatch the cgroup for its parent and siblings.
@@ -329,10 +322,8 @@ class Runtime:
                 _libbpf.lib().bpf_map_delete_elem(self._watch_fd, ctypes.byref(key))
                 self._update_ctl()
 
-    def _file_snapshot(self, cgroup: MemoryCgroup) -> Snapshot:
-        from ._poll import PollBackend
-
-        return PollBackend(cgroup, "initial reading").snapshot()
+    def _state_of(self, cgroup: MemoryCgroup) -> _SlotState | None:
+        return next((st for st in self._slots_by_cgid.values() if st.cgroup.directory == cgroup.directory), None)
 
     def _init_slot(self, state: _SlotState, cgroup: MemoryCgroup, snap: Snapshot) -> None:
         slot = _abi.Slot()
@@ -394,11 +385,10 @@ class Runtime:
         cgroup that freed memory (or whose cache went inactive) clears without waiting for its
         next fault. Called by the limiter monitor every MAINTAIN_INTERVAL."""
         with self._lock:
-            state = next((st for st in self._slots_by_cgid.values() if st.cgroup.directory == cgroup.directory),
-                         None)
+            state = self._state_of(cgroup)
             if state is None or self._closed:
                 return
-            snap = self._file_snapshot(cgroup)
+            snap = state.reader.read()
             cfg = _abi.Config.from_buffer(self._configs_mm, state.index * CONFIG_SIZE)
             cfg.inactive_file_base = snap.inactive_file // PAGE_SIZE
             del cfg
@@ -424,7 +414,7 @@ class Runtime:
         return _abi.Slot.from_buffer_copy(raw)
 
     def snapshot(self, cgroup: MemoryCgroup, full: bool = True) -> Snapshot:
-        state = next((st for st in self._slots_by_cgid.values() if st.cgroup.directory == cgroup.directory), None)
+        state = self._state_of(cgroup)
         if state is None:
             raise RtmlError(f"cgroup {cgroup.directory} is not watched")
         s = self.read_slot(state.index)
@@ -498,8 +488,6 @@ class Runtime:
         for link in reversed(list(self._links.values())):
             lib.bpf_link__destroy(link)
         self._links.clear()
-        self._flags.clear()
-        self._views.clear()
         self._slots_view = None  # type: ignore[assignment]
         for mm in reversed(self._maps):
             try:

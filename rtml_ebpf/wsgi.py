@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._shed import DEFAULT_EXCLUDE_PATHS, Policy
+from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
 from .limiter import Limiter
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-BODY = b"memory limit reached, retry later\n"
 REASONS = {503: "Service Unavailable", 429: "Too Many Requests"}
 
 
@@ -41,7 +40,7 @@ class MemoryLimitMiddleware:
             return self.app(environ, start_response)
         start_response(self.status, [
             ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Length", str(len(BODY))),
+            ("Content-Length", str(len(REJECTION_BODY))),
             ("Retry-After", str(self.policy.retry_after_seconds())),
         ])
-        return [BODY]
+        return [REJECTION_BODY]
