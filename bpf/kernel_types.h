@@ -88,17 +88,6 @@ struct task_struct {
 
 struct pt_regs;
 
-/* The raw record of the classic exceptions:page_fault_user tracepoint. */
-struct trace_event_raw_x86_exceptions {
-	unsigned short common_type;
-	unsigned char common_flags;
-	unsigned char common_preempt_count;
-	int common_pid;
-	unsigned long address;
-	unsigned long ip;
-	unsigned long error_code;
-};
-
 #pragma clang attribute pop
 
 enum node_stat_item {

@@ -9,12 +9,13 @@
 #ifndef __RTML_H
 #define __RTML_H
 
-#define RTML_ABI_VERSION 1
+#define RTML_ABI_VERSION 2
 
 #define RTML_MAX_SLOTS 64	/* watched cgroups per loaded object */
 #define RTML_MAX_RULES 4	/* thresholds evaluated per watched cgroup */
 #define RTML_WATCH_DEPTH 8	/* levels walked up from an event's memcg to a watched one */
 #define RTML_LIMIT_DEPTH 8	/* page_counter ancestors walked for the effective limit */
+#define RTML_MAX_THREADS 16384	/* per-thread meters, indexed by tid % RTML_MAX_THREADS (a power of 2) */
 
 /*
  * A page counter max at or above this many pages means "no limit". The
@@ -64,8 +65,11 @@ struct rtml_ctl {
 };
 
 /*
- * Written by the programs only (user space writes it once, before the cgroup
- * is watched). The hot path reads one byte, tripped[r]; the other fields are
+ * Written by the programs, and by user space in two places only: once before
+ * the cgroup is watched (the first reading), and, where no memcg events are
+ * live, by the upkeep, which re-reads the cgroup files (frees and inactive_file
+ * are invisible to the fault hook) and rewrites usage and the verdict bytes.
+ * The hot path reads one byte, tripped[r]; the other fields are
  * for stats(). Multi-field reads are consistent when seq_begin read after
  * them equals seq_end read before them (writers on several CPUs bump begin,
  * write, then bump end). The slot is rewritten only when the page counter
@@ -107,6 +111,20 @@ struct rtml_counters {
 	__u64 sock_uncharged;
 	__u64 faults;			/* user page faults by tasks in the subtree */
 	__u64 events;			/* program runs that found this slot */
+};
+
+/*
+ * One thread's memcg charges, for per-request cost (element tid % RTML_MAX_THREADS
+ * of the mmapable `threads` array). User space registers a thread by writing its
+ * tid and resets peak_pages to net_pages when a request starts; the programs add
+ * every charge (+) and uncharge (-) made in that thread's context inside a watched
+ * cgroup, and only while tid matches (a collision leaves the entry to its holder).
+ */
+struct rtml_thread {
+	__u64 tid;
+	__s64 net_pages;		/* charged - uncharged since registered */
+	__s64 peak_pages;		/* max of net_pages since the last reset */
+	__u64 charged_pages;		/* charges only */
 };
 
 #endif /* __RTML_H */

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_SLOTS = 64
 MAX_RULES = 4
 UNLIMITED_PAGES = 1 << 46
+MAX_THREADS = 16384
 
 RULE_OFF, RULE_FRACTION, RULE_PAGES = 0, 1, 2
 METRIC_USAGE, METRIC_WORKING_SET = 0, 1
@@ -67,7 +68,18 @@ class Counters(ctypes.Structure):
     ]
 
 
+class Thread(ctypes.Structure):
+    _fields_ = [("tid", u64), ("net_pages", s64), ("peak_pages", s64), ("charged_pages", u64)]
+
+
 GROWTH_KINDS = ("anon", "file", "kernel", "sock")
+# The slot and config as int64 words, for the lock-free fast readings (Runtime.room).
+SLOT_WORDS = ctypes.sizeof(Slot) // 8
+CONFIG_WORDS = ctypes.sizeof(Config) // 8
+W_USAGE = Slot.usage_pages.offset // 8
+W_LIMIT = Slot.limit_pages.offset // 8
+W_HEADROOM = Slot.headroom_pages.offset // 8
+W_INACTIVE_DELTA = Slot.inactive_file_delta.offset // 8
 TRIPPED_OFFSET = Slot.tripped.offset
 SEQ_BEGIN_OFFSET = Slot.seq_begin.offset
 SEQ_END_OFFSET = Slot.seq_end.offset

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ._meter import Meter
 from ._rules import Rule
 
 
@@ -36,19 +37,50 @@ class Snapshot:
 
 
 class Backend(Protocol):
+    """What a Limiter needs from a backend, all of it: a Limiter never reaches past this.
+
+    Per rule, ``add_rule`` returns an opaque flag; ``hot(flag)[0]`` is the verdict the hot
+    path reads. Where ``hot_never_raises`` the Limiter binds ``operator.getitem(hot, 0)``
+    directly as its check (a C call, no Python frame); otherwise it wraps the read in a
+    method that turns a failure into the fail answer.
+    """
+
     name: str
     reason: str
+    hooks: tuple[str, ...]  # BPF hooks live (eBPF), () otherwise
+    hot_never_raises: bool
+    needs_upkeep: bool  # call maintain() every MAINTAIN_INTERVAL from the monitor
 
-    def add_rule(self, rule: Rule) -> Flag: ...
+    def add_rule(self, rule: Rule) -> object: ...
 
-    def remove_rule(self, flag: Flag) -> None: ...
+    def remove_rule(self, flag: object, fail_answer: bool = False) -> None: ...
 
-    def snapshot(self, full: bool = True) -> Snapshot:
+    def hot(self, flag: object) -> Flag: ...
+
+    def snapshot(self, flag: object, full: bool = True) -> Snapshot:
         """``full=False``: a cheap reading for pressure estimates (no extra file reads / syscalls)."""
         ...
 
-    def trips(self, flag: Flag) -> int:
+    def room(self, flag: object) -> tuple[int | None, int | None]:
+        """(bytes before the rule trips, bytes before the OOM killer acts); None = unlimited.
+        Cheap: admission calls it on every request."""
+        ...
+
+    def maintain(self, flag: object) -> None: ...
+
+    def trips(self, flag: object) -> int:
         """How many times the rule behind ``flag`` went from clear to tripped."""
         ...
 
+    def thread_meter(self) -> Meter | None:
+        """The kernel-fed per-thread meter, where this backend has one."""
+        ...
+
     def close(self) -> None: ...
+
+
+def room_from_snapshot(snap: Snapshot, rule: Rule) -> tuple[int | None, int | None]:
+    """Backend.room computed from a reading (the poll backend's way)."""
+    value = snap.working_set if rule.metric == "working_set" else snap.used
+    trip = rule.trip.resolve(snap.limit)
+    return (None if trip is None else trip - value), snap.headroom

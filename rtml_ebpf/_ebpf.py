@@ -4,78 +4,87 @@ from __future__ import annotations
 
 import time
 
-from ._backend import Snapshot
+from ._backend import Flag, Snapshot
 from ._cgroup import MemoryCgroup
+from ._meter import EbpfThreadMeter
 from ._rules import Rule
-from .loader import Runtime, SlotFlag
-
-
-class EbpfFlag:
-    """Holds the slot handle and the one-byte bool view the hot path indexes."""
-
-    __slots__ = ("handle", "hot")
-
-    def __init__(self, handle: SlotFlag) -> None:
-        self.handle = handle
-        self.hot = handle.view.cast("?")
-
-    def __getitem__(self, index: int) -> bool:
-        return bool(self.hot[0])
+from .loader import Runtime, Watch
 
 
 class EbpfBackend:
     name = "ebpf"
+    hot_never_raises = True  # a one-byte view into the mapping, never released while watched
 
     def __init__(self, cgroup: MemoryCgroup, why: str) -> None:
         self.cgroup = cgroup
-        self._runtime = Runtime.acquire()
-        self._flags: list[EbpfFlag] = []
+        self._runtime: Runtime | None = Runtime.acquire()
+        self._watches: list[Watch] = []
+        self._rules: dict[int, Rule] = {}
         self._last_upkeep = 0.0
-        hooks = ", ".join(self._runtime.hooks)
+        self.hooks = self._runtime.hooks
         skipped = "; ".join(f"{k}: {v}" for k, v in self._runtime.skipped.items())
-        self.reason = f"{why}: BPF programs attached ({hooks})" + (f"; skipped {skipped}" if skipped else "")
-
-    @property
-    def hooks(self) -> tuple[str, ...]:
-        return self._runtime.hooks
+        self.reason = f"{why}: BPF programs attached ({', '.join(self.hooks)})" + (
+            f"; skipped {skipped}" if skipped else "")
+        self.needs_upkeep = self._runtime.needs_upkeep
 
     @property
     def runtime(self) -> Runtime:
+        assert self._runtime is not None, "closed"
         return self._runtime
 
-    def add_rule(self, rule: Rule) -> EbpfFlag:
-        flag = EbpfFlag(self._runtime.register(self.cgroup, rule))
-        self._flags.append(flag)
-        return flag
+    def add_rule(self, rule: Rule) -> Watch:
+        watch = self.runtime.register(self.cgroup, rule)
+        self._watches.append(watch)
+        self._rules[id(watch)] = rule
+        return watch
 
-    def remove_rule(self, flag: object) -> None:
-        if isinstance(flag, EbpfFlag) and flag in self._flags:
-            self._flags.remove(flag)
-            # Views are dropped, never released: a thread may still be indexing one, and a
-            # released view would raise. The mapping goes when its last view is collected.
-            self._runtime.unregister(flag.handle)
+    def remove_rule(self, flag: object, fail_answer: bool = False) -> None:
+        if isinstance(flag, Watch) and flag in self._watches:
+            self._watches.remove(flag)
+            self._rules.pop(id(flag), None)
+            # The view is not released: a kept check may still index it. The rule's byte now
+            # holds the fail answer and its index stays out of use until the Watch is collected.
+            flag.close(fail_answer)
 
-    def snapshot(self, full: bool = True) -> Snapshot:
-        return self._runtime.snapshot(self.cgroup, full=full)
+    def hot(self, flag: object) -> Flag:
+        assert isinstance(flag, Watch)
+        return flag.hot
 
-    @property
-    def needs_upkeep(self) -> bool:
-        return self._runtime is not None and self._runtime.needs_upkeep
+    def snapshot(self, flag: object, full: bool = True) -> Snapshot:
+        assert isinstance(flag, Watch)
+        return self.runtime.snapshot(flag, full=full)
 
-    def maintain(self) -> None:
+    def room(self, flag: object) -> tuple[int | None, int | None]:
+        assert isinstance(flag, Watch)
+        return self.runtime.room(flag, self._rules[id(flag)])
+
+    def maintain(self, flag: object) -> None:
         now = time.monotonic()
-        if now - self._last_upkeep >= self._runtime.MAINTAIN_INTERVAL:
+        if isinstance(flag, Watch) and now - self._last_upkeep >= Runtime.MAINTAIN_INTERVAL:
             self._last_upkeep = now
-            self._runtime.maintain(self.cgroup)
+            self.runtime.maintain(flag)
 
     def trips(self, flag: object) -> int:
-        if not isinstance(flag, EbpfFlag):
-            return 0
-        return int(self._runtime.read_slot(flag.handle.slot).trips[flag.handle.rule])
+        return self.runtime.trips(flag) if isinstance(flag, Watch) else 0
+
+    def thread_meter(self) -> EbpfThreadMeter | None:
+        return None if self._runtime is None else self._runtime.thread_meter
 
     def close(self) -> None:
-        for flag in list(self._flags):
-            self.remove_rule(flag)
+        for watch in list(self._watches):
+            self.remove_rule(watch)
         if self._runtime is not None:
-            self._runtime.release()
-            self._runtime = None  # type: ignore[assignment]
+            rt, self._runtime = self._runtime, None
+            rt.release()
+
+    def __del__(self) -> None:
+        # Dropped without close() (its Limiter was dropped): give back the load's reference
+        # without blocking (collection may run while the runtime lock is held). The watches
+        # go on their own when nothing holds them.
+        rt = getattr(self, "_runtime", None)
+        if rt is not None:
+            self._runtime = None
+            try:
+                rt.drop_ref()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from ._shed import Policy
-from .errors import MemoryLimitReached
+from .errors import ConfigError, MemoryLimitReached
 from .limiter import Level, Limiter
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,13 +71,13 @@ async def wait_for_headroom(
     import asyncio
 
     if timeout is not None and timeout < 0:
-        raise ValueError(f"timeout={timeout!r}: pass seconds >= 0 or None to wait indefinitely")
+        raise ConfigError(f"timeout={timeout!r}: pass seconds >= 0 or None to wait indefinitely")
     if interval <= 0:
-        raise ValueError(f"interval={interval!r}: pass seconds > 0")
+        raise ConfigError(f"interval={interval!r}: pass seconds > 0")
     if limiter is None:
-        import rtml_ebpf
+        from ._default import default_limiter
 
-        lim = rtml_ebpf.default_limiter()
+        lim = default_limiter()
     else:
         lim = limiter
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ._backend import Snapshot
+from ._backend import Snapshot, room_from_snapshot
 from ._cgroup import LimitInfo, MemoryCgroup
 from ._rules import Rule, Usage, effective_used, evaluate
 
@@ -35,6 +35,9 @@ class PollFlag:
 
 class PollBackend:
     name = "poll"
+    hooks: tuple[str, ...] = ()
+    hot_never_raises = False  # a refresh reads files, which can fail
+    needs_upkeep = False
 
     def __init__(
         self,
@@ -70,7 +73,7 @@ class PollBackend:
         self._refresh()
         return PollFlag(self, index)
 
-    def remove_rule(self, flag: object) -> None:
+    def remove_rule(self, flag: object, fail_answer: bool = False) -> None:
         if isinstance(flag, PollFlag):
             with self._lock:
                 self._rules.pop(flag.index, None)
@@ -142,7 +145,23 @@ class PollBackend:
     def trips(self, flag: object) -> int:
         return self._trips.get(flag.index, 0) if isinstance(flag, PollFlag) else 0
 
-    def snapshot(self, full: bool = True) -> Snapshot:
+    def hot(self, flag: object) -> PollFlag:
+        assert isinstance(flag, PollFlag)
+        return flag
+
+    def room(self, flag: object) -> tuple[int | None, int | None]:
+        rule = self._rules.get(flag.index) if isinstance(flag, PollFlag) else None
+        if rule is None:
+            return None, None
+        return room_from_snapshot(self.snapshot(flag, full=False), rule)
+
+    def maintain(self, flag: object) -> None:
+        pass
+
+    def thread_meter(self) -> None:
+        return None
+
+    def snapshot(self, flag: object = None, full: bool = True) -> Snapshot:
         if not full:
             if time.monotonic_ns() - self._last_ns >= self._interval_ns:
                 self._refresh()

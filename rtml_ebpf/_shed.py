@@ -64,16 +64,16 @@ class Policy:
     def _make_decider(self) -> Callable[[], bool]:
         lim = self.limiter
         if lim is None:
-            import rtml_ebpf
+            from . import _default
 
             if self.shed_at == "hard":
-                return rtml_ebpf.is_mem_limit_reached  # builds the default lazily, never raises
+                return _default.is_mem_limit_reached  # builds the default lazily, never raises
 
             def default_decider() -> bool:
-                if rtml_ebpf.is_mem_limit_reached():
+                if _default.is_mem_limit_reached():
                     return True
                 try:
-                    d = rtml_ebpf.default_limiter()
+                    d = _default.default_limiter()
                 except Exception:  # noqa: BLE001 - the module check already logged and failed open
                     return False
                 return d.level() >= Level.SOFT if self.shed_at == "soft" else d.should_shed()

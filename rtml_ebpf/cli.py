@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import _libbpf
+from .config import BACKENDS, parse_threshold_text, threshold_value
 from .errors import CgroupNotFound, ConfigError, LoadError, NotSupported, RtmlError
-from .limiter import BACKENDS, Limiter, Stats, parse_threshold_text
+from .limiter import Limiter, Stats
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, 2),
@@ -97,8 +98,7 @@ def print_status(s: Stats) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    t = parse_threshold_text(args.threshold, name="--threshold")
-    threshold: float | int = t.nbytes if t.nbytes is not None else (t.ppm or 0) / 1_000_000
+    threshold = threshold_value(parse_threshold_text(args.threshold, name="--threshold"))
     with Limiter(args.cgroup, pid=args.pid, threshold=threshold, metric=args.metric, backend=args.backend) as lim:
         s = lim.stats()
     if args.json:

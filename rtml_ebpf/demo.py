@@ -20,8 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import config
 from ._sandbox import ChildCgroup
-from .errors import NotSupported
+from .errors import ConfigError, NotSupported
 
 MiB = 1 << 20
 GUARDS = (("unguarded", "none"), ("poll 1s", "poll"), ("rtml-ebpf", "ebpf"))
@@ -53,12 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_size(text: str) -> int:
-    from .limiter import parse_threshold_text
-
-    t = parse_threshold_text(text, name="--limit")
-    if t.nbytes is None:
-        raise ValueError(f"--limit={text!r}: give a size such as 256Mi")
-    return t.nbytes
+    return config.parse_size(text, name="--limit")
 
 
 def preflight() -> None:
@@ -212,7 +208,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     limit = parse_size(args.limit)
     if not 0 < args.threshold < 1:
-        raise ValueError(f"--threshold={args.threshold}: pass a fraction in (0, 1), e.g. 0.8")
+        raise ConfigError(f"--threshold={args.threshold}: pass a fraction in (0, 1), e.g. 0.8")
     preflight()
     console = Console(stderr=args.json)
     os.makedirs(args.out, exist_ok=True)

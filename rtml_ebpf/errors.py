@@ -20,6 +20,11 @@ class CgroupNotFound(RtmlError, LookupError):
     """The memory cgroup asked for does not exist or cannot be used."""
 
 
+class CapacityError(RtmlError):
+    """A fixed capacity of the loaded programs is used up (slots, rules per cgroup, nesting).
+    ``backend="auto"`` falls back to polling on it."""
+
+
 class NotSupported(RtmlError):
     """The kernel or the process lacks a feature the eBPF backend needs."""
 

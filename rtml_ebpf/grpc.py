@@ -17,6 +17,7 @@ from typing import Any
 import grpc  # the grpcio package (extra: rtml-ebpf[grpc])
 
 from ._shed import Policy
+from .errors import ConfigError
 from .limiter import Limiter
 
 DEFAULT_EXCLUDE_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
@@ -42,12 +43,12 @@ class _Rejecter:
     def __init__(self, integration: str, limiter: Limiter | None, code: str, exclude_methods: Iterable[str],
                  shed_at: str, retry_after: tuple[int, int]) -> None:
         if code not in CODES:
-            raise ValueError(f"code={code!r}: use 'unavailable' (default) or 'resource_exhausted'")
+            raise ConfigError(f"code={code!r}: use 'unavailable' (default) or 'resource_exhausted'")
         if code == "resource_exhausted":
             try:
                 _retry_info_status(grpc.StatusCode.RESOURCE_EXHAUSTED, 1)
             except ImportError as exc:
-                raise ValueError(
+                raise ConfigError(
                     "code='resource_exhausted' sends RetryInfo and needs googleapis-common-protos; "
                     "pip install 'rtml-ebpf[grpc]'"
                 ) from exc

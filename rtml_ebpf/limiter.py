@@ -10,25 +10,31 @@ import os
 import random
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from . import _cgroup
-from ._backend import Backend, Flag
+from ._backend import Backend
+from ._meter import Meter
 from ._poll import DEFAULT_MIN_INTERVAL, PollBackend
-from ._rules import METRICS, PPM, Rule, Threshold
-from .errors import CgroupNotFound, ConfigError, RtmlError
+from ._rules import PPM, Rule, Threshold
+from .config import (  # noqa: F401 - parse_threshold_text, check_backend re-exported for callers
+    BACKENDS,
+    check_backend,
+    check_metric,
+    check_seconds,
+    parse_bool,
+    parse_threshold,
+    parse_threshold_text,
+)
+from .errors import CapacityError, CgroupNotFound, ConfigError, RtmlError
 from .relief import Relief, default_relief
 
 log = logging.getLogger("rtml_ebpf")
 
-BACKENDS = ("auto", "ebpf", "poll")
 MiB = 1 << 20
-MONITOR_INTERVAL = 0.05  # seconds between the monitor thread's looks at each limiter
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -63,65 +69,6 @@ class Stats:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def parse_threshold(value: object, *, name: str = "threshold") -> Threshold:
-    """A float in (0, 1] is a fraction of the limit; an int is bytes (at least one page)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(
-            f"{name}={value!r}: pass a float in (0, 1] (fraction of the limit) or an int (bytes)"
-        )
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0 or value != value:
-            raise ConfigError(
-                f"{name}={value!r}: a float threshold is a fraction of the limit and must be in (0, 1]; "
-                "pass bytes as an int (e.g. 200 * 2**20)"
-            )
-        return Threshold(ppm=max(1, round(value * PPM)))
-    if value <= 0:
-        raise ConfigError(f"{name}={value!r}: a byte threshold must be positive")
-    if value < PAGE_SIZE:
-        raise ConfigError(
-            f"{name}={value!r} is read as {value} bytes, less than one page; pass a float such as "
-            f"{float(value)!r} for a fraction of the limit, or bytes of at least {PAGE_SIZE}"
-        )
-    return Threshold(nbytes=int(value))
-
-
-_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-
-
-def parse_threshold_text(text: str, *, name: str = "RTML_THRESHOLD") -> Threshold:
-    """Environment form: ``0.9``, ``90%``, ``536870912``, ``512Mi``, ``1.5G``."""
-    raw = text.strip()
-    low = raw.lower().removesuffix("b")
-    try:
-        if low.endswith("%"):
-            return parse_threshold(float(low[:-1]) / 100, name=name)
-        for suffix in sorted(_SUFFIXES, key=len, reverse=True):
-            if low.endswith(suffix):
-                return parse_threshold(int(float(low[: -len(suffix)]) * _SUFFIXES[suffix]), name=name)
-        if "." in low or "e" in low:
-            return parse_threshold(float(low), name=name)
-        return parse_threshold(int(low), name=name)
-    except ValueError as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(
-            f"{name}={text!r}: not a threshold; use a fraction (0.9 or 90%) or a size (512Mi, 536870912)"
-        ) from None
-
-
-def check_metric(metric: object) -> str:
-    if metric not in METRICS:
-        raise ConfigError(f"metric={metric!r}: use one of {', '.join(map(repr, METRICS))}")
-    return str(metric)
-
-
-def check_backend(backend: object) -> str:
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend={backend!r}: use one of {', '.join(map(repr, BACKENDS))}")
-    return str(backend)
 
 
 def resolve_cgroup(cgroup: object, pid: object) -> _cgroup.MemoryCgroup:
@@ -232,10 +179,7 @@ class Limiter:
         self._soft_clear = None if self._soft is None else make_clear(self._soft, hysteresis)
         self._metric = check_metric(metric)
         check_backend(backend)
-        if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or not (
-            0 <= poll_interval <= 60
-        ):
-            raise ConfigError(f"poll_interval={poll_interval!r}: pass seconds between 0 and 60 (default 0.01)")
+        interval = check_seconds(poll_interval, name="poll_interval", high=60)
         if relief is True:
             self._relief: Relief | None = default_relief()
         elif relief is False or relief is None:
@@ -249,37 +193,59 @@ class Limiter:
                 raise ConfigError(f"{cb_name}={cb!r}: pass a callable taking a Stats, or None")
         self._on_trip = on_trip
         self._on_clear = on_clear
-        self._fail_answer = bool(fail_closed)
+        self._fail_answer = parse_bool(fail_closed, name="fail_closed")
         self._cgroup = resolve_cgroup(cgroup, pid)
-        self._backend: Backend = make_backend(self._cgroup, backend, float(poll_interval))
+        self._cgroup_id = self._cgroup.cgroup_id
         self._lock = threading.Lock()
         self._error_logged = False
-        try:
-            self._handle: Flag = self._backend.add_rule(Rule(self._metric, self._trip, self._clear))
-            self._soft_handle: Flag | None = None
-            if self._soft is not None and self._soft_clear is not None:
-                self._soft_handle = self._backend.add_rule(Rule(self._metric, self._soft, self._soft_clear))
-        except BaseException:
-            self._backend.close()
-            raise
-        self._hot: Any = getattr(self._handle, "hot", self._handle)
-        self._soft_hot: Any = None if self._soft_handle is None else getattr(self._soft_handle, "hot",
-                                                                           self._soft_handle)
+        self._backend, self._handle, self._soft_handle = self._build(backend, float(interval or 0.0))
+        hot = self._backend.hot(self._handle)
+        self._hot: Any = hot
+        self._soft_hot: Any = None if self._soft_handle is None else self._backend.hot(self._soft_handle)
         self._last_level = Level.OK
         self._closed = False
-        if isinstance(self._hot, memoryview):
-            # eBPF: the check *is* a C-level index into the mapped verdict byte, with no Python
-            # frame in between (about an empty method call). The view is never released while
-            # this object lives, so the call cannot raise.
-            check = functools.partial(operator.getitem, self._hot, 0)
-            # A caller may keep only `lim.is_mem_limit_reached`: it must keep the Limiter
-            # (and its watch) alive as a bound method would.
-            check.limiter = self  # type: ignore[attr-defined]
+        if self._backend.hot_never_raises:
+            # The check *is* a C-level index into the verdict, with no Python frame in between
+            # (about an empty method call). It holds the backend's handle, not this Limiter: a
+            # caller that keeps only `lim.is_mem_limit_reached` keeps the watch alive, and
+            # dropping the Limiter frees it by reference counting (no cycle).
+            check = functools.partial(operator.getitem, hot, 0)
+            check.watch = self._handle  # type: ignore[attr-defined]
             self.is_mem_limit_reached = check  # type: ignore[method-assign,assignment]
         self._last_level = self.level()
-        self._upkeep = bool(getattr(self._backend, "needs_upkeep", False))
+        self._upkeep = self._backend.needs_upkeep
         if self._relief is not None or on_trip is not None or on_clear is not None or self._upkeep:
-            _monitor().add(self)
+            from ._monitor import monitor
+
+            monitor().add(self)
+
+    def _build(self, backend: str, interval: float) -> tuple[Backend, object, object | None]:
+        """The backend with the hard (and soft) rule registered. ``auto`` falls back to polling
+        when the loaded programs have no room left (slots, rules, nesting)."""
+        chosen = make_backend(self._cgroup, backend, interval)
+        try:
+            return self._register(chosen)
+        except CapacityError as exc:
+            chosen.close()
+            if backend != "auto":
+                raise
+            poll = PollBackend(self._cgroup, f"auto: eBPF at capacity ({exc}); polling the cgroup files",
+                               min_interval=interval)
+            return self._register(poll)
+        except BaseException:
+            chosen.close()
+            raise
+
+    def _register(self, backend: Backend) -> tuple[Backend, object, object | None]:
+        handle = backend.add_rule(Rule(self._metric, self._trip, self._clear))
+        soft = None
+        if self._soft is not None and self._soft_clear is not None:
+            try:
+                soft = backend.add_rule(Rule(self._metric, self._soft, self._soft_clear))
+            except BaseException:
+                backend.remove_rule(handle)
+                raise
+        return backend, handle, soft
 
     # -- the hot path -------------------------------------------------------------------
     def is_mem_limit_reached(self) -> bool:
@@ -312,7 +278,7 @@ class Limiter:
         if lvl is Level.OK or self._soft is None:
             return 0.0
         try:
-            snap = self._backend.snapshot(full=False)
+            snap = self._backend.snapshot(self._handle, full=False)
             value = snap.working_set if self._metric == "working_set" else snap.used
             lo = self._soft.resolve(snap.limit)
             hi = self._trip.resolve(snap.limit)
@@ -331,6 +297,21 @@ class Limiter:
         p = self.pressure()
         return p > 0.0 and random.random() < p
 
+    def room(self) -> tuple[int | None, int | None]:
+        """(bytes before the hard level trips, bytes before the OOM killer acts), by the metric;
+        None when unlimited. Cheap on eBPF (a few reads of the mapping): admission calls it on
+        every request. On a closed Limiter: (0, 0) when failing closed, else (None, None)."""
+        if self._closed:
+            return (0, 0) if self._fail_answer else (None, None)
+        try:
+            return self._backend.room(self._handle)
+        except Exception as exc:  # noqa: BLE001
+            return (0, 0) if self._failed(exc) else (None, None)
+
+    def thread_meter(self) -> Meter | None:
+        """The kernel-fed per-thread charge meter (eBPF), or None (see rtml_ebpf._meter)."""
+        return None if self._closed else self._backend.thread_meter()
+
     def _failed(self, exc: BaseException) -> bool:
         if not self._error_logged and not self._closed:
             self._error_logged = True
@@ -345,37 +326,21 @@ class Limiter:
         if self._closed:
             return
         if self._upkeep:
-            self._backend.maintain()  # type: ignore[attr-defined]
+            self._backend.maintain(self._handle)
         lvl = self.level()
         prev, self._last_level = self._last_level, lvl
         if lvl != prev:
-            self._transition(prev, lvl)
+            from ._monitor import log_transition
+
+            log_transition(self, prev, lvl)
+            callback = self._on_trip if lvl > prev else (self._on_clear if lvl is Level.OK else None)
+            if callback is not None:
+                try:
+                    callback(self.stats())
+                except Exception:  # noqa: BLE001 - a user callback must not stop the monitor
+                    log.exception("rtml-ebpf: %s callback failed", "on_trip" if lvl > prev else "on_clear")
         if lvl is Level.HARD and self._relief is not None:
             self._relief.run(reason=f"{self._cgroup.directory} at HARD")
-
-    def _transition(self, prev: Level, lvl: Level) -> None:
-        try:
-            s = self.stats()
-        except Exception as exc:  # noqa: BLE001 - a broken reading must not stop the monitor
-            log.warning("rtml-ebpf: memory level %s -> %s in %s (no reading: %s)", prev.name, lvl.name,
-                        self._cgroup.directory, exc)
-            return
-        value = s.working_set_bytes if s.metric == "working_set" else s.usage_bytes
-        limit = f"{s.limit_bytes / MiB:.0f} MiB" if s.limit_bytes is not None else "unlimited"
-        level_threshold = s.threshold_bytes if lvl is not Level.SOFT else s.soft_threshold_bytes
-        cause = {Level.HARD: "hard threshold reached", Level.SOFT: "soft threshold reached",
-                 Level.OK: "back below the clear point"}[lvl]
-        log.warning(
-            "rtml-ebpf: memory level %s -> %s in %s: %s %.1f MiB of %s (threshold %s); %s",
-            prev.name, lvl.name, s.cgroup_dir, s.metric.replace("_", " "), value / MiB, limit,
-            f"{level_threshold / MiB:.1f} MiB" if level_threshold is not None else "n/a", cause,
-        )
-        callback = self._on_trip if lvl > prev else (self._on_clear if lvl is Level.OK else None)
-        if callback is not None:
-            try:
-                callback(s)
-            except Exception:  # noqa: BLE001 - a user callback must not stop the monitor
-                log.exception("rtml-ebpf: %s callback failed", "on_trip" if lvl > prev else "on_clear")
 
     # -- introspection ------------------------------------------------------------------
     @property
@@ -385,6 +350,15 @@ class Limiter:
     @property
     def cgroup(self) -> _cgroup.MemoryCgroup:
         return self._cgroup
+
+    @property
+    def cgroup_id(self) -> int:
+        """The id of the cgroup as it was when this Limiter was built (the kernel's, stable)."""
+        return self._cgroup_id
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def threshold(self) -> Threshold:
@@ -403,8 +377,28 @@ class Limiter:
         return self._relief
 
     def stats(self) -> Stats:
-        """A consistent reading (may read files: not for the hot path)."""
-        snap = self._backend.snapshot()
+        """A consistent reading (may read files: not for the hot path).
+
+        Raises RtmlError on a closed Limiter, CgroupNotFound once the cgroup was removed (or
+        removed and made again: the new one is another cgroup, build a new Limiter for it).
+        """
+        with self._lock:
+            if self._closed:
+                raise RtmlError(f"{self!r} is closed; build a new Limiter to read this cgroup")
+            backend, handle, soft_handle = self._backend, self._handle, self._soft_handle
+        try:
+            same = os.stat(self._cgroup.directory).st_ino == self._cgroup_id
+        except OSError:
+            same = False
+        if not same:
+            raise CgroupNotFound(
+                f"cgroup {self._cgroup.directory} was removed (or removed and recreated) after this Limiter "
+                "was built; close it and build a new Limiter for the cgroup that is there now"
+            )
+        try:
+            snap = backend.snapshot(handle)
+        except FileNotFoundError as exc:
+            raise CgroupNotFound(f"cgroup {self._cgroup.directory} was removed while being read: {exc}") from None
         value = snap.working_set if self._metric == "working_set" else snap.used
         threshold = None if (self._trip.ppm is not None and snap.limit is None) else self._trip.resolve(snap.limit)
         return Stats(
@@ -417,12 +411,12 @@ class Limiter:
             limit_headroom_bytes=snap.headroom,
             metric=self._metric,
             tripped=self.is_mem_limit_reached(),
-            backend=self._backend.name,
-            backend_reason=self._backend.reason,
-            hooks=tuple(getattr(self._backend, "hooks", ())),
+            backend=backend.name,
+            backend_reason=backend.reason,
+            hooks=tuple(backend.hooks),
             cgroup_path=self._cgroup.path,
             cgroup_dir=self._cgroup.directory,
-            cgroup_id=self._cgroup.cgroup_id,
+            cgroup_id=self._cgroup_id,
             cgroup_version=self._cgroup.version,
             updated_ns=snap.updated_ns or time.monotonic_ns(),
             oom_kills=snap.oom_kills,
@@ -430,15 +424,19 @@ class Limiter:
             soft_threshold_bytes=None if self._soft is None or (self._soft.ppm is not None and snap.limit is None)
             else self._soft.resolve(snap.limit),
             level=self.level().name,
-            trips=self._backend.trips(self._handle),
-            soft_trips=0 if self._soft_handle is None else self._backend.trips(self._soft_handle),
+            trips=backend.trips(handle),
+            soft_trips=0 if soft_handle is None else backend.trips(soft_handle),
             relief_runs=self._relief.stats.runs if self._relief else 0,
             relief_bytes=self._relief.stats.bytes_returned if self._relief else 0,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
-        """Stop watching; the BPF programs are detached when the last Limiter closes."""
+        """Stop watching; the BPF programs are detached when the last watch is gone.
+
+        A check kept from before (``check = lim.is_mem_limit_reached``) answers the fail
+        answer from now on: it never reads a slot lent to another cgroup.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -447,10 +445,12 @@ class Limiter:
             self._hot = (self._fail_answer,)
             self._soft_hot = None
             self.is_mem_limit_reached = functools.partial(bool, self._fail_answer)  # type: ignore[method-assign]
-            self._backend.remove_rule(self._handle)
-            if self._soft_handle is not None:
-                self._backend.remove_rule(self._soft_handle)
-            self._backend.close()
+            backend, handle, soft = self._backend, self._handle, self._soft_handle
+            self._handle = self._soft_handle = None  # drop the watch: nothing pins the mapping
+        backend.remove_rule(handle, self._fail_answer)
+        if soft is not None:
+            backend.remove_rule(soft, self._fail_answer)
+        backend.close()
 
     def __enter__(self) -> Limiter:
         return self
@@ -459,13 +459,6 @@ class Limiter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        try:
-            if not getattr(self, "_closed", True):
-                self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
     def __repr__(self) -> str:
         soft = f", soft_threshold={self._soft.describe()!r}" if self._soft else ""
@@ -481,41 +474,3 @@ def _same_kind_not_below(soft: Threshold, hard: Threshold) -> bool:
     if soft.nbytes is not None and hard.nbytes is not None:
         return soft.nbytes >= hard.nbytes
     return False  # mixed kinds: comparable only against a limit, at run time
-
-
-class _Monitor:
-    """One daemon thread per process: watches limiters for level changes, runs relief.
-
-    It holds limiters weakly, so it never keeps one alive. The hot path never waits on it.
-    """
-
-    def __init__(self) -> None:
-        self._limiters: weakref.WeakSet[Limiter] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def add(self, lim: Limiter) -> None:
-        with self._lock:
-            self._limiters.add(lim)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="rtml-ebpf-monitor", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(MONITOR_INTERVAL)
-            for lim in list(self._limiters):
-                try:
-                    lim._observe()
-                except Exception:  # noqa: BLE001 - keep watching the others
-                    log.exception("rtml-ebpf: monitor failed on %r", lim)
-
-
-_MONITOR: _Monitor | None = None
-
-
-def _monitor() -> _Monitor:
-    global _MONITOR
-    if _MONITOR is None:
-        _MONITOR = _Monitor()
-    return _MONITOR

@@ -18,13 +18,16 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import _abi, _features, _libbpf
 from ._backend import Snapshot
 from ._cgroup import MemoryCgroup
+from ._meter import EbpfThreadMeter
 from ._poll import PollBackend
 from ._rules import Rule, Usage, effective_used, evaluate
-from .errors import ConfigError, LoadError, NotSupported, RtmlError
+from .config import env_hooks
+from .errors import CapacityError, LoadError, NotSupported, RtmlError
 
 log = logging.getLogger("rtml_ebpf")
 
@@ -37,24 +40,8 @@ _U64 = struct.Struct("=Q")
 
 
 def hooks_from_env(value: str | None = None) -> tuple[str, ...] | None:
-    """RTML_HOOKS: unset/"auto" -> what the kernel offers, page_fault_user only where the memcg
-    events are missing; "all" -> everything the kernel offers; "fault" -> the pre-6.13 set; or a list."""
-    value = os.environ.get("RTML_HOOKS", "") if value is None else value
-    value = value.strip()
-    if value in ("", "auto"):
-        return None
-    if value == "all":
-        return _features.HOOK_NAMES
-    if value == "fault":
-        return _features.FAULT_HOOKS
-    names = tuple(v.strip() for v in value.split(",") if v.strip())
-    unknown = [n for n in names if n not in _features.HOOK_NAMES]
-    if unknown:
-        raise ConfigError(
-            f"RTML_HOOKS={value!r}: unknown hook {unknown[0]!r}; use auto, fault or a comma list of "
-            + ", ".join(_features.HOOK_NAMES)
-        )
-    return names
+    """RTML_HOOKS (see config.parse_hooks); ``value`` overrides the environment."""
+    return env_hooks(None if value is None else {"RTML_HOOKS": value})
 
 
 def _file_oom_kills(cgroup: MemoryCgroup) -> int:
@@ -85,6 +72,10 @@ def _map_len(value_size: int, entries: int) -> int:
     return (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
 
+# Watched cgroups on one path that a single event refreshes (RTML_NESTED_WATCHES in rtml.bpf.c).
+NESTED_WATCHES = 2
+
+
 @dataclass
 class _SlotState:
     index: int
@@ -92,22 +83,46 @@ class _SlotState:
     cgroup_id: int
     reader: PollBackend  # the cgroup's files, for the initial reading and the upkeep (caches limits)
     rules: dict[int, Rule] = field(default_factory=dict)
+    # Rules closed while their Watch lives on (a caller kept the bound check): the byte keeps
+    # the fail answer and the index is not lent again until that Watch is collected, so a
+    # stale check can never answer for another cgroup.
+    quarantined: dict[int, bool] = field(default_factory=dict)  # rule index -> its fail answer
     ancestors: list[str] = field(default_factory=list)
+    watched: bool = True
 
 
-class SlotFlag:
-    """A Limiter's handle on one rule of one slot; ``flag[0]`` reads the kernel's verdict."""
+class Watch:
+    """One rule of one watched cgroup: ``hot[0]`` is the kernel's verdict byte.
 
-    __slots__ = ("slot", "rule", "_view")
+    It holds a reference on the runtime; when it is collected (its Limiter and every kept
+    ``is_mem_limit_reached`` are gone) the rule is unwatched and the runtime released.
+    Nothing here refers back to the Limiter, so plain reference counting frees it.
+    """
 
-    def __init__(self, slot: int, rule: int, view: memoryview) -> None:
+    __slots__ = ("runtime", "slot", "rule", "cgroup_id", "hot", "closed", "__weakref__")
+
+    def __init__(self, runtime: Runtime, slot: int, rule: int, cgroup_id: int, view: memoryview) -> None:
+        self.runtime = runtime
         self.slot = slot
         self.rule = rule
-        self._view = view
+        self.cgroup_id = cgroup_id
+        self.hot: Any = view.cast("?")
+        self.closed = False
 
-    @property
-    def view(self) -> memoryview:
-        return self._view
+    def __getitem__(self, index: int) -> bool:
+        return bool(self.hot[0])
+
+    def close(self, fail_answer: bool) -> None:
+        """Stop watching; the byte answers ``fail_answer`` from now on (kept checks read it)."""
+        if not self.closed:
+            self.closed = True
+            self.runtime.unregister(self, fail_answer)
+
+    def __del__(self) -> None:
+        try:
+            self.runtime.forget(self)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 class Runtime:
@@ -120,25 +135,39 @@ class Runtime:
     @classmethod
     def acquire(cls) -> Runtime:
         with cls._class_lock:
-            inst = cls._instance
-            if inst is None or inst._closed or inst.inherited:
-                # A forked child builds its own: the inherited one belongs to its parent.
-                inst = cls._instance = cls(hooks_from_env())
-            inst._refs += 1
-            return inst
+            while True:
+                inst = cls._instance
+                if inst is None or inst._closed or inst.inherited:
+                    # A forked child builds its own: the inherited one belongs to its parent.
+                    inst = cls._instance = cls(hooks_from_env())
+                with inst._lock:
+                    if not inst._closed:
+                        inst._refs += 1
+                        return inst
 
     def release(self) -> None:
-        with Runtime._class_lock:
+        with self._lock:
             self._refs -= 1
-            if self._refs <= 0:
-                self.close()
-                if Runtime._instance is self:
-                    Runtime._instance = None
+            if self._refs > 0:
+                return
+            self._close_locked()
+        if Runtime._instance is self:
+            Runtime._instance = None
 
     @classmethod
     def current(cls) -> Runtime | None:
         inst = cls._instance
         return inst if inst is not None and not inst._closed else None
+
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        # A fork while another thread held a lock (a background load holds the class lock for
+        # ~150 ms) must not leave the child waiting for a thread that does not exist there.
+        cls._class_lock = threading.Lock()
+        inst = cls._instance
+        if inst is not None:
+            inst._lock = threading.Lock()
+            inst._pending.clear()
 
     # -- load ---------------------------------------------------------------------------
     def __init__(self, hooks: tuple[str, ...] | None = None) -> None:
@@ -152,6 +181,8 @@ class Runtime:
         self.skipped: dict[str, str] = {}
         self._maps: list[mmap.mmap] = []
         self._slots_by_cgid: dict[int, _SlotState] = {}
+        self._pending: list[tuple[int, int, int]] = []  # (slot, rule, cgroup_id) of Watches collected mid-lock
+        self.thread_meter: EbpfThreadMeter | None = None
         try:
             self._load(hooks)
         except BaseException:
@@ -194,8 +225,6 @@ class Runtime:
                 chosen.append(hook)
         if not chosen:
             raise NotSupported("eBPF hooks", "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
-        if any(h.name == "page_fault_user" for h in chosen):
-            _features.ensure_tracefs()
 
         ret = lib.bpf_object__load(self._obj)
         if ret < 0:
@@ -225,6 +254,10 @@ class Runtime:
         self._configs_mm = self._mmap("configs", CONFIG_SIZE, _abi.MAX_SLOTS)
         self._ctl_mm = self._mmap("ctl", ctypes.sizeof(_abi.Ctl), 1)
         self._slots_view = memoryview(self._slots_mm)
+        self._slot_words = self._slots_view.cast("q")
+        self._config_words = memoryview(self._configs_mm).cast("q")
+        threads_mm = self._mmap("threads", ctypes.sizeof(_abi.Thread), _abi.MAX_THREADS)
+        self.thread_meter = EbpfThreadMeter(memoryview(threads_mm).cast("q"), _abi.MAX_THREADS, self)
         ctl = _abi.Ctl.from_buffer(self._ctl_mm)
         ctl.abi_version = _abi.ABI_VERSION
         memcg_live = "memcg_lruvec" in self._links or "memcg_state" in self._links
@@ -261,23 +294,29 @@ class Runtime:
         return "memcg_lruvec" in self._links
 
     # -- watched cgroups ----------------------------------------------------------------
-    def register(self, cgroup: MemoryCgroup, rule: Rule) -> SlotFlag:
-        with self._lock:
+    def register(self, cgroup: MemoryCgroup, rule: Rule) -> Watch:
+        with self._locked():
             if self._closed:
                 raise RtmlError("the eBPF runtime is closed")
             cgid = cgroup.cgroup_id
             state = self._slots_by_cgid.get(cgid)
-            fresh = state is None
+            fresh = state is None or not state.watched
             if state is None:
+                self._check_nesting(cgroup)
                 used = {s.index for s in self._slots_by_cgid.values()}
                 free = next((i for i in range(_abi.MAX_SLOTS) if i not in used), None)
                 if free is None:
-                    raise RtmlError(f"all {_abi.MAX_SLOTS} eBPF slots are in use; close Limiters you no longer need")
+                    raise CapacityError(
+                        f"all {_abi.MAX_SLOTS} eBPF slots are in use; close Limiters you no longer need"
+                    )
                 state = _SlotState(free, cgroup, cgid, PollBackend(cgroup, "file reader"),
                                    ancestors=cgroup.ancestors())
-            rule_index = next((i for i in range(_abi.MAX_RULES) if i not in state.rules), None)
+            elif not state.watched:
+                self._check_nesting(cgroup)
+            taken = set(state.rules) | set(state.quarantined)
+            rule_index = next((i for i in range(_abi.MAX_RULES) if i not in taken), None)
             if rule_index is None:
-                raise RtmlError(
+                raise CapacityError(
                     f"cgroup {cgroup.directory} already has {_abi.MAX_RULES} thresholds watched in this "
                     "process; share a Limiter instead of creating more"
                 )
@@ -295,35 +334,122 @@ class Runtime:
                     _libbpf.lib().bpf_map_update_elem(self._watch_fd, ctypes.byref(key), ctypes.byref(value), 0),
                     "watch", cgroup.directory,
                 )
+                state.watched = True
                 self._slots_by_cgid[cgid] = state
                 self._update_ctl()
             off = state.index * SLOT_SIZE + _abi.TRIPPED_OFFSET + rule_index
-            return SlotFlag(state.index, rule_index, self._slots_view[off : off + 1])
+            self._refs += 1  # the Watch's own reference, released when it is collected
+            return Watch(self, state.index, rule_index, cgid, self._slots_view[off : off + 1])
+
+    def _check_nesting(self, cgroup: MemoryCgroup) -> None:
+        """The programs refresh at most NESTED_WATCHES watched cgroups on one path: refuse a
+        third rather than leave one of them silently stale."""
+        new = os.path.normpath(cgroup.directory)
+
+        def on_path(a: str, b: str) -> bool:  # a is b or an ancestor of b
+            return a == b or b.startswith(a + os.sep)
+
+        others = [os.path.normpath(s.cgroup.directory) for s in self._slots_by_cgid.values() if s.watched]
+        chains = [[d for d in others if on_path(d, new) or on_path(new, d)]]
+        for d in others:
+            if on_path(new, d):  # a watched descendant: its own chain gains the new cgroup
+                chains.append([e for e in others if on_path(e, d)])
+        worst = max(chains, key=len)
+        if len(worst) + 1 > NESTED_WATCHES:
+            raise CapacityError(
+                f"cgroup {cgroup.directory}: {', '.join(sorted(worst))} already watched on the same path; the "
+                f"programs follow at most {NESTED_WATCHES} nested watched cgroups per path. Watch the pod or "
+                "the container, not both plus a third level"
+            )
 
     @property
     def inherited(self) -> bool:
         """True in a child forked after the load (gunicorn --preload, multiprocessing fork)."""
         return os.getpid() != self._pid
 
-    def unregister(self, flag: SlotFlag) -> None:
-        with self._lock:
+    def unregister(self, watch: Watch, fail_answer: bool) -> None:
+        """A Limiter closed: its rule stops, its byte answers ``fail_answer`` while kept checks
+        live (quarantined), the cgroup is unwatched when it has no rule left, and the Watch's
+        runtime reference goes (a kept check holds its byte, not the programs)."""
+        with self._locked():
+            self._pending.append((-1, -1, 0))  # the Watch's reference, released on the way out
             if self._closed or self.inherited:
                 # The kernel state belongs to the process that loaded it: a forked child that
                 # closes its copy must not unwatch the cgroup for its parent and siblings.
                 return
-            state = next((s for s in self._slots_by_cgid.values() if s.index == flag.slot), None)
-            if state is None or flag.rule not in state.rules:
+            state = self._slots_by_cgid.get(watch.cgroup_id)
+            if state is None or state.index != watch.slot or watch.rule not in state.rules:
                 return
-            del state.rules[flag.rule]
-            self._write_rule(state.index, flag.rule, None)
-            if not state.rules:
-                del self._slots_by_cgid[state.cgroup_id]
+            del state.rules[watch.rule]
+            self._write_rule(state.index, watch.rule, None)
+            self._slots_mm[state.index * SLOT_SIZE + _abi.TRIPPED_OFFSET + watch.rule] = int(fail_answer)
+            state.quarantined[watch.rule] = fail_answer
+            if not state.rules and state.watched:
+                state.watched = False
                 key = ctypes.c_uint64(state.cgroup_id)
                 _libbpf.lib().bpf_map_delete_elem(self._watch_fd, ctypes.byref(key))
                 self._update_ctl()
 
-    def _state_of(self, cgroup: MemoryCgroup) -> _SlotState | None:
-        return next((st for st in self._slots_by_cgid.values() if st.cgroup.directory == cgroup.directory), None)
+    def forget(self, watch: Watch) -> None:
+        """A Watch was collected: free its rule index (and the slot when nothing else holds it),
+        and drop its runtime reference if close() did not. Never blocks: a collection that
+        happens while this runtime's lock is held (by this thread or another) is finished by
+        the holder."""
+        self._pending.append((watch.slot, watch.rule, watch.cgroup_id if watch.closed else -watch.cgroup_id))
+        if self._lock.acquire(blocking=False):
+            self._drain_and_unlock()
+
+    def drop_ref(self) -> None:
+        """release(), but never blocking (for finalizers)."""
+        self._pending.append((-1, -1, 0))
+        if self._lock.acquire(blocking=False):
+            self._drain_and_unlock()
+
+    def _drain_and_unlock(self) -> None:
+        released = 0
+        try:
+            while self._pending:
+                slot, rule, cgid = self._pending.pop()
+                if slot < 0 or cgid < 0:  # a reference to give back (a release, an unclosed Watch)
+                    released += 1
+                    cgid = -cgid
+                if self._closed or self.inherited or slot < 0:
+                    continue
+                state = self._slots_by_cgid.get(cgid)
+                if state is None or state.index != slot:
+                    continue
+                if rule in state.rules:  # its Limiter was dropped without close()
+                    del state.rules[rule]
+                    self._write_rule(slot, rule, None)
+                state.quarantined.pop(rule, None)
+                if not state.rules and state.watched:
+                    state.watched = False
+                    key = ctypes.c_uint64(cgid)
+                    _libbpf.lib().bpf_map_delete_elem(self._watch_fd, ctypes.byref(key))
+                    self._update_ctl()
+                if not state.rules and not state.quarantined:
+                    del self._slots_by_cgid[cgid]
+            self._refs -= released
+            if released and self._refs <= 0:
+                self._close_locked()
+        finally:
+            self._lock.release()
+        if released and self._closed and Runtime._instance is self:
+            Runtime._instance = None
+
+    class _Locked:
+        def __init__(self, rt: Runtime) -> None:
+            self.rt = rt
+
+        def __enter__(self) -> None:
+            self.rt._lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.rt._drain_and_unlock()
+
+    def _locked(self) -> Runtime._Locked:
+        """The runtime lock; on the way out it finishes Watches collected meanwhile."""
+        return Runtime._Locked(self)
 
     def _init_slot(self, state: _SlotState, cgroup: MemoryCgroup, snap: Snapshot) -> None:
         slot = _abi.Slot()
@@ -333,6 +459,8 @@ class Runtime:
         slot.limit_pages = (snap.limit // PAGE_SIZE) if snap.limit is not None else _abi.UNLIMITED_PAGES
         slot.headroom_pages = (snap.headroom // PAGE_SIZE) if snap.headroom is not None else _abi.UNLIMITED_PAGES
         slot.updated_ns = time.monotonic_ns()
+        for rule, fail_answer in state.quarantined.items():
+            slot.tripped[rule] = int(fail_answer)  # kept checks of closed Limiters keep their answer
         base = state.index * SLOT_SIZE
         self._slots_mm[base : base + SLOT_SIZE] = bytes(slot)
         zeros = (_abi.Counters * possible_cpus())()  # a reused slot starts from zero
@@ -376,33 +504,61 @@ class Runtime:
 
     @property
     def needs_upkeep(self) -> bool:
-        """True where only the fault hook feeds the slots (kernels before 6.13)."""
+        """True where no memcg events feed the slots (kernels before 6.13, the lean set)."""
         return not self.tracks_inactive_file
 
-    def maintain(self, cgroup: MemoryCgroup) -> None:
-        """Fault-hook kernels only: the program sees growth as it faults in, but not frees nor
-        inactive_file. Re-read both from the cgroup files and re-evaluate the verdicts, so a
-        cgroup that freed memory (or whose cache went inactive) clears without waiting for its
-        next fault. Called by the limiter monitor every MAINTAIN_INTERVAL."""
-        with self._lock:
-            state = self._state_of(cgroup)
-            if state is None or self._closed:
+    def _state(self, watch: Watch) -> _SlotState:
+        state = self._slots_by_cgid.get(watch.cgroup_id)
+        if self._closed or state is None or state.index != watch.slot:
+            raise RtmlError("this Limiter is closed: its eBPF watch is gone")
+        return state
+
+    def maintain(self, watch: Watch) -> None:
+        """Without memcg events the program sees growth as it faults in, but not frees nor
+        inactive_file. Re-read both from the cgroup files, rewrite the slot's usage and
+        re-evaluate the verdicts, so a cgroup that freed memory (or whose cache went inactive)
+        clears without waiting for its next fault. Called by the limiter monitor every
+        MAINTAIN_INTERVAL."""
+        with self._locked():
+            if self._closed or self.inherited:
+                return
+            state = self._slots_by_cgid.get(watch.cgroup_id)
+            if state is None or not state.watched:
                 return
             snap = state.reader.read()
-            cfg = _abi.Config.from_buffer(self._configs_mm, state.index * CONFIG_SIZE)
-            cfg.inactive_file_base = snap.inactive_file // PAGE_SIZE
-            del cfg
-            usage = Usage(snap.used, snap.working_set, snap.limit)
-            base = state.index * SLOT_SIZE + _abi.TRIPPED_OFFSET
-            for index, rule in state.rules.items():
-                was = bool(self._slots_mm[base + index])
-                now = evaluate(rule, usage, was)
-                if now != was:
-                    self._slots_mm[base + index] = int(now)
+            self._write_reading(state, snap)
+
+    def _write_reading(self, state: _SlotState, snap: Snapshot) -> None:
+        """User space's reading into the slot (fault-hook kernels only), and the verdicts."""
+        cfg = _abi.Config.from_buffer(self._configs_mm, state.index * CONFIG_SIZE)
+        cfg.inactive_file_base = snap.inactive_file // PAGE_SIZE
+        del cfg
+        base = state.index * SLOT_SIZE
+        slot = _abi.Slot.from_buffer(self._slots_mm, base)
+        slot.inactive_file_delta = 0
+        slot.usage_pages = snap.usage // PAGE_SIZE
+        slot.limit_pages = snap.limit // PAGE_SIZE if snap.limit is not None else _abi.UNLIMITED_PAGES
+        slot.headroom_pages = snap.headroom // PAGE_SIZE if snap.headroom is not None else _abi.UNLIMITED_PAGES
+        slot.updated_ns = time.monotonic_ns()
+        usage = Usage(snap.used, snap.working_set, snap.limit)
+        for index, rule in state.rules.items():
+            was = bool(slot.tripped[index])
+            now = evaluate(rule, usage, was)
+            if now != was:
+                slot.tripped[index] = int(now)
+                if now:
+                    slot.trips[index] += 1
+        del slot
 
     # -- readings -----------------------------------------------------------------------
     def read_slot(self, index: int) -> _abi.Slot:
         """A consistent copy of one slot (retries while a writer is in the middle)."""
+        with self._locked():
+            if self._closed:
+                raise RtmlError("the eBPF runtime is closed")
+            return self._read_slot(index)
+
+    def _read_slot(self, index: int) -> _abi.Slot:
         base = index * SLOT_SIZE
         raw = b""
         for _ in range(100):
@@ -413,25 +569,45 @@ class Runtime:
                 break
         return _abi.Slot.from_buffer_copy(raw)
 
-    def snapshot(self, cgroup: MemoryCgroup, full: bool = True) -> Snapshot:
-        state = self._state_of(cgroup)
-        if state is None:
-            raise RtmlError(f"cgroup {cgroup.directory} is not watched")
-        s = self.read_slot(state.index)
-        c = self.read_counters(state.index) if full else _abi.Counters()
-        cfg = _abi.Config.from_buffer_copy(
-            self._configs_mm[state.index * CONFIG_SIZE : (state.index + 1) * CONFIG_SIZE]
-        )
-        if full and not self.tracks_inactive_file:
-            # Without lruvec events the kernel side cannot follow inactive_file: refresh the base.
-            try:
-                base_pages = cgroup.read_inactive_file() // PAGE_SIZE
-                live_cfg = _abi.Config.from_buffer(self._configs_mm, state.index * CONFIG_SIZE)
-                live_cfg.inactive_file_base = base_pages
-                del live_cfg
-                cfg.inactive_file_base = base_pages
-            except OSError:
-                pass
+    def trips(self, watch: Watch) -> int:
+        with self._locked():
+            self._state(watch)
+            return int(self._read_slot(watch.slot).trips[watch.rule])
+
+    def room(self, watch: Watch, rule: Rule) -> tuple[int | None, int | None]:
+        """(bytes before ``rule`` trips, bytes before the OOM killer acts) from the slot: a few
+        word reads, no syscall, no lock (for admission on every request). None: unlimited."""
+        w = self._slot_words
+        base = watch.slot * _abi.SLOT_WORDS
+        usage, limit, headroom = w[base + _abi.W_USAGE], w[base + _abi.W_LIMIT], w[base + _abi.W_HEADROOM]
+        if limit >= _abi.UNLIMITED_PAGES:
+            used, limit_bytes, limit_room = usage, None, None
+        else:
+            used, limit_bytes, limit_room = limit - headroom, limit * PAGE_SIZE, headroom * PAGE_SIZE
+        if rule.metric == "working_set":
+            inactive = self._config_words[watch.slot * _abi.CONFIG_WORDS + 1] + w[base + _abi.W_INACTIVE_DELTA]
+            used = max(0, used - inactive)
+        trip = rule.trip.resolve(limit_bytes)
+        return (None if trip is None else trip - used * PAGE_SIZE), limit_room
+
+    def snapshot(self, watch: Watch, full: bool = True) -> Snapshot:
+        with self._locked():
+            state = self._state(watch)
+            s = self._read_slot(state.index)
+            c = self._read_counters(state.index) if full else _abi.Counters()
+            if full and not self.tracks_inactive_file and not self.inherited:
+                # Without memcg events the slot cannot see frees nor inactive_file: the files
+                # are the truth. Re-read them and refresh the slot (and its verdicts) with them.
+                try:
+                    self._write_reading(state, state.reader.read())
+                except FileNotFoundError:
+                    pass
+                s = self._read_slot(state.index)
+            cfg = _abi.Config.from_buffer_copy(
+                self._configs_mm[state.index * CONFIG_SIZE : (state.index + 1) * CONFIG_SIZE]
+            )
+            oom_victim = "oom_victim" in self._links
+            faults = "page_fault_user" in self._links
         limit = s.limit_pages * PAGE_SIZE if s.limit_pages < _abi.UNLIMITED_PAGES else None
         headroom = s.headroom_pages * PAGE_SIZE if limit is not None else None
         usage = s.usage_pages * PAGE_SIZE
@@ -450,8 +626,8 @@ class Runtime:
             limit_source=source,
             headroom=headroom,
             updated_ns=int(s.updated_ns),
-            oom_kills=int(s.oom_kills) if "oom_victim" in self._links else _file_oom_kills(cgroup),
-            faults=c.faults if "page_fault_user" in self._links else None,
+            oom_kills=int(s.oom_kills) if oom_victim else _file_oom_kills(state.cgroup),
+            faults=c.faults if faults else None,
             events=c.events,
             growth={
                 k: (int(getattr(c, f"{k}_charged")) * PAGE_SIZE, int(getattr(c, f"{k}_uncharged")) * PAGE_SIZE)
@@ -460,7 +636,13 @@ class Runtime:
         )
 
     def read_counters(self, index: int) -> _abi.Counters:
-        """The per-CPU counters of one slot, summed."""
+        with self._locked():
+            if self._closed:
+                raise RtmlError("the eBPF runtime is closed")
+            return self._read_counters(index)
+
+    def _read_counters(self, index: int) -> _abi.Counters:
+        """The per-CPU counters of one slot, summed. Under the lock: the map fd stays ours."""
         ncpu = possible_cpus()
         values = (_abi.Counters * ncpu)()
         key = ctypes.c_uint32(index)
@@ -475,9 +657,16 @@ class Runtime:
 
     # -- teardown -----------------------------------------------------------------------
     def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+        if Runtime._instance is self:
+            Runtime._instance = None
+
+    def _close_locked(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self.thread_meter = None
         if self.inherited:
             # Forked copy: leave links and maps to the loading process (fds close at exit).
             self._links.clear()
@@ -489,12 +678,16 @@ class Runtime:
             lib.bpf_link__destroy(link)
         self._links.clear()
         self._slots_view = None  # type: ignore[assignment]
+        self._slot_words = self._config_words = None  # type: ignore[assignment]
         for mm in reversed(self._maps):
             try:
                 mm.close()
             except BufferError:
-                pass  # a Limiter's view still points into it: it unmaps when that view is collected
+                pass  # a view still points into it (a kept check): it unmaps when that view is collected
         self._maps.clear()
         if self._obj:
             lib.bpf_object__close(self._obj)
             self._obj = 0
+
+
+os.register_at_fork(after_in_child=Runtime._after_fork_in_child)

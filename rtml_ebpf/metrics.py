@@ -17,6 +17,7 @@ from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFam
 from prometheus_client.registry import CollectorRegistry
 
 from ._shed import rejections
+from .errors import ConfigError
 from .limiter import Level, Limiter
 
 LEVELS = {lvl.name: int(lvl) for lvl in Level}
@@ -37,7 +38,7 @@ class MemoryLimiterCollector:
         namespace: str = "rtml",
     ) -> None:
         if limiter is not None and not isinstance(limiter, Limiter):
-            raise ValueError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
+            raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
         self._limiter = limiter
         self._ns = namespace
         if registry is not None:
@@ -46,9 +47,9 @@ class MemoryLimiterCollector:
     def _lim(self) -> Limiter:
         if self._limiter is not None:
             return self._limiter
-        import rtml_ebpf
+        from ._default import default_limiter
 
-        return rtml_ebpf.default_limiter()
+        return default_limiter()
 
     def describe(self) -> Iterator[Any]:
         # Names only, so registering does not build the default limiter.

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigError
+
 log = logging.getLogger("rtml_ebpf")
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -62,7 +64,7 @@ class Relief:
 
     def __init__(self, *, min_interval: float = 5.0, collect: bool = True, trim: bool = True) -> None:
         if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or min_interval < 0:
-            raise ValueError(f"min_interval={min_interval!r}: pass seconds >= 0 (default 5.0)")
+            raise ConfigError(f"min_interval={min_interval!r}: pass seconds >= 0 (default 5.0)")
         self.min_interval = float(min_interval)
         self.collect = collect
         self.trim = trim and _malloc_trim is not None

@@ -134,7 +134,7 @@ def test_bad_environment_fails_open_and_logs_once() -> None:
     out = run_py(code, {"RTML_BACKEND": "nope"})
     assert out.returncode == 0
     assert out.stdout.strip() == "[False, False, False]"
-    assert out.stderr.count("backend='nope'") == 1
+    assert out.stderr.count("RTML_BACKEND='nope'") == 1
     closed = run_py(code, {"RTML_THRESHOLD": "2.5", "RTML_FAIL_CLOSED": "1"})
     assert closed.stdout.strip() == "[True, True, True]"
     assert "RTML_THRESHOLD=2.5: a float threshold" in closed.stderr
@@ -154,12 +154,12 @@ def test_module_check_is_thread_safe_and_builds_one_default() -> None:
         assert rtml_ebpf.default_limiter() is rtml_ebpf.default_limiter()
     finally:
         rtml_ebpf.configure(backend="auto", threshold=0.9)
-        rtml_ebpf._settings.clear()
+        rtml_ebpf._default._settings.clear()
 
 
 def test_first_call_answers_at_once_and_upgrades_in_the_background() -> None:
     code = ("import json, time, rtml_ebpf\n"
-            "first = rtml_ebpf.is_mem_limit_reached(); answered_by = rtml_ebpf._default.backend\n"
+            "first = rtml_ebpf.is_mem_limit_reached(); answered_by = rtml_ebpf._default._default.backend\n"
             "lim = rtml_ebpf.default_limiter()\n"
             "print(json.dumps([first, answered_by, lim.backend, lim.stats().backend_reason]))")
     out = run_py(code, {"RTML_METRIC": "usage", "RTML_THRESHOLD": "64Ki"})

@@ -132,7 +132,7 @@ def test_all_hooks_count_faults_and_growth(monkeypatch: pytest.MonkeyPatch) -> N
         json.loads(p.stdout.readline())
         s = lim.stats()
         assert s.faults is not None and s.faults >= 40 * MiB // 4096 // 2  # the hog's first-touch faults
-        snap = lim._backend.snapshot()
+        snap = lim._backend.snapshot(lim._handle)
         # The hog maps shared anonymous memory (shmem): NR_FILE_PAGES counts it, NR_ANON_MAPPED the rest.
         assert snap.growth["anon"][0] + snap.growth["file"][0] >= 40 * MiB
         p.kill()
@@ -158,7 +158,7 @@ def test_parent_limit_is_the_effective_limit() -> None:
             assert lim.is_mem_limit_reached() is True  # 80 MiB > half of the parent's 128
             rt = Runtime.current()
             assert rt is not None
-            handle = lim._handle.handle  # type: ignore[attr-defined]
+            handle = lim._handle
             slot = rt.read_slot(handle.slot)
             assert slot.trip_pages[handle.rule] * 4096 == 64 * MiB  # the kernel's own trip point
             assert wait_until(poll.is_mem_limit_reached, timeout=3)  # a refresh may be under way in the monitor

@@ -1,0 +1,146 @@
+"""Per-thread memory meters: what the kernel charged to the cgroup while one thread ran.
+
+Two sources, the same contract (bytes, cumulative for the calling thread):
+
+* ``ebpf``: the BPF programs add every memcg charge and uncharge made in the context of a
+  registered thread to that thread's entry of the mmapped ``threads`` array (net pages and
+  the peak of net pages). Exact for anon, file, kernel and socket charges, huge pages
+  included; reads and the peak reset are memory accesses, no syscall. A thread registers
+  once (it writes its tid into the entry at ``tid % RTML_MAX_THREADS``); a collision with
+  another live thread leaves that thread on the rusage source.
+* ``rusage``: the kernel's per-thread minor-fault count (``getrusage(RUSAGE_THREAD)``), one
+  syscall per read, times the page size. Counts first touches, so it sees growth but not
+  frees (net = peak), and a huge page counts as one page. Used where the programs are not
+  ours to write (the poll backend, an unprivileged client of the node agent).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from typing import Protocol
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# struct rtml_thread in bpf/rtml.h, as int64 words
+T_TID, T_NET, T_PEAK, T_CHARGED, T_WORDS = 0, 1, 2, 3, 4
+
+
+class Meter(Protocol):
+    source: str
+
+    def begin(self) -> int:
+        """Start a measurement on the calling thread: resets its peak, returns its net bytes."""
+        ...
+
+    def read(self) -> tuple[int, int]:
+        """(net bytes, peak net bytes since the last begin/reset) of the calling thread."""
+        ...
+
+    def reset_peak(self) -> None: ...
+
+    def net_of(self, tid: int) -> int | None:
+        """Net bytes of another thread of this process, or None when not readable cheaply."""
+        ...
+
+
+class RusageMeter:
+    source = "rusage"
+
+    def begin(self) -> int:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt * PAGE_SIZE
+
+    def read(self) -> tuple[int, int]:
+        v = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt * PAGE_SIZE
+        return v, v
+
+    def reset_peak(self) -> None:
+        pass
+
+    def net_of(self, tid: int) -> int | None:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                text = f.read()
+        except OSError:
+            return None
+        return int(text[text.rfind(b")") + 2 :].split()[7]) * PAGE_SIZE
+
+
+RUSAGE = RusageMeter()
+
+
+class _Registration:
+    """The calling thread's entry; clears it when the thread ends (its locals are dropped)."""
+
+    __slots__ = ("words", "base", "tid")
+
+    def __init__(self, words: memoryview, base: int, tid: int) -> None:
+        self.words, self.base, self.tid = words, base, tid
+
+    def __del__(self) -> None:
+        try:
+            if self.words[self.base + T_TID] == self.tid:
+                self.words[self.base + T_TID] = 0
+        except (ValueError, IndexError):
+            pass  # the mapping is gone with its runtime
+
+
+class EbpfThreadMeter:
+    """Reads the ``threads`` array the programs keep (see bpf/rtml.h, struct rtml_thread)."""
+
+    source = "ebpf"
+
+    def __init__(self, words: memoryview, entries: int, owner: object) -> None:
+        self._words = words  # int64 view of the mapping
+        self._entries = entries
+        self._owner = owner  # keeps the runtime (and so the mapping) alive
+        self._local = threading.local()
+
+    def _entry(self) -> int | None:
+        """Word offset of the calling thread's entry, registering it on first use."""
+        reg: _Registration | None | bool = getattr(self._local, "reg", False)
+        if reg is not False:
+            return reg.base if isinstance(reg, _Registration) else None
+        tid = threading.get_native_id()
+        base = (tid % self._entries) * T_WORDS
+        holder = self._words[base + T_TID]
+        if holder not in (0, tid) and os.path.exists(f"/proc/{holder}"):
+            self._local.reg = None  # another live thread holds it: rusage for this one
+            return None
+        w = self._words
+        w[base + T_TID] = 0
+        w[base + T_NET] = w[base + T_PEAK] = w[base + T_CHARGED] = 0
+        w[base + T_TID] = tid
+        self._local.reg = _Registration(w, base, tid)
+        return base
+
+    def begin(self) -> int:
+        base = self._entry()
+        if base is None:
+            return RUSAGE.begin()
+        w = self._words
+        net = w[base + T_NET]
+        w[base + T_PEAK] = net
+        return net * PAGE_SIZE
+
+    def read(self) -> tuple[int, int]:
+        base = self._entry()
+        if base is None:
+            return RUSAGE.read()
+        w = self._words
+        return w[base + T_NET] * PAGE_SIZE, w[base + T_PEAK] * PAGE_SIZE
+
+    def reset_peak(self) -> None:
+        base = self._entry()
+        if base is not None:
+            self._words[base + T_PEAK] = self._words[base + T_NET]
+
+    def net_of(self, tid: int) -> int | None:
+        base = (tid % self._entries) * T_WORDS
+        if self._words[base + T_TID] != tid:
+            return RUSAGE.net_of(tid)
+        return self._words[base + T_NET] * PAGE_SIZE
+
+    def registered(self) -> bool:
+        """True when the calling thread is metered by the programs (not the rusage fallback)."""
+        return self._entry() is not None

@@ -1,0 +1,322 @@
+"""Admission by memory budget: let a request in only if what it will allocate fits.
+
+A check at the door is not enough under concurrency: 32 threads of a gthread server can all
+pass ``is_mem_limit_reached()`` in the same millisecond, then allocate together. Admission
+keeps a budget instead. Each request reserves its estimated cost (learned per route from
+what the kernel charged to past requests, see ``_meter`` and ``_estimator``); a request is
+admitted only if its estimate plus every reservation not yet charged fits in the headroom to
+the threshold. Reservations are shared by all processes of the cgroup (``_ledger``), shrink
+as the request's own charges arrive (they are then in the kernel's usage), and are released
+when it ends.
+
+Rules, in order:
+  1. the limiter's verdict is tripped: refuse (the door check);
+  2. the route is still learning its cost: admit only if no other learning request is in
+     flight in the cgroup (one at a time until it has ``min_samples`` measurements);
+  3. admit if estimate + reserved (all processes) <= headroom to the threshold;
+  4. else admit only if nothing at all is in flight and the estimate fits below the limit
+     (progress: one request larger than the margin still runs when it alone fits).
+
+asyncio (ASGI, grpc.aio): requests share one thread, so the thread meter alone cannot tell
+them apart. :meth:`Admission.run_async` drives the request's coroutine step by step and
+charges what the thread's meter moved during each step to that request: between two awaits
+only that request runs, so the attribution is exact for the request's own code (work it
+hands to other tasks or threads is not charged to it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Coroutine, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ._estimator import CostEstimator, RouteEstimate
+from ._ledger import Ledger
+from ._meter import RUSAGE, Meter
+from .errors import ConfigError
+from .limiter import Limiter
+
+log = logging.getLogger("rtml_ebpf")
+T = TypeVar("T")
+PUBLISH_INTERVAL = 0.005  # seconds between re-publications of shrinking reservations
+
+
+class Ticket:
+    """One admitted request: what it reserved and how far its charges have come."""
+
+    __slots__ = ("route", "estimate", "tid", "net0", "stepped", "net", "peak", "started")
+
+    def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool) -> None:
+        self.route = route
+        self.estimate = estimate  # None: learning
+        self.tid = tid
+        self.net0 = net0
+        self.stepped = stepped  # asyncio: net/peak are kept by run_async, not read from the thread
+        self.net = 0  # bytes charged since admission (stepped mode)
+        self.peak = 0
+        self.started = time.monotonic()
+
+
+@dataclass(frozen=True)
+class AdmissionStats:
+    admitted: int
+    rejected_tripped: int
+    rejected_budget: int
+    rejected_learning: int
+    inflight: int
+    reserved_bytes: int  # this process's reservations not yet charged
+    others_reserved_bytes: int  # every other process of the cgroup
+    meter: str
+    routes: tuple[RouteEstimate, ...]
+
+
+class Admission:
+    """Budget admission for one limiter's cgroup. Thread-safe, fork-safe, one per service.
+
+    ``limiter``: None for the process default (rebuilt lazily, follows configure()).
+    ``request_bytes``: declare every request's cost (no learning); ``route_costs``: per route
+    (``{"POST /upload": 64 << 20}``). ``quantile``/``window``/``min_samples``: the estimator.
+    ``share``: share reservations with the other processes of the cgroup (default True).
+    """
+
+    def __init__(
+        self,
+        limiter: Limiter | None = None,
+        *,
+        request_bytes: int | None = None,
+        route_costs: Mapping[str, int] | None = None,
+        quantile: float = 0.9,
+        window: int = 32,
+        min_samples: int = 3,
+        share: bool = True,
+    ) -> None:
+        if limiter is not None and not isinstance(limiter, Limiter):
+            raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
+        if not isinstance(share, bool):
+            raise ConfigError(f"share={share!r}: pass True or False")
+        self.estimator = CostEstimator(request_bytes=request_bytes, route_costs=route_costs, quantile=quantile,
+                                       window=window, min_samples=min_samples)
+        self._fixed = limiter
+        self._share = share
+        self._mu = threading.Lock()
+        self._inflight: dict[int, Ticket] = {}
+        self._ledger: Ledger | None = None
+        self._ledger_cgid = 0
+        self._pid = os.getpid()
+        self._publisher: threading.Thread | None = None
+        self._wake = threading.Event()
+        self.admitted = self.rejected_tripped = self.rejected_budget = self.rejected_learning = 0
+        self._others_reserved = 0
+
+    # -- collaborators ----------------------------------------------------------------------
+    def limiter(self) -> Limiter | None:
+        if self._fixed is not None:
+            return self._fixed
+        from . import _default
+
+        return _default.current()
+
+    def _meter(self, lim: Limiter) -> Meter:
+        return lim.thread_meter() or RUSAGE
+
+    def _ledger_for(self, lim: Limiter) -> Ledger | None:
+        if not self._share:
+            return None
+        cgid = lim.cgroup_id
+        if self._ledger is None or self._ledger_cgid != cgid:
+            if self._ledger is not None:
+                self._ledger.close()
+            self._ledger, self._ledger_cgid = Ledger(cgid), cgid
+        return self._ledger
+
+    def _after_fork(self) -> None:
+        # A forked worker starts with no requests of its own: the parent's are the parent's.
+        self._mu = threading.Lock()
+        self._inflight = {}
+        self._publisher = None
+        self._wake = threading.Event()
+        self._pid = os.getpid()
+
+    # -- the budget -------------------------------------------------------------------------
+    def _own(self, meter: Meter) -> tuple[int, int, int]:
+        """(reserved not yet charged, in flight, learning) of this process."""
+        reserved = learning = 0
+        for t in self._inflight.values():
+            if t.estimate is None:
+                learning += 1
+                continue
+            if t.stepped:
+                grown = t.net
+            else:
+                now = meter.net_of(t.tid)
+                grown = 0 if now is None else now - t.net0
+            reserved += max(0, t.estimate - max(0, grown))
+        return reserved, len(self._inflight), learning
+
+    def try_admit(self, route: str, *, stepped: bool = False) -> Ticket | None:
+        """A ticket when ``route`` may run now, None when it must be shed. Never raises."""
+        try:
+            return self._try_admit(route, stepped)
+        except Exception as exc:  # noqa: BLE001 - admission must not take the service down
+            log.error("rtml-ebpf: admission failed (%s); falling back to the door check", exc)
+            lim = self.limiter()
+            if lim is not None and lim.is_mem_limit_reached():
+                return None
+            return Ticket(route, 0, threading.get_native_id(), 0, stepped)
+
+    def _try_admit(self, route: str, stepped: bool) -> Ticket | None:
+        if self._pid != os.getpid():
+            self._after_fork()
+        lim = self.limiter()
+        if lim is None:
+            return Ticket(route, 0, threading.get_native_id(), 0, stepped)  # no limiter: fail open
+        if lim.is_mem_limit_reached():
+            self.rejected_tripped += 1
+            return None
+        estimate = self.estimator.estimate(route)
+        meter = self._meter(lim)
+        ledger = self._ledger_for(lim)
+        with self._mu:
+            if ledger is not None:
+                ledger.lock()
+            try:
+                others, others_inflight, others_learning = ledger.totals() if ledger is not None else (0, 0, 0)
+                self._others_reserved = others
+                own, own_inflight, own_learning = self._own(meter)
+                if estimate is None:
+                    ok = others_learning + own_learning == 0
+                    if not ok:
+                        self.rejected_learning += 1
+                else:
+                    room, limit_room = lim.room()
+                    ok = (
+                        room is None
+                        or estimate + own + others <= room
+                        or (others_inflight + own_inflight == 0 and (limit_room is None or estimate < limit_room))
+                    )
+                    if not ok:
+                        self.rejected_budget += 1
+                if not ok:
+                    return None
+                tid = threading.get_native_id()
+                ticket = Ticket(route, estimate, tid, 0 if stepped else meter.begin(), stepped)
+                self._inflight[id(ticket)] = ticket
+                self.admitted += 1
+                if ledger is not None:
+                    ledger.publish(own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None))
+            finally:
+                if ledger is not None:
+                    ledger.unlock()
+        self._ensure_publisher()
+        return ticket
+
+    def finish(self, ticket: Ticket) -> None:
+        """The request ended (answered, failed or cancelled): learn its cost, free its reservation."""
+        try:
+            if ticket.stepped:
+                cost = ticket.peak
+            else:
+                lim = self.limiter()
+                meter = self._meter(lim) if lim is not None else RUSAGE
+                _, peak = meter.read()
+                cost = peak - ticket.net0
+            self.estimator.observe(ticket.route, cost)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
+        with self._mu:
+            self._inflight.pop(id(ticket), None)
+        self._publish()
+
+    # -- sharing the shrinking reservations -----------------------------------------------------
+    def _publish(self) -> None:
+        lim = self.limiter()
+        if lim is None or self._ledger is None or self._pid != os.getpid():
+            return
+        with self._mu:
+            own, inflight, learning = self._own(self._meter(lim))
+            self._ledger.publish(own, inflight, learning)
+
+    def _ensure_publisher(self) -> None:
+        self._wake.set()
+        if self._publisher is None or not self._publisher.is_alive():
+            self._publisher = threading.Thread(target=self._publish_loop, name="rtml-ebpf-admission", daemon=True)
+            self._publisher.start()
+
+    def _publish_loop(self) -> None:
+        # While requests are in flight, their reservations shrink as their charges arrive;
+        # other processes read this row, so keep it current (every 5 ms) rather than only at
+        # this process's next admission.
+        while True:
+            self._wake.wait()
+            if not self._inflight:
+                self._wake.clear()
+                if not self._inflight:
+                    self._publish()
+                    continue
+            try:
+                self._publish()
+            except Exception as exc:  # noqa: BLE001 - keep publishing
+                log.debug("rtml-ebpf: publish failed: %s", exc)
+            time.sleep(PUBLISH_INTERVAL)
+
+    # -- shapes of requests -------------------------------------------------------------------
+    def run_async(self, ticket: Ticket, awaitable: Coroutine[Any, Any, T]) -> Awaitable[T]:
+        """Wrap a request's coroutine so each of its steps is metered to ``ticket``."""
+        lim = self.limiter()
+        meter = self._meter(lim) if lim is not None else RUSAGE
+        return _Stepped(awaitable, ticket, meter)
+
+    def stats(self) -> AdmissionStats:
+        lim = self.limiter()
+        meter = self._meter(lim) if lim is not None else RUSAGE
+        with self._mu:
+            own, inflight, _ = self._own(meter)
+        return AdmissionStats(self.admitted, self.rejected_tripped, self.rejected_budget, self.rejected_learning,
+                              inflight, own, self._others_reserved, meter.source,
+                              tuple(self.estimator.routes()))
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+
+class _Stepped:
+    """Drives a coroutine by hand, charging each step's meter movement to one ticket."""
+
+    __slots__ = ("_coro", "_ticket", "_meter")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], ticket: Ticket, meter: Meter) -> None:
+        self._coro, self._ticket, self._meter = coro, ticket, meter
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, ticket, meter = self._coro, self._ticket, self._meter
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            meter.reset_peak()
+            net0, _ = meter.read()
+            try:
+                yielded = coro.send(send) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                _step(ticket, meter, net0)
+                return stop.value
+            except BaseException:
+                _step(ticket, meter, net0)
+                raise
+            _step(ticket, meter, net0)
+            try:
+                send, error = (yield yielded), None
+            except BaseException as exc:  # noqa: BLE001 - thrown into us: pass it to the coroutine
+                send, error = None, exc
+
+
+def _step(ticket: Ticket, meter: Meter, net0: int) -> None:
+    net1, peak1 = meter.read()
+    ticket.peak = max(ticket.peak, ticket.net + (peak1 - net0))
+    ticket.net += net1 - net0
+
