@@ -93,12 +93,18 @@ def default_limiter() -> Limiter:
 
 
 def current() -> Limiter | None:
-    """The default as it is now, built (poll first) if needed; never blocks, never raises."""
+    """The default as it is now, built (poll first) if needed; never raises. Waits only for
+    another thread's first build of the poll limiter (milliseconds, never the BPF load):
+    admission must not let a burst in unbudgeted while the first request builds it."""
     lim = _default
-    if lim is None:
-        _first_call()
-        lim = _default
-    return lim
+    if lim is not None or _failed:
+        return lim
+    if _create_lock.acquire(timeout=2.0):
+        try:
+            _build_locked()
+        finally:
+            _create_lock.release()
+    return _default
 
 
 def is_mem_limit_reached() -> bool:
@@ -117,28 +123,35 @@ def is_mem_limit_reached() -> bool:
 
 
 def _first_call() -> bool:
-    global _default, _failed
     if _failed or not _create_lock.acquire(blocking=False):
         return _fail_closed()
     try:
-        if _default is None:
-            kwargs = _kwargs()
-            wanted = kwargs.get("backend", "auto")
-            if wanted == "poll":
-                _default = Limiter(**kwargs)  # type: ignore[arg-type]
-            else:
-                _default = Limiter(**{**kwargs, "backend": "poll"})  # type: ignore[arg-type]
-                _upgrade_done.clear()
-                threading.Thread(target=_upgrade, args=(kwargs, _generation), name="rtml-ebpf-load",
-                                 daemon=True).start()
-            _watch_migration()
-        return _default.is_mem_limit_reached()
+        lim = _build_locked()
+        return _fail_closed() if lim is None else lim.is_mem_limit_reached()
+    finally:
+        _create_lock.release()
+
+
+def _build_locked() -> Limiter | None:
+    """With _create_lock held: the poll default now, the eBPF one in the background. Logs and
+    remembers a failure (bad environment, no cgroup) instead of raising."""
+    global _default, _failed
+    if _default is not None or _failed:
+        return _default
+    try:
+        kwargs = _kwargs()
+        if kwargs.get("backend", "auto") == "poll":
+            _default = Limiter(**kwargs)  # type: ignore[arg-type]
+        else:
+            _default = Limiter(**{**kwargs, "backend": "poll"})  # type: ignore[arg-type]
+            _upgrade_done.clear()
+            threading.Thread(target=_upgrade, args=(kwargs, _generation), name="rtml-ebpf-load",
+                             daemon=True).start()
+        _watch_migration()
     except Exception as exc:  # noqa: BLE001 - never raise from the check
         _failed = True
         log.error("rtml-ebpf: cannot watch memory (%s); is_mem_limit_reached() answers %s", exc, _fail_closed())
-        return _fail_closed()
-    finally:
-        _create_lock.release()
+    return _default
 
 
 def _upgrade(kwargs: dict[str, object], generation: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 from ._backend import Flag, Snapshot
 from ._cgroup import MemoryCgroup
@@ -48,7 +49,7 @@ class EbpfBackend:
 
     def hot(self, flag: object) -> Flag:
         assert isinstance(flag, Watch)
-        return flag.hot
+        return cast(Flag, flag.hot)
 
     def snapshot(self, flag: object, full: bool = True) -> Snapshot:
         assert isinstance(flag, Watch)

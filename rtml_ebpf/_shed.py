@@ -1,13 +1,15 @@
 """The shedding decision every integration shares: which limiter, which level, which paths
-are never shed, the jittered Retry-After, and the count of rejections by integration."""
+are never shed, budget admission (on by default), the jittered Retry-After, and the count of
+rejections by integration."""
 
 from __future__ import annotations
 
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
+from .admission import Admission
 from .errors import ConfigError
 from .limiter import Level, Limiter
 
@@ -43,6 +45,9 @@ class Policy:
         shed_at: str = "hard",
         exclude: Iterable[str] = DEFAULT_EXCLUDE_PATHS,
         retry_after: tuple[int, int] = (1, 5),
+        admission: bool | Admission = True,
+        request_bytes: int | None = None,
+        route_costs: Mapping[str, int] | None = None,
     ) -> None:
         if limiter is not None and not isinstance(limiter, Limiter):
             raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
@@ -60,6 +65,7 @@ class Policy:
         self.retry_after = (lo, hi)
         self.shed_at = shed_at
         self._decide = self._make_decider()
+        self.admission = make_admission(admission, limiter, request_bytes, route_costs)
 
     def _make_decider(self) -> Callable[[], bool]:
         lim = self.limiter
@@ -85,6 +91,13 @@ class Policy:
             return lambda: lim.level() >= Level.SOFT
         return lim.should_shed
 
+    def door(self) -> bool:
+        """The check at the door alone: True to shed (not counted: the caller counts what it
+        rejects). With admission at the hard level the admission makes that check itself."""
+        if self.admission is not None and self.shed_at == "hard":
+            return False
+        return self._decide()
+
     def excluded(self, path: str) -> bool:
         return path in self.exclude or path.startswith(self._prefixes)
 
@@ -100,3 +113,21 @@ class Policy:
         # Jitter spreads the retries of many rejected clients over the window.
         lo, hi = self.retry_after
         return random.randint(lo, hi)
+
+
+def make_admission(
+    admission: object, limiter: Limiter | None, request_bytes: int | None, route_costs: Mapping[str, int] | None
+) -> Admission | None:
+    """The integrations' ``admission=`` argument: True (default) builds one for ``limiter``,
+    False turns budgeting off (the check at the door only), or pass an Admission to share."""
+    if isinstance(admission, Admission):
+        if request_bytes is not None or route_costs is not None:
+            raise ConfigError("request_bytes/route_costs: set them on the Admission you pass, not beside it")
+        return admission
+    if admission is False:
+        if request_bytes is not None or route_costs is not None:
+            raise ConfigError("request_bytes/route_costs need admission=True")
+        return None
+    if admission is True:
+        return Admission(limiter, request_bytes=request_bytes, route_costs=route_costs)
+    raise ConfigError(f"admission={admission!r}: pass True (default), False or a rtml_ebpf.Admission")

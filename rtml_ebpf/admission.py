@@ -39,19 +39,25 @@ from ._ledger import Ledger
 from ._meter import RUSAGE, Meter
 from .errors import ConfigError
 from .limiter import Limiter
+from .relief import trim_heap
 
 log = logging.getLogger("rtml_ebpf")
 T = TypeVar("T")
+_fork_lock = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().__setitem__("_fork_lock", threading.Lock()))
 PUBLISH_INTERVAL = 0.005  # seconds between re-publications of shrinking reservations
+TRIM_INTERVAL = 0.1  # at most this often per process: hand freed heap back under budget pressure
 
 
 class Ticket:
     """One admitted request: what it reserved and how far its charges have come."""
 
-    __slots__ = ("route", "estimate", "tid", "net0", "stepped", "net", "peak", "started")
+    __slots__ = ("route", "estimate", "tid", "net0", "stepped", "net", "peak", "started", "meter")
 
-    def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool) -> None:
+    def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool,
+                 meter: Meter = RUSAGE) -> None:
         self.route = route
+        self.meter = meter  # the one it began with: a default limiter swapped meanwhile must not mix sources
         self.estimate = estimate  # None: learning
         self.tid = tid
         self.net0 = net0
@@ -71,6 +77,7 @@ class AdmissionStats:
     reserved_bytes: int  # this process's reservations not yet charged
     others_reserved_bytes: int  # every other process of the cgroup
     meter: str
+    trims: int  # malloc_trim runs under budget pressure
     routes: tuple[RouteEstimate, ...]
 
 
@@ -111,6 +118,9 @@ class Admission:
         self._wake = threading.Event()
         self.admitted = self.rejected_tripped = self.rejected_budget = self.rejected_learning = 0
         self._others_reserved = 0
+        self._want_trim = False
+        self._last_trim = 0.0
+        self.trims = 0
 
     # -- collaborators ----------------------------------------------------------------------
     def limiter(self) -> Limiter | None:
@@ -135,14 +145,18 @@ class Admission:
 
     def _after_fork(self) -> None:
         # A forked worker starts with no requests of its own: the parent's are the parent's.
-        self._mu = threading.Lock()
-        self._inflight = {}
-        self._publisher = None
-        self._wake = threading.Event()
-        self._pid = os.getpid()
+        # Threads of a fresh worker arrive together: one resets, under the process-wide lock.
+        with _fork_lock:
+            if self._pid == os.getpid():
+                return
+            self._mu = threading.Lock()
+            self._inflight = {}
+            self._publisher = None
+            self._wake = threading.Event()
+            self._pid = os.getpid()
 
     # -- the budget -------------------------------------------------------------------------
-    def _own(self, meter: Meter) -> tuple[int, int, int]:
+    def _own(self) -> tuple[int, int, int]:
         """(reserved not yet charged, in flight, learning) of this process."""
         reserved = learning = 0
         for t in self._inflight.values():
@@ -151,16 +165,22 @@ class Admission:
                 continue
             if t.stepped:
                 grown = t.net
+            elif t.tid == 0:
+                grown = 0  # admitted, not yet running on a thread (Admission.bind)
             else:
-                now = meter.net_of(t.tid)
+                now = t.meter.net_of(t.tid)
                 grown = 0 if now is None else now - t.net0
             reserved += max(0, t.estimate - max(0, grown))
         return reserved, len(self._inflight), learning
 
-    def try_admit(self, route: str, *, stepped: bool = False) -> Ticket | None:
-        """A ticket when ``route`` may run now, None when it must be shed. Never raises."""
+    def try_admit(self, route: str, *, stepped: bool = False, bind: bool = True) -> Ticket | None:
+        """A ticket when ``route`` may run now, None when it must be shed. Never raises.
+
+        ``stepped``: an asyncio request, metered by :meth:`run_async`. ``bind=False``: the
+        request will run on another thread (a gRPC pool thread), which calls :meth:`bind`.
+        """
         try:
-            return self._try_admit(route, stepped)
+            return self._try_admit(route, stepped, bind)
         except Exception as exc:  # noqa: BLE001 - admission must not take the service down
             log.error("rtml-ebpf: admission failed (%s); falling back to the door check", exc)
             lim = self.limiter()
@@ -168,7 +188,7 @@ class Admission:
                 return None
             return Ticket(route, 0, threading.get_native_id(), 0, stepped)
 
-    def _try_admit(self, route: str, stepped: bool) -> Ticket | None:
+    def _try_admit(self, route: str, stepped: bool, bind: bool) -> Ticket | None:
         if self._pid != os.getpid():
             self._after_fork()
         lim = self.limiter()
@@ -179,14 +199,14 @@ class Admission:
             return None
         estimate = self.estimator.estimate(route)
         meter = self._meter(lim)
-        ledger = self._ledger_for(lim)
         with self._mu:
+            ledger = self._ledger_for(lim)  # under the lock: one row per process, never two
             if ledger is not None:
                 ledger.lock()
             try:
                 others, others_inflight, others_learning = ledger.totals() if ledger is not None else (0, 0, 0)
                 self._others_reserved = others
-                own, own_inflight, own_learning = self._own(meter)
+                own, own_inflight, own_learning = self._own()
                 if estimate is None:
                     ok = others_learning + own_learning == 0
                     if not ok:
@@ -200,10 +220,15 @@ class Admission:
                     )
                     if not ok:
                         self.rejected_budget += 1
+                        self._want_trim = True
                 if not ok:
+                    if self._want_trim:
+                        self._wake.set()
                     return None
-                tid = threading.get_native_id()
-                ticket = Ticket(route, estimate, tid, 0 if stepped else meter.begin(), stepped)
+                if stepped or not bind:
+                    ticket = Ticket(route, estimate, 0, 0, stepped, meter)
+                else:
+                    ticket = Ticket(route, estimate, threading.get_native_id(), meter.begin(), stepped, meter)
                 self._inflight[id(ticket)] = ticket
                 self.admitted += 1
                 if ledger is not None:
@@ -214,17 +239,37 @@ class Admission:
         self._ensure_publisher()
         return ticket
 
+    def _trim_if_wanted(self) -> None:
+        """Budget pressure: a Python service keeps freed request memory in its malloc arenas
+        (glibc raises its mmap threshold after the first large free), so the kernel still
+        charges it and the budget stays short. Hand it back, off the request path, at most
+        every TRIM_INTERVAL."""
+        now = time.monotonic()
+        if self._want_trim and now - self._last_trim >= TRIM_INTERVAL:
+            self._want_trim = False
+            self._last_trim = now
+            trim_heap()
+            self.trims += 1
+
+    def bind(self, ticket: Ticket) -> None:
+        """The thread that runs an admitted request (admitted elsewhere with ``bind=False``)."""
+        if ticket.stepped or ticket.tid:
+            return
+        ticket.net0 = ticket.meter.begin()
+        ticket.tid = threading.get_native_id()
+
     def finish(self, ticket: Ticket) -> None:
         """The request ended (answered, failed or cancelled): learn its cost, free its reservation."""
         try:
             if ticket.stepped:
                 cost = ticket.peak
+            elif ticket.tid != threading.get_native_id():
+                cost = None  # finished on another thread than it ran on: nothing to learn
             else:
-                lim = self.limiter()
-                meter = self._meter(lim) if lim is not None else RUSAGE
-                _, peak = meter.read()
+                _, peak = ticket.meter.read()
                 cost = peak - ticket.net0
-            self.estimator.observe(ticket.route, cost)
+            if cost is not None:
+                self.estimator.observe(ticket.route, cost)
         except Exception as exc:  # noqa: BLE001
             log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
         with self._mu:
@@ -237,7 +282,7 @@ class Admission:
         if lim is None or self._ledger is None or self._pid != os.getpid():
             return
         with self._mu:
-            own, inflight, learning = self._own(self._meter(lim))
+            own, inflight, learning = self._own()
             self._ledger.publish(own, inflight, learning)
 
     def _ensure_publisher(self) -> None:
@@ -252,6 +297,7 @@ class Admission:
         # this process's next admission.
         while True:
             self._wake.wait()
+            self._trim_if_wanted()
             if not self._inflight:
                 self._wake.clear()
                 if not self._inflight:
@@ -266,17 +312,15 @@ class Admission:
     # -- shapes of requests -------------------------------------------------------------------
     def run_async(self, ticket: Ticket, awaitable: Coroutine[Any, Any, T]) -> Awaitable[T]:
         """Wrap a request's coroutine so each of its steps is metered to ``ticket``."""
-        lim = self.limiter()
-        meter = self._meter(lim) if lim is not None else RUSAGE
-        return _Stepped(awaitable, ticket, meter)
+        return _Stepped(awaitable, ticket, ticket.meter)
 
     def stats(self) -> AdmissionStats:
         lim = self.limiter()
         meter = self._meter(lim) if lim is not None else RUSAGE
         with self._mu:
-            own, inflight, _ = self._own(meter)
+            own, inflight, _ = self._own()
         return AdmissionStats(self.admitted, self.rejected_tripped, self.rejected_budget, self.rejected_learning,
-                              inflight, own, self._others_reserved, meter.source,
+                              inflight, own, self._others_reserved, meter.source, self.trims,
                               tuple(self.estimator.routes()))
 
     def close(self) -> None:

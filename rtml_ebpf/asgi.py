@@ -3,14 +3,20 @@
     from starlette.middleware import Middleware
     from rtml_ebpf.asgi import MemoryLimitMiddleware
     app = Starlette(routes=..., middleware=[Middleware(MemoryLimitMiddleware)])
+
+Requests are admitted by memory budget (rtml_ebpf.admission). On one event loop requests
+share a thread: the middleware drives each request's coroutine step by step and charges to
+it what the kernel charged to the thread during its steps (Admission.run_async).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
-from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
+from ._estimator import route_key
+from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy, record_rejection
+from .admission import Admission
 from .limiter import Limiter
 
 Scope = MutableMapping[str, Any]
@@ -36,15 +42,42 @@ class MemoryLimitMiddleware:
         shed_at: str = "hard",
         retry_after: tuple[int, int] = (1, 5),
         status_code: int = 503,
+        admission: bool | Admission = True,
+        request_bytes: int | None = None,
+        route_costs: Mapping[str, int] | None = None,
     ) -> None:
         self.app = app
-        self.policy = Policy("asgi", limiter, shed_at=shed_at, exclude=exclude_paths, retry_after=retry_after)
+        self.policy = Policy("asgi", limiter, shed_at=shed_at, exclude=exclude_paths, retry_after=retry_after,
+                             admission=admission, request_bytes=request_bytes, route_costs=route_costs)
         self.status_code = status_code
 
+    @property
+    def admission(self) -> Admission | None:
+        return self.policy.admission
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.policy.should_shed(scope.get("path", "")):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or self.policy.excluded(path):
             await self.app(scope, receive, send)
             return
+        if self.policy.door():
+            await self._reject(send)
+            return
+        admission = self.policy.admission
+        if admission is None:
+            await self.app(scope, receive, send)
+            return
+        ticket = admission.try_admit(route_key(scope.get("method", "GET"), path), stepped=True)
+        if ticket is None:
+            await self._reject(send)
+            return
+        try:
+            await admission.run_async(ticket, self.app(scope, receive, send))  # type: ignore[arg-type]
+        finally:
+            admission.finish(ticket)
+
+    async def _reject(self, send: Send) -> None:
+        record_rejection("asgi")
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(REJECTION_BODY)).encode()),

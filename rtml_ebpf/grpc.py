@@ -11,12 +11,14 @@ OpenTelemetry collector does. Health checks are never shed.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc  # the grpcio package (extra: rtml-ebpf[grpc])
 
-from ._shed import Policy
+from ._shed import Policy, record_rejection
+from .admission import Admission, Ticket
 from .errors import ConfigError
 from .limiter import Limiter
 
@@ -41,7 +43,8 @@ class _Rejecter:
     """Validated settings and the metadata of a rejection, shared by both interceptors."""
 
     def __init__(self, integration: str, limiter: Limiter | None, code: str, exclude_methods: Iterable[str],
-                 shed_at: str, retry_after: tuple[int, int]) -> None:
+                 shed_at: str, retry_after: tuple[int, int], admission: bool | Admission = True,
+                 request_bytes: int | None = None, route_costs: Mapping[str, int] | None = None) -> None:
         if code not in CODES:
             raise ConfigError(f"code={code!r}: use 'unavailable' (default) or 'resource_exhausted'")
         if code == "resource_exhausted":
@@ -53,8 +56,27 @@ class _Rejecter:
                     "pip install 'rtml-ebpf[grpc]'"
                 ) from exc
         self.code = CODES[code]
+        self.integration = integration
         self.policy = Policy(integration, limiter, shed_at=shed_at, exclude=exclude_methods,
-                             retry_after=retry_after)
+                             retry_after=retry_after, admission=admission, request_bytes=request_bytes,
+                             route_costs=route_costs)
+
+    def admit(self, method: str, *, stepped: bool) -> tuple[bool, Ticket | None]:
+        """(shed?, ticket): the door check and, where admission is on, the budget. The sync
+        server binds the ticket to the pool thread that runs the call (Admission.bind)."""
+        if self.policy.excluded(method):
+            return False, None
+        if self.policy.door():
+            record_rejection(self.integration)
+            return True, None
+        admission = self.policy.admission
+        if admission is None:
+            return False, None
+        ticket = admission.try_admit(method, stepped=stepped, bind=stepped)
+        if ticket is None:
+            record_rejection(self.integration)
+            return True, None
+        return False, ticket
 
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         delay = self.policy.retry_after_seconds()
@@ -76,8 +98,40 @@ def _like(handler: Any, behaviour: Callable[..., Any]) -> Any:
     return grpc.stream_stream_rpc_method_handler(behaviour, response_serializer=handler.response_serializer)
 
 
+def _with_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
+    """The same handler (request decoding included) whose behaviour runs under ``ticket``:
+    bound to the pool thread that runs it, finished when the call's work ends."""
+    kind = ("unary_unary" if handler.unary_unary else "unary_stream" if handler.unary_stream
+            else "stream_unary" if handler.stream_unary else "stream_stream")
+    inner = getattr(handler, kind)
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+
+    if kind.endswith("_stream"):
+        def streaming(request: Any, context: Any) -> Iterator[Any]:
+            admission.bind(ticket)
+            try:
+                yield from inner(request, context)
+            finally:
+                admission.finish(ticket)
+
+        behaviour: Callable[..., Any] = streaming
+    else:
+        def unary(request: Any, context: Any) -> Any:
+            admission.bind(ticket)
+            try:
+                return inner(request, context)
+            finally:
+                admission.finish(ticket)
+
+        behaviour = unary
+    return make(behaviour, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
 class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Sync server interceptor (``grpc.server(..., interceptors=[...])``)."""
+    """Sync server interceptor (``grpc.server(..., interceptors=[...])``). The verdict and the
+    budget are checked before the request is decoded; an admitted call reserves its route's
+    estimated cost until its handler returns (or its response stream ends)."""
 
     def __init__(
         self,
@@ -87,12 +141,25 @@ class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         exclude_methods: Iterable[str] = DEFAULT_EXCLUDE_METHODS,
         shed_at: str = "hard",
         retry_after: tuple[int, int] = (1, 5),
+        admission: bool | Admission = True,
+        request_bytes: int | None = None,
+        route_costs: Mapping[str, int] | None = None,
     ) -> None:
-        self._r = _Rejecter("grpc", limiter, code, exclude_methods, shed_at, retry_after)
+        self._r = _Rejecter("grpc", limiter, code, exclude_methods, shed_at, retry_after, admission,
+                            request_bytes, route_costs)
+
+    @property
+    def admission(self) -> Admission | None:
+        return self._r.policy.admission
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
-        if handler is None or not self._r.policy.should_shed(handler_call_details.method):
+        if handler is None:
+            return handler
+        shed, ticket = self._r.admit(handler_call_details.method, stepped=False)
+        if ticket is not None and self._r.policy.admission is not None:
+            return _with_ticket(handler, self._r.policy.admission, ticket)
+        if not shed:
             return handler
         r = self._r
 
@@ -104,7 +171,8 @@ class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
 
 class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """asyncio server interceptor (``grpc.aio.server(interceptors=[...])``)."""
+    """asyncio server interceptor (``grpc.aio.server(interceptors=[...])``). Calls share the
+    event loop's thread: each admitted call's coroutine is metered step by step."""
 
     def __init__(
         self,
@@ -114,14 +182,28 @@ class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         exclude_methods: Iterable[str] = DEFAULT_EXCLUDE_METHODS,
         shed_at: str = "hard",
         retry_after: tuple[int, int] = (1, 5),
+        admission: bool | Admission = True,
+        request_bytes: int | None = None,
+        route_costs: Mapping[str, int] | None = None,
     ) -> None:
-        self._r = _Rejecter("grpc_aio", limiter, code, exclude_methods, shed_at, retry_after)
+        self._r = _Rejecter("grpc_aio", limiter, code, exclude_methods, shed_at, retry_after, admission,
+                            request_bytes, route_costs)
+
+    @property
+    def admission(self) -> Admission | None:
+        return self._r.policy.admission
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or not self._r.policy.should_shed(handler_call_details.method):
+        if handler is None:
+            return handler
+        shed, ticket = self._r.admit(handler_call_details.method, stepped=True)
+        admission = self._r.policy.admission
+        if ticket is not None and admission is not None:
+            return _with_async_ticket(handler, admission, ticket)
+        if not shed:
             return handler
         r = self._r
 
@@ -135,3 +217,33 @@ class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
 
             return _like(handler, reject_stream)
         return _like(handler, reject)
+
+
+def _with_async_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
+    kind = ("unary_unary" if handler.unary_unary else "unary_stream" if handler.unary_stream
+            else "stream_unary" if handler.stream_unary else "stream_stream")
+    inner = getattr(handler, kind)
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+
+    if kind.endswith("_stream"):
+        async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in inner(request, context):
+                    yield item
+            finally:
+                admission.finish(ticket)
+
+        behaviour: Callable[..., Any] = streaming
+    else:
+        async def unary(request: Any, context: Any) -> Any:
+            try:
+                result = inner(request, context)
+                if inspect.iscoroutine(result):
+                    return await admission.run_async(ticket, result)
+                return result
+            finally:
+                admission.finish(ticket)
+
+        behaviour = unary
+    return make(behaviour, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)

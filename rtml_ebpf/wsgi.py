@@ -2,20 +2,48 @@
 
     from rtml_ebpf.wsgi import MemoryLimitMiddleware
     app.wsgi_app = MemoryLimitMiddleware(app.wsgi_app)      # Flask
+
+Each request is admitted by memory budget (see rtml_ebpf.admission): its estimated cost
+plus what other requests of every worker reserved must fit below the threshold. The request
+ends (and its cost is learned) when the server closes the response iterable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
+from ._estimator import route_key
+from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy, record_rejection
+from .admission import Admission, Ticket
 from .limiter import Limiter
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 REASONS = {503: "Service Unavailable", 429: "Too Many Requests"}
+
+
+class _Finishing:
+    """The app's response iterable, ending the request's ticket when the server closes it."""
+
+    def __init__(self, body: Iterable[bytes], admission: Admission, ticket: Ticket) -> None:
+        self._body = body
+        self._admission = admission
+        self._ticket: Ticket | None = ticket
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            ticket, self._ticket = self._ticket, None
+            if ticket is not None:
+                self._admission.finish(ticket)
 
 
 class MemoryLimitMiddleware:
@@ -30,14 +58,40 @@ class MemoryLimitMiddleware:
         shed_at: str = "hard",
         retry_after: tuple[int, int] = (1, 5),
         status_code: int = 503,
+        admission: bool | Admission = True,
+        request_bytes: int | None = None,
+        route_costs: Mapping[str, int] | None = None,
     ) -> None:
         self.app = app
-        self.policy = Policy("wsgi", limiter, shed_at=shed_at, exclude=exclude_paths, retry_after=retry_after)
+        self.policy = Policy("wsgi", limiter, shed_at=shed_at, exclude=exclude_paths, retry_after=retry_after,
+                             admission=admission, request_bytes=request_bytes, route_costs=route_costs)
         self.status = f"{status_code} {REASONS.get(status_code, 'Rejected')}"
 
+    @property
+    def admission(self) -> Admission | None:
+        return self.policy.admission
+
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if not self.policy.should_shed(environ.get("PATH_INFO", "")):
+        path = environ.get("PATH_INFO", "")
+        if self.policy.excluded(path):
             return self.app(environ, start_response)
+        if self.policy.door():
+            return self._reject(start_response)
+        admission = self.policy.admission
+        if admission is None:
+            return self.app(environ, start_response)
+        ticket = admission.try_admit(route_key(environ.get("REQUEST_METHOD", "GET"), path))
+        if ticket is None:
+            return self._reject(start_response)
+        try:
+            body = self.app(environ, start_response)
+        except BaseException:
+            admission.finish(ticket)
+            raise
+        return _Finishing(body, admission, ticket)
+
+    def _reject(self, start_response: StartResponse) -> Iterable[bytes]:
+        record_rejection("wsgi")
         start_response(self.status, [
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Content-Length", str(len(REJECTION_BODY))),

@@ -20,9 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import config
-from ._sandbox import ChildCgroup
-from .errors import ConfigError, NotSupported
+from .. import config
+from .._sandbox import ChildCgroup
+from ..errors import ConfigError, NotSupported
 
 MiB = 1 << 20
 GUARDS = (("unguarded", "none"), ("poll 1s", "poll"), ("rtml-ebpf", "ebpf"))
@@ -60,7 +60,7 @@ def parse_size(text: str) -> int:
 def preflight() -> None:
     if os.geteuid() != 0:
         raise NotSupported("the demo", "it creates memory cgroups and loads BPF programs; run it as root")
-    from . import _features
+    from .. import _features
 
     _features.check_privileges()
     _features.check_btf()

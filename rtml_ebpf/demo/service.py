@@ -1,6 +1,6 @@
 """The demo's HTTP service: each request decodes a large payload into memory and holds it.
 
-    python -m rtml_ebpf._demo_service --guard {none,poll,ebpf} --payload-mib 24 --hold 0.3
+    python -m rtml_ebpf.demo.service --guard {none,poll,ebpf} --payload-mib 24 --hold 0.3
 
 The handler builds its payload in 1 MiB chunks and asks the guard before each
 chunk, as a service would before each allocation: the same code for every
