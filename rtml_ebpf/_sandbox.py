@@ -79,6 +79,14 @@ class ChildCgroup:
         self.procs.append(p)
         return p  # type: ignore[no-any-return]
 
+    def members(self) -> list[int]:
+        """Pids in this cgroup (ours: everything in it was started by us or by what we started)."""
+        try:
+            with open(os.path.join(self.directory, "cgroup.procs")) as f:
+                return [int(x) for x in f.read().split()]
+        except FileNotFoundError:
+            return []
+
     def close(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -87,6 +95,18 @@ class ChildCgroup:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        # What they started (gunicorn/uvicorn workers) lives on in the cgroup: kill it by
+        # membership of this cgroup, which we made, never by name.
+        for _ in range(50):
+            pids = self.members()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
         for _ in range(100):
             try:
                 os.rmdir(self.directory)

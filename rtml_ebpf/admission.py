@@ -49,6 +49,30 @@ PUBLISH_INTERVAL = 0.005  # seconds between re-publications of shrinking reserva
 TRIM_INTERVAL = 0.1  # at most this often per process: hand freed heap back under budget pressure
 
 
+def decide(
+    estimate: int | None,
+    reserved: int,
+    room: int | None,
+    limit_room: int | None,
+    inflight: int,
+    learning: int,
+) -> str | None:
+    """The admission rule, as arithmetic: None to admit, else why not ("learning", "budget").
+
+    ``estimate``: bytes the request is expected to reach (None while its route learns);
+    ``reserved``: reservations not yet charged, every process of the cgroup; ``room``: bytes
+    before the threshold by the metric (None: no limit); ``limit_room``: bytes before the OOM
+    killer acts; ``inflight``/``learning``: requests in flight / learning, every process.
+    """
+    if estimate is None:
+        return None if learning == 0 else "learning"
+    if room is None or estimate + reserved <= room:
+        return None
+    if inflight == 0 and (limit_room is None or estimate < limit_room):
+        return None  # alone it fits below the limit: let one through so the service progresses
+    return "budget"
+
+
 class Ticket:
     """One admitted request: what it reserved and how far its charges have come."""
 
@@ -207,21 +231,15 @@ class Admission:
                 others, others_inflight, others_learning = ledger.totals() if ledger is not None else (0, 0, 0)
                 self._others_reserved = others
                 own, own_inflight, own_learning = self._own()
-                if estimate is None:
-                    ok = others_learning + own_learning == 0
-                    if not ok:
-                        self.rejected_learning += 1
-                else:
-                    room, limit_room = lim.room()
-                    ok = (
-                        room is None
-                        or estimate + own + others <= room
-                        or (others_inflight + own_inflight == 0 and (limit_room is None or estimate < limit_room))
-                    )
-                    if not ok:
-                        self.rejected_budget += 1
-                        self._want_trim = True
-                if not ok:
+                room, limit_room = lim.room() if estimate is not None else (None, None)
+                why = decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
+                             own_learning + others_learning)
+                if why == "learning":
+                    self.rejected_learning += 1
+                elif why == "budget":
+                    self.rejected_budget += 1
+                    self._want_trim = True
+                if why is not None:
                     if self._want_trim:
                         self._wake.set()
                     return None

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from fixture_trees import (
+from hypothesis import given
+from hypothesis import strategies as st
+from support.fixture_trees import (
     MiB,
     build_escaped_path,
     build_hybrid,
@@ -17,8 +19,6 @@ from fixture_trees import (
     build_v2_nested_container,
     dir_of,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 from rtml_ebpf import _cgroup
 from rtml_ebpf._poll import PollBackend

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 CHUNK = 1 << 20
@@ -90,7 +90,8 @@ def _wsgi_work(environ: dict[str, Any], start_response: Callable[..., Any]) -> I
     return [body]
 
 
-async def _asgi_work(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+async def _asgi_work(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+                     send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
     if scope["type"] == "lifespan":
         while True:
             message = await receive()

@@ -32,7 +32,7 @@ def make_guard(kind: str, threshold: float) -> Callable[[], bool]:
     return lim.is_mem_limit_reached
 
 
-def serve(guard_kind: str, threshold: float, payload: int, hold: float) -> None:
+def serve(guard_kind: str, threshold: float, payload: int, hold: float, port: int = 0) -> None:
     limit_reached = make_guard(guard_kind, threshold)
     ones = b"\x01" * (CHUNK // PAGE)
 
@@ -63,7 +63,7 @@ def serve(guard_kind: str, threshold: float, payload: int, hold: float) -> None:
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     print(server.server_address[1], flush=True)
     server.serve_forever()
@@ -75,8 +75,9 @@ def main() -> int:
     p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--payload-mib", type=int, default=24)
     p.add_argument("--hold", type=float, default=0.3)
+    p.add_argument("--port", type=int, default=0)
     a = p.parse_args()
-    serve(a.guard, a.threshold, a.payload_mib * CHUNK, a.hold)
+    serve(a.guard, a.threshold, a.payload_mib * CHUNK, a.hold, a.port)
     return 0
 
 

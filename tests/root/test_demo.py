@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import needs_bpf, needs_cgroups
+from support.cgroups import needs_bpf, needs_cgroups
 
 pytestmark = pytest.mark.root
 
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.root
 @needs_cgroups
 def test_demo_short_run(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "rtml_ebpf.cli", "demo", "--json", "--duration", "6", "--out", str(tmp_path)],
+        [sys.executable, "-m", "rtml_ebpf.cli", "demo", "--json", "--parts", "handler", "--duration", "6",
+         "--clients", "24", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr

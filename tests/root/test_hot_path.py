@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import needs_bpf
+from support.cgroups import needs_bpf
 
 pytestmark = pytest.mark.root
 

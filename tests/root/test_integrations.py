@@ -15,7 +15,6 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 import grpc
 import pytest
 import uvicorn
-from conftest import Cgroup, Holder, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
@@ -23,6 +22,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from support.cgroups import Cgroup, Holder, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 import rtml_ebpf
 from rtml_ebpf import Limiter, MemoryLimitReached

@@ -6,7 +6,7 @@ import json
 import textwrap
 
 import pytest
-from conftest import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
+from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 from rtml_ebpf import Level, Limiter, Stats
 

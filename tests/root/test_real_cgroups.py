@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
+from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 from rtml_ebpf import Limiter
 from rtml_ebpf.loader import Runtime
