@@ -167,12 +167,13 @@ def parse_limit(text: str) -> int | None:
 
 
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
+    # mountinfo escapes space, tab, newline and backslash as \ooo (three octal digits)
     out = []
     i = 0
     while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and len(field[i + 1 : i + 4]) == 3:
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
             i += 4
         else:
             out.append(field[i])
@@ -254,10 +255,24 @@ def _controllers_at(directory: str) -> set[str]:
         return set()
 
 
+def _is_zombie(procfs: str, pid: int) -> bool:
+    try:
+        text = read_text(os.path.join(procfs, str(pid), "stat"))
+    except OSError:
+        return False
+    tail = text[text.rfind(")") + 2 :].split()
+    return bool(tail) and tail[0] in ("Z", "X")
+
+
 def find_process_cgroup(
     pid: int | None = None, *, procfs: str = "/proc", rootfs: str = "/", require_accounting: bool = True
 ) -> MemoryCgroup:
     """The memory cgroup of ``pid`` (default: this process).
+
+    The path comes from ``/proc/<pid>/cgroup``, which the kernel prints relative to *our*
+    cgroup namespace; so it is resolved against *our* mounts (``/proc/self/mountinfo``), never
+    the target's: a process in a container (another mount namespace) has its own mounts,
+    whose paths mean nothing on our filesystem.
 
     ``require_accounting=False`` also accepts the cgroup v2 root, which has the memory
     controller but no memory.current / memory.max: useful to make child cgroups under it.
@@ -265,19 +280,20 @@ def find_process_cgroup(
     who = "self" if pid is None else str(pid)
     try:
         cgroup_text = read_text(os.path.join(procfs, who, "cgroup"))
-        mountinfo_text = read_text(os.path.join(procfs, who, "mountinfo"))
-    except FileNotFoundError:
-        if pid is not None:
-            raise CgroupNotFound(
-                f"pid={pid}: no such process; pass the pid of a running process"
-            ) from None
-        raise CgroupNotFound(
-            f"{procfs}/self/cgroup is missing: is {procfs} a mounted procfs?"
-        ) from None
+        mountinfo_text = read_text(os.path.join(procfs, "self", "mountinfo"))
     except PermissionError:
         raise CgroupNotFound(
             f"pid={pid}: permission denied reading its cgroup; run as root or as its owner"
         ) from None
+    except (FileNotFoundError, ProcessLookupError):
+        if pid is not None:
+            raise CgroupNotFound(f"pid={pid}: no such process; pass the pid of a running process") from None
+        raise CgroupNotFound(f"{procfs}/self/cgroup is missing: is {procfs} a mounted procfs?") from None
+    except OSError as exc:
+        raise CgroupNotFound(f"pid={pid}: cannot read its cgroup ({exc.strerror or exc})") from None
+    if pid is not None and _is_zombie(procfs, pid):
+        # An exited task is moved to the root cgroup: its /proc/<pid>/cgroup would name the root.
+        raise CgroupNotFound(f"pid={pid}: the process has exited (a zombie has no cgroup); pass a running process")
     entries = parse_proc_cgroup(cgroup_text)
     mounts = parse_mountinfo(mountinfo_text, rootfs)
 
@@ -307,6 +323,11 @@ def find_process_cgroup(
         )
     mount, rel = picked
     directory = os.path.normpath(os.path.join(mount.mount_point, rel.lstrip("/")))
+    if not os.path.isdir(directory):
+        raise CgroupNotFound(
+            f"memory cgroup {path!r} of {'this process' if pid is None else f'pid {pid}'} has no directory "
+            f"{directory} (removed, or not visible from here); pass cgroup= explicitly"
+        )
     if version == 2 and not os.path.exists(os.path.join(directory, "memory.current")):
         is_root = path == "/" and mount.root == "/" and "memory" in _controllers_at(directory)
         if is_root and not require_accounting:

@@ -9,6 +9,7 @@ from ._backend import Flag, Snapshot
 from ._cgroup import MemoryCgroup
 from ._meter import EbpfThreadMeter
 from ._rules import Rule
+from .errors import RtmlError
 from .loader import Runtime, Watch
 
 
@@ -30,8 +31,10 @@ class EbpfBackend:
 
     @property
     def runtime(self) -> Runtime:
-        assert self._runtime is not None, "closed"
-        return self._runtime
+        rt = self._runtime
+        if rt is None:
+            raise RtmlError("this Limiter is closed: its eBPF backend was released")
+        return rt
 
     def add_rule(self, rule: Rule) -> Watch:
         watch = self.runtime.register(self.cgroup, rule)
@@ -60,10 +63,17 @@ class EbpfBackend:
         return self.runtime.room(flag, self._rules[id(flag)])
 
     def maintain(self, flag: object) -> None:
+        """From the monitor: where no memcg events are live, the upkeep (every 250 ms);
+        where they are, a look at the limit files (every second) for limits changed while idle."""
+        if not isinstance(flag, Watch):
+            return
         now = time.monotonic()
-        if isinstance(flag, Watch) and now - self._last_upkeep >= Runtime.MAINTAIN_INTERVAL:
+        if self.needs_upkeep and now - self._last_upkeep >= Runtime.MAINTAIN_INTERVAL:
             self._last_upkeep = now
             self.runtime.maintain(flag)
+        elif not self.needs_upkeep and now - self._last_upkeep >= Runtime.LIMIT_CHECK_INTERVAL:
+            self._last_upkeep = now
+            self.runtime.check_limit(flag)
 
     def trips(self, flag: object) -> int:
         return self.runtime.trips(flag) if isinstance(flag, Watch) else 0

@@ -20,8 +20,6 @@ CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
 
-TRACEFS = "/sys/kernel/tracing"
-
 
 @dataclass(frozen=True)
 class Hook:
@@ -39,7 +37,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("memcg_state", "handle_memcg_state", "mod_memcg_state", 3, "6.13",
          "per-memcg kernel-memory and socket stat deltas"),
     Hook("page_fault_user", "handle_page_fault", "page_fault_user", 3, "x86 (any kernel with BTF)",
-         "every user page fault, before it is charged"),
+         "every user page fault, before it is charged (BTF raw tracepoint)"),
     Hook("oom_victim", "handle_oom_victim", "mark_victim", 2, "6.8",
          "OOM victims, with the task they kill"),
 )
@@ -70,12 +68,22 @@ def check_privileges() -> None:
     raise PermissionDenied(f"euid {os.geteuid()} has neither CAP_SYS_ADMIN nor CAP_BPF+CAP_PERFMON")
 
 
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+
 def check_btf() -> None:
     if not _libbpf.vmlinux_btf_exists():
         raise NotSupported(
-            "kernel BTF", "/sys/kernel/btf/vmlinux is missing (kernel built without "
+            "kernel BTF", f"{VMLINUX_BTF} is missing (kernel built without "
             "CONFIG_DEBUG_INFO_BTF)", min_kernel="5.4 with CONFIG_DEBUG_INFO_BTF=y"
         )
+    try:
+        size = os.stat(VMLINUX_BTF).st_size
+    except OSError as exc:
+        raise NotSupported("kernel BTF", f"{VMLINUX_BTF} cannot be read: {exc.strerror}") from None
+    if size == 0:
+        raise NotSupported("kernel BTF", f"{VMLINUX_BTF} is empty (something is mounted over it?)")
+    _tracepoint_arity()  # parses it once (cached): a corrupt file is named here, not as missing hooks
 
 
 @functools.cache
@@ -86,9 +94,15 @@ def _tracepoint_arity() -> dict[str, int | None]:
     """
     lib = _libbpf.lib()
     out: dict[str, int | None] = {h.tracepoint: None for h in HOOKS}
+    _libbpf.take_log()
     btf = lib.btf__load_vmlinux_btf()
     if not btf:
-        return out
+        err = ctypes.get_errno()
+        said = _libbpf.take_log().strip().splitlines()
+        raise NotSupported(
+            "kernel BTF", f"libbpf could not load {VMLINUX_BTF} ({os.strerror(err) if err else 'failed'}"
+            + (f"; libbpf: {said[-1]}" if said else "") + "); the kernel's BTF is unusable"
+        )
     try:
         for tracepoint in out:
             type_id = lib.btf__find_by_name_kind(btf, f"btf_trace_{tracepoint}".encode(), _libbpf.BTF_KIND_TYPEDEF)
@@ -119,16 +133,3 @@ def hook_unavailable(hook: Hook) -> str | None:
     if nargs != hook.nargs:
         return f"tracepoint {hook.tracepoint} has {nargs} arguments here, we need {hook.nargs} ({hook.since}+)"
     return None
-
-
-def ensure_tracefs() -> None:
-    """Classic tracepoints are attached by id, which libbpf reads from tracefs."""
-    if os.path.isdir(os.path.join(TRACEFS, "events")):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"tracefs", TRACEFS.encode(), b"tracefs", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise NotSupported(
-            "tracefs", f"{TRACEFS} is not mounted and mounting it failed: {os.strerror(err)}; "
-            f"mount it (mount -t tracefs tracefs {TRACEFS})"
-        )

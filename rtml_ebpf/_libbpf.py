@@ -42,6 +42,15 @@ _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes
 _lib: Any = None
 _libc: Any = None
 _lib_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A thread loading libbpf at the fork (the default limiter's background load) holds this.
+    global _lib_lock
+    _lib_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 _log_lines: collections.deque[str] = collections.deque(maxlen=400)
 _verbose = False
 

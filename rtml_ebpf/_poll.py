@@ -92,6 +92,11 @@ class PollBackend:
             self._limits_ns = now
         return self._limits
 
+    def read_now(self) -> Snapshot:
+        """A reading with the limits re-read now (not from the cache)."""
+        self._limits = None
+        return self.read()
+
     def read(self) -> Snapshot:
         """One reading of the files (limits cached for ``limit_interval``), no OOM counter."""
         now = time.monotonic_ns()

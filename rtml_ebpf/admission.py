@@ -276,8 +276,10 @@ class Admission:
         ticket.net0 = ticket.meter.begin()
         ticket.tid = threading.get_native_id()
 
-    def finish(self, ticket: Ticket) -> None:
-        """The request ended (answered, failed or cancelled): learn its cost, free its reservation."""
+    def finish(self, ticket: Ticket) -> int | None:
+        """The request ended (answered, failed or cancelled): learn its cost, free its reservation.
+        Returns the measured cost in bytes (its peak growth), None when it could not be measured."""
+        cost: int | None = None
         try:
             if ticket.stepped:
                 cost = ticket.peak
@@ -293,6 +295,7 @@ class Admission:
         with self._mu:
             self._inflight.pop(id(ticket), None)
         self._publish()
+        return cost
 
     # -- sharing the shrinking reservations -----------------------------------------------------
     def _publish(self) -> None:

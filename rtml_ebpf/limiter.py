@@ -325,8 +325,7 @@ class Limiter:
     def _observe(self) -> None:
         if self._closed:
             return
-        if self._upkeep:
-            self._backend.maintain(self._handle)
+        self._backend.maintain(self._handle)  # the upkeep / limit check (eBPF); nothing on poll
         lvl = self.level()
         prev, self._last_level = self._last_level, lvl
         if lvl != prev:

@@ -528,6 +528,25 @@ class Runtime:
             snap = state.reader.read()
             self._write_reading(state, snap)
 
+    LIMIT_CHECK_INTERVAL = 1.0
+
+    def check_limit(self, watch: Watch) -> bool:
+        """memcg-event kernels: a limit written while the cgroup is idle moves no counter, so
+        the programs see it only at the next charge. Compare the files' effective limit with
+        the slot's and rewrite the reading when they differ. True when it did."""
+        with self._locked():
+            if self._closed or self.inherited:
+                return False
+            state = self._slots_by_cgid.get(watch.cgroup_id)
+            if state is None or not state.watched:
+                return False
+            limits = state.cgroup.effective_limit()
+            pages = limits.limit_bytes // PAGE_SIZE if limits.limit_bytes is not None else _abi.UNLIMITED_PAGES
+            if pages == self._slot_words[state.index * _abi.SLOT_WORDS + _abi.W_LIMIT]:
+                return False
+            self._write_reading(state, state.reader.read_now())
+            return True
+
     def _write_reading(self, state: _SlotState, snap: Snapshot) -> None:
         """User space's reading into the slot (fault-hook kernels only), and the verdicts."""
         cfg = _abi.Config.from_buffer(self._configs_mm, state.index * CONFIG_SIZE)

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from rtml_ebpf.demo.app import build_payload, HOLD
+from rtml_ebpf.demo.app import HOLD, build_payload
 
 
 def alloc(request: bytes, context: Any) -> bytes:
