@@ -1,5 +1,5 @@
 # The first two targets are the README's two commands.
-.PHONY: demo test setup bpf lint bench vmtest clean
+.PHONY: demo test setup bpf lint bench soak vmtest clean
 
 VENV := .venv/bin
 PYTEST_ARGS ?=
@@ -22,6 +22,9 @@ lint: setup
 
 bench: setup
 	$(VENV)/python -m benchmarks.run
+
+soak: setup
+	$(VENV)/python -m benchmarks.soak
 
 vmtest: setup
 	scripts/vmtest.sh

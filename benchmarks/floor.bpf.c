@@ -16,3 +16,10 @@ int floor_state(void *ctx)
 {
 	return 0;
 }
+
+/* The lean set's one event per fault: the BTF raw page_fault_user. */
+SEC("tp_btf/page_fault_user")
+int floor_fault(void *ctx)
+{
+	return 0;
+}

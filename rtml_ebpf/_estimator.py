@@ -10,6 +10,7 @@ table. Costs the user declares (``request_bytes=``, ``route_costs=``) override l
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import threading
@@ -79,6 +80,7 @@ class CostEstimator:
         self.min_samples = min_samples
         self.max_routes = max_routes
         self._samples: OrderedDict[str, deque[int]] = OrderedDict()
+        self._sorted: dict[str, list[int]] = {}  # each route's window, kept sorted (bisect, no sort)
         self._estimates: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -106,9 +108,14 @@ class CostEstimator:
             samples = self._samples.get(bucket)
             if samples is None:
                 samples = self._samples[bucket] = deque(maxlen=self.window)
+                self._sorted[bucket] = []
+            ordered = self._sorted[bucket]
+            if len(samples) == self.window:
+                del ordered[bisect.bisect_left(ordered, samples[0])]  # the sample the deque drops
             samples.append(cost)
+            bisect.insort(ordered, cost)
             if len(samples) >= self.min_samples:
-                self._estimates[bucket] = quantile(list(samples), self.q)
+                self._estimates[bucket] = ordered[max(1, math.ceil(self.q * len(ordered))) - 1]
 
     def routes(self) -> list[RouteEstimate]:
         with self._lock:

@@ -33,7 +33,8 @@ VERSION = 1
 ROWS = 128  # processes of one cgroup that can share a ledger
 FIELDS = 8  # int64 per row
 PID, START, RESERVED, INFLIGHT, LEARNING, UPDATED = range(6)
-HEADER = 8  # int64 of header (magic, version, rows, ...)
+HEADER = 8  # int64 of header: magic, version, rows, rows in use (high-water mark), ...
+H_USED = 3
 SIZE = (HEADER + ROWS * FIELDS) * 8
 REAP_INTERVAL = 0.5
 
@@ -107,6 +108,7 @@ class Ledger:
                     rows[base + i] = 0
                 rows[base + START] = start
                 rows[base + PID] = os.getpid()
+                rows[H_USED] = max(rows[H_USED], row + 1)  # readers sum rows below this mark only
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         except BaseException:
@@ -149,7 +151,7 @@ class Ledger:
         if time.monotonic() - self._last_reap >= REAP_INTERVAL:
             self._reap(rows)
         own = HEADER + self._row * FIELDS
-        body = rows[HEADER:]
+        body = rows[HEADER : HEADER + rows[H_USED] * FIELDS]
         reserved = sum(body[RESERVED::FIELDS]) - rows[own + RESERVED]
         inflight = sum(body[INFLIGHT::FIELDS]) - rows[own + INFLIGHT]
         learning = sum(body[LEARNING::FIELDS]) - rows[own + LEARNING]

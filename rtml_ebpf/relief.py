@@ -38,6 +38,23 @@ def _load_malloc_trim() -> Any:
 
 
 _malloc_trim = _load_malloc_trim()
+M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """glibc ``mallopt(M_MMAP_THRESHOLD, nbytes)``: allocations of at least ``nbytes`` are mapped
+    and unmapped on free, so the kernel stops charging them at once. Setting it also turns off
+    glibc's dynamic threshold, which otherwise rises after the first large free and keeps freed
+    request buffers in the (per-thread) arenas, still charged to the cgroup. False where the
+    libc is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return bool(fn(M_MMAP_THRESHOLD, int(nbytes)))
 
 
 def trim_heap() -> None:

@@ -10,6 +10,7 @@ guard, only the check differs. Prints the port it listens on, then serves.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CHUNK = 1 << 20
 PAGE = 4096
+JSON_DOC = json.dumps([{"id": i, "name": f"item-{i}", "tags": ["a", "b", "c"], "score": i * 0.5}
+                       for i in range(60_000)])  # about 5 MB
 
 
 def make_guard(kind: str, threshold: float) -> Callable[[], bool]:
@@ -43,6 +46,10 @@ def serve(guard_kind: str, threshold: float, payload: int, hold: float, port: in
             pass
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.path == "/json":  # a request that parses a 5 MB JSON document (the CPU-bound kind)
+                doc = json.loads(JSON_DOC)
+                self.reply(200, b"ok %d\n" % len(doc))
+                return
             chunks: list[bytearray] = []
             for _ in range(payload // CHUNK):
                 if limit_reached():

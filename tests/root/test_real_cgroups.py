@@ -15,14 +15,14 @@ import sys
 import time
 
 import pytest
-from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
+from support.cgroups import WORKLOADS, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 from rtml_ebpf import Limiter
 from rtml_ebpf.loader import Runtime
 
 pytestmark = pytest.mark.root
 
-ALLOC = ["-m", "rtml_ebpf._workloads", "alloc"]
+ALLOC = [WORKLOADS, "alloc"]
 NCPU = os.cpu_count() or 1
 KERNEL = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
 BATCH = 64 * 4096 * NCPU  # MEMCG_CHARGE_BATCH pages per CPU
@@ -68,7 +68,7 @@ def test_poll_limiter_stays_fresh_while_another_thread_checks() -> None:
 def test_unguarded_allocation_is_oom_killed() -> None:
     # The control: without the check the same workload dies, so the test above can fail.
     with make_cgroup(limit=64 * MiB) as cg:
-        p = cg.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "200"])
+        p = cg.popen([sys.executable, WORKLOADS, "hog", "--mib", "200"])
         p.communicate(timeout=60)
         assert p.returncode == -9
         assert cg.oom_kills() >= 1
@@ -107,7 +107,7 @@ def test_reduced_pre_6_13_hook_set_still_flips_in_time() -> None:
 @needs_cgroups
 def test_ebpf_usage_matches_kernel_file_at_rest() -> None:
     with make_cgroup(limit=256 * MiB) as cg, Limiter(cg.directory, backend="ebpf", metric="usage") as lim:
-        p = cg.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "40"])
+        p = cg.popen([sys.executable, WORKLOADS, "hog", "--mib", "40"])
         assert p.stdout is not None
         json.loads(p.stdout.readline())  # holding 40 MiB now
         time.sleep(0.2)
@@ -127,7 +127,7 @@ def test_all_hooks_count_faults_and_growth(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("RTML_HOOKS", "all")
     with make_cgroup(limit=256 * MiB) as cg, Limiter(cg.directory, backend="ebpf", metric="usage") as lim:
         assert "page_fault_user" in lim.stats().hooks
-        p = cg.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "40"])
+        p = cg.popen([sys.executable, WORKLOADS, "hog", "--mib", "40"])
         assert p.stdout is not None
         json.loads(p.stdout.readline())
         s = lim.stats()
@@ -149,7 +149,7 @@ def test_parent_limit_is_the_effective_limit() -> None:
             assert poll.stats().limit_bytes == 128 * MiB
             assert poll.stats().limit_source == parent.directory
             assert lim.is_mem_limit_reached() is False
-            p = child.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "80"])
+            p = child.popen([sys.executable, WORKLOADS, "hog", "--mib", "80"])
             assert p.stdout is not None
             json.loads(p.stdout.readline())
             s = lim.stats()
@@ -173,7 +173,7 @@ def test_oom_kill_is_counted_in_the_slot() -> None:
     with make_cgroup(limit=64 * MiB) as cg, Limiter(cg.directory, backend="ebpf") as lim:
         # 6.8+: counted by the oom_victim program; before, the cgroup's own counter stands in
         assert "oom_victim" in lim.stats().hooks or KERNEL < (6, 8), lim.stats().backend_reason
-        p = cg.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "200"])
+        p = cg.popen([sys.executable, WORKLOADS, "hog", "--mib", "200"])
         p.communicate(timeout=60)
         assert p.returncode == -9
         assert cg.oom_kills() >= 1
@@ -194,7 +194,7 @@ def test_a_kept_ebpf_check_keeps_watching() -> None:
         check = Limiter(cg.directory, backend="ebpf", threshold=0.25, metric="usage").is_mem_limit_reached
         gc.collect()
         assert check() is False
-        p = cg.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hog", "--mib", "64"])
+        p = cg.popen([sys.executable, WORKLOADS, "hog", "--mib", "64"])
         assert p.stdout is not None
         json.loads(p.stdout.readline())
         assert check() is True  # still watched: the kernel flipped it

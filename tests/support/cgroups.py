@@ -17,6 +17,9 @@ from rtml_ebpf._sandbox import ChildCgroup
 
 MiB = 1 << 20
 IS_ROOT = os.geteuid() == 0
+# The allocation workloads (shared with the benchmarks), run by path inside test cgroups.
+WORKLOADS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         "benchmarks", "workloads.py")
 
 
 def bpf_unavailable() -> str | None:
@@ -55,7 +58,7 @@ class Cgroup(ChildCgroup):
 
     def hold(self) -> Holder:
         """A process in this cgroup whose memory the test grows and shrinks (see Holder)."""
-        p = self.popen([sys.executable, "-m", "rtml_ebpf._workloads", "hold"], stdin=subprocess.PIPE,
+        p = self.popen([sys.executable, WORKLOADS, "hold"], stdin=subprocess.PIPE,
                        stderr=subprocess.DEVNULL, bufsize=1)
         h = Holder(p)
         h.read()

@@ -1,6 +1,6 @@
-"""Allocation workloads run inside a memory cgroup by the tests, the demo and the benchmarks.
+"""Allocation workloads run inside a memory cgroup by the tests and the benchmarks (not shipped).
 
-``python -m rtml_ebpf._workloads alloc --step-kib 1024 --max-mib 400 ...`` grows
+``python benchmarks/workloads.py alloc --step-kib 1024 --max-mib 400 ...`` grows
 its resident memory in steps, asks a Limiter after each step, stops when the
 limiter trips and prints one JSON object: how far it got, what the kernel
 said the usage was at the flip, and the overshoot past the threshold.
@@ -103,7 +103,7 @@ def hold() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rtml_ebpf._workloads")
+    p = argparse.ArgumentParser(prog="benchmarks/workloads.py")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("alloc")
     a.add_argument("--step-kib", type=int, default=1024)
