@@ -150,32 +150,20 @@ FLOORS = {"memcg": (b"floor_lruvec", b"floor_state"), "lean": (b"floor_fault",)}
 
 class FloorPrograms:
     """Empty programs on the same tracepoints (benchmarks/floor.bpf.c): what the kernel charges
-    for running any BPF program there, before rtml does any work."""
+    for running any BPF program there, before rtml does any work. Loaded by rtml's own loader."""
 
     def __init__(self, out_dir: str, hook_set: str = "memcg") -> None:
-        from rtml_ebpf import _libbpf
+        from rtml_ebpf.ebpf.loader import open_load_attach
 
         obj_path = os.path.join(out_dir, "floor.bpf.o")
         subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-I", os.path.join(HERE, "..", "bpf"), "-c",
                         os.path.join(HERE, "floor.bpf.c"), "-o", obj_path], check=True)
-        self.lib = _libbpf.lib()
-        self.obj = _libbpf.check_ptr(self.lib.bpf_object__open_file(obj_path.encode(), None), "open", obj_path)
-        wanted = FLOORS[hook_set]
-        for names in FLOORS.values():
-            for name in names:
-                if name not in wanted:
-                    prog = self.lib.bpf_object__find_program_by_name(self.obj, name)
-                    self.lib.bpf_program__set_autoload(prog, False)
-        _libbpf.check(self.lib.bpf_object__load(self.obj), "load", obj_path)
-        self.links = []
-        for name in wanted:
-            prog = self.lib.bpf_object__find_program_by_name(self.obj, name)
-            self.links.append(_libbpf.check_ptr(self.lib.bpf_program__attach(prog), "attach", name.decode()))
+        wanted = [n.decode() for n in FLOORS[hook_set]]
+        others = tuple(n.decode() for names in FLOORS.values() for n in names if n.decode() not in wanted)
+        self.loaded = open_load_attach(obj_path, {n: n for n in wanted}, others)
 
     def close(self) -> None:
-        for link in self.links:
-            self.lib.bpf_link__destroy(link)
-        self.lib.bpf_object__close(self.obj)
+        self.loaded.close()
 
 
 def bpf_run_stats(prog_ids: dict[str, int]) -> dict[str, tuple[int, int]]:
@@ -195,7 +183,7 @@ def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
     rtml watching the storm's cgroup (and another one), interleaved; per-event run time."""
     import rtml_ebpf
     from rtml_ebpf._sandbox import ChildCgroup
-    from rtml_ebpf.loader import Runtime
+    from rtml_ebpf.ebpf.runtime import Runtime
 
     storm = compile_storm(tmp)
     mib, rounds = 64, 30

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import _libbpf
 from .config import BACKENDS, parse_threshold_text, threshold_value
+from .ebpf import libbpf as _libbpf
 from .errors import CgroupNotFound, ConfigError, LoadError, NotSupported, RtmlError
 from .limiter import Limiter, Stats
 

@@ -89,7 +89,7 @@ def make_backend(cg: _cgroup.MemoryCgroup, backend: str, poll_interval: float = 
     if backend == "poll":
         return PollBackend(cg, "poll requested", min_interval=poll_interval)
     try:
-        from ._ebpf import EbpfBackend
+        from .ebpf.backend import EbpfBackend
 
         return EbpfBackend(cg, "ebpf requested" if backend == "ebpf" else "auto")
     except (RtmlError, OSError) as exc:

@@ -1,4 +1,4 @@
-"""rtml_ebpf/_abi.py agrees with bpf/rtml.h on every size and offset (compiled with the C compiler)."""
+"""rtml_ebpf/ebpf/abi.py agrees with bpf/rtml.h on every size and offset (compiled with the C compiler)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rtml_ebpf import _abi
+from rtml_ebpf.ebpf import abi as _abi
 
 HEADER = Path(__file__).resolve().parent.parent / "bpf" / "rtml.h"
 STRUCTS = {"rtml_rule": _abi.Rule, "rtml_config": _abi.Config, "rtml_ctl": _abi.Ctl, "rtml_slot": _abi.Slot,

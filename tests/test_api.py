@@ -186,7 +186,7 @@ def test_a_kept_check_keeps_its_limiter_alive() -> None:
 
 
 def test_bad_hook_selection_names_the_choices() -> None:
-    from rtml_ebpf.loader import hooks_from_env
+    from rtml_ebpf.config import parse_hooks as hooks_from_env
 
     with pytest.raises(ValueError, match=r"RTML_HOOKS='memcg,nope': unknown hook 'memcg'.*page_fault_user"):
         hooks_from_env("memcg,nope")

@@ -88,7 +88,7 @@ def check_args(args: argparse.Namespace) -> list[Scenario]:
 def preflight(chosen: list[Scenario]) -> None:
     if os.geteuid() != 0:
         raise NotSupported("the demo", "it creates memory cgroups and loads BPF programs; run it as root")
-    from .. import _features
+    from ..ebpf import probes as _features
 
     _features.check_privileges()
     _features.check_btf()

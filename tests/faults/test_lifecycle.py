@@ -15,7 +15,7 @@ import pytest
 from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 from rtml_ebpf import CapacityError, CgroupNotFound, Limiter, RtmlError
-from rtml_ebpf.loader import Runtime
+from rtml_ebpf.ebpf.runtime import Runtime
 
 pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
 

@@ -18,7 +18,7 @@ import pytest
 from support.cgroups import WORKLOADS, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 from rtml_ebpf import Limiter
-from rtml_ebpf.loader import Runtime
+from rtml_ebpf.ebpf.runtime import Runtime
 
 pytestmark = pytest.mark.root
 

@@ -13,8 +13,8 @@ import os
 import platform
 from dataclasses import dataclass
 
-from . import _libbpf
-from .errors import NotSupported, PermissionDenied
+from ..errors import NotSupported, PermissionDenied
+from . import libbpf as _libbpf
 
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38

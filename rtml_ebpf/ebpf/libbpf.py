@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Any
 
-from .errors import LoadError, NotSupported
+from ..errors import LoadError, NotSupported
 
 log = logging.getLogger("rtml_ebpf.libbpf")
 

@@ -1,16 +1,16 @@
-"""The eBPF backend: a Limiter's view of the shared loaded object (see loader.py)."""
+"""The eBPF backend: a Limiter's view of the shared runtime (one rule = one Watch)."""
 
 from __future__ import annotations
 
 import time
 from typing import cast
 
-from ._backend import Flag, Snapshot
-from ._cgroup import MemoryCgroup
-from ._meter import EbpfThreadMeter
-from ._rules import Rule
-from .errors import RtmlError
-from .loader import Runtime, Watch
+from .._backend import Flag, Snapshot
+from .._cgroup import MemoryCgroup
+from .._meter import EbpfThreadMeter
+from .._rules import Rule
+from ..errors import RtmlError
+from .runtime import Runtime, Watch
 
 
 class EbpfBackend:

@@ -1,0 +1,359 @@
+"""Watched cgroups on a loaded object: slot allocation, rule encoding, and the kernel's readings.
+
+A *slot* is one watched cgroup: its element of the mmapped ``slots`` array (written by the
+programs), of ``configs`` (its rules, written here) and of the per-CPU ``counters``. A cgroup
+has up to ``MAX_RULES`` rules, each with one verdict byte the hot path reads. Nothing here locks:
+the runtime (runtime.py) serializes every call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+
+from .._backend import Snapshot
+from .._cgroup import MemoryCgroup
+from .._poll import PollBackend
+from .._rules import Rule, Usage, effective_used, evaluate
+from ..config import PAGE_SIZE
+from ..errors import CapacityError, RtmlError
+from . import abi
+from . import libbpf as _libbpf
+from .loader import Loaded
+
+SLOT_SIZE = ctypes.sizeof(abi.Slot)
+CONFIG_SIZE = ctypes.sizeof(abi.Config)
+RULE_SIZE = ctypes.sizeof(abi.Rule)
+# Watched cgroups on one path that a single event refreshes (RTML_NESTED_WATCHES in rtml.bpf.c).
+NESTED_WATCHES = 2
+_U64 = struct.Struct("=Q")
+
+
+def possible_cpus() -> int:
+    """Per-CPU maps hold one value per possible CPU (not online, not cpu_count)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return n
+
+
+def _file_oom_kills(cgroup: MemoryCgroup) -> int:
+    """Without the oom_victim hook (before 6.8) the cgroup's own counter stands in."""
+    try:
+        return cgroup.oom_kills()
+    except OSError:
+        return 0
+
+
+@dataclass
+class SlotState:
+    index: int
+    cgroup: MemoryCgroup
+    cgroup_id: int
+    reader: PollBackend  # the cgroup's files, for the initial reading and the upkeep (caches limits)
+    rules: dict[int, Rule] = field(default_factory=dict)
+    # Rules closed while their Watch lives on (a caller kept the bound check): the byte keeps
+    # the fail answer and the index is not lent again until that Watch is collected, so a
+    # stale check can never answer for another cgroup.
+    quarantined: dict[int, bool] = field(default_factory=dict)  # rule index -> its fail answer
+    ancestors: list[str] = field(default_factory=list)
+    watched: bool = True
+
+
+class Slots:
+    def __init__(self, loaded: Loaded) -> None:
+        self.loaded = loaded
+        self.by_cgid: dict[int, SlotState] = {}
+        self._slots_mm = loaded.maps["slots"]
+        self._configs_mm = loaded.maps["configs"]
+        self.view: memoryview | None = memoryview(self._slots_mm)
+        self.words: memoryview | None = self.view.cast("q")
+        self.config_words: memoryview | None = memoryview(self._configs_mm).cast("q")
+
+    def release_views(self) -> None:
+        """Drop our own views so the mappings can close (kept checks hold theirs)."""
+        self.view = self.words = self.config_words = None
+
+    # -- registration ---------------------------------------------------------------------
+    def register(self, cgroup: MemoryCgroup, rule: Rule) -> tuple[int, int, memoryview]:
+        """Watch ``cgroup`` with ``rule``: (slot index, rule index, its one-byte verdict view)."""
+        assert self.view is not None
+        cgid = cgroup.cgroup_id
+        state = self.by_cgid.get(cgid)
+        fresh = state is None or not state.watched
+        if state is None:
+            self.check_nesting(cgroup)
+            used = {s.index for s in self.by_cgid.values()}
+            free = next((i for i in range(abi.MAX_SLOTS) if i not in used), None)
+            if free is None:
+                raise CapacityError(f"all {abi.MAX_SLOTS} eBPF slots are in use; close Limiters you no longer need")
+            state = SlotState(free, cgroup, cgid, PollBackend(cgroup, "file reader"), ancestors=cgroup.ancestors())
+        elif not state.watched:
+            self.check_nesting(cgroup)
+        taken = set(state.rules) | set(state.quarantined)
+        rule_index = next((i for i in range(abi.MAX_RULES) if i not in taken), None)
+        if rule_index is None:
+            raise CapacityError(
+                f"cgroup {cgroup.directory} already has {abi.MAX_RULES} thresholds watched in this "
+                "process; share a Limiter instead of creating more"
+            )
+        snap = state.reader.read()
+        tripped = evaluate(rule, Usage(snap.used, snap.working_set, snap.limit), False)
+        if fresh:
+            self._init_slot(state, cgroup, snap)
+        self._slots_mm[state.index * SLOT_SIZE + abi.TRIPPED_OFFSET + rule_index] = int(tripped)
+        self._write_rule(state.index, rule_index, rule)
+        state.rules[rule_index] = rule
+        if fresh:
+            key = ctypes.c_uint64(cgid)
+            value = ctypes.c_uint32(state.index)
+            _libbpf.check(_libbpf.lib().bpf_map_update_elem(self.loaded.fds["watch"], ctypes.byref(key),
+                                                            ctypes.byref(value), 0), "watch", cgroup.directory)
+            state.watched = True
+            self.by_cgid[cgid] = state
+            self._update_ctl()
+        off = state.index * SLOT_SIZE + abi.TRIPPED_OFFSET + rule_index
+        return state.index, rule_index, self.view[off : off + 1]
+
+    def check_nesting(self, cgroup: MemoryCgroup) -> None:
+        """The programs refresh at most NESTED_WATCHES watched cgroups on one path: refuse a
+        third rather than leave one of them silently stale."""
+        new = os.path.normpath(cgroup.directory)
+
+        def on_path(a: str, b: str) -> bool:  # a is b or an ancestor of b
+            return a == b or b.startswith(a + os.sep)
+
+        others = [os.path.normpath(s.cgroup.directory) for s in self.by_cgid.values() if s.watched]
+        chains = [[d for d in others if on_path(d, new) or on_path(new, d)]]
+        for d in others:
+            if on_path(new, d):  # a watched descendant: its own chain gains the new cgroup
+                chains.append([e for e in others if on_path(e, d)])
+        worst = max(chains, key=len)
+        if len(worst) + 1 > NESTED_WATCHES:
+            raise CapacityError(
+                f"cgroup {cgroup.directory}: {', '.join(sorted(worst))} already watched on the same path; the "
+                f"programs follow at most {NESTED_WATCHES} nested watched cgroups per path. Watch the pod or "
+                "the container, not both plus a third level"
+            )
+
+    def close_rule(self, slot: int, rule: int, cgid: int, fail_answer: bool) -> None:
+        """A Limiter closed: its rule stops, its byte answers ``fail_answer`` while kept checks
+        live (quarantined), and the cgroup is unwatched when it has no rule left."""
+        state = self.by_cgid.get(cgid)
+        if state is None or state.index != slot or rule not in state.rules:
+            return
+        del state.rules[rule]
+        self._write_rule(slot, rule, None)
+        self._slots_mm[slot * SLOT_SIZE + abi.TRIPPED_OFFSET + rule] = int(fail_answer)
+        state.quarantined[rule] = fail_answer
+        if not state.rules:
+            self._unwatch(state)
+
+    def free_rule(self, slot: int, rule: int, cgid: int) -> None:
+        """Nothing holds the rule any more (its Watch was collected): free its index, and the
+        slot when it has nothing left."""
+        state = self.by_cgid.get(cgid)
+        if state is None or state.index != slot:
+            return
+        if rule in state.rules:  # its Limiter was dropped without close()
+            del state.rules[rule]
+            self._write_rule(slot, rule, None)
+        state.quarantined.pop(rule, None)
+        if not state.rules:
+            self._unwatch(state)
+            if not state.quarantined:
+                del self.by_cgid[cgid]
+
+    def _unwatch(self, state: SlotState) -> None:
+        if state.watched:
+            state.watched = False
+            key = ctypes.c_uint64(state.cgroup_id)
+            _libbpf.lib().bpf_map_delete_elem(self.loaded.fds["watch"], ctypes.byref(key))
+            self._update_ctl()
+
+    def _init_slot(self, state: SlotState, cgroup: MemoryCgroup, snap: Snapshot) -> None:
+        slot = abi.Slot()
+        slot.cgroup_id = cgroup.cgroup_id
+        slot.level = cgroup.depth
+        slot.usage_pages = snap.usage // PAGE_SIZE
+        slot.limit_pages = (snap.limit // PAGE_SIZE) if snap.limit is not None else abi.UNLIMITED_PAGES
+        slot.headroom_pages = (snap.headroom // PAGE_SIZE) if snap.headroom is not None else abi.UNLIMITED_PAGES
+        slot.updated_ns = time.monotonic_ns()
+        for rule, fail_answer in state.quarantined.items():
+            slot.tripped[rule] = int(fail_answer)  # kept checks of closed Limiters keep their answer
+        base = state.index * SLOT_SIZE
+        self._slots_mm[base : base + SLOT_SIZE] = bytes(slot)
+        zeros = (abi.Counters * possible_cpus())()  # a reused slot starts from zero
+        key = ctypes.c_uint32(state.index)
+        _libbpf.check(_libbpf.lib().bpf_map_update_elem(self.loaded.fds["counters"], ctypes.byref(key), zeros, 0),
+                      "reset", "counters")
+        cfg = abi.Config()
+        cfg.cgroup_id = cgroup.cgroup_id
+        cfg.inactive_file_base = snap.inactive_file // PAGE_SIZE
+        cbase = state.index * CONFIG_SIZE
+        self._configs_mm[cbase : cbase + CONFIG_SIZE] = bytes(cfg)
+
+    def _write_rule(self, slot: int, index: int, rule: Rule | None) -> None:
+        off = slot * CONFIG_SIZE + abi.Config.rules.offset + index * RULE_SIZE
+        r = abi.Rule.from_buffer(self._configs_mm, off)
+        r.kind = abi.RULE_OFF  # off while the values change
+        if rule is None:
+            return
+        r.metric = abi.METRIC_WORKING_SET if rule.metric == "working_set" else abi.METRIC_USAGE
+        if rule.trip.nbytes is not None:
+            r.trip = rule.trip.nbytes // PAGE_SIZE
+            r.clear = (rule.clear.nbytes or 0) // PAGE_SIZE
+            kind = abi.RULE_PAGES
+        else:
+            r.trip = rule.trip.ppm or 0
+            r.clear = rule.clear.ppm or 0
+            kind = abi.RULE_FRACTION
+        r.kind = kind
+        del r
+
+    def _update_ctl(self) -> None:
+        ctl = abi.Ctl.from_buffer(self.loaded.maps["ctl"])
+        states = [s for s in self.by_cgid.values() if s.watched]
+        ctl.min_level = min((s.cgroup.depth for s in states), default=0)
+        ctl.nwatched = len(states)
+        ctl.gen = (ctl.gen + 1) & 0xFFFFFFFF  # after the watch map changed: drops the programs' caches
+        del ctl
+
+    def state(self, slot: int, cgid: int) -> SlotState:
+        state = self.by_cgid.get(cgid)
+        if state is None or state.index != slot:
+            raise RtmlError("this Limiter is closed: its eBPF watch is gone")
+        return state
+
+    # -- user space's own readings (no memcg events) ---------------------------------------
+    def upkeep(self, slot: int, cgid: int) -> None:
+        """Without memcg events the programs see growth as it faults in, but not frees nor
+        inactive_file: re-read both from the cgroup files, rewrite the slot's usage and
+        re-evaluate the verdicts, so a cgroup that freed memory clears without its next fault."""
+        state = self.by_cgid.get(cgid)
+        if state is not None and state.index == slot and state.watched:
+            self.write_reading(state, state.reader.read())
+
+    def check_limit(self, slot: int, cgid: int) -> bool:
+        """memcg-event kernels: a limit written while the cgroup is idle moves no counter, so
+        the programs see it only at the next charge. Compare the files' effective limit with
+        the slot's and rewrite the reading when they differ. True when it did."""
+        state = self.by_cgid.get(cgid)
+        if state is None or state.index != slot or not state.watched or self.words is None:
+            return False
+        limits = state.cgroup.effective_limit()
+        pages = limits.limit_bytes // PAGE_SIZE if limits.limit_bytes is not None else abi.UNLIMITED_PAGES
+        if pages == self.words[state.index * abi.SLOT_WORDS + abi.W_LIMIT]:
+            return False
+        self.write_reading(state, state.reader.read_now())
+        return True
+
+    def write_reading(self, state: SlotState, snap: Snapshot) -> None:
+        """A reading of the files into the slot, and the verdicts re-evaluated against it."""
+        cfg = abi.Config.from_buffer(self._configs_mm, state.index * CONFIG_SIZE)
+        cfg.inactive_file_base = snap.inactive_file // PAGE_SIZE
+        del cfg
+        slot = abi.Slot.from_buffer(self._slots_mm, state.index * SLOT_SIZE)
+        slot.inactive_file_delta = 0
+        slot.usage_pages = snap.usage // PAGE_SIZE
+        slot.limit_pages = snap.limit // PAGE_SIZE if snap.limit is not None else abi.UNLIMITED_PAGES
+        slot.headroom_pages = snap.headroom // PAGE_SIZE if snap.headroom is not None else abi.UNLIMITED_PAGES
+        slot.updated_ns = time.monotonic_ns()
+        usage = Usage(snap.used, snap.working_set, snap.limit)
+        for index, rule in state.rules.items():
+            was = bool(slot.tripped[index])
+            now = evaluate(rule, usage, was)
+            if now != was:
+                slot.tripped[index] = int(now)
+                if now:
+                    slot.trips[index] += 1
+        del slot
+
+    # -- the kernel's readings ----------------------------------------------------------------
+    def read_slot(self, index: int) -> abi.Slot:
+        """A consistent copy of one slot (retries while a writer is in the middle)."""
+        base = index * SLOT_SIZE
+        raw = b""
+        for _ in range(100):
+            end_before = _U64.unpack_from(self._slots_mm, base + abi.SEQ_END_OFFSET)[0]
+            raw = self._slots_mm[base : base + SLOT_SIZE]
+            begin_after = _U64.unpack_from(self._slots_mm, base + abi.SEQ_BEGIN_OFFSET)[0]
+            if begin_after == end_before:
+                break
+        return abi.Slot.from_buffer_copy(raw)
+
+    def room(self, slot: int, rule: Rule) -> tuple[int | None, int | None]:
+        """(bytes before ``rule`` trips, bytes before the OOM killer acts) from the slot: a few
+        word reads, no syscall (admission calls it on every request). None: unlimited."""
+        w, cw = self.words, self.config_words
+        if w is None or cw is None:
+            raise RtmlError("the eBPF runtime is closed")
+        base = slot * abi.SLOT_WORDS
+        usage, limit, headroom = w[base + abi.W_USAGE], w[base + abi.W_LIMIT], w[base + abi.W_HEADROOM]
+        if limit >= abi.UNLIMITED_PAGES:
+            used, limit_bytes, limit_room = usage, None, None
+        else:
+            used, limit_bytes, limit_room = limit - headroom, limit * PAGE_SIZE, headroom * PAGE_SIZE
+        if rule.metric == "working_set":
+            inactive = cw[slot * abi.CONFIG_WORDS + 1] + w[base + abi.W_INACTIVE_DELTA]
+            used = max(0, used - inactive)
+        trip = rule.trip.resolve(limit_bytes)
+        return (None if trip is None else trip - used * PAGE_SIZE), limit_room
+
+    def read_counters(self, index: int) -> abi.Counters:
+        """The per-CPU counters of one slot, summed."""
+        values = (abi.Counters * possible_cpus())()
+        key = ctypes.c_uint32(index)
+        _libbpf.check(_libbpf.lib().bpf_map_lookup_elem(self.loaded.fds["counters"], ctypes.byref(key), values),
+                      "read", "counters")
+        total = abi.Counters()
+        for field_spec in abi.Counters._fields_:
+            name = field_spec[0]
+            setattr(total, name, sum(getattr(v, name) for v in values))
+        return total
+
+    def snapshot(self, state: SlotState, *, full: bool, refresh_from_files: bool) -> Snapshot:
+        if refresh_from_files:
+            # Without memcg events the slot cannot see frees nor inactive_file: the files are
+            # the truth. Re-read them and refresh the slot (and its verdicts) with them.
+            try:
+                self.write_reading(state, state.reader.read())
+            except FileNotFoundError:
+                pass
+        s = self.read_slot(state.index)
+        c = self.read_counters(state.index) if full else abi.Counters()
+        cfg = abi.Config.from_buffer_copy(
+            self._configs_mm[state.index * CONFIG_SIZE : (state.index + 1) * CONFIG_SIZE])
+        limit = s.limit_pages * PAGE_SIZE if s.limit_pages < abi.UNLIMITED_PAGES else None
+        headroom = s.headroom_pages * PAGE_SIZE if limit is not None else None
+        usage = s.usage_pages * PAGE_SIZE
+        depth = int(s.limit_depth)
+        source = None
+        if limit is not None:
+            source = state.ancestors[depth] if depth < len(state.ancestors) else (
+                f"(an ancestor {depth} levels up, above the cgroup mount root)")
+        inactive = max(0, (cfg.inactive_file_base + s.inactive_file_delta) * PAGE_SIZE)
+        links = self.loaded.links
+        return Snapshot(
+            usage=usage,
+            used=effective_used(usage, limit, headroom),
+            inactive_file=inactive,
+            limit=limit,
+            limit_source=source,
+            headroom=headroom,
+            updated_ns=int(s.updated_ns),
+            oom_kills=int(s.oom_kills) if "oom_victim" in links else _file_oom_kills(state.cgroup),
+            faults=c.faults if "page_fault_user" in links else None,
+            events=c.events,
+            growth={k: (int(getattr(c, f"{k}_charged")) * PAGE_SIZE, int(getattr(c, f"{k}_uncharged")) * PAGE_SIZE)
+                    for k in abi.GROWTH_KINDS},
+        )
