@@ -1,4 +1,4 @@
-"""What a backend hands the Limiter: a per-rule flag for the hot path and snapshots."""
+"""The contract between a Limiter and its backend (eBPF or poll), and the reading they share."""
 
 from __future__ import annotations
 

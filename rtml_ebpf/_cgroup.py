@@ -19,6 +19,22 @@ from dataclasses import dataclass
 
 from .errors import CgroupNotFound
 
+# Every memory-controller file we read or write, by what it holds: (cgroup v1 name, v2 name).
+FILES = {
+    "usage": ("memory.usage_in_bytes", "memory.current"),
+    "limit": ("memory.limit_in_bytes", "memory.max"),
+    "peak": ("memory.max_usage_in_bytes", "memory.peak"),
+    "events": ("memory.oom_control", "memory.events"),  # both carry oom_kill
+    "stat": ("memory.stat", "memory.stat"),
+}
+INACTIVE_FILE_KEY = ("total_inactive_file", "inactive_file")  # in memory.stat, v1 / v2
+
+
+def file_name(what: str, version: int) -> str:
+    """The file that holds ``what`` (a FILES key) in a cgroup of ``version``."""
+    return FILES[what][version - 1]
+
+
 # v1 reports "no limit" as PAGE_COUNTER_MAX * PAGE_SIZE (9223372036854771712 with
 # 4 KiB pages); anything at or above 2^60 bytes is no real limit.
 UNLIMITED_BYTES = 1 << 60
@@ -66,15 +82,15 @@ class MemoryCgroup:
     # -- file names by version ---------------------------------------------------------
     @property
     def usage_file(self) -> str:
-        return "memory.current" if self.version == 2 else "memory.usage_in_bytes"
+        return file_name("usage", self.version)
 
     @property
     def limit_file(self) -> str:
-        return "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+        return file_name("limit", self.version)
 
     @property
     def inactive_file_key(self) -> str:
-        return "inactive_file" if self.version == 2 else "total_inactive_file"
+        return INACTIVE_FILE_KEY[self.version - 1]
 
     def file(self, name: str, directory: str | None = None) -> str:
         return os.path.join(directory or self.directory, name)
@@ -84,7 +100,7 @@ class MemoryCgroup:
         return int(read_text(self.file(self.usage_file, directory)))
 
     def read_stat(self) -> dict[str, int]:
-        return parse_flat_keyed(read_text(self.file("memory.stat")))
+        return parse_flat_keyed(read_text(self.file(file_name("stat", self.version))))
 
     def read_inactive_file(self) -> int:
         return self.read_stat().get(self.inactive_file_key, 0)
@@ -128,9 +144,7 @@ class MemoryCgroup:
 
     def events(self) -> dict[str, int]:
         """OOM counters: v2 memory.events, v1 memory.oom_control."""
-        if self.version == 2:
-            return parse_flat_keyed(read_text(self.file("memory.events")))
-        return parse_flat_keyed(read_text(self.file("memory.oom_control")))
+        return parse_flat_keyed(read_text(self.file(file_name("events", self.version))))
 
     def oom_kills(self) -> int:
         return self.events().get("oom_kill", 0)

@@ -21,7 +21,8 @@ import resource
 import threading
 from typing import Protocol
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+from .config import PAGE_SIZE
+
 # struct rtml_thread in bpf/rtml.h, as int64 words
 T_TID, T_NET, T_PEAK, T_CHARGED, T_WORDS = 0, 1, 2, 3, 4
 

@@ -46,27 +46,24 @@ class ChildCgroup:
             self.set_limit(limit)
 
     # -- files ---------------------------------------------------------------------------
-    def _path(self, v1: str, v2: str) -> str:
-        return os.path.join(self.directory, v2 if self.version == 2 else v1)
+    def _path(self, what: str) -> str:
+        return os.path.join(self.directory, _cgroup.file_name(what, self.version))
 
     def set_limit(self, nbytes: int) -> None:
-        with open(self._path("memory.limit_in_bytes", "memory.max"), "w") as f:
+        with open(self._path("limit"), "w") as f:
             f.write(str(nbytes))
 
     def usage(self) -> int:
-        with open(self._path("memory.usage_in_bytes", "memory.current")) as f:
-            return int(f.read())
+        return int(_cgroup.read_text(self._path("usage")))
 
     def peak(self) -> int | None:
         try:
-            with open(self._path("memory.max_usage_in_bytes", "memory.peak")) as f:
-                return int(f.read())
+            return int(_cgroup.read_text(self._path("peak")))
         except OSError:
             return None
 
     def oom_kills(self) -> int:
-        text = _cgroup.read_text(self._path("memory.oom_control", "memory.events"))
-        return _cgroup.parse_flat_keyed(text).get("oom_kill", 0)
+        return _cgroup.parse_flat_keyed(_cgroup.read_text(self._path("events"))).get("oom_kill", 0)
 
     # -- processes -----------------------------------------------------------------------
     def popen(self, argv: list[str], env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen[str]:

@@ -86,25 +86,27 @@ class _Rejecter:
         return (("retry-after", str(delay)),)
 
 
-def _like(handler: Any, behaviour: Callable[..., Any]) -> Any:
-    """A handler of the same shape as ``handler`` that runs ``behaviour``. Requests are not
-    deserialized: a rejected call never pays for decoding its payload."""
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=handler.response_serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=handler.response_serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(behaviour, response_serializer=handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(behaviour, response_serializer=handler.response_serializer)
+def _kind(handler: Any) -> str:
+    """unary_unary, unary_stream, stream_unary or stream_stream: which behaviour it carries."""
+    for kind in ("unary_unary", "unary_stream", "stream_unary"):
+        if getattr(handler, kind):
+            return kind
+    return "stream_stream"
+
+
+def _like(handler: Any, behaviour: Callable[..., Any], *, decode: bool = False) -> Any:
+    """A handler of the same shape as ``handler`` that runs ``behaviour``. Without ``decode``
+    requests are not deserialized: a rejected call never pays for decoding its payload."""
+    make = getattr(grpc, f"{_kind(handler)}_rpc_method_handler")
+    return make(behaviour, request_deserializer=handler.request_deserializer if decode else None,
+                response_serializer=handler.response_serializer)
 
 
 def _with_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
     """The same handler (request decoding included) whose behaviour runs under ``ticket``:
     bound to the pool thread that runs it, finished when the call's work ends."""
-    kind = ("unary_unary" if handler.unary_unary else "unary_stream" if handler.unary_stream
-            else "stream_unary" if handler.stream_unary else "stream_stream")
+    kind = _kind(handler)
     inner = getattr(handler, kind)
-    make = getattr(grpc, f"{kind}_rpc_method_handler")
 
     if kind.endswith("_stream"):
         def streaming(request: Any, context: Any) -> Iterator[Any]:
@@ -124,8 +126,7 @@ def _with_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
                 admission.finish(ticket)
 
         behaviour = unary
-    return make(behaviour, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return _like(handler, behaviour, decode=True)
 
 
 class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -220,10 +221,8 @@ class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
 
 
 def _with_async_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
-    kind = ("unary_unary" if handler.unary_unary else "unary_stream" if handler.unary_stream
-            else "stream_unary" if handler.stream_unary else "stream_stream")
+    kind = _kind(handler)
     inner = getattr(handler, kind)
-    make = getattr(grpc, f"{kind}_rpc_method_handler")
 
     if kind.endswith("_stream"):
         async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
@@ -245,5 +244,4 @@ def _with_async_ticket(handler: Any, admission: Admission, ticket: Ticket) -> An
                 admission.finish(ticket)
 
         behaviour = unary
-    return make(behaviour, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return _like(handler, behaviour, decode=True)

@@ -12,17 +12,16 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from .config import PAGE_SIZE
 from .errors import ConfigError
 
 log = logging.getLogger("rtml_ebpf")
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _load_malloc_trim() -> Any:
@@ -65,7 +64,7 @@ def trim_heap() -> None:
 
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+        return int(f.read().split()[1]) * PAGE_SIZE
 
 
 @dataclass

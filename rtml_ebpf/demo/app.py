@@ -20,8 +20,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+from rtml_ebpf.config import PAGE_SIZE
+
 CHUNK = 1 << 20
-PAGE = 4096
+PAGE = PAGE_SIZE
 GUARDS = ("none", "door", "admission", "poll-door", "poll-admission")
 
 

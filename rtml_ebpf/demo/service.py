@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from rtml_ebpf.config import PAGE_SIZE
+
 CHUNK = 1 << 20
-PAGE = 4096
+PAGE = PAGE_SIZE
 JSON_DOC = json.dumps([{"id": i, "name": f"item-{i}", "tags": ["a", "b", "c"], "score": i * 0.5}
                        for i in range(60_000)])  # about 5 MB
 
