@@ -1,7 +1,8 @@
 """``make bench``: every performance figure rtml-ebpf claims, measured in one run.
 
 P1 check cost, P2 overshoot, P3 probe overhead per hook set, P4 start-up, P5 flood survival
-(the demo), P6 admission (overhead, cost error, goodput), P7 overhead a real service sees.
+(the demo), P6 admission (overhead, cost error, goodput), P7 overhead a real service sees,
+P8 precision per hook set (time to clear after a free, working-set error).
 This machine is noisy: variants are interleaved, repeated, and reported as
 median and spread (min-max). Ratios are taken against baselines from the
 same run. Nothing here is asserted: the report states figures and targets.
@@ -500,6 +501,85 @@ def p7_service_overhead(reps: int) -> dict[str, Any]:
     return out
 
 
+# -- P8 -------------------------------------------------------------------------------------
+P8_READER = """
+import os, sys, time
+f = open(sys.argv[1], "rb")
+while f.read(1 << 20):
+    pass
+buf = bytearray(40 << 20)
+buf[::4096] = b"x" * (len(buf) // 4096)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def p8_precision(reps: int, tmp: str) -> dict[str, Any]:
+    """Per hook set: how long the verdict takes to clear after the cgroup frees its memory, and
+    the working-set error at rest (stats() against usage - inactive_file from the files)."""
+    import rtml_ebpf
+    from rtml_ebpf import _cgroup
+    from rtml_ebpf._sandbox import ChildCgroup
+
+    data = os.path.join(tmp, "p8-cache.bin")
+    with open(data, "wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(MiB))
+    clear: dict[str, list[float]] = {h: [] for h in HOOK_SETS}
+    ws_err: dict[str, list[float]] = {h: [] for h in HOOK_SETS}
+    env_before = os.environ.get("RTML_HOOKS")
+    try:
+        for _ in range(reps):
+            for hook_set, env in HOOK_SETS.items():
+                os.environ["RTML_HOOKS"] = env
+                with ChildCgroup(512 * MiB, prefix="rtml-bench") as cg:
+                    hold = cg.popen([sys.executable, os.path.join(HERE, "workloads.py"), "hold"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    bufsize=1)
+                    assert hold.stdin is not None and hold.stdout is not None
+                    hold.stdout.readline()
+                    with rtml_ebpf.Limiter(cg.directory, backend="ebpf", threshold=64 * MiB, metric="usage",
+                                           relief=False) as lim:
+                        hold.stdin.write("100\n")
+                        hold.stdin.flush()
+                        hold.stdout.readline()
+                        deadline = time.monotonic() + 5
+                        while not lim.is_mem_limit_reached() and time.monotonic() < deadline:
+                            time.sleep(0.001)
+                        hold.stdin.write("-100\n")
+                        hold.stdin.flush()
+                        hold.stdout.readline()
+                        t0 = time.monotonic()
+                        while lim.is_mem_limit_reached() and time.monotonic() - t0 < 5:
+                            time.sleep(0.001)
+                        clear[hook_set].append(time.monotonic() - t0)
+                    hold.kill()
+                    hold.wait()
+                with open(data, "rb") as f:
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                with ChildCgroup(512 * MiB, prefix="rtml-bench") as cg:
+                    with rtml_ebpf.Limiter(cg.directory, backend="ebpf", relief=False) as lim:
+                        reader = cg.popen([sys.executable, "-c", P8_READER, data], stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL)
+                        assert reader.stdout is not None
+                        reader.stdout.readline()
+                        time.sleep(1.0)  # at rest
+                        s = lim.stats()
+                        mc = _cgroup.cgroup_from_directory(cg.directory)
+                        truth = mc.read_usage() - mc.read_inactive_file()
+                        ws_err[hook_set].append(abs(s.working_set_bytes - truth) / MiB)
+                        reader.kill()
+                        reader.wait()
+    finally:
+        os.unlink(data)
+        if env_before is None:
+            os.environ.pop("RTML_HOOKS", None)
+        else:
+            os.environ["RTML_HOOKS"] = env_before
+    return {h: {"clear_ms": {"median": med(clear[h]) * 1e3, "spread": spread([x * 1e3 for x in clear[h]])},
+                "ws_error_mib": {"median": med(ws_err[h]), "spread": spread(ws_err[h])}} for h in HOOK_SETS}
+
+
 # -- report ---------------------------------------------------------------------------------
 def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
@@ -663,6 +743,17 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
                          f"({v['memcg']['spread_pct']}) | {lean:.1f}% ({v['lean']['spread_pct']}) | ≤ 5%: "
                          f"{verdict(lean <= 5)} |")
         lines.append("")
+    if "P8" in res:
+        p = res["P8"]
+        lines += ["## P8 precision per hook set", "",
+                  "Time for the verdict to clear after the cgroup frees 100 MiB (threshold 64 MiB), and the "
+                  "working-set error at rest with 96 MiB of file cache and 40 MiB of anon memory in the cgroup "
+                  "(stats() against usage - inactive_file read from the files at the same moment).", "",
+                  "| hook set | time to clear after a free (ms) | working-set error (MiB) |", "|---|---|---|"]
+        for name, v in p.items():
+            lines.append(f"| {name} | {v['clear_ms']['median']:.0f} ({v['clear_ms']['spread']}) | "
+                         f"{v['ws_error_mib']['median']:.2f} ({v['ws_error_mib']['spread']}) |")
+        lines.append("")
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -672,7 +763,7 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7")
+    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -690,6 +781,7 @@ def main() -> int:
         ("P5", lambda: p5_flood(args.out, 6 if args.quick else 12)),
         ("P6", lambda: p6_admission(2 if args.quick else 5, args.out, 8 if args.quick else 20)),
         ("P7", lambda: p7_service_overhead(3 if args.quick else 7)),
+        ("P8", lambda: p8_precision(2 if args.quick else 5, args.out)),
     ]
     for name, fn in steps:
         if name in only:

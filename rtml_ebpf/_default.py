@@ -92,6 +92,27 @@ def default_limiter() -> Limiter:
         return _default
 
 
+def prepare() -> Limiter | None:
+    """Build the default now, the eBPF load included (~100 ms), instead of at the first check.
+
+    The integrations call it when they are built on the default: a server that imports the
+    app before forking its workers (gunicorn ``--preload``, uWSGI without lazy-apps) then loads
+    the programs once, in the master, and every worker (a restarted one too) inherits one loaded
+    object, kernel-fed from its first request. Never raises: a default that cannot be built
+    is logged once and the checks fail open (or closed), as for the module-level check.
+    """
+    global _failed
+    if _failed:
+        return None
+    try:
+        return default_limiter()
+    except Exception as exc:  # noqa: BLE001 - the same contract as the module-level check
+        with _create_lock:
+            _failed = True
+        log.error("rtml-ebpf: cannot watch memory (%s); is_mem_limit_reached() answers %s", exc, _fail_closed())
+        return None
+
+
 def current() -> Limiter | None:
     """The default as it is now, built (poll first) if needed; never raises. Waits only for
     another thread's first build of the poll limiter (milliseconds, never the BPF load):

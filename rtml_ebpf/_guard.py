@@ -31,7 +31,7 @@ def guard(*, limiter: Limiter | None = None, shed_at: str = "hard") -> Callable[
 def guard(func: F | None = None, *, limiter: Limiter | None = None, shed_at: str = "hard") -> Any:
     """Raise :class:`rtml_ebpf.MemoryLimitReached` instead of running ``func`` while the limit is
     reached. Works on plain and ``async`` functions; ``@guard`` or ``@guard(limiter=..., shed_at=...)``."""
-    policy = Policy("guard", limiter, shed_at=shed_at, exclude=())
+    policy = Policy("guard", limiter, shed_at=shed_at, exclude=(), admission=False)
 
     def decorate(f: F) -> F:
         name = getattr(f, "__qualname__", repr(f))

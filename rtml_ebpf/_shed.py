@@ -66,6 +66,10 @@ class Policy:
         self.shed_at = shed_at
         self._decide = self._make_decider()
         self.admission = make_admission(admission, limiter, request_bytes, route_costs)
+        if limiter is None and self.admission is not None:
+            from . import _default
+
+            _default.prepare()  # a server's middleware: load once here, workers forked after inherit it
 
     def _make_decider(self) -> Callable[[], bool]:
         lim = self.limiter

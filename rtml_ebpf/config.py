@@ -149,14 +149,16 @@ HOOK_SETS = {
     # inactive_file and limit changes come from the upkeep. The set kernels before 6.13 get.
     "lean": ("page_fault_user", "oom_victim"),
     "fault": ("page_fault_user", "oom_victim"),  # the earlier name of the same set
+    # Every memcg stat event (6.13+): charges, frees and LRU moves seen as they happen.
+    "memcg": ("memcg_lruvec", "memcg_state", "oom_victim"),
     "all": HOOK_NAMES,
 }
 
 
 def parse_hooks(value: str | None) -> tuple[str, ...] | None:
     """RTML_HOOKS: unset/"auto" -> what the kernel offers (page_fault_user only where the memcg
-    events are missing); "all"; "lean" (alias "fault": one event per fault, the pre-6.13 set);
-    or a comma list of hook names."""
+    events are missing); "memcg" (the precise set, 6.13+); "lean" (alias "fault": one event per
+    fault, the pre-6.13 set); "all"; or a comma list of hook names."""
     value = (value or "").strip()
     if value in ("", "auto"):
         return None
@@ -166,7 +168,7 @@ def parse_hooks(value: str | None) -> tuple[str, ...] | None:
     unknown = [n for n in names if n not in HOOK_NAMES]
     if unknown or not names:
         raise ConfigError(
-            f"RTML_HOOKS={value!r}: unknown hook {(unknown or [value])[0]!r}; use auto, lean, all or a comma "
+            f"RTML_HOOKS={value!r}: unknown hook {(unknown or [value])[0]!r}; use auto, memcg, lean, all or a comma "
             "list of " + ", ".join(HOOK_NAMES)
         )
     return names

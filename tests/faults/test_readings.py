@@ -18,8 +18,8 @@ BATCH = 64 * 4096 * (os.cpu_count() or 1)
 
 
 @pytest.mark.vm
-def test_8_fault_hook_mode_follows_frees(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RTML_HOOKS", "fault")
+def test_8_lean_hooks_follow_frees_within_the_upkeep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTML_HOOKS", "lean")
     with make_cgroup(limit=256 * MiB) as cg:
         with Limiter(cg.directory, backend="ebpf", threshold=64 * MiB, metric="usage") as lim:
             assert "page_fault_user" in lim.stats().hooks
