@@ -68,7 +68,10 @@ struct rtml_ctl {
  * Written by the programs, and by user space in two places only: once before
  * the cgroup is watched (the first reading), and, where no memcg events are
  * live, by the upkeep, which re-reads the cgroup files (frees and inactive_file
- * are invisible to the fault hook) and rewrites usage and the verdict bytes.
+ * are invisible to the fault hook) and rewrites usage, the verdict bytes and the
+ * trip counts, without the sequence pair (a user-space add would race the
+ * programs' atomic ones and leave the pair unequal): a stats() reading taken
+ * at that moment can mix two readings; the verdict bytes are single bytes.
  * The hot path reads one byte, tripped[r]; the other fields are
  * for stats(). Multi-field reads are consistent when seq_begin read after
  * them equals seq_end read before them (writers on several CPUs bump begin,

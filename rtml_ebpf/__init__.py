@@ -11,9 +11,10 @@ RTML_FAIL_CLOSED) or from :func:`configure` (see rtml_ebpf._default).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._default import configure, default_limiter, is_mem_limit_reached
 from ._guard import guard, wait_for_headroom
-from .admission import Admission
 from .config import parse_threshold, parse_threshold_text
 from .errors import (
     CapacityError,
@@ -49,3 +50,16 @@ __all__ = [
     "wait_for_headroom",
 ]
 __version__ = "0.2.0"
+
+if TYPE_CHECKING:
+    from .admission import Admission
+
+
+def __getattr__(name: str) -> Any:
+    # Admission (ledger, estimator, meters) is imported on first use: a process that only
+    # checks never pays for it at import.
+    if name == "Admission":
+        from .admission import Admission
+
+        return Admission
+    raise AttributeError(f"module 'rtml_ebpf' has no attribute {name!r}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ._meter import Meter
 from ._rules import Rule
+
+if TYPE_CHECKING:
+    from ._meter import Meter
 
 
 class Flag(Protocol):

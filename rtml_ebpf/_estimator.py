@@ -100,6 +100,13 @@ class CostEstimator:
             est = self._estimates.get(OVERFLOW_ROUTE)
         return est
 
+    def largest(self) -> int:
+        """The largest estimate known for any route (declared or learned), 0 when none."""
+        known = [*self._estimates.values(), *self.declared.values()]
+        if self.request_bytes is not None:
+            known.append(self.request_bytes)
+        return max(known, default=0)
+
     def observe(self, route: str, cost: int) -> None:
         """One finished request's measured peak growth in bytes."""
         cost = max(0, int(cost))

@@ -22,7 +22,6 @@ import fcntl
 import mmap
 import os
 import stat
-import tempfile
 import threading
 import time
 
@@ -32,7 +31,7 @@ MAGIC = 0x52544D4C4C454447  # "RTMLLEDG"
 VERSION = 1
 ROWS = 128  # processes of one cgroup that can share a ledger
 FIELDS = 8  # int64 per row
-PID, START, RESERVED, INFLIGHT, LEARNING, UPDATED = range(6)
+PID, START, RESERVED, INFLIGHT, LEARNING, UPDATED, LARGEST = range(7)  # LARGEST: largest known estimate
 HEADER = 8  # int64 of header: magic, version, rows, rows in use (high-water mark), ...
 H_USED = 3
 SIZE = (HEADER + ROWS * FIELDS) * 8
@@ -44,6 +43,8 @@ def ledger_dir() -> str:
     for candidate in (os.environ.get("RTML_LEDGER_DIR", ""), "/dev/shm"):
         if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK):
             return candidate
+    import tempfile
+
     return tempfile.gettempdir()
 
 
@@ -144,9 +145,9 @@ class Ledger:
                     rows[base + i] = 0
         self._last_reap = time.monotonic()
 
-    def totals(self) -> tuple[int, int, int]:
-        """(reserved bytes, requests in flight, requests learning) of the *other* processes.
-        Call with :meth:`locked` held."""
+    def totals(self) -> tuple[int, int, int, int]:
+        """(reserved bytes, requests in flight, requests learning, largest estimate known) of the
+        *other* processes. Call with :meth:`lock` held."""
         rows = self._ensure()
         if time.monotonic() - self._last_reap >= REAP_INTERVAL:
             self._reap(rows)
@@ -155,12 +156,14 @@ class Ledger:
         reserved = sum(body[RESERVED::FIELDS]) - rows[own + RESERVED]
         inflight = sum(body[INFLIGHT::FIELDS]) - rows[own + INFLIGHT]
         learning = sum(body[LEARNING::FIELDS]) - rows[own + LEARNING]
-        return reserved, inflight, learning
+        return reserved, inflight, learning, max(body[LARGEST::FIELDS], default=0)
 
-    def publish(self, reserved: int, inflight: int, learning: int) -> None:
+    def publish(self, reserved: int, inflight: int, learning: int, largest: int | None = None) -> None:
         """This process's row. Single writer: no file lock needed (aligned 8-byte stores)."""
         rows = self._ensure()
         base = HEADER + self._row * FIELDS
+        if largest is not None:
+            rows[base + LARGEST] = max(0, int(largest))
         rows[base + RESERVED] = max(0, int(reserved))
         rows[base + INFLIGHT] = inflight
         rows[base + LEARNING] = learning

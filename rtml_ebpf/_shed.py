@@ -8,8 +8,8 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from .admission import Admission
 from .errors import ConfigError
 from .limiter import Level, Limiter
 
@@ -18,6 +18,9 @@ from .limiter import Level, Limiter
 DEFAULT_EXCLUDE_PATHS = ("/health", "/healthz", "/ready", "/readyz", "/live", "/livez", "/metrics")
 SHED_AT = ("hard", "soft", "probabilistic")
 REJECTION_BODY = b"memory limit reached, retry later\n"
+
+if TYPE_CHECKING:
+    from .admission import Admission
 
 _rejections: Counter[str] = Counter()
 _rejections_lock = threading.Lock()
@@ -124,6 +127,8 @@ def make_admission(
 ) -> Admission | None:
     """The integrations' ``admission=`` argument: True (default) builds one for ``limiter``,
     False turns budgeting off (the check at the door only), or pass an Admission to share."""
+    from .admission import Admission
+
     if isinstance(admission, Admission):
         if request_bytes is not None or route_costs is not None:
             raise ConfigError("request_bytes/route_costs: set them on the Admission you pass, not beside it")

@@ -11,8 +11,10 @@ when it ends.
 
 Rules, in order:
   1. the limiter's verdict is tripped: refuse (the door check);
-  2. the route is still learning its cost: admit only if no other learning request is in
-     flight in the cgroup (one at a time until it has ``min_samples`` measurements);
+  2. a route this process has not learned yet reserves the largest estimate any process of
+     the cgroup knows (a fresh worker learns from its siblings' figures); only when no process
+     knows anything is it *learning*: admitted only if no other learning request is in flight
+     in the cgroup (one at a time until it has ``min_samples`` measurements);
   3. admit if estimate + reserved (all processes) <= headroom to the threshold;
   4. else admit only if nothing at all is in flight and the estimate fits below the limit
      (progress: one request larger than the margin still runs when it alone fits).
@@ -255,9 +257,13 @@ class Admission:
             if ledger is not None:
                 ledger.lock()
             try:
-                others, others_inflight, others_learning = ledger.totals() if ledger is not None else (0, 0, 0)
+                others, others_inflight, others_learning, others_largest = (
+                    ledger.totals() if ledger is not None else (0, 0, 0, 0))
                 self._others_reserved = others
                 own, own_inflight, own_learning = self._own()
+                largest = max(self.estimator.largest(), others_largest)
+                if estimate is None and largest > 0:
+                    estimate = largest  # not learned here yet: reserve what the cgroup knows
                 room, limit_room = lim.room() if estimate is not None else (None, None)
                 why = decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
                              own_learning + others_learning)
@@ -277,7 +283,8 @@ class Admission:
                 self._inflight[id(ticket)] = ticket
                 self.admitted += 1
                 if ledger is not None:
-                    ledger.publish(own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None))
+                    ledger.publish(own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None),
+                                   self.estimator.largest())
             finally:
                 if ledger is not None:
                     ledger.unlock()
@@ -334,7 +341,7 @@ class Admission:
             return
         with self._mu:
             own, inflight, learning = self._own()
-            ledger.publish(own, inflight, learning)
+            ledger.publish(own, inflight, learning, self.estimator.largest())
 
     def _ensure_publisher(self) -> None:
         # Wake it only from idle: a set() per request hands the GIL to another thread each time.

@@ -13,11 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _cgroup
 from ._backend import Backend
-from ._meter import Meter
 from ._poll import DEFAULT_MIN_INTERVAL, PollBackend
 from ._rules import PPM, Rule, Threshold
 from .config import (  # noqa: F401 - parse_threshold_text, check_backend re-exported for callers
@@ -31,6 +30,9 @@ from .config import (  # noqa: F401 - parse_threshold_text, check_backend re-exp
 )
 from .errors import CapacityError, CgroupNotFound, ConfigError, RtmlError
 from .relief import Relief, default_relief
+
+if TYPE_CHECKING:
+    from ._meter import Meter
 
 log = logging.getLogger("rtml_ebpf")
 

@@ -124,7 +124,7 @@ def test_ledger_is_shared_and_a_killed_process_leaves_nothing(tmp_path: Path) ->
     os.read(r, 1)
     mine.lock()
     try:
-        assert mine.totals() == (64 * MiB, 1, 0)  # the other worker's reservation counts here
+        assert mine.totals() == (64 * MiB, 1, 0, 0)  # the other worker's reservation counts here
     finally:
         mine.unlock()
     os.kill(pid, signal.SIGKILL)
@@ -132,7 +132,7 @@ def test_ledger_is_shared_and_a_killed_process_leaves_nothing(tmp_path: Path) ->
     time.sleep(REAP_INTERVAL + 0.1)
     mine.lock()
     try:
-        assert mine.totals() == (0, 0, 0)  # reaped: the killed worker leaked nothing
+        assert mine.totals() == (0, 0, 0, 0)  # reaped: the killed worker leaked nothing
     finally:
         mine.unlock()
     mode = os.stat(mine.path).st_mode
