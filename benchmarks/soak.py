@@ -95,7 +95,8 @@ def main() -> int:
     with open(os.path.join(args.out, "soak.md"), "w") as f:
         f.write(f"# soak: {args.minutes:g} minutes of flood, gunicorn pre-fork, admission\n\n"
                 f"- OOM kills {r.oom_kills}, served {r.served}, rejected {r.rejected}, failed {r.failed}\n"
-                f"- RSS summed over the processes (shared pages counted in each) first minute {rss0 / MiB:.1f} MiB, last minute {rss1 / MiB:.1f} MiB\n"
+                f"- RSS summed over the processes (shared pages counted in each): first minute "
+                f"{rss0 / MiB:.1f} MiB, last minute {rss1 / MiB:.1f} MiB\n"
                 f"- open fds first minute {fd0:.0f}, last minute {fd1:.0f}\n"
                 f"- flat (RSS within 10%, fds within 2, no OOM kill): **{'pass' if flat else 'FAIL'}**\n")
     print(os.path.join(args.out, "soak.md"))
