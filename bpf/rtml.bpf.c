@@ -347,46 +347,70 @@ static __always_inline struct page_counter *refresh_hit(struct page_counter *pc,
 	return pc;
 }
 
+/*
+ * The watched cgroups above the memcg whose css is given (its own included), into *out,
+ * from this CPU's cache: events come in runs from one memcg, so a walk with a hash lookup
+ * per level happens only on a miss. Both paths (memcg events and task hooks) share it.
+ * The entry is copied, then its key checked again: an event in interrupt context (a socket
+ * charge) may refill the cache for another memcg between our reads. Returns 0 when unusable.
+ */
+static __always_inline int watches_above(struct cgroup_subsys_state *css, struct rtml_ctl *c,
+					 struct watch_cache *out)
+{
+	__u32 zero = 0;
+	struct watch_cache *wc = bpf_map_lookup_elem(&wcache, &zero);
+	struct cgroup *cg;
+
+	if (!wc || !css)
+		return 0;
+	cg = css->cgroup;
+	if (!cg)
+		return 0;
+	__u64 id = cg->kn->id;
+	__u32 gen = c->gen;
+	if (wc->id == id && wc->gen == gen) {
+		*out = *wc;
+		return out->id == id && out->gen == gen;
+	}
+	/* Miss: walk up, looking each level up in the watch map. */
+	__u32 min_level = c->min_level;
+	__u32 hits = 0;
+	for (__u32 depth = 0; depth < RTML_WATCH_DEPTH && css; depth++) {
+		struct cgroup *g = css->cgroup;
+		if (!g || (__u32)g->level < min_level)
+			break;
+		__u64 gid = g->kn->id;
+		__u32 *idx = bpf_map_lookup_elem(&watch, &gid);
+		if (idx) {
+			if (hits == 0) {
+				wc->idx[0] = *idx;
+				wc->depth[0] = depth;
+			} else {
+				wc->idx[1] = *idx;
+				wc->depth[1] = depth;
+			}
+			if (++hits == RTML_NESTED_WATCHES)
+				break;
+		}
+		css = css->parent;
+	}
+	wc->id = id;
+	wc->gen = gen;
+	wc->hits = hits;
+	*out = *wc;
+	return out->id == id && out->gen == gen;
+}
+
 /* Typed path: the memcg tracepoints hand us a struct mem_cgroup pointer. */
 static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long val)
 {
 	struct rtml_ctl *c = active_ctl();
-	__u32 zero = 0;
-	struct watch_cache *wc = bpf_map_lookup_elem(&wcache, &zero);
-	struct cgroup *cg = memcg->css.cgroup;
 
-	if (!c || !wc || !cg)
+	struct watch_cache w;
+
+	if (!c || !watches_above(&memcg->css, c, &w))
 		return;
-	__u64 id = cg->kn->id;
-	__u32 gen = c->gen;
-	if (wc->id != id || wc->gen != gen) {
-		/* Miss: walk up, looking each level up in the watch map. */
-		struct cgroup_subsys_state *css = &memcg->css;
-		__u32 min_level = c->min_level;
-		__u32 hits = 0;
-		for (__u32 depth = 0; depth < RTML_WATCH_DEPTH && css; depth++) {
-			struct cgroup *g = css->cgroup;
-			if (!g || (__u32)g->level < min_level)
-				break;
-			__u64 gid = g->kn->id;
-			__u32 *idx = bpf_map_lookup_elem(&watch, &gid);
-			if (idx) {
-				if (hits == 0) {
-					wc->idx[0] = *idx;
-					wc->depth[0] = depth;
-				} else {
-					wc->idx[1] = *idx;
-					wc->depth[1] = depth;
-				}
-				if (++hits == RTML_NESTED_WATCHES)
-					break;
-			}
-			css = css->parent;
-		}
-		wc->id = id;
-		wc->gen = gen;
-		wc->hits = hits;
-	}
+	struct watch_cache *wc = &w;
 	__u32 hits = wc->hits;
 	struct page_counter *pc = &memcg->memory;
 	__u32 at = 0;
@@ -416,38 +440,30 @@ static __always_inline void refresh_task_hit(__u32 idx, struct page_counter *pc,
 	update_slot(idx, &w.r);
 }
 
+/* From a css, climb to the one at level ``depth`` above the start (*at counts the levels so far). */
+static __always_inline struct cgroup_subsys_state *climb(struct cgroup_subsys_state *css, __u32 *at, __u32 depth)
+{
+	for (int d = 0; d < RTML_WATCH_DEPTH && *at < depth && css; d++) {
+		css = css->parent;
+		(*at)++;
+	}
+	return css;
+}
+
 /* Task path: fault and OOM hooks find the memcg through the task's css_set. */
 static __always_inline void on_task(struct task_struct *task, int kind)
 {
 	struct rtml_ctl *c = active_ctl();
 	struct cgroup_subsys_state *css;
-	long hit_css[RTML_NESTED_WATCHES] = {};
-	__u32 hit_idx[RTML_NESTED_WATCHES] = {};
-	int hits = 0;
+	struct watch_cache w;
 
 	if (!c || !task)
 		return;
 	css = task->cgroups->subsys[bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id)];
-	__u32 min_level = c->min_level;
-	for (int depth = 0; depth < RTML_WATCH_DEPTH && css; depth++) {
-		struct cgroup *cg = css->cgroup;
-		if (!cg || (__u32)cg->level < min_level)
-			break;
-		__u64 id = cg->kn->id;
-		__u32 *idx = bpf_map_lookup_elem(&watch, &id);
-		if (idx) {
-			if (hits == 0) {
-				hit_idx[0] = *idx;
-				hit_css[0] = (long)css;
-			} else {
-				hit_idx[1] = *idx;
-				hit_css[1] = (long)css;
-			}
-			if (++hits == RTML_NESTED_WATCHES)
-				break;
-		}
-		css = css->parent;
-	}
+	if (!watches_above(css, c, &w))
+		return;
+	struct watch_cache *wc = &w;
+	__u32 hits = wc->hits;
 	/* With memcg events live they keep the slot fresh: a fault is only counted. */
 	int refresh = kind == EV_OOM || (c->flags & RTML_CTL_FAULT_REFRESH);
 	/* Without memcg events a fault is the only charge we see: one page to the thread. */
@@ -456,13 +472,20 @@ static __always_inline void on_task(struct task_struct *task, int kind)
 	/* &memcg->memory from &memcg->css, by CO-RE offsets */
 	long delta = (long)bpf_core_field_offset(struct mem_cgroup, memory) -
 		     (long)bpf_core_field_offset(struct mem_cgroup, css);
+	__u32 at = 0;
 	/* written out per hit: see on_memcg */
-	if (hits > 0)
-		refresh_task_hit(hit_idx[0], (struct page_counter *)(hit_css[0] + delta), kind, refresh);
-	if (hits > 1)
-		/* the fault happened in the nearest watched cgroup: count it there only */
-		refresh_task_hit(hit_idx[1], (struct page_counter *)(hit_css[1] + delta),
-				 kind == EV_OOM ? kind : EV_NONE, refresh);
+	if (hits > 0) {
+		css = climb(css, &at, wc->depth[0]);
+		if (css)
+			refresh_task_hit(wc->idx[0], (struct page_counter *)((long)css + delta), kind, refresh);
+	}
+	if (hits > 1 && css) {
+		css = climb(css, &at, wc->depth[1]);
+		if (css)
+			/* the fault happened in the nearest watched cgroup: count it there only */
+			refresh_task_hit(wc->idx[1], (struct page_counter *)((long)css + delta),
+					 kind == EV_OOM ? kind : EV_NONE, refresh);
+	}
 }
 
 SEC("tp_btf/mod_memcg_lruvec_state")
