@@ -317,46 +317,6 @@ t2 = time.perf_counter()
 print(json.dumps({"admission_us": (t1 - t0) / n * 1e6, "door_us": (t2 - t1) / n * 1e6}))
 """
 
-P6_COST = """
-import asyncio, json, mmap, os, sys, threading
-from rtml_ebpf import Admission, Limiter
-os.environ["RTML_LEDGER_DIR"] = sys.argv[1]
-MiB = 1 << 20
-lim = Limiter(backend="ebpf", metric="usage", relief=False)
-adm = Admission(lim, request_bytes=MiB)
-errors = []
-
-def request(n_mib):
-    t = adm.try_admit(f"GET /{n_mib}")
-    bufs = [mmap.mmap(-1, MiB) for _ in range(n_mib)]
-    for b in bufs:
-        b[::4096] = b"\x01" * (MiB // 4096)
-    for b in bufs:
-        b.close()
-    errors.append(abs(adm.finish(t) - n_mib * MiB) / (n_mib * MiB))
-
-for _ in range(3):
-    threads = [threading.Thread(target=request, args=(n,)) for n in (2, 8, 24, 64)]
-    for th in threads: th.start()
-    for th in threads: th.join()
-
-async def handler(n_mib, held):
-    for _ in range(n_mib):
-        b = mmap.mmap(-1, MiB); b[::4096] = b"\x01" * (MiB // 4096); held.append(b)
-        await asyncio.sleep(0)
-
-async def main():
-    tickets = {n: adm.try_admit(f"GET /a{n}", stepped=True) for n in (4, 24)}
-    held = {n: [] for n in tickets}
-    await asyncio.gather(*(adm.run_async(t, handler(n, held[n])) for n, t in tickets.items()))
-    for n, t in tickets.items():
-        errors.append(abs(adm.finish(t) - n * MiB) / (n * MiB))
-
-asyncio.run(main())
-print(json.dumps({"max_error": max(errors), "median_error": sorted(errors)[len(errors) // 2], "n": len(errors)}))
-"""
-
-
 def p6_admission(reps: int, tmp: str, duration: float) -> dict[str, Any]:
     """Admission: overhead per request, error of the measured cost, and goodput of the guarded
     pre-fork flood as a share of the ideal concurrency (threshold - idle usage) / cost."""
@@ -372,11 +332,13 @@ def p6_admission(reps: int, tmp: str, duration: float) -> dict[str, Any]:
             r = json.loads(out)
             over.append(r["admission_us"])
             door.append(r["door_us"])
-            p = cg.popen([sys.executable, "-c", P6_COST, tmp], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            p = cg.popen([sys.executable, os.path.join(HERE, "workloads.py"), "cost", tmp], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
             out, err = p.communicate(timeout=300)
             if p.returncode != 0:
                 raise RuntimeError(f"P6 cost: {err[-2000:]}")
-            errs.append(json.loads(out)["max_error"])
+            costs = json.loads(out)
+            errs.append(max(abs(m - a) / a for a, m in (*costs["threads"].values(), *costs["async"].values())))
     return {"admission_us": {"median": med(over), "spread": spread(over)},
             "door_us": {"median": med(door), "spread": spread(door)},
             "cost_max_error": {"median": med(errs), "spread": spread(errs)},

@@ -102,6 +102,57 @@ def hold() -> int:
     return 0
 
 
+def request_costs(ledger_dir: str) -> dict[str, Any]:
+    """Requests of known sizes through Admission on this process's cgroup: concurrent threads
+    and interleaved asyncio requests. Per request: [bytes allocated, cost measured]."""
+    import asyncio
+
+    from rtml_ebpf import Admission, Limiter
+
+    os.environ["RTML_LEDGER_DIR"] = ledger_dir
+    mib = 1 << 20
+    lim = Limiter(backend="ebpf", metric="usage", relief=False)
+    adm = Admission(lim, request_bytes=mib)
+    meter = lim.thread_meter()
+    out: dict[str, Any] = {"source": meter.source if meter else None, "threads": {}, "async": {}}
+
+    def request(n_mib: int, key: str) -> None:
+        t = adm.try_admit(f"GET /{key}")
+        assert t is not None
+        bufs = [mmap.mmap(-1, mib) for _ in range(n_mib)]
+        for b in bufs:
+            touch(b, fast=True)
+        for b in bufs:
+            b.close()  # freed before the end: the cost is the peak, not what is left
+        out["threads"][key] = [n_mib * mib, adm.finish(t)]
+
+    threads = [threading.Thread(target=request, args=(n, f"t{n}")) for n in (2, 4, 16, 40, 64)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+    async def handler(n_mib: int, held: list[mmap.mmap]) -> None:
+        for _ in range(n_mib):
+            b = mmap.mmap(-1, mib)
+            touch(b, fast=True)
+            held.append(b)
+            await asyncio.sleep(0)  # interleave with the other request on the same thread
+
+    async def both() -> None:
+        tickets = {n: adm.try_admit(f"GET /a{n}", stepped=True) for n in (6, 30)}
+        held: dict[int, list[mmap.mmap]] = {n: [] for n in tickets}
+        await asyncio.gather(*(adm.run_async(t, handler(n, held[n])) for n, t in tickets.items()  # type: ignore[arg-type]
+                               if t is not None))
+        for n, t in tickets.items():
+            assert t is not None
+            out["async"][f"a{n}"] = [n * mib, adm.finish(t)]
+
+    asyncio.run(both())
+    lim.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/workloads.py")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -117,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("hog", help="allocate and hold memory until killed (to provoke an OOM kill)")
     h.add_argument("--mib", type=int, required=True)
     sub.add_parser("hold", help="read '+N' / '-N' lines on stdin: grow or shrink by N MiB; answer each")
+    c = sub.add_parser("cost", help="requests of known sizes through Admission: allocated vs measured cost")
+    c.add_argument("ledger_dir")
     args = p.parse_args(argv)
     if args.cmd == "hold":
         return hold()
+    if args.cmd == "cost":
+        print(json.dumps(request_costs(args.ledger_dir)))
+        return 0
     if args.cmd == "alloc":
         out = alloc_until_tripped(
             step=args.step_kib * 1024, max_bytes=args.max_mib << 20, threshold=args.threshold,

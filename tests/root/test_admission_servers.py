@@ -7,6 +7,7 @@ the same flood, is OOM-killed; guarded, it has no OOM kill and serves.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
@@ -104,3 +105,37 @@ def test_threaded_grpc_server(guard: str) -> None:
     else:
         assert oom == 0, counts
         assert counts["ok"] >= 10 and counts["unavailable"] > 0 and counts["failed"] == 0, counts
+
+
+def interpreter_for_nobody() -> str:
+    """A Python of this one's version that uid 65534 may run (the venv's may live under /root)."""
+    import os
+    import shutil
+
+    want = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, shutil.which(want) or "", f"/usr/bin/{want}", "/usr/bin/python3"):
+        if not candidate or not os.path.exists(candidate):
+            continue
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                              candidate, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip() == str(tuple(sys.version_info[:2])):
+            return candidate
+    pytest.fail(f"no {want} that uid 65534 can run (the venv's is {sys.executable}); install python3 from the "
+                "distribution")
+
+
+@pytest.mark.parametrize("guard", ["none", "admission"])
+def test_gunicorn_prefork_as_an_unprivileged_user(guard: str) -> None:
+    # Users are not root: the server runs as uid 65534 with no capabilities, so the middleware
+    # runs on the poll backend and the kernel's per-thread fault counts. Same flood, same verdict.
+    import site
+
+    python = interpreter_for_nobody()
+    paths = [str(Path(__file__).resolve().parent.parent.parent), *site.getsitepackages()]
+    argv = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", python, "-m",
+            "gunicorn", "-b", "127.0.0.1:{port}", "-w", "4", "-k", "gthread", "--threads", "8", "--preload",
+            "--log-level", "warning", "rtml_ebpf.demo.app:wsgi")
+    env = {**ENV, "RTML_DEMO_GUARD": guard, "HOME": "/tmp", "PYTHONPATH": ":".join(paths)}
+    r = flood(Server(argv, tuple(env.items())), guard)
+    assert_control_dies(r) if guard == "none" else assert_guarded_lives(r)
