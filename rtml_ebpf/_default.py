@@ -101,16 +101,21 @@ def prepare() -> Limiter | None:
     object, kernel-fed from its first request. Never raises: a default that cannot be built
     is logged once and the checks fail open (or closed), as for the module-level check.
     """
-    global _failed
     if _failed:
         return None
     try:
         return default_limiter()
     except Exception as exc:  # noqa: BLE001 - the same contract as the module-level check
         with _create_lock:
-            _failed = True
-        log.error("rtml-ebpf: cannot watch memory (%s); is_mem_limit_reached() answers %s", exc, _fail_closed())
+            _give_up(exc)
         return None
+
+
+def _give_up(exc: BaseException) -> None:
+    """With _create_lock held: no default can be built; say why once, answer the fail answer."""
+    global _failed
+    _failed = True
+    log.error("rtml-ebpf: cannot watch memory (%s); is_mem_limit_reached() answers %s", exc, _fail_closed())
 
 
 def current() -> Limiter | None:
@@ -156,7 +161,7 @@ def _first_call() -> bool:
 def _build_locked() -> Limiter | None:
     """With _create_lock held: the poll default now, the eBPF one in the background. Logs and
     remembers a failure (bad environment, no cgroup) instead of raising."""
-    global _default, _failed
+    global _default
     if _default is not None or _failed:
         return _default
     try:
@@ -174,8 +179,7 @@ def _build_locked() -> Limiter | None:
                              daemon=True).start()
         _watch_migration()
     except Exception as exc:  # noqa: BLE001 - never raise from the check
-        _failed = True
-        log.error("rtml-ebpf: cannot watch memory (%s); is_mem_limit_reached() answers %s", exc, _fail_closed())
+        _give_up(exc)
     return _default
 
 

@@ -31,12 +31,15 @@ def route_key(method: str, path: str) -> str:
     return f"{method} " + "/".join(":id" if _ID_SEGMENT.match(s) else s for s in segments)
 
 
+def nearest_rank(ordered: list[int], q: float) -> int:
+    """Nearest-rank quantile of already sorted, non-empty ``ordered``: the smallest value with
+    at least a fraction ``q`` of the values at or below it."""
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+
+
 def quantile(values: list[int], q: float) -> int:
-    """Nearest-rank quantile of ``values`` (non-empty): the smallest value with at least a
-    fraction ``q`` of the values at or below it."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[rank - 1]
+    """Nearest-rank quantile of ``values`` (non-empty, any order)."""
+    return nearest_rank(sorted(values), q)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class CostEstimator:
         self._sorted: dict[str, list[int]] = {}  # each route's window, kept sorted (bisect, no sort)
         self._estimates: dict[str, int] = {}
         self._lock = threading.Lock()
+        # The largest estimate known, kept current by observe(): admission reads it per request.
+        self._declared_largest = max([*declared.values(), request_bytes or 0], default=0)
+        self._largest = self._declared_largest
 
     def _bucket(self, route: str) -> str:
         if route in self._samples or len(self._samples) < self.max_routes:
@@ -102,10 +108,7 @@ class CostEstimator:
 
     def largest(self) -> int:
         """The largest estimate known for any route (declared or learned), 0 when none."""
-        known = [*self._estimates.values(), *self.declared.values()]
-        if self.request_bytes is not None:
-            known.append(self.request_bytes)
-        return max(known, default=0)
+        return self._largest
 
     def observe(self, route: str, cost: int) -> None:
         """One finished request's measured peak growth in bytes."""
@@ -122,7 +125,12 @@ class CostEstimator:
             samples.append(cost)
             bisect.insort(ordered, cost)
             if len(samples) >= self.min_samples:
-                self._estimates[bucket] = ordered[max(1, math.ceil(self.q * len(ordered))) - 1]
+                old = self._estimates.get(bucket, 0)
+                new = self._estimates[bucket] = nearest_rank(ordered, self.q)
+                if new >= self._largest:
+                    self._largest = new
+                elif old == self._largest:  # the largest one shrank: find the new largest
+                    self._largest = max(self._declared_largest, *self._estimates.values())
 
     def routes(self) -> list[RouteEstimate]:
         with self._lock:

@@ -141,7 +141,3 @@ class EbpfThreadMeter:
         if self._words[base + T_TID] != tid:
             return RUSAGE.net_of(tid)
         return self._words[base + T_NET] * PAGE_SIZE
-
-    def registered(self) -> bool:
-        """True when the calling thread is metered by the programs (not the rusage fallback)."""
-        return self._entry() is not None

@@ -94,7 +94,7 @@ def decide(
 class Ticket:
     """One admitted request: what it reserved and how far its charges have come."""
 
-    __slots__ = ("route", "estimate", "tid", "net0", "stepped", "net", "peak", "started", "meter")
+    __slots__ = ("route", "estimate", "tid", "net0", "stepped", "net", "peak", "meter")
 
     def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool,
                  meter: Meter = RUSAGE) -> None:
@@ -106,7 +106,6 @@ class Ticket:
         self.stepped = stepped  # asyncio: net/peak are kept by run_async, not read from the thread
         self.net = 0  # bytes charged since admission (stepped mode)
         self.peak = 0
-        self.started = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,8 @@ class Admission:
                     ledger.totals() if ledger is not None else (0, 0, 0, 0))
                 self._others_reserved = others
                 own, own_inflight, own_learning = self._own()
-                largest = max(self.estimator.largest(), others_largest)
+                own_largest = self.estimator.largest()
+                largest = max(own_largest, others_largest)
                 if estimate is None and largest > 0:
                     estimate = largest  # not learned here yet: reserve what the cgroup knows
                 room, limit_room = lim.room() if estimate is not None else (None, None)
@@ -284,7 +284,7 @@ class Admission:
                 self.admitted += 1
                 if ledger is not None:
                     ledger.publish(own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None),
-                                   self.estimator.largest())
+                                   own_largest)
             finally:
                 if ledger is not None:
                     ledger.unlock()

@@ -132,10 +132,7 @@ def check_backend(backend: object, *, name: str = "backend") -> str:
     return str(backend)
 
 
-def check_seconds(value: object, *, name: str, low: float = 0.0, high: float = 3600.0,
-                  allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
+def check_seconds(value: object, *, name: str, low: float = 0.0, high: float = 3600.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high) or \
             math.isnan(value):
         raise ConfigError(f"{name}={value!r}: pass seconds between {low:g} and {high:g}")

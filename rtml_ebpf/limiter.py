@@ -200,7 +200,7 @@ class Limiter:
         self._cgroup_id = self._cgroup.cgroup_id
         self._lock = threading.Lock()
         self._error_logged = False
-        self._backend, self._handle, self._soft_handle = self._build(backend, float(interval or 0.0))
+        self._backend, self._handle, self._soft_handle = self._build(backend, interval)
         hot = self._backend.hot(self._handle)
         self._hot: Any = hot
         self._soft_hot: Any = None if self._soft_handle is None else self._backend.hot(self._soft_handle)

@@ -197,3 +197,14 @@ def test_asyncio_steps_charge_each_request_its_own_memory(tmp_path: Path,
             want = sizes_mib[name] * MiB
             assert abs(t.peak - want) <= 0.1 * want, (name, t.peak, want)
         adm.close()
+
+
+@settings(max_examples=100)
+@given(samples=st.lists(st.tuples(st.sampled_from(["GET /a", "GET /b", "POST /c"]), st.integers(0, 1 << 30)),
+                        min_size=1, max_size=120), declared=st.integers(0, 1 << 30))
+def test_largest_is_the_largest_estimate_after_every_sample(samples: list[tuple[str, int]], declared: int) -> None:
+    est = CostEstimator(window=8, min_samples=2, route_costs={"PUT /d": declared})
+    for route, cost in samples:
+        est.observe(route, cost)
+        known = [e for e in (est.estimate(r) for r in ("GET /a", "GET /b", "POST /c")) if e is not None]
+        assert est.largest() == max([declared, *known])

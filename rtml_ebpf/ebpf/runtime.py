@@ -236,10 +236,6 @@ class Runtime:
         with self._locked():
             return self._open_slots().read_slot(index)
 
-    def read_counters(self, index: int) -> abi.Counters:
-        with self._locked():
-            return self._open_slots().read_counters(index)
-
     def trips(self, watch: Watch) -> int:
         with self._locked():
             slots = self._open_slots()
