@@ -20,7 +20,7 @@ SHED_AT = ("hard", "soft", "probabilistic")
 REJECTION_BODY = b"memory limit reached, retry later\n"
 
 if TYPE_CHECKING:
-    from .admission import Admission
+    from .admission import Admission, Ticket
 
 _rejections: Counter[str] = Counter()
 _rejections_lock = threading.Lock()
@@ -104,6 +104,23 @@ class Policy:
         if self.admission is not None and self.shed_at == "hard":
             return False
         return self._decide()
+
+    def admit(self, path: str, route: str, *, stepped: bool = False, bind: bool = True) -> tuple[bool, Ticket | None]:
+        """Every integration's decision for one request: (shed?, ticket). Excluded paths pass
+        with no ticket; the door check and the budget (when admission is on) may shed, and a
+        shed request is counted. A ticket must be finished with ``self.admission.finish``."""
+        if self.excluded(path):
+            return False, None
+        if self.door():
+            record_rejection(self.integration)
+            return True, None
+        if self.admission is None:
+            return False, None
+        ticket = self.admission.try_admit(route, stepped=stepped, bind=bind)
+        if ticket is None:
+            record_rejection(self.integration)
+            return True, None
+        return False, ticket
 
     def excluded(self, path: str) -> bool:
         return path in self.exclude or path.startswith(self._prefixes)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from typing import Any
 
 from ._estimator import route_key
-from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy, record_rejection
+from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
 from .admission import Admission
 from .limiter import Limiter
 
@@ -56,20 +56,17 @@ class MemoryLimitMiddleware:
         return self.policy.admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or self.policy.excluded(path):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.policy.door():
+        path = scope.get("path", "")
+        shed, ticket = self.policy.admit(path, route_key(scope.get("method", "GET"), path), stepped=True)
+        if shed:
             await self._reject(send)
             return
         admission = self.policy.admission
-        if admission is None:
+        if ticket is None or admission is None:
             await self.app(scope, receive, send)
-            return
-        ticket = admission.try_admit(route_key(scope.get("method", "GET"), path), stepped=True)
-        if ticket is None:
-            await self._reject(send)
             return
         try:
             await admission.run_async(ticket, self.app(scope, receive, send))  # type: ignore[arg-type]
@@ -77,7 +74,6 @@ class MemoryLimitMiddleware:
             admission.finish(ticket)
 
     async def _reject(self, send: Send) -> None:
-        record_rejection("asgi")
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(REJECTION_BODY)).encode()),

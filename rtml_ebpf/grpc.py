@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc  # the grpcio package (extra: rtml-ebpf[grpc])
 
-from ._shed import Policy, record_rejection
+from ._shed import Policy
 from .admission import Admission, Ticket
 from .errors import ConfigError
 from .limiter import Limiter
@@ -56,27 +56,9 @@ class _Rejecter:
                     "pip install 'rtml-ebpf[grpc]'"
                 ) from exc
         self.code = CODES[code]
-        self.integration = integration
         self.policy = Policy(integration, limiter, shed_at=shed_at, exclude=exclude_methods,
                              retry_after=retry_after, admission=admission, request_bytes=request_bytes,
                              route_costs=route_costs)
-
-    def admit(self, method: str, *, stepped: bool) -> tuple[bool, Ticket | None]:
-        """(shed?, ticket): the door check and, where admission is on, the budget. The sync
-        server binds the ticket to the pool thread that runs the call (Admission.bind)."""
-        if self.policy.excluded(method):
-            return False, None
-        if self.policy.door():
-            record_rejection(self.integration)
-            return True, None
-        admission = self.policy.admission
-        if admission is None:
-            return False, None
-        ticket = admission.try_admit(method, stepped=stepped, bind=stepped)
-        if ticket is None:
-            record_rejection(self.integration)
-            return True, None
-        return False, ticket
 
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         delay = self.policy.retry_after_seconds()
@@ -157,7 +139,8 @@ class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(handler_call_details)
         if handler is None:
             return handler
-        shed, ticket = self._r.admit(handler_call_details.method, stepped=False)
+        # Sync: the pool thread that runs the call binds the ticket (Admission.bind).
+        shed, ticket = self._r.policy.admit(handler_call_details.method, handler_call_details.method, bind=False)
         if ticket is not None and self._r.policy.admission is not None:
             return _with_ticket(handler, self._r.policy.admission, ticket)
         if not shed:
@@ -200,7 +183,7 @@ class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        shed, ticket = self._r.admit(handler_call_details.method, stepped=True)
+        shed, ticket = self._r.policy.admit(handler_call_details.method, handler_call_details.method, stepped=True)
         admission = self._r.policy.admission
         if ticket is not None and admission is not None:
             return _with_async_ticket(handler, admission, ticket)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from ._estimator import route_key
-from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy, record_rejection
+from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
 from .admission import Admission, Ticket
 from .limiter import Limiter
 
@@ -73,16 +73,12 @@ class MemoryLimitMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if self.policy.excluded(path):
-            return self.app(environ, start_response)
-        if self.policy.door():
+        shed, ticket = self.policy.admit(path, route_key(environ.get("REQUEST_METHOD", "GET"), path))
+        if shed:
             return self._reject(start_response)
         admission = self.policy.admission
-        if admission is None:
+        if ticket is None or admission is None:
             return self.app(environ, start_response)
-        ticket = admission.try_admit(route_key(environ.get("REQUEST_METHOD", "GET"), path))
-        if ticket is None:
-            return self._reject(start_response)
         try:
             body = self.app(environ, start_response)
         except BaseException:
@@ -91,7 +87,6 @@ class MemoryLimitMiddleware:
         return _Finishing(body, admission, ticket)
 
     def _reject(self, start_response: StartResponse) -> Iterable[bytes]:
-        record_rejection("wsgi")
         start_response(self.status, [
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Content-Length", str(len(REJECTION_BODY))),
