@@ -23,9 +23,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /*
  * A watched cgroup may be the event's own memcg or an ancestor within
  * RTML_WATCH_DEPTH levels (a pod watched while its containers charge); up to
- * RTML_NESTED_WATCHES watched cgroups on one path are refreshed per event.
+ * RTML_NESTED_WATCHES watched cgroups on one path are refreshed per event
+ * (a Kubernetes node: kubepods, QoS class, pod, container).
  */
-#define RTML_NESTED_WATCHES 2
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -73,6 +73,47 @@ struct {
 	__type(value, struct rtml_thread);
 } threads SEC(".maps");
 
+/* One client cgroup's page: a copy of its slot that only programs write (see rtml.h). */
+struct page_map {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rtml_slot);
+};
+
+/* Slot index -> its page, where the agent made one. Empty in a library process. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, RTML_MAX_SLOTS);
+	__type(key, __u32);
+	__array(values, struct page_map);
+} pages SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rtml_beat);
+} beat SEC(".maps");
+
+/*
+ * The beat's timer, in a map of its own that no client holds: when the agent's last
+ * reference (fd or pin) goes, the kernel cancels it and the beat stops, although clients
+ * still hold the beat page.
+ */
+struct ticker {
+	struct bpf_timer timer;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ticker);
+} ticker SEC(".maps");
+
 /*
  * The last memcg this CPU saw and which watched cgroups sit above it. Stat
  * events come in runs from one memcg (about four per fault), so this spares
@@ -83,8 +124,8 @@ struct watch_cache {
 	__u64 id;
 	__u32 gen;
 	__u32 hits;
-	__u32 idx[2];
-	__u32 depth[2];
+	__u32 idx[RTML_NESTED_WATCHES];
+	__u32 depth[RTML_NESTED_WATCHES];
 };
 
 struct {
@@ -185,6 +226,42 @@ static __always_inline __u64 rule_pages(const struct rtml_rule *rule, __u64 valu
 }
 
 /*
+ * Copies a slot into its client page, if the agent made one (one lookup otherwise).
+ * The page has its own sequence pair, so a client's multi-field read is consistent.
+ */
+static __always_inline void publish_page(__u32 idx, const struct rtml_slot *s, const struct rtml_config *cfg)
+{
+	__u32 zero = 0;
+	void *inner = bpf_map_lookup_elem(&pages, &idx);
+	struct rtml_slot *p;
+
+	if (!inner)
+		return;
+	p = bpf_map_lookup_elem(inner, &zero);
+	if (!p)
+		return;
+	__sync_fetch_and_add(&p->seq_begin, 1);
+	p->level = s->level;
+	p->cgroup_id = s->cgroup_id;
+	p->usage_pages = s->usage_pages;
+	p->limit_pages = s->limit_pages;
+	p->headroom_pages = s->headroom_pages;
+	p->limit_depth = s->limit_depth;
+	p->inactive_file_delta = s->inactive_file_delta;
+	p->inactive_file_base = cfg->inactive_file_base;
+	p->oom_kills = s->oom_kills;
+	p->refreshes = s->refreshes;
+	p->updated_ns = s->updated_ns;
+#pragma unroll
+	for (int i = 0; i < RTML_MAX_RULES; i++) {
+		p->tripped[i] = s->tripped[i];
+		p->trips[i] = s->trips[i];
+		p->trip_pages[i] = s->trip_pages[i];
+	}
+	__sync_fetch_and_add(&p->seq_end, 1);
+}
+
+/*
  * Rewrites the snapshot and re-evaluates every rule of one slot. Global (not
  * static): the verifier checks it once, not at every call site.
  */
@@ -239,6 +316,7 @@ __noinline int update_slot(__u32 idx, struct reading *r)
 		}
 	}
 	__sync_fetch_and_add(&s->seq_end, 1);
+	publish_page(idx, s, cfg);
 	return 0;
 }
 
@@ -382,13 +460,8 @@ static __always_inline int watches_above(struct cgroup_subsys_state *css, struct
 		__u64 gid = g->kn->id;
 		__u32 *idx = bpf_map_lookup_elem(&watch, &gid);
 		if (idx) {
-			if (hits == 0) {
-				wc->idx[0] = *idx;
-				wc->depth[0] = depth;
-			} else {
-				wc->idx[1] = *idx;
-				wc->depth[1] = depth;
-			}
+			wc->idx[hits & (RTML_NESTED_WATCHES - 1)] = *idx;
+			wc->depth[hits & (RTML_NESTED_WATCHES - 1)] = depth;
 			if (++hits == RTML_NESTED_WATCHES)
 				break;
 		}
@@ -425,7 +498,11 @@ static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long va
 	if (hits > 0)
 		pc = refresh_hit(pc, &at, wc->idx[0], wc->depth[0], kind, val);
 	if (hits > 1 && pc)
-		refresh_hit(pc, &at, wc->idx[1], wc->depth[1], kind, val);
+		pc = refresh_hit(pc, &at, wc->idx[1], wc->depth[1], kind, val);
+	if (hits > 2 && pc)
+		pc = refresh_hit(pc, &at, wc->idx[2], wc->depth[2], kind, val);
+	if (hits > 3 && pc)
+		refresh_hit(pc, &at, wc->idx[3], wc->depth[3], kind, val);
 }
 
 static __always_inline void refresh_task_hit(__u32 idx, struct page_counter *pc, int kind, int refresh)
@@ -479,12 +556,22 @@ static __always_inline void on_task(struct task_struct *task, int kind)
 		if (css)
 			refresh_task_hit(wc->idx[0], (struct page_counter *)((long)css + delta), kind, refresh);
 	}
+	/* the fault happened in the nearest watched cgroup: count it there only */
+	kind = kind == EV_OOM ? kind : EV_NONE;
 	if (hits > 1 && css) {
 		css = climb(css, &at, wc->depth[1]);
 		if (css)
-			/* the fault happened in the nearest watched cgroup: count it there only */
-			refresh_task_hit(wc->idx[1], (struct page_counter *)((long)css + delta),
-					 kind == EV_OOM ? kind : EV_NONE, refresh);
+			refresh_task_hit(wc->idx[1], (struct page_counter *)((long)css + delta), kind, refresh);
+	}
+	if (hits > 2 && css) {
+		css = climb(css, &at, wc->depth[2]);
+		if (css)
+			refresh_task_hit(wc->idx[2], (struct page_counter *)((long)css + delta), kind, refresh);
+	}
+	if (hits > 3 && css) {
+		css = climb(css, &at, wc->depth[3]);
+		if (css)
+			refresh_task_hit(wc->idx[3], (struct page_counter *)((long)css + delta), kind, refresh);
 	}
 }
 
@@ -528,5 +615,60 @@ SEC("tp_btf/mark_victim")
 int BPF_PROG(handle_oom_victim, struct task_struct *task)
 {
 	on_task(task, EV_OOM);
+	return 0;
+}
+
+/* -- the node agent's programs (not loaded by a library process) -------------------- */
+
+static int on_beat(void *map, __u32 *key, struct ticker *t)
+{
+	__u32 zero = 0;
+	struct rtml_beat *b = bpf_map_lookup_elem(&beat, &zero);
+
+	if (b) {
+		b->beat_ns = bpf_ktime_get_ns();
+		b->beats++;
+		b->abi_version = RTML_ABI_VERSION;
+		b->period_ms = RTML_BEAT_MS;
+	}
+	bpf_timer_start(&t->timer, RTML_BEAT_MS * 1000000ULL, 0);
+	return 0;
+}
+
+/*
+ * Run by the agent with BPF_PROG_TEST_RUN: copies one slot into its page after user space
+ * wrote the slot (a first reading, an upkeep, a rule closed), since the frozen page takes
+ * writes from programs only; retires a freed slot's page; and (re)starts the beat timer
+ * (init fails harmlessly with -EBUSY when another agent's run already made it).
+ */
+SEC("syscall")
+int rtml_publish(struct rtml_publish_args *args)
+{
+	__u32 zero = 0;
+	__u32 idx = args->slot;
+
+	if (args->flags & RTML_PUBLISH_START_BEAT) {
+		struct ticker *t = bpf_map_lookup_elem(&ticker, &zero);
+		if (t) {
+			bpf_timer_init(&t->timer, &ticker, CLOCK_MONOTONIC);
+			bpf_timer_set_callback(&t->timer, on_beat);
+			bpf_timer_start(&t->timer, 0, 0);
+		}
+	}
+	if (args->flags & RTML_PUBLISH_RETIRE) {
+		/* clients check cgroup_id against their own: a retired page is never read as live */
+		void *inner = bpf_map_lookup_elem(&pages, &idx);
+		struct rtml_slot *p = inner ? bpf_map_lookup_elem(inner, &zero) : 0;
+		if (p) {
+			__sync_fetch_and_add(&p->seq_begin, 1);
+			p->cgroup_id = 0;
+			__sync_fetch_and_add(&p->seq_end, 1);
+		}
+		return 0;
+	}
+	struct rtml_slot *s = bpf_map_lookup_elem(&slots, &idx);
+	struct rtml_config *cfg = bpf_map_lookup_elem(&configs, &idx);
+	if (s && cfg)
+		publish_page(idx, s, cfg);
 	return 0;
 }

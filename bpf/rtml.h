@@ -9,9 +9,10 @@
 #ifndef __RTML_H
 #define __RTML_H
 
-#define RTML_ABI_VERSION 2
+#define RTML_ABI_VERSION 3
 
-#define RTML_MAX_SLOTS 64	/* watched cgroups per loaded object */
+#define RTML_MAX_SLOTS 64	/* watched cgroups per in-process object (the agent sets its own at load) */
+#define RTML_NESTED_WATCHES 4	/* watched cgroups on one path refreshed per event */
 #define RTML_MAX_RULES 4	/* thresholds evaluated per watched cgroup */
 #define RTML_WATCH_DEPTH 8	/* levels walked up from an event's memcg to a watched one */
 #define RTML_LIMIT_DEPTH 8	/* page_counter ancestors walked for the effective limit */
@@ -95,7 +96,35 @@ struct rtml_slot {
 	__u64 updated_ns;		/* bpf_ktime_get_ns() of the last rewrite (CLOCK_MONOTONIC) */
 	__u64 trips[RTML_MAX_RULES];	/* clear -> tripped transitions per rule */
 	__u64 trip_pages[RTML_MAX_RULES]; /* each rule's trip point under the current limit */
-	__u64 _reserved[12];		/* pads the slot to 256 bytes */
+	__s64 inactive_file_base;	/* pages; in a client page only (a copy of the config's) */
+	__u64 _reserved[11];		/* pads the slot to 256 bytes */
+};
+
+/*
+ * The node agent's pages. Each client cgroup gets a one-element BPF_F_MMAPABLE array
+ * holding a copy of its slot (an inner map of the `pages` array of maps), frozen before
+ * it is handed out: the client maps it read-only, only the programs write it. Every
+ * client also maps the `beat` page, which a BPF timer rewrites every RTML_BEAT_MS while
+ * the agent's programs are loaded (pinned or held): a beat older than a second means
+ * nothing writes the pages any more.
+ */
+#define RTML_BEAT_MS 100
+
+struct rtml_beat {
+	__u64 beat_ns;			/* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last beat */
+	__u64 beats;
+	__u32 abi_version;
+	__u32 period_ms;
+	__u64 _reserved[5];
+};
+
+/* The context of the rtml_publish program, run by the agent (BPF_PROG_TEST_RUN). */
+#define RTML_PUBLISH_START_BEAT 1	/* (re)start the beat timer */
+#define RTML_PUBLISH_RETIRE 2		/* the slot is freed: mark its page (cgroup_id 0), copy nothing */
+
+struct rtml_publish_args {
+	__u32 slot;			/* copy this slot (and its config's base) into its page */
+	__u32 flags;			/* RTML_PUBLISH_* */
 };
 
 /*

@@ -108,6 +108,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agent.programs import DEFAULT_PIN_DIR, check_capacity, remove_pins
+    from .agent.server import Agent, AgentConfig
+    from .config import parse_hooks
+
+    logging.getLogger("rtml_ebpf").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    pin_dir = None if args.no_pin else (args.pin_dir or DEFAULT_PIN_DIR)
+    if args.unload:
+        if pin_dir is None:
+            raise ConfigError("--unload removes the pinned programs: do not pass --no-pin with it")
+        remove_pins(pin_dir)
+        print(f"rtml-ebpf: removed the pins under {pin_dir}; the programs detach when no agent holds them")
+        return 0
+    try:
+        mode = int(args.socket_mode, 8)
+    except ValueError:
+        raise ConfigError(f"--socket-mode={args.socket_mode!r}: an octal mode such as 0666") from None
+    config = AgentConfig(socket_path=args.socket, capacity=check_capacity(args.max_cgroups),
+                         globs=tuple(args.watch or ()), pin_dir=pin_dir,
+                         hooks=parse_hooks(args.hooks, name="--hooks"), socket_mode=mode)
+    agent = Agent(config)
+    try:
+        agent.serve_forever()
+    finally:
+        agent.close(unpin=False)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -128,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--metric", default="working_set", choices=("working_set", "usage"))
     st.add_argument("--backend", default="auto", choices=BACKENDS)
     st.set_defaults(func=cmd_status)
+
+    from .agent.programs import DEFAULT_PIN_DIR
+    from .agent.protocol import DEFAULT_SOCKET
+
+    ag = sub.add_parser("agent", help="the node agent (root): load once, serve unprivileged clients their verdicts")
+    ag.add_argument("--socket", default=DEFAULT_SOCKET, help=f"the Unix socket to serve (default {DEFAULT_SOCKET})")
+    ag.add_argument("--socket-mode", default="0666", help="its file mode (default 0666: identity comes from the "
+                    "kernel's peer credentials, not from the file's permissions)")
+    ag.add_argument("--max-cgroups", type=int, default=4096,
+                    help="watched cgroups the programs can hold (default 4096)")
+    ag.add_argument("--watch", action="append", metavar="GLOB",
+                    help="watch the cgroups whose path matches (e.g. '/kubepods*'); repeatable. Default: every "
+                         "memory cgroup with a limit")
+    ag.add_argument("--hooks", default="auto", help="auto (default), lean, memcg, fault or all (see RTML_HOOKS)")
+    ag.add_argument("--pin-dir", default=None, help=f"bpffs directory for pins (default {DEFAULT_PIN_DIR}); a "
+                    "restarted agent adopts them with no gap")
+    ag.add_argument("--no-pin", action="store_true", help="do not pin: the programs go when the agent stops")
+    ag.add_argument("--unload", action="store_true", help="remove the pins (the programs detach) and exit")
+    ag.set_defaults(func=cmd_agent)
 
     from .demo import add_arguments
 

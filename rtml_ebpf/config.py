@@ -16,7 +16,7 @@ from ._rules import METRICS, PPM, Threshold
 from .errors import ConfigError
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-BACKENDS = ("auto", "ebpf", "poll")
+BACKENDS = ("auto", "ebpf", "agent", "poll")
 # A byte threshold at or above this is larger than any limit the kernel can hold (its
 # PAGE_COUNTER_MAX is 2^63 / PAGE_SIZE pages); refusing it keeps the kernel's u64 page
 # arithmetic from wrapping.
@@ -152,7 +152,7 @@ HOOK_SETS = {
 }
 
 
-def parse_hooks(value: str | None) -> tuple[str, ...] | None:
+def parse_hooks(value: str | None, *, name: str = "RTML_HOOKS") -> tuple[str, ...] | None:
     """RTML_HOOKS: unset/"auto" -> what the kernel offers (page_fault_user only where the memcg
     events are missing); "memcg" (the precise set, 6.13+); "lean" (alias "fault": one event per
     fault, the pre-6.13 set); "all"; or a comma list of hook names."""
@@ -165,7 +165,7 @@ def parse_hooks(value: str | None) -> tuple[str, ...] | None:
     unknown = [n for n in names if n not in HOOK_NAMES]
     if unknown or not names:
         raise ConfigError(
-            f"RTML_HOOKS={value!r}: unknown hook {(unknown or [value])[0]!r}; use auto, memcg, lean, all or a comma "
+            f"{name}={value!r}: unknown hook {(unknown or [value])[0]!r}; use auto, memcg, lean, all or a comma "
             "list of " + ", ".join(HOOK_NAMES)
         )
     return names

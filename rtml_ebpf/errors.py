@@ -62,3 +62,10 @@ class LoadError(RtmlError):
 
 class MemoryLimitReached(RtmlError):
     """Raised by :func:`rtml_ebpf.guard` when the memory limit is reached."""
+
+
+class AgentUnavailable(NotSupported):
+    """The node agent cannot serve this process: no socket, it refused, or its programs are gone."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("the rtml-ebpf node agent", reason)

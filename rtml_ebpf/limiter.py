@@ -28,7 +28,7 @@ from .config import (  # noqa: F401 - parse_threshold_text, check_backend re-exp
     parse_threshold,
     parse_threshold_text,
 )
-from .errors import CapacityError, CgroupNotFound, ConfigError, RtmlError
+from .errors import AgentUnavailable, CapacityError, CgroupNotFound, ConfigError, RtmlError
 from .relief import Relief, default_relief
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rtml_ebpf")
 
 MiB = 1 << 20
+AGENT_RETRY_INTERVAL = 5.0  # a Limiter that lost the node agent looks for it again this often
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,15 @@ def resolve_cgroup(cgroup: object, pid: object) -> _cgroup.MemoryCgroup:
 
 
 def make_backend(cg: _cgroup.MemoryCgroup, backend: str, poll_interval: float = DEFAULT_MIN_INTERVAL) -> Backend:
+    """The backend asked for; ``auto``: eBPF when this process may load it, else the node agent
+    when its socket is there, else polling. The agent is reached at the first rule
+    (Limiter._build falls back from there)."""
     if backend == "poll":
         return PollBackend(cg, "poll requested", min_interval=poll_interval)
+    if backend == "agent":
+        from .agent.client import AgentBackend
+
+        return AgentBackend(cg, "agent requested")
     try:
         from .ebpf.backend import EbpfBackend
 
@@ -97,9 +105,13 @@ def make_backend(cg: _cgroup.MemoryCgroup, backend: str, poll_interval: float = 
     except (RtmlError, OSError) as exc:
         if backend == "ebpf":
             raise
+        from .agent.client import AgentBackend, socket_path
+
+        if os.path.exists(socket_path()):
+            return AgentBackend(cg, f"auto: eBPF unavailable ({exc}); agent")
         return PollBackend(
-            cg, f"auto: eBPF unavailable ({exc}); polling the cgroup files", min_interval=poll_interval
-        )
+            cg, f"auto: eBPF unavailable ({exc}); no node agent at {socket_path()}; polling the cgroup files",
+            min_interval=poll_interval)
 
 
 class Level(enum.IntEnum):
@@ -200,23 +212,20 @@ class Limiter:
         self._cgroup_id = self._cgroup.cgroup_id
         self._lock = threading.Lock()
         self._error_logged = False
-        self._backend, self._handle, self._soft_handle = self._build(backend, interval)
-        hot = self._backend.hot(self._handle)
-        self._hot: Any = hot
-        self._soft_hot: Any = None if self._soft_handle is None else self._backend.hot(self._soft_handle)
+        self._requested = backend
+        self._interval = interval
+        self._retry_agent_at = 0.0
+        self._hot: Any = None
+        self._soft_hot: Any = None
+        self._bind(*self._build(backend, interval))
         self._last_level = Level.OK
         self._closed = False
-        if self._backend.hot_never_raises:
-            # The check *is* a C-level index into the verdict, with no Python frame in between
-            # (about an empty method call). It holds the backend's handle, not this Limiter: a
-            # caller that keeps only `lim.is_mem_limit_reached` keeps the watch alive, and
-            # dropping the Limiter frees it by reference counting (no cycle).
-            check = functools.partial(operator.getitem, hot, 0)
-            check.watch = self._handle  # type: ignore[attr-defined]
-            self.is_mem_limit_reached = check  # type: ignore[method-assign,assignment]
         self._last_level = self.level()
         self._upkeep = self._backend.needs_upkeep
-        if self._relief is not None or on_trip is not None or on_clear is not None or self._upkeep:
+        if backend in ("agent", "auto") and self._backend.name == "poll":
+            self._retry_agent_at = time.monotonic() + AGENT_RETRY_INTERVAL  # the agent may start later
+        if self._relief is not None or on_trip is not None or on_clear is not None or self._upkeep or \
+                self._retry_agent_at:
             from ._monitor import monitor
 
             monitor().add(self)
@@ -227,6 +236,13 @@ class Limiter:
         chosen = make_backend(self._cgroup, backend, interval)
         try:
             return self._register(chosen)
+        except AgentUnavailable as exc:
+            chosen.close()
+            if backend != "auto":
+                raise
+            poll = PollBackend(self._cgroup, f"auto: eBPF unavailable; node agent unavailable ({exc}); polling the "
+                               "cgroup files", min_interval=interval)
+            return self._register(poll)
         except CapacityError as exc:
             chosen.close()
             if backend != "auto":
@@ -237,6 +253,71 @@ class Limiter:
         except BaseException:
             chosen.close()
             raise
+
+    def _bind(self, backend: Backend, handle: object, soft: object | None) -> None:
+        """Make ``backend`` the one answering (at build, and when the agent is lost or back)."""
+        if hasattr(backend, "set_fail_answer"):
+            backend.set_fail_answer(self._fail_answer)
+        self._backend, self._handle, self._soft_handle = backend, handle, soft
+        hot = backend.hot(handle)
+        self._hot = hot
+        self._soft_hot = None if soft is None else backend.hot(soft)
+        if backend.hot_never_raises:
+            # The check *is* a C-level index into the verdict, with no Python frame in between
+            # (about an empty method call). It holds the backend's handle, not this Limiter: a
+            # caller that keeps only `lim.is_mem_limit_reached` keeps the watch alive, and
+            # dropping the Limiter frees it by reference counting (no cycle).
+            check = functools.partial(operator.getitem, hot, 0)
+            check.watch = handle  # type: ignore[attr-defined]
+            self.is_mem_limit_reached = check  # type: ignore[method-assign,assignment]
+        else:
+            self.__dict__.pop("is_mem_limit_reached", None)
+
+    def _switch(self, backend: Backend, why: str) -> None:
+        """From the monitor: another backend takes over (agent lost, or back)."""
+        try:
+            new = self._register(backend)
+        except BaseException:
+            backend.close()
+            raise
+        with self._lock:
+            if self._closed:
+                old = None
+                new[0].close()
+            else:
+                old = (self._backend, self._handle, self._soft_handle)
+                self._bind(*new)
+        if old is not None:
+            log.warning("rtml-ebpf: %s: %s backend -> %s backend", why, old[0].name, backend.name)
+            old[0].remove_rule(old[1], self._fail_answer)
+            if old[2] is not None:
+                old[0].remove_rule(old[2], self._fail_answer)
+            old[0].close()
+
+    def _follow_agent(self) -> None:
+        """The agent backend lost its programs: poll now. A poll limiter that wanted the agent
+        tries it again every AGENT_RETRY_INTERVAL once its socket is there."""
+        lost = getattr(self._backend, "lost", None)
+        if lost:
+            self._retry_agent_at = time.monotonic() + AGENT_RETRY_INTERVAL
+            self._switch(PollBackend(self._cgroup, f"node agent lost ({lost}); polling the cgroup files",
+                                     min_interval=self._interval), f"node agent lost ({lost})")
+            return
+        if self._backend.name != "poll" or self._requested not in ("agent", "auto") or not self._retry_agent_at:
+            return
+        now = time.monotonic()
+        if now < self._retry_agent_at:
+            return
+        self._retry_agent_at = now + AGENT_RETRY_INTERVAL
+        from .agent.client import AgentBackend, socket_path
+
+        if not os.path.exists(socket_path()):
+            return
+        try:
+            self._switch(AgentBackend(self._cgroup, "node agent back"), "node agent back")
+            self._retry_agent_at = 0.0
+        except (RtmlError, OSError) as exc:
+            log.debug("rtml-ebpf: node agent still unavailable: %s", exc)
 
     def _register(self, backend: Backend) -> tuple[Backend, object, object | None]:
         handle = backend.add_rule(Rule(self._metric, self._trip, self._clear))
@@ -327,7 +408,9 @@ class Limiter:
     def _observe(self) -> None:
         if self._closed:
             return
-        self._backend.maintain(self._handle)  # the upkeep / limit check (eBPF); nothing on poll
+        self._backend.maintain(self._handle)  # the upkeep / limit check (eBPF), liveness (agent)
+        if self._retry_agent_at or self._backend.name == "agent":
+            self._follow_agent()
         lvl = self.level()
         prev, self._last_level = self._last_level, lvl
         if lvl != prev:

@@ -14,7 +14,8 @@ from rtml_ebpf.ebpf import abi as _abi
 
 HEADER = Path(__file__).resolve().parent.parent / "bpf" / "rtml.h"
 STRUCTS = {"rtml_rule": _abi.Rule, "rtml_config": _abi.Config, "rtml_ctl": _abi.Ctl, "rtml_slot": _abi.Slot,
-           "rtml_counters": _abi.Counters, "rtml_thread": _abi.Thread}
+           "rtml_counters": _abi.Counters, "rtml_thread": _abi.Thread, "rtml_beat": _abi.Beat,
+           "rtml_publish_args": _abi.PublishArgs}
 
 
 def c_layout(tmp_path: Path) -> dict[str, int]:
@@ -27,7 +28,8 @@ def c_layout(tmp_path: Path) -> dict[str, int]:
         lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
         for field, _ in py._fields_:
             lines.append(f'printf("{cname}.{field} %zu\\n", offsetof(struct {cname}, {field}));')
-    for const in ("RTML_ABI_VERSION", "RTML_MAX_SLOTS", "RTML_MAX_RULES", "RTML_MAX_THREADS"):
+    for const in ("RTML_ABI_VERSION", "RTML_MAX_SLOTS", "RTML_MAX_RULES", "RTML_MAX_THREADS",
+                  "RTML_NESTED_WATCHES", "RTML_BEAT_MS", "RTML_PUBLISH_START_BEAT", "RTML_PUBLISH_RETIRE"):
         lines.append(f'printf("{const} %llu\\n", (unsigned long long){const});')
     lines.append('printf("RTML_UNLIMITED_PAGES %llu\\n", (unsigned long long)RTML_UNLIMITED_PAGES);')
     lines.append("return 0; }")
@@ -49,6 +51,10 @@ def test_struct_layouts_match_the_header(tmp_path: Path) -> None:
     assert c["RTML_MAX_SLOTS"] == _abi.MAX_SLOTS
     assert c["RTML_MAX_RULES"] == _abi.MAX_RULES
     assert c["RTML_MAX_THREADS"] == _abi.MAX_THREADS
+    assert c["RTML_NESTED_WATCHES"] == _abi.NESTED_WATCHES
+    assert c["RTML_BEAT_MS"] == _abi.BEAT_MS
+    assert c["RTML_PUBLISH_START_BEAT"] == _abi.PUBLISH_START_BEAT
+    assert c["RTML_PUBLISH_RETIRE"] == _abi.PUBLISH_RETIRE
     assert c["RTML_UNLIMITED_PAGES"] == _abi.UNLIMITED_PAGES
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_SLOTS = 64
+NESTED_WATCHES = 4
+BEAT_MS = 100
 MAX_RULES = 4
 UNLIMITED_PAGES = 1 << 46
 MAX_THREADS = 16384
@@ -49,8 +51,21 @@ class Slot(ctypes.Structure):
         ("updated_ns", u64),
         ("trips", u64 * MAX_RULES),
         ("trip_pages", u64 * MAX_RULES),
-        ("_reserved", u64 * 12),
+        ("inactive_file_base", s64),
+        ("_reserved", u64 * 11),
     ]
+
+
+class Beat(ctypes.Structure):
+    _fields_ = [("beat_ns", u64), ("beats", u64), ("abi_version", u32), ("period_ms", u32), ("_reserved", u64 * 5)]
+
+
+class PublishArgs(ctypes.Structure):
+    _fields_ = [("slot", u32), ("flags", u32)]
+
+
+PUBLISH_START_BEAT = 1
+PUBLISH_RETIRE = 2
 
 
 class Counters(ctypes.Structure):

@@ -101,6 +101,17 @@ def _declare(lib: Any) -> None:
         "bpf_map_delete_elem": (INT, [INT, P]),
         "bpf_map_lookup_elem": (INT, [INT, P, P]),
         "bpf_obj_get_info_by_fd": (INT, [INT, P, ctypes.POINTER(U32)]),
+        "bpf_map__set_max_entries": (INT, [P, U32]),
+        "bpf_map__reuse_fd": (INT, [P, INT]),
+        "bpf_map_create": (INT, [INT, ctypes.c_char_p, U32, U32, U32, P]),
+        "bpf_map_freeze": (INT, [INT]),
+        "bpf_map_get_next_key": (INT, [INT, P, P]),
+        "bpf_map_get_fd_by_id": (INT, [U32]),
+        "bpf_obj_pin": (INT, [INT, ctypes.c_char_p]),
+        "bpf_obj_get": (INT, [ctypes.c_char_p]),
+        "bpf_link__pin": (INT, [P, ctypes.c_char_p]),
+        "bpf_link__fd": (INT, [P]),
+        "bpf_prog_test_run_opts": (INT, [INT, P]),
         "btf__load_vmlinux_btf": (P, []),
         "btf__find_by_name_kind": (S32, [P, ctypes.c_char_p, U32]),
         "btf__type_by_id": (ctypes.POINTER(BtfType), [P, U32]),
@@ -151,6 +162,34 @@ def check_ptr(ptr: int | None, step: str, name: str) -> int:
     if not ptr:
         raise LoadError(step, name, ctypes.get_errno() or 0, take_log())
     return ptr
+
+
+class MapCreateOpts(ctypes.Structure):
+    """struct bpf_map_create_opts (libbpf >= 0.7)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
+
+
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf >= 0.7)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
+                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("batch_size", ctypes.c_uint32)]
+
+
+def map_info(fd: int) -> tuple[int, int, int, int, int, int]:
+    """(type, id, key_size, value_size, max_entries, map_flags) of a map fd."""
+    info = (ctypes.c_uint32 * 32)()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    check(lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)), "get info of", f"map fd {fd}")
+    return info[0], info[1], info[2], info[3], info[4], info[5]
 
 
 def prog_id(fd: int) -> int:

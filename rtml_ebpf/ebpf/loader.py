@@ -12,6 +12,7 @@ import ctypes
 import logging
 import mmap
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..config import PAGE_SIZE
@@ -27,6 +28,10 @@ OBJECT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 MAPPED = {"slots": (abi.Slot, abi.MAX_SLOTS), "configs": (abi.Config, abi.MAX_SLOTS), "ctl": (abi.Ctl, 1),
           "threads": (abi.Thread, abi.MAX_THREADS)}
 FD_ONLY = ("watch", "counters")
+# Maps sized by the watched-cgroup capacity (the node agent sets it at load).
+PER_SLOT_MAPS = ("watch", "slots", "configs", "counters", "pages")
+# Programs a library process never loads: the agent's page publisher and beat.
+AGENT_PROGRAMS = ("rtml_publish",)
 
 
 def map_len(value_size: int, entries: int) -> int:
@@ -92,10 +97,12 @@ def choose_hooks(wanted: tuple[str, ...] | None) -> tuple[list[probes.Hook], dic
     return chosen, skipped
 
 
-def open_load_attach(path: str, attach: dict[str, str], disable: tuple[str, ...] = ()) -> Loaded:
-    """Open the object at ``path``, turn off the programs in ``disable``, load, and attach each
-    of ``attach`` (report name -> program name). A program that loads but will not attach is
-    reported in ``skipped``, not fatal; none attached is. Undone on any failure."""
+def open_load_attach(path: str, attach: dict[str, str], disable: tuple[str, ...] = (),
+                     prepare: Callable[[int], None] | None = None, need_links: bool = True) -> Loaded:
+    """Open the object at ``path``, turn off the programs in ``disable``, ``prepare(obj)``
+    (map sizes, reused maps), load, and attach each of ``attach`` (report name -> program
+    name). A program that loads but will not attach is reported in ``skipped``, not fatal;
+    none attached is, where ``need_links``. Undone on any failure."""
     lib = _libbpf.lib()
     _libbpf.take_log()
     name = os.path.basename(path)
@@ -106,6 +113,8 @@ def open_load_attach(path: str, attach: dict[str, str], disable: tuple[str, ...]
             prog = _libbpf.check_ptr(lib.bpf_object__find_program_by_name(out.obj, program.encode()),
                                      "find program", program)
             _libbpf.check(lib.bpf_program__set_autoload(prog, False), "disable", program)
+        if prepare is not None:
+            prepare(out.obj)
         ret = lib.bpf_object__load(out.obj)
         if ret < 0:
             err = LoadError("load", name, -ret, _libbpf.take_log())
@@ -123,13 +132,37 @@ def open_load_attach(path: str, attach: dict[str, str], disable: tuple[str, ...]
                 continue
             out.links[report] = link
             out.prog_ids[report] = _libbpf.prog_id(lib.bpf_program__fd(prog))
-        if not out.links:
+        if need_links and not out.links:
             raise NotSupported(f"BPF programs of {name}", "no program attached: " + "; ".join(
                 f"{k}: {v}" for k, v in out.skipped.items()))
     except BaseException:
         out.close()
         raise
     return out
+
+
+def map_into(out: Loaded, fd_only: tuple[str, ...], mapped: Mapping[str, tuple[type, int]]) -> None:
+    """The fds of ``fd_only`` and ``mapped`` into ``out.fds``; ``mapped`` mapped read-write
+    (name -> (value struct, entries))."""
+    lib = _libbpf.lib()
+    for name in (*fd_only, *mapped):
+        m = _libbpf.check_ptr(lib.bpf_object__find_map_by_name(out.obj, name.encode()), "find map", name)
+        out.fds[name] = _libbpf.check(lib.bpf_map__fd(m), "fd of map", name)
+    for name, (struct, entries) in mapped.items():
+        try:
+            out.maps[name] = mmap.mmap(out.fds[name], map_len(ctypes.sizeof(struct), entries), mmap.MAP_SHARED,
+                                       mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise LoadError("mmap", f"map {name}", exc.errno or 0, "") from exc
+
+
+def set_ctl_flags(out: Loaded) -> None:
+    """What the attached hooks mean for the programs (ctl.flags), and the ABI version."""
+    ctl = abi.Ctl.from_buffer(out.maps["ctl"])
+    ctl.abi_version = abi.ABI_VERSION
+    ctl.flags = (abi.CTL_TRACK_INACTIVE if "memcg_lruvec" in out.links else 0) | (
+        0 if out.memcg_events else abi.CTL_FAULT_REFRESH)
+    del ctl
 
 
 def load(wanted: tuple[str, ...] | None) -> Loaded:
@@ -145,27 +178,14 @@ def load(wanted: tuple[str, ...] | None) -> Loaded:
     names = {h.name for h in chosen}
     try:
         out = open_load_attach(OBJECT_PATH, {h.name: h.program for h in chosen},
-                               tuple(h.program for h in probes.HOOKS if h.name not in names))
+                               (*(h.program for h in probes.HOOKS if h.name not in names), *AGENT_PROGRAMS))
     except NotSupported as exc:
         raise NotSupported("eBPF hooks", f"{exc.reason}; " + "; ".join(f"{k}: {v}" for k, v in skipped.items())) \
             from None
     out.skipped = {**skipped, **out.skipped}
-    lib = _libbpf.lib()
     try:
-        for name in (*FD_ONLY, *MAPPED):
-            m = _libbpf.check_ptr(lib.bpf_object__find_map_by_name(out.obj, name.encode()), "find map", name)
-            out.fds[name] = _libbpf.check(lib.bpf_map__fd(m), "fd of map", name)
-        for name, (struct, entries) in MAPPED.items():
-            try:
-                out.maps[name] = mmap.mmap(out.fds[name], map_len(ctypes.sizeof(struct), entries), mmap.MAP_SHARED,
-                                           mmap.PROT_READ | mmap.PROT_WRITE)
-            except OSError as exc:
-                raise LoadError("mmap", f"map {name}", exc.errno or 0, "") from exc
-        ctl = abi.Ctl.from_buffer(out.maps["ctl"])
-        ctl.abi_version = abi.ABI_VERSION
-        ctl.flags = (abi.CTL_TRACK_INACTIVE if "memcg_lruvec" in out.links else 0) | (
-            0 if out.memcg_events else abi.CTL_FAULT_REFRESH)
-        del ctl
+        map_into(out, FD_ONLY, MAPPED)
+        set_ctl_flags(out)
     except BaseException:
         out.close()
         raise

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .._backend import Snapshot
 from .._cgroup import MemoryCgroup
 from .._poll import PollBackend
-from .._rules import Rule, Usage, effective_used, evaluate
+from .._rules import Rule, Threshold, Usage, effective_used, evaluate
 from ..config import PAGE_SIZE
 from ..errors import CapacityError, RtmlError
 from . import abi
@@ -27,8 +27,8 @@ from .loader import Loaded
 SLOT_SIZE = ctypes.sizeof(abi.Slot)
 CONFIG_SIZE = ctypes.sizeof(abi.Config)
 RULE_SIZE = ctypes.sizeof(abi.Rule)
-# Watched cgroups on one path that a single event refreshes (RTML_NESTED_WATCHES in rtml.bpf.c).
-NESTED_WATCHES = 2
+# Watched cgroups on one path that a single event refreshes (RTML_NESTED_WATCHES in rtml.h).
+NESTED_WATCHES = abi.NESTED_WATCHES
 _U64 = struct.Struct("=Q")
 
 
@@ -54,6 +54,22 @@ def _file_oom_kills(cgroup: MemoryCgroup) -> int:
         return 0
 
 
+def encode_rule(rule: Rule) -> tuple[int, int, int, int]:
+    """(kind, metric, trip, clear) as the programs read them (struct rtml_rule)."""
+    metric = abi.METRIC_WORKING_SET if rule.metric == "working_set" else abi.METRIC_USAGE
+    if rule.trip.nbytes is not None:
+        return abi.RULE_PAGES, metric, rule.trip.nbytes // PAGE_SIZE, (rule.clear.nbytes or 0) // PAGE_SIZE
+    return abi.RULE_FRACTION, metric, rule.trip.ppm or 0, rule.clear.ppm or 0
+
+
+def decode_rule(kind: int, metric: int, trip: int, clear: int) -> Rule:
+    """The inverse of :func:`encode_rule` (bytes rounded down to pages)."""
+    name = "working_set" if metric == abi.METRIC_WORKING_SET else "usage"
+    if kind == abi.RULE_PAGES:
+        return Rule(name, Threshold(nbytes=trip * PAGE_SIZE), Threshold(nbytes=clear * PAGE_SIZE))
+    return Rule(name, Threshold(ppm=trip), Threshold(ppm=clear))
+
+
 @dataclass
 class SlotState:
     index: int
@@ -67,11 +83,13 @@ class SlotState:
     quarantined: dict[int, bool] = field(default_factory=dict)  # rule index -> its fail answer
     ancestors: list[str] = field(default_factory=list)
     watched: bool = True
+    keep: bool = False  # watched with no rule (the node agent's scan): stays until unwatch_cgroup
 
 
 class Slots:
-    def __init__(self, loaded: Loaded) -> None:
+    def __init__(self, loaded: Loaded, capacity: int = abi.MAX_SLOTS) -> None:
         self.loaded = loaded
+        self.capacity = capacity
         self.by_cgid: dict[int, SlotState] = {}
         self._slots_mm = loaded.maps["slots"]
         self._configs_mm = loaded.maps["configs"]
@@ -87,18 +105,7 @@ class Slots:
     def register(self, cgroup: MemoryCgroup, rule: Rule) -> tuple[int, int, memoryview]:
         """Watch ``cgroup`` with ``rule``: (slot index, rule index, its one-byte verdict view)."""
         assert self.view is not None
-        cgid = cgroup.cgroup_id
-        state = self.by_cgid.get(cgid)
-        fresh = state is None or not state.watched
-        if state is None:
-            self.check_nesting(cgroup)
-            used = {s.index for s in self.by_cgid.values()}
-            free = next((i for i in range(abi.MAX_SLOTS) if i not in used), None)
-            if free is None:
-                raise CapacityError(f"all {abi.MAX_SLOTS} eBPF slots are in use; close Limiters you no longer need")
-            state = SlotState(free, cgroup, cgid, PollBackend(cgroup, "file reader"), ancestors=cgroup.ancestors())
-        elif not state.watched:
-            self.check_nesting(cgroup)
+        state, fresh = self._slot_for(cgroup)
         taken = set(state.rules) | set(state.quarantined)
         rule_index = next((i for i in range(abi.MAX_RULES) if i not in taken), None)
         if rule_index is None:
@@ -114,15 +121,97 @@ class Slots:
         self._write_rule(state.index, rule_index, rule)
         state.rules[rule_index] = rule
         if fresh:
-            key = ctypes.c_uint64(cgid)
-            value = ctypes.c_uint32(state.index)
-            _libbpf.check(_libbpf.lib().bpf_map_update_elem(self.loaded.fds["watch"], ctypes.byref(key),
-                                                            ctypes.byref(value), 0), "watch", cgroup.directory)
-            state.watched = True
-            self.by_cgid[cgid] = state
-            self._update_ctl()
+            self._watch(state)
         off = state.index * SLOT_SIZE + abi.TRIPPED_OFFSET + rule_index
         return state.index, rule_index, self.view[off : off + 1]
+
+    def _slot_for(self, cgroup: MemoryCgroup) -> tuple[SlotState, bool]:
+        """The cgroup's slot (a free one for a new cgroup) and whether it must be (re)watched."""
+        state = self.by_cgid.get(cgroup.cgroup_id)
+        fresh = state is None or not state.watched
+        if state is None:
+            self.check_nesting(cgroup)
+            used = {s.index for s in self.by_cgid.values()}
+            free = next((i for i in range(self.capacity) if i not in used), None)
+            if free is None:
+                raise CapacityError(f"all {self.capacity} eBPF slots are in use; close Limiters you no longer need")
+            state = SlotState(free, cgroup, cgroup.cgroup_id, PollBackend(cgroup, "file reader"),
+                              ancestors=cgroup.ancestors())
+        elif not state.watched:
+            self.check_nesting(cgroup)
+        return state, fresh
+
+    def _watch(self, state: SlotState) -> None:
+        key = ctypes.c_uint64(state.cgroup_id)
+        value = ctypes.c_uint32(state.index)
+        _libbpf.check(_libbpf.lib().bpf_map_update_elem(self.loaded.fds["watch"], ctypes.byref(key),
+                                                        ctypes.byref(value), 0), "watch", state.cgroup.directory)
+        state.watched = True
+        self.by_cgid[state.cgroup_id] = state
+        self._update_ctl()
+
+    def watch(self, cgroup: MemoryCgroup) -> SlotState:
+        """Watch a cgroup with no rule yet (the node agent): it stays watched until
+        :meth:`unwatch_cgroup`, whatever its rules do."""
+        state, fresh = self._slot_for(cgroup)
+        state.keep = True
+        if fresh:
+            self._init_slot(state, cgroup, state.reader.read())
+            self._watch(state)
+        return state
+
+    def unwatch_cgroup(self, cgid: int) -> SlotState | None:
+        """Stop watching a cgroup and free its slot, rules and all (the node agent, when the
+        cgroup is gone or no longer wanted). Returns the freed state."""
+        state = self.by_cgid.pop(cgid, None)
+        if state is not None:
+            for index in list(state.rules):
+                self._write_rule(state.index, index, None)
+            state.rules.clear()
+            self._unwatch(state)
+        return state
+
+    def adopt(self, cgroups: dict[int, MemoryCgroup]) -> dict[int, dict[int, abi.Rule]]:
+        """Rebuild the states of a pinned object another agent left: every cgroup in the
+        watch map that still exists (``cgroups``: id -> cgroup) is kept with its rules as the
+        programs see them; the others are unwatched. Returns cgroup id -> {rule index: rule}."""
+        lib = _libbpf.lib()
+        fd = self.loaded.fds["watch"]
+        key, nxt, value = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint32()
+        entries: dict[int, int] = {}
+        prev = None
+        while lib.bpf_map_get_next_key(fd, prev, ctypes.byref(nxt)) == 0:
+            key.value = nxt.value
+            if lib.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) == 0:
+                entries[key.value] = value.value
+            prev = ctypes.byref(key)
+        found: dict[int, dict[int, abi.Rule]] = {}
+        for cgid, index in entries.items():
+            cgroup = cgroups.get(cgid)
+            if cgroup is None or index >= self.capacity:
+                k = ctypes.c_uint64(cgid)
+                lib.bpf_map_delete_elem(fd, ctypes.byref(k))
+                continue
+            state = SlotState(index, cgroup, cgid, PollBackend(cgroup, "file reader"), ancestors=cgroup.ancestors(),
+                              keep=True)
+            cfg = abi.Config.from_buffer_copy(self._configs_mm[index * CONFIG_SIZE : (index + 1) * CONFIG_SIZE])
+            found[cgid] = {i: r for i, r in enumerate(cfg.rules) if r.kind != abi.RULE_OFF}
+            self.by_cgid[cgid] = state
+        self._update_ctl()
+        return found
+
+    def set_rule(self, state: SlotState, rule_index: int, rule: Rule | None) -> None:
+        """The node agent's rules: written (or turned off) at a chosen index."""
+        if rule is None:
+            state.rules.pop(rule_index, None)
+            self._write_rule(state.index, rule_index, None)
+            self._slots_mm[state.index * SLOT_SIZE + abi.TRIPPED_OFFSET + rule_index] = 0
+            return
+        snap = state.reader.read()
+        tripped = evaluate(rule, Usage(snap.used, snap.working_set, snap.limit), False)
+        self._slots_mm[state.index * SLOT_SIZE + abi.TRIPPED_OFFSET + rule_index] = int(tripped)
+        self._write_rule(state.index, rule_index, rule)
+        state.rules[rule_index] = rule
 
     def check_nesting(self, cgroup: MemoryCgroup) -> None:
         """The programs refresh at most NESTED_WATCHES watched cgroups on one path: refuse a
@@ -155,7 +244,7 @@ class Slots:
         self._write_rule(slot, rule, None)
         self._slots_mm[slot * SLOT_SIZE + abi.TRIPPED_OFFSET + rule] = int(fail_answer)
         state.quarantined[rule] = fail_answer
-        if not state.rules:
+        if not state.rules and not state.keep:
             self._unwatch(state)
 
     def free_rule(self, slot: int, rule: int, cgid: int) -> None:
@@ -168,7 +257,7 @@ class Slots:
             del state.rules[rule]
             self._write_rule(slot, rule, None)
         state.quarantined.pop(rule, None)
-        if not state.rules:
+        if not state.rules and not state.keep:
             self._unwatch(state)
             if not state.quarantined:
                 del self.by_cgid[cgid]
@@ -208,15 +297,7 @@ class Slots:
         r.kind = abi.RULE_OFF  # off while the values change
         if rule is None:
             return
-        r.metric = abi.METRIC_WORKING_SET if rule.metric == "working_set" else abi.METRIC_USAGE
-        if rule.trip.nbytes is not None:
-            r.trip = rule.trip.nbytes // PAGE_SIZE
-            r.clear = (rule.clear.nbytes or 0) // PAGE_SIZE
-            kind = abi.RULE_PAGES
-        else:
-            r.trip = rule.trip.ppm or 0
-            r.clear = rule.clear.ppm or 0
-            kind = abi.RULE_FRACTION
+        kind, r.metric, r.trip, r.clear = encode_rule(rule)
         r.kind = kind
         del r
 

@@ -4,6 +4,8 @@ Each test names the defect of issue 12 it keeps fixed; each fails on the code be
 
 from __future__ import annotations
 
+import contextlib
+
 import gc
 import os
 import subprocess
@@ -14,6 +16,7 @@ import time
 import pytest
 from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
+from rtml_ebpf.ebpf.abi import NESTED_WATCHES
 from rtml_ebpf import CapacityError, CgroupNotFound, Limiter, RtmlError
 from rtml_ebpf.ebpf.runtime import Runtime
 
@@ -129,15 +132,17 @@ def test_6_a_cgroup_removed_and_recreated_is_another_cgroup() -> None:
             os.rmdir(path)
 
 
-def test_7_a_third_nested_watch_is_refused_not_silently_stale() -> None:
-    with make_cgroup(limit=128 * MiB) as a, make_cgroup(parent=a) as b, make_cgroup(parent=b) as c:
-        la = Limiter(a.directory, backend="ebpf", relief=False)
-        lb = Limiter(b.directory, backend="ebpf", relief=False)
+def test_7_a_fifth_nested_watch_is_refused_not_silently_stale() -> None:
+    with contextlib.ExitStack() as stack:
+        chain = [stack.enter_context(make_cgroup(limit=128 * MiB))]
+        for _ in range(NESTED_WATCHES):
+            chain.append(stack.enter_context(make_cgroup(parent=chain[-1])))
+        held = [Limiter(cg.directory, backend="ebpf", relief=False) for cg in chain[:NESTED_WATCHES]]
         with pytest.raises(CapacityError, match="nested"):
-            Limiter(c.directory, backend="ebpf", relief=False)
-        auto = Limiter(c.directory, backend="auto", relief=False)  # 10: auto falls back, saying why
+            Limiter(chain[-1].directory, backend="ebpf", relief=False)
+        auto = Limiter(chain[-1].directory, backend="auto", relief=False)  # 10: auto falls back, saying why
         assert auto.backend == "poll" and "capacity" in auto.stats().backend_reason
-        for lim in (auto, lb, la):
+        for lim in (auto, *reversed(held)):
             lim.close()
 
 

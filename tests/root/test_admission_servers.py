@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.cgroups import MiB, needs_bpf, needs_cgroups
+from support.cgroups import MiB, interpreter_for_nobody, needs_bpf, needs_cgroups
 
 from rtml_ebpf.demo.flood import Flood, RunResult, Server, free_port, gunicorn_server, uvicorn_server
 
@@ -105,24 +105,6 @@ def test_threaded_grpc_server(guard: str) -> None:
     else:
         assert oom == 0, counts
         assert counts["ok"] >= 10 and counts["unavailable"] > 0 and counts["failed"] == 0, counts
-
-
-def interpreter_for_nobody() -> str:
-    """A Python of this one's version that uid 65534 may run (the venv's may live under /root)."""
-    import os
-    import shutil
-
-    want = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    for candidate in (sys.executable, shutil.which(want) or "", f"/usr/bin/{want}", "/usr/bin/python3"):
-        if not candidate or not os.path.exists(candidate):
-            continue
-        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-                              candidate, "-c", "import sys; print(sys.version_info[:2])"],
-                             capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip() == str(tuple(sys.version_info[:2])):
-            return candidate
-    pytest.fail(f"no {want} that uid 65534 can run (the venv's is {sys.executable}); install python3 from the "
-                "distribution")
 
 
 @pytest.mark.parametrize("guard", ["none", "admission"])

@@ -1,0 +1,371 @@
+"""``Limiter(backend="agent")``: the verdicts of this process's cgroup from the node agent.
+
+The agent passes the cgroup's frozen page; it is mapped read-only here, and the hot path reads
+one byte of it, exactly as the root path reads its own map: no syscall, no bpf(). The beat
+page tells whether the programs still run. When they stop (agent gone and its programs
+unloaded) or the page is retired, the backend is *lost*: every mapping is replaced in place by
+a private page holding the fail answer, so a kept check can never serve a frozen verdict, and
+the Limiter moves to polling (see Limiter._observe).
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import mmap
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .._backend import Flag, Snapshot
+from .._cgroup import MemoryCgroup
+from .._rules import Rule, effective_used
+from ..config import PAGE_SIZE
+from ..ebpf import abi
+from ..errors import AgentUnavailable
+from . import protocol
+
+PROT_READ, PROT_WRITE = 1, 2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_FAILED = ctypes.c_void_p(-1).value
+PYBUF_READ = 0x100
+CONNECT_TIMEOUT = 1.0
+BEAT_STALE_NS = 600_000_000  # six missed beats: the programs are gone
+CHECK_INTERVAL = 0.2  # seconds between looks at the beat, the page and the connection
+_U64 = struct.Struct("=Q")
+
+_libc: Any = None
+
+
+def libc() -> Any:
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_long]
+        _libc = lib
+    return _libc
+
+
+def socket_path() -> str:
+    return os.environ.get("RTML_AGENT_SOCKET") or protocol.DEFAULT_SOCKET
+
+
+def _map_readonly(fd: int) -> tuple[int, memoryview]:
+    addr = libc().mmap(None, PAGE_SIZE, PROT_READ, MAP_SHARED, fd, 0)
+    if addr in (None, MAP_FAILED):
+        errno = ctypes.get_errno()
+        raise AgentUnavailable(f"cannot map the agent's page: {os.strerror(errno)}")
+    from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
+    from_memory.restype = ctypes.py_object
+    from_memory.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+    return int(addr), cast(memoryview, from_memory(addr, PAGE_SIZE, PYBUF_READ))
+
+
+def _retire_mapping(addr: int, fail_answer: bool) -> None:
+    """Replace the page at ``addr`` with a private one whose verdict bytes hold the fail answer.
+    Never unmapped: views handed out (kept checks) point here for the life of the process."""
+    new = libc().mmap(addr, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS, -1, 0)
+    if new != addr:
+        return
+    ctypes.memmove(addr + abi.TRIPPED_OFFSET, bytes([int(fail_answer)] * abi.MAX_RULES), abi.MAX_RULES)
+
+
+@dataclass
+class Lease:
+    """One rule held by the agent for this process: the connection, and the mapped page."""
+
+    sock: socket.socket | None
+    addr: int
+    view: memoryview
+    rule: Rule
+    index: int
+    page_map_id: int
+    hot: Any
+    retired: bool = False
+
+
+def _request(rule: Rule, scope: str, path: str) -> tuple[socket.socket, dict[str, Any], list[int]]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise AgentUnavailable(f"no agent socket at {path} (start `rtml-ebpf agent`, or mount its "
+                                   "directory into the pod; RTML_AGENT_SOCKET names another path)") from None
+        except OSError as exc:
+            raise AgentUnavailable(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        sock.sendall(protocol.encode({"v": protocol.VERSION, "op": "watch", "scope": scope,
+                                      "rules": [protocol.rule_to_wire(rule)]}))
+        try:
+            data, anc, _, _ = sock.recvmsg(protocol.MAX_MESSAGE, socket.CMSG_SPACE(2 * 4))
+        except OSError as exc:
+            raise AgentUnavailable(f"the agent at {path} did not answer: {exc.strerror or exc}") from None
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        try:
+            reply = protocol.decode(data) if data else {"ok": False, "error": "the agent closed the connection"}
+        except Exception as exc:  # noqa: BLE001
+            reply = {"ok": False, "error": f"unreadable reply: {exc}"}
+        if not reply.get("ok") or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise AgentUnavailable(f"the agent at {path} refused: {reply.get('error', 'no pages passed')}")
+        sock.setblocking(False)
+        return sock, reply, fds
+    except BaseException:
+        sock.close()
+        raise
+
+
+class AgentBackend:
+    name = "agent"
+    hot_never_raises = True  # a one-byte view of a page that stays mapped for the life of the process
+    needs_upkeep = True  # the monitor looks at the beat, the page and the connection
+
+    def __init__(self, cgroup: MemoryCgroup, why: str, path: str | None = None) -> None:
+        self.cgroup = cgroup
+        self.path = path or socket_path()
+        self.hooks: tuple[str, ...] = ()
+        self.reason = why
+        self.lost: str | None = None
+        self._leases: list[Lease] = []
+        self._beat: mmap.mmap | None = None
+        self._beat_mv: memoryview | None = None
+        self._cgid = cgroup.cgroup_id
+        self._upkeep_by_agent = False
+        self._next_check = 0.0
+        self._fail_answer = False
+        self._scope = "self"
+        try:
+            from .._cgroup import find_process_cgroup
+
+            own = find_process_cgroup()
+            if own.cgroup_id != self._cgid:
+                self._scope = "pod"  # the agent serves our own cgroup or our pod's, nothing else
+        except Exception:  # noqa: BLE001 - the agent decides; a wrong guess is refused below
+            pass
+
+    # -- rules --------------------------------------------------------------------------------
+    def add_rule(self, rule: Rule) -> Lease:
+        sock, reply, fds = _request(rule, self._scope, self.path)
+        page_fd, beat_fd = fds
+        try:
+            if reply.get("abi") != abi.ABI_VERSION:
+                raise AgentUnavailable(f"the agent speaks page ABI {reply.get('abi')}, this library "
+                                       f"{abi.ABI_VERSION}: upgrade one of them")
+            if reply.get("cgroup_id") != self._cgid:
+                raise AgentUnavailable(
+                    f"the agent serves this process's cgroup ({reply.get('cgroup')}), not {self.cgroup.directory}; "
+                    "build the Limiter for this process's own cgroup (or its pod)")
+            if self._beat is None:
+                self._beat = mmap.mmap(beat_fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+                self._beat_mv = memoryview(self._beat)
+            addr, view = _map_readonly(page_fd)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.close(page_fd)
+            os.close(beat_fd)
+        index = int(reply["rules"][0])
+        lease = Lease(sock, addr, view, rule, index, int(reply["page_map_id"]),
+                      view.cast("?")[abi.TRIPPED_OFFSET + index : abi.TRIPPED_OFFSET + index + 1])
+        self._leases.append(lease)
+        self.hooks = tuple(reply.get("hooks", ()))
+        self._upkeep_by_agent = bool(reply.get("upkeep"))
+        self.reason = (f"{self.reason}: verdict page from the node agent at {self.path} "
+                       f"(its hooks: {', '.join(self.hooks)})")
+        if not self._alive():
+            self.remove_rule(lease)
+            raise AgentUnavailable(f"the agent at {self.path} answered but its programs do not beat")
+        return lease
+
+    def remove_rule(self, flag: object, fail_answer: bool = False) -> None:
+        if isinstance(flag, Lease) and flag in self._leases:
+            self._leases.remove(flag)
+            self._retire(flag, fail_answer)
+
+    def _retire(self, lease: Lease, fail_answer: bool) -> None:
+        if not lease.retired:
+            lease.retired = True
+            _retire_mapping(lease.addr, fail_answer)
+        if lease.sock is not None:
+            lease.sock.close()
+            lease.sock = None
+
+    def hot(self, flag: object) -> Flag:
+        assert isinstance(flag, Lease)
+        return cast(Flag, flag.hot)
+
+    # -- liveness -----------------------------------------------------------------------------
+    def _alive(self) -> bool:
+        mv = self._beat_mv
+        if mv is None:
+            return False
+        beat_ns: int = _U64.unpack_from(mv, abi.Beat.beat_ns.offset)[0]
+        return time.monotonic_ns() - beat_ns < BEAT_STALE_NS
+
+    def maintain(self, flag: object) -> None:
+        """From the monitor: the programs still beat, each page is still this cgroup's, and each
+        lease still has its connection (reconnecting after an agent restart). Otherwise the
+        backend is lost: pages replaced by the fail answer, the Limiter moves to polling."""
+        now = time.monotonic()
+        if self.lost or now < self._next_check:
+            return
+        self._next_check = now + CHECK_INTERVAL
+        if not self._alive():
+            self._lose("the agent's programs stopped beating (agent gone and its programs unloaded)")
+            return
+        for lease in self._leases:
+            if _U64.unpack_from(lease.view, abi.Slot.cgroup_id.offset)[0] != self._cgid:
+                self._lose("the agent retired this cgroup's page")
+                return
+            if lease.sock is None or _closed(lease.sock):
+                self._reconnect(lease)
+                if self.lost:
+                    return
+
+    def _reconnect(self, lease: Lease) -> None:
+        """The agent restarted (its pinned programs kept writing our page): take the lease back.
+        Another page or index means it lost its pins: then this backend is lost."""
+        if lease.sock is not None:
+            lease.sock.close()
+            lease.sock = None
+        try:
+            sock, reply, fds = _request(lease.rule, self._scope, self.path)
+        except AgentUnavailable:
+            return  # not back yet: the page still beats, keep reading it and retry
+        for fd in fds:
+            os.close(fd)
+        if reply.get("page_map_id") != lease.page_map_id or reply.get("rules", [None])[0] != lease.index:
+            sock.close()
+            self._lose("the agent restarted with new programs (its pins were gone)")
+            return
+        lease.sock = sock
+
+    def _lose(self, why: str) -> None:
+        self.lost = why
+        for lease in self._leases:
+            if not lease.retired:
+                lease.retired = True
+                _retire_mapping(lease.addr, self._fail_answer)
+
+    def set_fail_answer(self, fail_answer: bool) -> None:
+        self._fail_answer = fail_answer
+
+    # -- readings -----------------------------------------------------------------------------
+    def _read_page(self, lease: Lease) -> abi.Slot:
+        raw = b""
+        for _ in range(100):
+            end_before = _U64.unpack_from(lease.view, abi.SEQ_END_OFFSET)[0]
+            raw = bytes(lease.view[: ctypes.sizeof(abi.Slot)])
+            if _U64.unpack_from(lease.view, abi.SEQ_BEGIN_OFFSET)[0] == end_before:
+                break
+        return abi.Slot.from_buffer_copy(raw)
+
+    def snapshot(self, flag: object, full: bool = True) -> Snapshot:
+        assert isinstance(flag, Lease)
+        if self.lost or flag.retired:
+            raise AgentUnavailable(self.lost or "this rule was closed")
+        s = self._read_page(flag)
+        limit = s.limit_pages * PAGE_SIZE if s.limit_pages < abi.UNLIMITED_PAGES else None
+        headroom = s.headroom_pages * PAGE_SIZE if limit is not None else None
+        usage = s.usage_pages * PAGE_SIZE
+        source = None
+        if limit is not None:
+            ancestors = self.cgroup.ancestors()
+            depth = int(s.limit_depth)
+            source = ancestors[depth] if depth < len(ancestors) else f"(an ancestor {depth} levels up)"
+        growth: dict[str, tuple[int, int]] = {}
+        faults = events = None
+        if full and flag.sock is not None:
+            counters = self._stats(flag.sock)
+            if counters:
+                growth = {k: (int(v[0]) * PAGE_SIZE, int(v[1]) * PAGE_SIZE) for k, v in counters["growth"].items()}
+                events = int(counters["events"])
+                faults = int(counters["faults"]) if "page_fault_user" in self.hooks else None
+        oom_kills = int(s.oom_kills)
+        if "oom_victim" not in self.hooks:
+            try:
+                oom_kills = self.cgroup.oom_kills()
+            except OSError:
+                pass
+        return Snapshot(usage=usage, used=effective_used(usage, limit, headroom),
+                        inactive_file=max(0, (s.inactive_file_base + s.inactive_file_delta) * PAGE_SIZE),
+                        limit=limit, limit_source=source, headroom=headroom, updated_ns=int(s.updated_ns),
+                        oom_kills=oom_kills, faults=faults, events=events, growth=growth)
+
+    def _stats(self, sock: socket.socket) -> dict[str, Any] | None:
+        try:
+            while True:  # drop anything unread (nothing is expected)
+                try:
+                    sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.send(protocol.encode({"v": protocol.VERSION, "op": "stats"}))
+            reply = protocol.decode(sock.recv(protocol.MAX_MESSAGE))
+            return reply if reply.get("ok") else None
+        except Exception:  # noqa: BLE001 - counters are optional in a reading
+            return None
+        finally:
+            try:
+                sock.setblocking(False)
+            except OSError:
+                pass
+
+    def room(self, flag: object) -> tuple[int | None, int | None]:
+        """Word reads of the page (admission calls it on every request)."""
+        assert isinstance(flag, Lease)
+        v = flag.view
+        usage = _U64.unpack_from(v, abi.Slot.usage_pages.offset)[0]
+        limit = _U64.unpack_from(v, abi.Slot.limit_pages.offset)[0]
+        headroom = struct.unpack_from("=q", v, abi.Slot.headroom_pages.offset)[0]
+        if limit >= abi.UNLIMITED_PAGES:
+            used, limit_bytes, limit_room = usage, None, None
+        else:
+            used, limit_bytes, limit_room = limit - headroom, limit * PAGE_SIZE, headroom * PAGE_SIZE
+        if flag.rule.metric == "working_set":
+            inactive = (struct.unpack_from("=q", v, abi.Slot.inactive_file_base.offset)[0]
+                        + struct.unpack_from("=q", v, abi.Slot.inactive_file_delta.offset)[0])
+            used = max(0, used - inactive)
+        trip = flag.rule.trip.resolve(limit_bytes)
+        return (None if trip is None else trip - used * PAGE_SIZE), limit_room
+
+    def trips(self, flag: object) -> int:
+        if not isinstance(flag, Lease) or flag.retired:
+            return 0
+        return int(self._read_page(flag).trips[flag.index])
+
+    def thread_meter(self) -> None:
+        return None  # per-thread charges need our own programs: admission uses getrusage
+
+    def close(self) -> None:
+        for lease in list(self._leases):
+            self.remove_rule(lease, self._fail_answer)
+        if self._beat is not None:
+            self._beat_mv = None
+            try:
+                self._beat.close()
+            except BufferError:
+                pass
+            self._beat = None
+
+
+def _closed(sock: socket.socket) -> bool:
+    """True when the agent closed the connection (it restarted or dropped us)."""
+    try:
+        data = sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return bool(data == b"")

@@ -1,0 +1,80 @@
+"""A client's identity, from the kernel: SO_PEERCRED (pid, uid, gid as this pid namespace sees
+them), SO_PEERPIDFD where the kernel has it (6.5+) so a reused pid is caught, and the memory
+cgroup from /proc/<pid>/cgroup. Nothing the client sends decides any of it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import socket
+import struct
+from dataclasses import dataclass
+
+from .. import _cgroup
+from ..errors import CgroupNotFound
+
+SO_PEERPIDFD = 77  # Linux 6.5+
+_CRED = struct.Struct("3i")
+# kubelet pod cgroups, both drivers: kubepods-burstable-pod<uid>.slice, pod<uid>
+POD_DIR = re.compile(r"(?:^|-)pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
+                     r"(?:\.slice)?$")
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    pidfd: int  # -1 where the kernel has no SO_PEERPIDFD
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    try:
+        pidfd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+    except OSError:
+        pidfd = -1
+    return Peer(pid, uid, gid, pidfd)
+
+
+def _alive(pidfd: int) -> bool:
+    """The process behind the pidfd still runs (so its pid was not reused)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.syscall(424, pidfd, 0, None, 0) == 0)  # pidfd_send_signal(fd, 0)
+
+
+def cgroup_of(peer: Peer) -> _cgroup.MemoryCgroup:
+    """The peer's memory cgroup. CgroupNotFound when it cannot be told for sure: a pid outside
+    our pid namespace (0), an exited or reused pid."""
+    if peer.pid <= 0:
+        raise CgroupNotFound("the client's pid is not visible to the agent: run the agent in the host pid "
+                             "namespace (hostPID: true)")
+    cg = _cgroup.find_process_cgroup(peer.pid)
+    if peer.pidfd >= 0 and not _alive(peer.pidfd):
+        raise CgroupNotFound(f"pid {peer.pid} exited while it was being identified")
+    return cg
+
+
+def pod_ancestor(cg: _cgroup.MemoryCgroup) -> _cgroup.MemoryCgroup:
+    """The kubelet pod cgroup at or above ``cg`` (its containers share its limit)."""
+    directory = cg.directory
+    top = os.path.normpath(cg.mount.mount_point)
+    while directory != top and directory.startswith(top + os.sep):
+        if POD_DIR.search(os.path.basename(directory)):
+            return _cgroup.cgroup_from_directory(directory)
+        directory = os.path.dirname(directory)
+    raise CgroupNotFound(f"{cg.directory} is not inside a Kubernetes pod cgroup; ask for scope \"self\"")
+
+
+def pod_uid(directory: str) -> str | None:
+    for part in reversed(directory.split("/")):
+        m = POD_DIR.search(part)
+        if m:
+            return m.group(1).replace("_", "-")
+    return None
+

@@ -1,0 +1,476 @@
+"""The node agent: watches the node's memory cgroups with one loaded object and serves each
+client its own cgroup's page over a Unix socket.
+
+One thread, one selector loop: accepting, answering and the periodic work (scan, upkeep,
+lease grace) interleave, so nothing here locks. A connection is a lease: the rules a client
+asked for live while its connection is open (plus a grace after an agent restart, so the
+clients of the previous agent can take theirs back).
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _cgroup
+from .._rules import Rule
+from ..ebpf import abi
+from ..ebpf.slots import Slots, SlotState, decode_rule, encode_rule
+from ..errors import CapacityError, CgroupNotFound, ConfigError, RtmlError
+from . import peer as _peer
+from . import protocol
+from .programs import NodePrograms, load_node
+from .scan import Scanner, memory_mount
+
+log = logging.getLogger("rtml_ebpf.agent")
+
+SCAN_INTERVAL = 0.5  # new and removed cgroups are seen within this (plus the walk)
+UPKEEP_INTERVAL = 0.25  # no memcg events: re-read the files of cgroups with clients
+LIMIT_CHECK_INTERVAL = 1.0  # memcg events: limits written while a cgroup is idle
+REQUEST_TIMEOUT = 1.0  # a connection must ask within this
+MAX_CONNECTIONS = 4096
+MAX_PER_PID = 32
+MAX_REQUESTS_PER_SECOND = 20  # per connection, after its watch
+LINGER = 5.0  # a rule whose last client left stays this long (a client back soon finds it as it was)
+ADOPT_GRACE = 30.0  # rules adopted from pins wait this long for their clients to come back
+
+RuleKey = tuple[int, int, int, int]
+
+
+@dataclass
+class Held:
+    """One rule of one cgroup and the connections holding it."""
+
+    index: int
+    leases: set[int] = field(default_factory=set)
+    orphan_until: float = 0.0  # no lease (adopted, or its last client left): kept until then
+
+
+@dataclass
+class Conn:
+    sock: socket.socket
+    peer: _peer.Peer
+    deadline: float
+    cgid: int = 0
+    keys: list[RuleKey] = field(default_factory=list)
+    window_start: float = 0.0
+    window_count: int = 0
+
+
+@dataclass
+class AgentConfig:
+    socket_path: str = protocol.DEFAULT_SOCKET
+    capacity: int = 4096
+    globs: tuple[str, ...] = ()
+    pin_dir: str | None = None
+    hooks: tuple[str, ...] | None = None
+    socket_mode: int = 0o666
+
+
+def enter_host_cgroup_namespace() -> bool:
+    """In a pod (its own cgroup namespace) with the host's pids, see cgroup paths as the host
+    does: /proc/<pid>/cgroup of other pods' processes is then resolvable. True if it moved."""
+    try:
+        if os.stat("/proc/self/ns/cgroup").st_ino == os.stat("/proc/1/ns/cgroup").st_ino:
+            return False
+        fd = os.open("/proc/1/ns/cgroup", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, 0x02000000) != 0:  # CLONE_NEWCGROUP
+            log.warning("rtml-ebpf agent: cannot enter the host cgroup namespace: %s",
+                        os.strerror(ctypes.get_errno()))
+            return False
+    finally:
+        os.close(fd)
+    log.info("rtml-ebpf agent: entered the host cgroup namespace (pid 1's)")
+    return True
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, MAX_CONNECTIONS * 2 + 1024) if hard != resource.RLIM_INFINITY else MAX_CONNECTIONS * 2 + 1024
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.stopping = False
+        self.conns: dict[int, Conn] = {}  # fd -> connection
+        self.per_pid: dict[int, int] = {}
+        self.held: dict[int, dict[RuleKey, Held]] = {}  # cgroup id -> its rules
+        self.scan_wanted: set[int] = set()
+        self.refused: set[int] = set()  # cgroups logged as not watchable (capacity, nesting)
+        self.served = 0
+        self.errors = 0
+        self._next_scan = self._next_upkeep = 0.0
+        raise_fd_limit()
+        enter_host_cgroup_namespace()
+        self.scanner = Scanner(memory_mount(), config.globs)
+        self.node: NodePrograms = load_node(config.capacity, config.hooks, config.pin_dir)
+        try:
+            self.slots = Slots(self.node.loaded, config.capacity)
+            if self.node.adopted:
+                self._adopt()
+            self._scan()
+            self.listener = self._listen(config.socket_path, config.socket_mode)
+        except BaseException:
+            self.node.close()
+            raise
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        log.info("rtml-ebpf agent: %s programs (%s), %d cgroups watched, capacity %d, serving %s",
+                 "adopted pinned" if self.node.adopted else "loaded", ", ".join(self.node.hooks),
+                 len(self.slots.by_cgid), config.capacity, config.socket_path)
+
+    # -- setup ------------------------------------------------------------------------------
+    def _listen(self, path: str, mode: int) -> socket.socket:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.settimeout(0.5)
+                probe.connect(path)
+                raise ConfigError(f"another rtml-ebpf agent already serves {path}; stop it first")
+            except OSError:
+                os.unlink(path)  # a stale socket of an agent that died
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(512)
+        sock.setblocking(False)
+        return sock
+
+    def _adopt(self) -> None:
+        """A previous agent's pinned state: keep every watched cgroup that still exists, its
+        rules held for ADOPT_GRACE so that its clients (reconnecting) find the same indices."""
+        everything = Scanner(self.scanner.mount, ("*",)).scan()
+        found = self.slots.adopt({cgid: f.cgroup for cgid, f in everything.items()})
+        until = time.monotonic() + ADOPT_GRACE
+        for cgid, rules in found.items():
+            self.held[cgid] = {(r.kind, r.metric, r.trip, r.clear): Held(i, orphan_until=until)
+                               for i, r in rules.items()}
+            state = self.slots.by_cgid[cgid]
+            for i, r in rules.items():
+                state.rules[i] = decode_rule(r.kind, r.metric, r.trip, r.clear)
+            self.node.page_fd(state.index)  # the page clients still map, if the previous agent made one
+        log.info("rtml-ebpf agent: adopted %d watched cgroups (%d with rules) from %s", len(found),
+                 sum(1 for r in found.values() if r), self.config.pin_dir)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        while not self.stopping:
+            self.step(0.1)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        log.info("rtml-ebpf agent: %s, stopping", signal.Signals(signum).name)
+        self.stopping = True
+
+    def step(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                self._accept()
+            else:
+                self._readable(key.data)
+        now = time.monotonic()
+        for fd, conn in list(self.conns.items()):
+            if not conn.keys and now > conn.deadline:
+                self._fail(fd, f"no request within {REQUEST_TIMEOUT:g} s")
+        if now >= self._next_scan:
+            self._next_scan = now + SCAN_INTERVAL
+            self._scan()
+            self._expire_orphans(now)
+        if now >= self._next_upkeep:
+            self._next_upkeep = now + (LIMIT_CHECK_INTERVAL if self.node.memcg_events else UPKEEP_INTERVAL)
+            self._upkeep()
+
+    # -- cgroups ------------------------------------------------------------------------------
+    def _scan(self) -> None:
+        found = self.scanner.scan()
+        self.scan_wanted = set(found)
+        for cgid, f in found.items():
+            if cgid not in self.slots.by_cgid:
+                self._watch(f.cgroup, cgid)
+        for cgid, state in list(self.slots.by_cgid.items()):
+            if not _exists(state):
+                self._unwatch(cgid, "removed")
+            elif cgid not in self.scan_wanted and not self._leased(cgid):
+                self._unwatch(cgid, "no longer matched, no client")
+
+    def _watch(self, cg: _cgroup.MemoryCgroup, cgid: int) -> SlotState | None:
+        try:
+            state = self.slots.watch(cg)
+        except CapacityError as exc:
+            if cgid not in self.refused:
+                self.refused.add(cgid)
+                log.warning("rtml-ebpf agent: not watching %s: %s", cg.directory, exc)
+            return None
+        except (OSError, RtmlError) as exc:
+            log.info("rtml-ebpf agent: cannot watch %s: %s", cg.directory, exc)
+            return None
+        self.refused.discard(cgid)
+        log.info("rtml-ebpf agent: watching %s (id %d, slot %d)", cg.directory, cgid, state.index)
+        return state
+
+    def _unwatch(self, cgid: int, why: str) -> None:
+        state = self.slots.unwatch_cgroup(cgid)
+        if state is None:
+            return
+        self.node.drop_page(state.index)
+        self.held.pop(cgid, None)
+        log.info("rtml-ebpf agent: unwatched %s (%s)", state.cgroup.directory, why)
+
+    def _leased(self, cgid: int) -> bool:
+        return any(h.leases or h.orphan_until for h in self.held.get(cgid, {}).values())
+
+    def _expire_orphans(self, now: float) -> None:
+        for cgid, rules in list(self.held.items()):
+            for key, h in list(rules.items()):
+                if h.orphan_until and now > h.orphan_until and not h.leases:
+                    self._drop_rule(cgid, key)
+
+    def _upkeep(self) -> None:
+        for cgid, rules in self.held.items():
+            state = self.slots.by_cgid.get(cgid)
+            if state is None or not rules:
+                continue
+            try:
+                if self.node.memcg_events:
+                    if self.slots.check_limit(state.index, cgid):
+                        self.node.publish(state.index)
+                else:
+                    self.slots.upkeep(state.index, cgid)
+                    self.node.publish(state.index)
+            except (OSError, RtmlError):
+                pass  # removed meanwhile: the next scan unwatches it
+
+    # -- rules and leases -----------------------------------------------------------------------
+    def _hold(self, state: SlotState, rule: Rule, conn_id: int) -> int:
+        key: RuleKey = encode_rule(rule)
+        rules = self.held.setdefault(state.cgroup_id, {})
+        h = rules.get(key)
+        if h is None:
+            taken = {x.index for x in rules.values()}
+            index = next((i for i in range(abi.MAX_RULES) if i not in taken), None)
+            if index is None:
+                raise CapacityError(
+                    f"cgroup {state.cgroup.directory} already has {abi.MAX_RULES} distinct thresholds held by "
+                    "clients; use one of theirs (the same threshold and hysteresis share one)")
+            self.slots.set_rule(state, index, rule)
+            h = rules[key] = Held(index)
+            self.node.publish(state.index)
+        h.leases.add(conn_id)
+        h.orphan_until = 0.0
+        return h.index
+
+    def _drop_rule(self, cgid: int, key: RuleKey) -> None:
+        rules = self.held.get(cgid, {})
+        h = rules.pop(key, None)
+        state = self.slots.by_cgid.get(cgid)
+        if h is None or state is None:
+            return
+        self.slots.set_rule(state, h.index, None)
+        self.node.publish(state.index)
+        if not rules and cgid not in self.scan_wanted:
+            self._unwatch(cgid, "its last client left")
+
+    def _release(self, conn_id: int, conn: Conn) -> None:
+        rules = self.held.get(conn.cgid, {})
+        for key in conn.keys:
+            h = rules.get(key)
+            if h is not None:
+                h.leases.discard(conn_id)
+                if not h.leases:
+                    # Not dropped at once: its index is not lent to another rule while a client
+                    # that lost its connection may still read it, and a client back soon finds it.
+                    h.orphan_until = time.monotonic() + LINGER
+        conn.keys = []
+
+    # -- connections ----------------------------------------------------------------------------
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: shed, keep serving
+                log.warning("rtml-ebpf agent: accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            try:
+                peer = _peer.peer_of(sock)
+            except OSError:
+                sock.close()
+                continue
+            conn = Conn(sock, peer, time.monotonic() + REQUEST_TIMEOUT)
+            fd = sock.fileno()
+            self.conns[fd] = conn
+            self.per_pid[peer.pid] = self.per_pid.get(peer.pid, 0) + 1
+            if len(self.conns) > MAX_CONNECTIONS:
+                self._fail(fd, f"the agent has {MAX_CONNECTIONS} connections open; retry later")
+            elif self.per_pid[peer.pid] > MAX_PER_PID:
+                self._fail(fd, f"pid {peer.pid} has {MAX_PER_PID} connections open; share a Limiter")
+            else:
+                self.selector.register(sock, selectors.EVENT_READ, fd)
+
+    def _readable(self, fd: int) -> None:
+        conn = self.conns.get(fd)
+        if conn is None:
+            return
+        try:
+            data, _, flags, _ = conn.sock.recvmsg(protocol.MAX_MESSAGE + 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(fd)
+            return
+        if not data:
+            self._close(fd)  # the client went: its lease ends
+            return
+        if flags & socket.MSG_TRUNC or len(data) > protocol.MAX_MESSAGE:
+            self._fail(fd, f"message over {protocol.MAX_MESSAGE} bytes")
+            return
+        now = time.monotonic()
+        if now - conn.window_start >= 1.0:
+            conn.window_start, conn.window_count = now, 0
+        conn.window_count += 1
+        if conn.window_count > MAX_REQUESTS_PER_SECOND:
+            self._fail(fd, f"over {MAX_REQUESTS_PER_SECOND} requests per second")
+            return
+        try:
+            message = protocol.decode(data)
+            if message.get("v") != protocol.VERSION:
+                raise ConfigError(f"protocol version {message.get('v')!r}; this agent speaks {protocol.VERSION}")
+            op = message.get("op")
+            if op == "watch" and not conn.keys:
+                self._serve_watch(fd, conn, message)
+            elif op == "stats" and conn.keys:
+                self._send(fd, self._stats(conn))
+            else:
+                raise ConfigError(f"op={op!r}: a new connection asks \"watch\" once; then only \"stats\"")
+        except (ConfigError, CgroupNotFound, CapacityError) as exc:
+            self._fail(fd, str(exc))
+        except (OSError, RtmlError) as exc:
+            log.warning("rtml-ebpf agent: request of pid %d failed: %s", conn.peer.pid, exc)
+            self._fail(fd, f"the agent failed to serve the request: {exc}")
+
+    def _serve_watch(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
+        extra = set(message) - {"v", "op", "scope", "rules"}
+        if extra & {"cgroup", "pid", "cgroup_id", "path"}:
+            raise ConfigError("the agent decides your cgroup from your connection's credentials; "
+                              "send no cgroup, path or pid")
+        if extra:
+            raise ConfigError(f"unknown request fields {sorted(extra)}")
+        scope = message.get("scope", "self")
+        if scope not in protocol.SCOPES:
+            raise ConfigError(f"scope={scope!r}: one of {', '.join(protocol.SCOPES)}")
+        raw_rules = message.get("rules")
+        if not isinstance(raw_rules, list) or not 1 <= len(raw_rules) <= protocol.MAX_RULES_PER_REQUEST:
+            raise ConfigError(f"rules: a list of 1 to {protocol.MAX_RULES_PER_REQUEST} rules")
+        rules = [protocol.rule_from_wire(r) for r in raw_rules]
+        cg = _peer.cgroup_of(conn.peer)
+        if scope == "pod":
+            cg = _peer.pod_ancestor(cg)
+        cgid = cg.cgroup_id
+        state = self.slots.by_cgid.get(cgid)
+        if state is None or not state.watched:
+            state = self.slots.watch(cg)  # CapacityError says why
+            log.info("rtml-ebpf agent: watching %s (id %d, slot %d) for pid %d", cg.directory, cgid, state.index,
+                     conn.peer.pid)
+        conn.cgid = cgid
+        indices = []
+        try:
+            for rule in rules:
+                indices.append(self._hold(state, rule, fd))
+                conn.keys.append(encode_rule(rule))
+        except BaseException:
+            self._release(fd, conn)
+            raise
+        page_fd = self.node.page_fd(state.index)
+        reply = {"ok": True, "cgroup": cg.directory, "cgroup_path": cg.path, "cgroup_id": cgid, "rules": indices,
+                 "hooks": list(self.node.hooks), "page_map_id": self.node.page_map_id(state.index),
+                 "abi": abi.ABI_VERSION, "upkeep": not self.node.memcg_events}
+        self._send(fd, reply, [page_fd, self.node.beat_fd])
+        self.served += 1
+
+    def _stats(self, conn: Conn) -> dict[str, Any]:
+        state = self.slots.by_cgid.get(conn.cgid)
+        if state is None:
+            raise CgroupNotFound("the cgroup is no longer watched (removed)")
+        c = self.slots.read_counters(state.index)
+        return {"ok": True, "faults": int(c.faults), "events": int(c.events),
+                "growth": {k: [int(getattr(c, f"{k}_charged")), int(getattr(c, f"{k}_uncharged"))]
+                           for k in abi.GROWTH_KINDS}}
+
+    def _send(self, fd: int, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        conn = self.conns[fd]
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        conn.sock.sendmsg([protocol.encode(message)], anc)
+
+    def _fail(self, fd: int, why: str) -> None:
+        """An error reply, then the connection closes; the agent keeps serving."""
+        self.errors += 1
+        conn = self.conns.get(fd)
+        if conn is not None:
+            try:
+                conn.sock.sendmsg([protocol.encode({"ok": False, "error": why})])
+            except OSError:
+                pass
+        self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        conn = self.conns.pop(fd, None)
+        if conn is None:
+            return
+        self._release(fd, conn)
+        left = self.per_pid.get(conn.peer.pid, 1) - 1
+        if left > 0:
+            self.per_pid[conn.peer.pid] = left
+        else:
+            self.per_pid.pop(conn.peer.pid, None)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.peer.close()
+
+    # -- teardown -------------------------------------------------------------------------------
+    def close(self, *, unpin: bool = False) -> None:
+        for fd in list(self.conns):
+            self._close(fd)
+        self.selector.close()
+        self.listener.close()
+        try:
+            if stat.S_ISSOCK(os.lstat(self.config.socket_path).st_mode):
+                os.unlink(self.config.socket_path)
+        except OSError:
+            pass
+        self.slots.release_views()
+        self.node.close(unpin=unpin)
+        log.info("rtml-ebpf agent: stopped (%s)", "programs unloaded" if unpin or not self.config.pin_dir
+                 else f"programs stay pinned under {self.config.pin_dir}")
+
+
+def _exists(state: SlotState) -> bool:
+    try:
+        return os.stat(state.cgroup.directory).st_ino == state.cgroup_id
+    except OSError:
+        return False
