@@ -5,7 +5,6 @@ Each test names the defect of issue 12 it keeps fixed; each fails on the code be
 from __future__ import annotations
 
 import contextlib
-
 import gc
 import os
 import subprocess
@@ -16,8 +15,8 @@ import time
 import pytest
 from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
-from rtml_ebpf.ebpf.abi import NESTED_WATCHES
 from rtml_ebpf import CapacityError, CgroupNotFound, Limiter, RtmlError
+from rtml_ebpf.ebpf.abi import NESTED_WATCHES
 from rtml_ebpf.ebpf.runtime import Runtime
 
 pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]

@@ -7,7 +7,6 @@ the same flood, is OOM-killed; guarded, it has no OOM kill and serves.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import threading
 import time

@@ -99,7 +99,8 @@ def run_client(cg: Cgroup, agent: AgentProcess, mode: str, *args: object, timeou
     p = start_client(cg, agent, mode, *args)
     out, err = p.communicate(timeout=timeout)
     if p.returncode != 0:
-        raise AssertionError(f"client exited {p.returncode}; stderr:\n{err[-3000:]}\nagent log:\n{agent.text()[-3000:]}")
+        raise AssertionError(f"client exited {p.returncode}; stderr:\n{err[-3000:]}\n"
+                             f"agent log:\n{agent.text()[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -20,7 +20,6 @@ import sys
 import time
 
 from rtml_ebpf import Limiter
-from rtml_ebpf.agent import protocol
 from rtml_ebpf.agent.client import socket_path
 
 MiB = 1 << 20
