@@ -43,9 +43,12 @@ def peer_of(sock: socket.socket) -> Peer:
 
 
 def _alive(pidfd: int) -> bool:
-    """The process behind the pidfd still runs (so its pid was not reused)."""
+    """The process behind the pidfd still runs (so its pid was not reused). Signal 0 checks
+    existence; EPERM (an agent without CAP_KILL asking about another user) also means it runs."""
     libc = ctypes.CDLL(None, use_errno=True)
-    return bool(libc.syscall(424, pidfd, 0, None, 0) == 0)  # pidfd_send_signal(fd, 0)
+    if libc.syscall(424, pidfd, 0, None, 0) == 0:  # pidfd_send_signal(fd, 0)
+        return True
+    return ctypes.get_errno() == 1
 
 
 def cgroup_of(peer: Peer) -> _cgroup.MemoryCgroup:

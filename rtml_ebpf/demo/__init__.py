@@ -9,6 +9,9 @@ threads), the WSGI middleware added and nothing else. Rows: unguarded; the check
 only; budget admission fed by the kernel; the same on a 10 ms poll of the cgroup files; then
 the last two again with a tight margin (threshold 0.95).
 
+Part 3, the pod users run: the same gunicorn, as uid 65534 with no capabilities (no bpf()),
+guarded through the node agent (``rtml-ebpf agent``, started for the row on a private socket).
+
 Each run gets a fresh child cgroup with the same limit, the same service code and the same
 load from clients outside the cgroup; a service that dies is restarted, as kubelet would.
 """
@@ -28,7 +31,7 @@ from ..errors import ConfigError, NotSupported
 from .flood import Flood, RunResult, Server, gunicorn_server
 
 MiB = 1 << 20
-PARTS = ("handler", "prefork")
+PARTS = ("handler", "prefork", "agent")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ def scenarios(threshold: float, tight: float) -> list[Scenario]:
         Scenario("prefork", "pre-fork admission, poll 10ms", "poll-admission", threshold),
         Scenario("prefork", f"tight {tight}: admission", "admission", tight),
         Scenario("prefork", f"tight {tight}: admission, poll 10ms", "poll-admission", tight),
+        Scenario("agent", "uid 65534: admission via the node agent", "admission", threshold),
     ]
 
 
@@ -61,8 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=48, help="concurrent clients (default 48)")
     p.add_argument("--payload-mib", type=int, default=24, help="MiB each request builds and holds")
     p.add_argument("--hold", type=float, default=0.3, help="seconds each request holds its payload")
-    p.add_argument("--parts", default="handler,prefork",
-                   help="which parts to run: handler (check in the handler), prefork (middleware only)")
+    p.add_argument("--parts", default="handler,prefork,agent",
+                   help="which parts to run: handler (check in the handler), prefork (middleware only), agent "
+                        "(the service unprivileged, through the node agent)")
     p.add_argument("--out", default="demo-results", help="directory for flood.png and flood.json")
     p.add_argument("--json", action="store_true", help="print the results as JSON (no live display)")
 
@@ -92,16 +97,24 @@ def preflight(chosen: list[Scenario]) -> None:
 
     _features.check_privileges()
     _features.check_btf()
-    if any(s.part == "prefork" for s in chosen):
+    if any(s.part in ("prefork", "agent") for s in chosen):
         import importlib.util
 
         if importlib.util.find_spec("gunicorn") is None:
             raise NotSupported("the pre-fork demo", "gunicorn is not installed; pip install 'rtml-ebpf[demo]'")
+    if any(s.part == "agent" for s in chosen):
+        from .unprivileged import unprivileged_python
+
+        unprivileged_python()  # NotSupported, saying how to fix it, before any row runs
 
 
-def server_for(s: Scenario, args: argparse.Namespace) -> Server:
+def server_for(s: Scenario, args: argparse.Namespace, agent_socket: str | None = None) -> Server:
     env = {"RTML_THRESHOLD": str(s.threshold), "RTML_METRIC": "usage",
            "RTML_DEMO_PAYLOAD_MIB": str(args.payload_mib), "RTML_DEMO_HOLD": str(args.hold)}
+    if s.part == "agent":
+        from .unprivileged import unprivileged_server
+
+        return unprivileged_server(s.guard, env={**env, "RTML_AGENT_SOCKET": agent_socket or ""})
     if s.part == "handler":
         argv = (sys.executable, "-m", "rtml_ebpf.demo.service", "--guard", s.guard, "--threshold",
                 str(s.threshold), "--payload-mib", str(args.payload_mib), "--hold", str(args.hold),
@@ -140,13 +153,34 @@ def results_table(results: list[RunResult], limit: int) -> Any:
     from rich.table import Table
 
     t = Table(title=f"Flood survival, limit {limit // MiB} MiB")
-    for col in ("run", "OOM kills", "served", "rejected (503)", "failed", "peak / limit", "first OOM kill"):
-        t.add_column(col, justify="right" if col != "run" else "left")
+    for col in ("run", "guard on", "OOM kills", "served", "rejected (503)", "failed", "peak / limit",
+                "first OOM kill"):
+        t.add_column(col, justify="right" if col not in ("run", "guard on") else "left")
     for r in results:
-        t.add_row(r.name, ("[red]" if r.oom_kills else "[green]") + str(r.oom_kills), str(r.served),
+        t.add_row(r.name, r.backend or "-", ("[red]" if r.oom_kills else "[green]") + str(r.oom_kills), str(r.served),
                   str(r.rejected), str(r.failed), f"{r.peak_bytes / MiB:.0f} / {limit // MiB} MiB",
                   f"{r.time_to_first_oom_s:.1f} s" if r.time_to_first_oom_s is not None else "-")
     return t
+
+
+def _flood(s: Scenario, args: argparse.Namespace, limit: int, console: Any, agent_socket: str | None) -> RunResult:
+    flood = Flood(s.name, s.guard, server_for(s, args, agent_socket), limit=limit, duration=args.duration,
+                  clients=args.clients)
+    if args.json:
+        return flood.run()
+    from rich.live import Live
+
+    def status(f: Flood) -> str:
+        usage = f.r.samples[-1][1] if f.r.samples else 0
+        return (f"[bold]{f.r.name}[/bold]  {time.monotonic() - f.t0:4.1f}/{args.duration:.0f} s  "
+                f"usage {usage / MiB:5.0f} MiB  served {f.r.served}  rejected {f.r.rejected}  "
+                f"failed {f.r.failed}  restarts {f.r.restarts}")
+
+    with Live(status(flood), console=console, refresh_per_second=8, transient=True) as live:
+        def tick(f: Flood, live: Live = live) -> None:
+            live.update(status(f))
+
+        return flood.run(on_tick=tick)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -159,25 +193,14 @@ def run_demo(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     results: list[RunResult] = []
     for s in chosen:
-        flood = Flood(s.name, s.guard, server_for(s, args), limit=limit, duration=args.duration,
-                      clients=args.clients)
-        if args.json:
-            results.append(flood.run())
-            continue
-        from rich.live import Live
+        if s.part == "agent":
+            from .unprivileged import DemoAgent
 
-        def status(f: Flood) -> str:
-            usage = f.r.samples[-1][1] if f.r.samples else 0
-            return (f"[bold]{f.r.name}[/bold]  {time.monotonic() - f.t0:4.1f}/{args.duration:.0f} s  "
-                    f"usage {usage / MiB:5.0f} MiB  served {f.r.served}  rejected {f.r.rejected}  "
-                    f"failed {f.r.failed}  restarts {f.r.restarts}")
-
-        with Live(status(flood), console=console, refresh_per_second=8, transient=True) as live:
-            def tick(f: Flood, live: Live = live) -> None:
-                live.update(status(f))
-
-            results.append(flood.run(on_tick=tick))
-        console.print(f"done: {s.name} ({results[-1].oom_kills} OOM kills)")
+            with DemoAgent() as agent:  # only for its row: its programs would run during the others
+                results.append(_flood(s, args, limit, console, agent.socket))
+        else:
+            results.append(_flood(s, args, limit, console, None))
+        console.print(f"done: {s.name} ({results[-1].oom_kills} OOM kills, guard on {results[-1].backend})")
     png = os.path.join(args.out, "flood.png")
     plot(results, limit, [s.threshold for s in chosen], png)
     summary = {

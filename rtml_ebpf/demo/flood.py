@@ -33,6 +33,7 @@ class RunResult:
     restarts: int = 0
     peak_bytes: int = 0
     time_to_first_oom_s: float | None = None
+    backend: str | None = None  # the guard's backend as the service reported it (/rtml-stats)
     samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds, usage bytes)
 
 
@@ -66,6 +67,24 @@ def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30.0
     raise RuntimeError(f"the server did not listen on port {port} within {timeout:.0f} s")
 
 
+def service_backend(port: int) -> str | None:
+    """The backend the service's guard runs on, from its /rtml-stats (None where it has none)."""
+    import json
+
+    for _ in range(20):  # the first request builds the default limiter, poll first then upgraded
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/rtml-stats")
+            backend = json.loads(conn.getresponse().read()).get("backend")
+            conn.close()
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+        if backend not in (None, "poll"):
+            return str(backend)
+        time.sleep(0.1)
+    return backend if isinstance(backend, str) else None
+
+
 class Flood:
     def __init__(self, name: str, guard: str, server: Server, *, limit: int, duration: float, clients: int,
                  path: str = "/work") -> None:
@@ -88,6 +107,8 @@ class Flood:
         self.proc = cg.popen(self.server.command(self.port), env=env, stdout=subprocess.DEVNULL,
                              stderr=log or subprocess.DEVNULL)
         wait_listening(self.port, self.proc)
+        if self.r.backend is None:
+            self.r.backend = service_backend(self.port)
         self.port_ready.set()
 
     def supervise(self, cg: ChildCgroup) -> None:

@@ -153,20 +153,29 @@ def test_kill9_then_restart_with_pins_no_wrong_answer_no_gap(cg) -> None:
     assert not os.path.exists(pin_dir)
 
 
-def test_agent_gone_unpinned_clients_fall_back_to_polling_within_a_second(cg) -> None:
+def test_agent_gone_unpinned_clients_fall_back_to_polling_within_a_second_and_come_back(cg) -> None:
     agent = AgentProcess(glob_for(cg))
-    client = start_client(cg, agent, "hold", 0, 4)
-    time.sleep(1.5)
-    agent.kill9()
-    out, err = client.communicate(timeout=60)
-    assert client.returncode == 0, err[-2000:]
+    second = None
+    try:
+        client = start_client(cg, agent, "hold", 0, 10)
+        time.sleep(1.5)
+        agent.kill9()  # --no-pin: its programs go with it
+        time.sleep(1.5)
+        second = AgentProcess(glob_for(cg), socket_dir=agent.dir)
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, err[-2000:]
+    finally:
+        if second is not None:
+            second.stop()
     r = json.loads(out.strip().splitlines()[-1])
     switches = r["switches"]
     assert switches[0][1] == "agent:False", r
     to_poll = [t for t, key in switches if key.startswith("poll:")]
     assert to_poll, f"never fell back: {r}"
     assert to_poll[0] - 1.5 < 1.2, f"fell back {to_poll[0] - 1.5:.2f} s after the kill: {r}"
-    assert "node agent lost" in r["reason"]
+    back = [t for t, key in switches if key.startswith("agent:") and t > to_poll[0]]
+    assert back and back[0] - 3.0 < 6.5, f"did not return to the restarted agent: {r}"
+    assert "node agent back" in r["reason"], r
 
 
 def test_fifty_clients_churning_connections_leave_fds_and_rss_flat() -> None:

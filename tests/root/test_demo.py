@@ -36,6 +36,20 @@ def test_demo_short_run(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "flood.json").read_text())["samples"]["rtml-ebpf"]
 
 
+@needs_bpf
+@needs_cgroups
+def test_demo_unprivileged_row_runs_through_the_node_agent(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "rtml_ebpf.cli", "demo", "--json", "--parts", "agent", "--duration", "6",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    (run,) = json.loads(out.stdout)["runs"]
+    assert run["part"] == "agent" and run["backend"] == "agent", run  # uid 65534, no bpf(): the agent's page
+    assert run["oom_kills"] == 0 and run["served"] > 0 and run["rejected"] > 0, run
+
+
 def test_demo_refuses_without_privileges_with_clear_message() -> None:
     cmd = [sys.executable, "-m", "rtml_ebpf.cli", "demo", "--duration", "1", "--out", "/tmp"]
     if os.geteuid() == 0:
