@@ -2,7 +2,8 @@
 
 P1 check cost, P2 overshoot, P3 probe overhead per hook set, P4 start-up, P5 flood survival
 (the demo), P6 admission (overhead, cost error, goodput), P7 overhead a real service sees,
-P8 precision per hook set (time to clear after a free, working-set error).
+P8 precision per hook set (time to clear after a free, working-set error), P9 the node agent
+at scale (1,000 watched cgroups: RSS, register latency, storm overhead, per-event run time).
 This machine is noisy: variants are interleaved, repeated, and reported as
 median and spread (min-max). Ratios are taken against baselines from the
 same run. Nothing here is asserted: the report states figures and targets.
@@ -25,6 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+
+from benchmarks.agent_scale import p9_agent_scale
 
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -716,6 +719,10 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
             lines.append(f"| {name} | {v['clear_ms']['median']:.0f} ({v['clear_ms']['spread']}) | "
                          f"{v['ws_error_mib']['median']:.2f} ({v['ws_error_mib']['spread']}) |")
         lines.append("")
+    if "P9" in res:
+        from benchmarks.agent_scale import report_lines
+
+        lines += report_lines(res["P9"])
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -725,7 +732,7 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8")
+    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,P9")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -744,6 +751,7 @@ def main() -> int:
         ("P6", lambda: p6_admission(2 if args.quick else 5, args.out, 8 if args.quick else 20)),
         ("P7", lambda: p7_service_overhead(3 if args.quick else 7)),
         ("P8", lambda: p8_precision(2 if args.quick else 5, args.out)),
+        ("P9", lambda: p9_agent_scale(2 if args.quick else 3, compile_storm(args.out), bpf_run_stats)),
     ]
     for name, fn in steps:
         if name in only:

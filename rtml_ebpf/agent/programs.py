@@ -34,6 +34,7 @@ DEFAULT_PIN_DIR = "/sys/fs/bpf/rtml-ebpf"
 MIN_CAPACITY = 64
 MAX_CAPACITY = 65536
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_F_MMAPABLE = 1 << 10
 BPF_FS_MAGIC_NAME = "bpf"
 # Every map of the object, pinned under <pin dir>/maps; links under <pin dir>/links.
@@ -211,6 +212,24 @@ def _pinned_abi(fds: dict[str, int]) -> tuple[int, int]:
     return int(version), _libbpf.map_info(fds["slots"])[4]
 
 
+def _create_map(name: bytes, map_type: int, value_size: int, entries: int, flags: int = 0, inner_fd: int = 0) -> int:
+    opts = _libbpf.MapCreateOpts(sz=ctypes.sizeof(_libbpf.MapCreateOpts), map_flags=flags, inner_map_fd=inner_fd)
+    return _libbpf.check(_libbpf.lib().bpf_map_create(map_type, name, 4, value_size, entries, ctypes.byref(opts)),
+                         "create map", name.decode())
+
+
+def _make_pages_map(capacity: int) -> int:
+    """The outer map, made here from a template of our own: the pages we insert later must
+    match the template exactly, and on 6.1 the one libbpf makes from the BTF definition does
+    not accept them (EINVAL at insert, verified in the VM)."""
+    template = _create_map(b"rtml_page", BPF_MAP_TYPE_ARRAY, ctypes.sizeof(abi.Slot), 1, BPF_F_MMAPABLE)
+    try:
+        # named as in the object: libbpf renames a reused map after the kernel's name
+        return _create_map(b"pages", BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, capacity, 0, template)
+    finally:
+        os.close(template)
+
+
 def _sizer(capacity: int, reuse: dict[str, int] | None) -> object:
     def prepare(obj: int) -> None:
         lib = _libbpf.lib()
@@ -220,6 +239,12 @@ def _sizer(capacity: int, reuse: dict[str, int] | None) -> object:
                 _libbpf.check(lib.bpf_map__set_max_entries(m, capacity), "size map", name)
             if reuse is not None:
                 _libbpf.check(lib.bpf_map__reuse_fd(m, reuse[name]), "reuse pinned map", name)
+            elif name == "pages":
+                fd = _make_pages_map(capacity)
+                try:
+                    _libbpf.check(lib.bpf_map__reuse_fd(m, fd), "reuse map", name)  # libbpf keeps a dup
+                finally:
+                    os.close(fd)
     return prepare
 
 

@@ -34,7 +34,7 @@ from .scan import Scanner, memory_mount
 
 log = logging.getLogger("rtml_ebpf.agent")
 
-SCAN_INTERVAL = 0.5  # new and removed cgroups are seen within this (plus the walk)
+TICK_INTERVAL = 0.5  # periodic work: unlimited cgroups looked at again, leases expired (scan.py)
 UPKEEP_INTERVAL = 0.25  # no memcg events: re-read the files of cgroups with clients
 LIMIT_CHECK_INTERVAL = 1.0  # memcg events: limits written while a cgroup is idle
 REQUEST_TIMEOUT = 1.0  # a connection must ask within this
@@ -45,6 +45,7 @@ LINGER = 5.0  # a rule whose last client left stays this long (a client back soo
 ADOPT_GRACE = 30.0  # rules adopted from pins wait this long for their clients to come back
 
 RuleKey = tuple[int, int, int, int]
+INOTIFY = "inotify"  # the selector key of the scanner's fd
 
 
 @dataclass
@@ -112,11 +113,12 @@ class Agent:
         self.conns: dict[int, Conn] = {}  # fd -> connection
         self.per_pid: dict[int, int] = {}
         self.held: dict[int, dict[RuleKey, Held]] = {}  # cgroup id -> its rules
-        self.scan_wanted: set[int] = set()
         self.refused: set[int] = set()  # cgroups logged as not watchable (capacity, nesting)
         self.served = 0
         self.errors = 0
-        self._next_scan = self._next_upkeep = 0.0
+        self._next_tick = self._next_upkeep = 0.0
+        self.selector = selectors.DefaultSelector()
+        self._inotify_fd: int | None = None
         raise_fd_limit()
         enter_host_cgroup_namespace()
         self.scanner = Scanner(memory_mount(), config.globs)
@@ -125,12 +127,12 @@ class Agent:
             self.slots = Slots(self.node.loaded, config.capacity)
             if self.node.adopted:
                 self._adopt()
-            self._scan()
+            self._apply_scan()
             self.listener = self._listen(config.socket_path, config.socket_mode)
         except BaseException:
             self.node.close()
+            self.scanner.close()
             raise
-        self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, None)
         log.info("rtml-ebpf agent: %s programs (%s), %d cgroups watched, capacity %d, serving %s",
                  "adopted pinned" if self.node.adopted else "loaded", ", ".join(self.node.hooks),
@@ -149,18 +151,27 @@ class Agent:
                 os.unlink(path)  # a stale socket of an agent that died
             finally:
                 probe.close()
+        # Bound under a temporary name and renamed into place once listening: a client never
+        # finds the path before it can connect.
+        staging = f"{path}.{os.getpid()}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(512)
-        sock.setblocking(False)
+        try:
+            if os.path.exists(staging):
+                os.unlink(staging)
+            sock.bind(staging)
+            os.chmod(staging, mode)
+            sock.listen(512)
+            sock.setblocking(False)
+            os.rename(staging, path)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def _adopt(self) -> None:
         """A previous agent's pinned state: keep every watched cgroup that still exists, its
         rules held for ADOPT_GRACE so that its clients (reconnecting) find the same indices."""
-        everything = Scanner(self.scanner.mount, ("*",)).scan()
-        found = self.slots.adopt({cgid: f.cgroup for cgid, f in everything.items()})
+        found = self.slots.adopt({cgid: self.scanner.cgroup_at(d) for cgid, d in self.scanner.present.items()})
         until = time.monotonic() + ADOPT_GRACE
         for cgid, rules in found.items():
             self.held[cgid] = {(r.kind, r.metric, r.trip, r.clear): Held(i, orphan_until=until)
@@ -187,32 +198,49 @@ class Agent:
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._accept()
+            elif key.data == INOTIFY:
+                self.scanner.on_events()
+                self._apply_scan()
             else:
                 self._readable(key.data)
         now = time.monotonic()
         for fd, conn in list(self.conns.items()):
             if not conn.keys and now > conn.deadline:
                 self._fail(fd, f"no request within {REQUEST_TIMEOUT:g} s")
-        if now >= self._next_scan:
-            self._next_scan = now + SCAN_INTERVAL
-            self._scan()
+        if now >= self._next_tick:
+            self._next_tick = now + TICK_INTERVAL
+            self.scanner.tick()
+            self._apply_scan()
             self._expire_orphans(now)
         if now >= self._next_upkeep:
             self._next_upkeep = now + (LIMIT_CHECK_INTERVAL if self.node.memcg_events else UPKEEP_INTERVAL)
             self._upkeep()
 
     # -- cgroups ------------------------------------------------------------------------------
-    def _scan(self) -> None:
-        found = self.scanner.scan()
-        self.scan_wanted = set(found)
-        for cgid, f in found.items():
-            if cgid not in self.slots.by_cgid:
-                self._watch(f.cgroup, cgid)
-        for cgid, state in list(self.slots.by_cgid.items()):
-            if not _exists(state):
+    def _apply_scan(self) -> None:
+        added, removed = self.scanner.changes()
+        for f in added:
+            if f.cgroup_id not in self.slots.by_cgid:
+                self._watch(f.cgroup, f.cgroup_id)
+        for cgid in removed:
+            self.refused.discard(cgid)
+            if cgid in self.slots.by_cgid:
                 self._unwatch(cgid, "removed")
-            elif cgid not in self.scan_wanted and not self._leased(cgid):
-                self._unwatch(cgid, "no longer matched, no client")
+        self._follow_inotify()
+
+    def _follow_inotify(self) -> None:
+        """The scanner's inotify fd in the selector (it may fall back to walking, see scan.py)."""
+        fd = self.scanner.fd
+        if fd == self._inotify_fd:
+            return
+        if self._inotify_fd is not None:
+            try:
+                self.selector.unregister(self._inotify_fd)
+            except (KeyError, ValueError):
+                pass
+        if fd is not None:
+            self.selector.register(fd, selectors.EVENT_READ, INOTIFY)
+        self._inotify_fd = fd
 
     def _watch(self, cg: _cgroup.MemoryCgroup, cgid: int) -> SlotState | None:
         try:
@@ -236,9 +264,6 @@ class Agent:
         self.node.drop_page(state.index)
         self.held.pop(cgid, None)
         log.info("rtml-ebpf agent: unwatched %s (%s)", state.cgroup.directory, why)
-
-    def _leased(self, cgid: int) -> bool:
-        return any(h.leases or h.orphan_until for h in self.held.get(cgid, {}).values())
 
     def _expire_orphans(self, now: float) -> None:
         for cgid, rules in list(self.held.items()):
@@ -288,7 +313,7 @@ class Agent:
             return
         self.slots.set_rule(state, h.index, None)
         self.node.publish(state.index)
-        if not rules and cgid not in self.scan_wanted:
+        if not rules and cgid not in self.scanner.wanted:
             self._unwatch(cgid, "its last client left")
 
     def _release(self, conn_id: int, conn: Conn) -> None:
@@ -464,13 +489,8 @@ class Agent:
         except OSError:
             pass
         self.slots.release_views()
+        self.scanner.close()
         self.node.close(unpin=unpin)
         log.info("rtml-ebpf agent: stopped (%s)", "programs unloaded" if unpin or not self.config.pin_dir
                  else f"programs stay pinned under {self.config.pin_dir}")
 
-
-def _exists(state: SlotState) -> bool:
-    try:
-        return os.stat(state.cgroup.directory).st_ino == state.cgroup_id
-    except OSError:
-        return False

@@ -102,10 +102,25 @@ def preflight(chosen: list[Scenario]) -> None:
 
         if importlib.util.find_spec("gunicorn") is None:
             raise NotSupported("the pre-fork demo", "gunicorn is not installed; pip install 'rtml-ebpf[demo]'")
-    if any(s.part == "agent" for s in chosen):
-        from .unprivileged import unprivileged_python
 
-        unprivileged_python()  # NotSupported, saying how to fix it, before any row runs
+
+
+def drop_unrunnable(chosen: list[Scenario], console: Any) -> tuple[list[Scenario], list[dict[str, str]]]:
+    """The unprivileged row needs a Python that uid 65534 can run with this package: without
+    one it is left out with the reason (the whole demo fails only if nothing else was asked)."""
+    if not any(s.part == "agent" for s in chosen):
+        return chosen, []
+    from .unprivileged import unprivileged_python
+
+    try:
+        unprivileged_python()
+        return chosen, []
+    except NotSupported as exc:
+        rest = [s for s in chosen if s.part != "agent"]
+        if not rest:
+            raise
+        console.print(f"[yellow]skipping the unprivileged row[/yellow]: {exc}")
+        return rest, [{"name": s.name, "why": str(exc)} for s in chosen if s.part == "agent"]
 
 
 def server_for(s: Scenario, args: argparse.Namespace, agent_socket: str | None = None) -> Server:
@@ -190,6 +205,7 @@ def run_demo(args: argparse.Namespace) -> int:
     chosen = check_args(args)
     preflight(chosen)
     console = Console(stderr=args.json)
+    chosen, skipped = drop_unrunnable(chosen, console)
     os.makedirs(args.out, exist_ok=True)
     results: list[RunResult] = []
     for s in chosen:
@@ -211,6 +227,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "clients": args.clients,
         "payload_mib": args.payload_mib,
         "plot": png,
+        "skipped": skipped,
         "runs": [{"part": s.part, "threshold": s.threshold, **{k: v for k, v in asdict(r).items() if k != "samples"}}
                  for s, r in zip(chosen, results, strict=True)],
     }

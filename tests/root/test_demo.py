@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.cgroups import needs_bpf, needs_cgroups
+from support.cgroups import needs_bpf, needs_cgroups, open_checkout_to_nobody
 
 pytestmark = pytest.mark.root
 
@@ -39,6 +39,7 @@ def test_demo_short_run(tmp_path: Path) -> None:
 @needs_bpf
 @needs_cgroups
 def test_demo_unprivileged_row_runs_through_the_node_agent(tmp_path: Path) -> None:
+    open_checkout_to_nobody()
     out = subprocess.run(
         [sys.executable, "-m", "rtml_ebpf.cli", "demo", "--json", "--parts", "agent", "--duration", "6",
          "--out", str(tmp_path)],

@@ -34,8 +34,11 @@ class AgentProcess:
         if watch:
             argv += ["--watch", watch]
         self.log = open(self.log_path, "a")
+        ready = self.text().count(f"serving {self.socket}") + 1  # a previous agent may have logged here
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
-        if not wait_until(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, timeout=20):
+        # generous: inside the vmtest VM (software emulation) the import and load take seconds
+        if not wait_until(lambda: self.text().count(f"serving {self.socket}") >= ready or self.proc.poll() is not None,
+                          timeout=90):
             self.stop()
             raise AssertionError(f"the agent did not start:\n{self.text()}")
         if self.proc.poll() is not None:

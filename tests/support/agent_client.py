@@ -2,7 +2,7 @@
 
     python agent_client.py flip THRESHOLD        grow 1 MiB at a time until the verdict trips
     python agent_client.py attack                try to write the page, widen the lease, ask for others
-    python agent_client.py hold MIB SECONDS      hold MIB, check in a loop, report every answer's backend
+    python agent_client.py hold MIB SECONDS [until_back]   hold MIB, check in a loop, report the answers
     python agent_client.py churn SECONDS RATE    connect, watch, close, RATE times a second
     python agent_client.py hotloop N             N checks between two marker syscalls (for strace)
 
@@ -121,20 +121,24 @@ def _address_of(view: memoryview) -> int:
     return addr
 
 
-def hold(mib: int, seconds: float) -> dict:
+def hold(mib: int, seconds: float, until_back: bool = False) -> dict:
+    """Check in a loop for ``seconds``; ``until_back``: stop early once the Limiter went to
+    polling and came back to the agent."""
     lim = Limiter(backend="agent", threshold=0.5, metric="usage", relief=False, hysteresis=0.02)
     kept = touch(mib * MiB) if mib else bytearray()
     answers = {}  # (backend, answer) -> count
     switches = []
     last = None
+    print(json.dumps({"ready": time.time()}), flush=True)  # the test acts after this line
     end = time.monotonic() + seconds
-    start = time.monotonic()
     while time.monotonic() < end:
         key = f"{lim.backend}:{lim.is_mem_limit_reached()}"
         answers[key] = answers.get(key, 0) + 1
         if key != last:
-            switches.append([round(time.monotonic() - start, 3), key])
+            switches.append([time.time(), key])  # wall clock: the test compares with its own events
             last = key
+            if until_back and key.startswith("agent:") and any(k.startswith("poll:") for _, k in switches):
+                break
         time.sleep(0.001)
     del kept
     return {"answers": answers, "switches": switches, "reason": lim.stats().backend_reason}
@@ -167,6 +171,9 @@ def churn(seconds: float, rate: float) -> dict:
 def hotloop(n: int) -> dict:
     lim = Limiter(backend="agent", threshold=0.9, relief=False)
     check = lim.is_mem_limit_reached
+    # The monitor thread (it watches the agent's beat) would take the GIL during a slow loop
+    # (the vmtest VM): its futex calls are the interpreter's thread switches, not the check's.
+    sys.setswitchinterval(100)
     os.getppid()  # marker: the loop starts after this syscall
     for _ in range(n):
         check()
@@ -181,7 +188,7 @@ if __name__ == "__main__":
     elif mode == "attack":
         result = attack()
     elif mode == "hold":
-        result = hold(int(sys.argv[2]), float(sys.argv[3]))
+        result = hold(int(sys.argv[2]), float(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "until_back")
     elif mode == "churn":
         result = churn(float(sys.argv[2]), float(sys.argv[3]))
     else:

@@ -109,11 +109,45 @@ def make_cgroup(limit: int | None = None, parent: Cgroup | None = None) -> Itera
         cg.close()
 
 
+_opened: list[tuple[str, int]] = []
+
+
+def open_checkout_to_nobody() -> None:
+    """Tests run code of this checkout as uid 65534. A checkout made under a 0700 directory
+    (``mktemp -d``, a home) is closed to it: grant others search on each directory above it and
+    read+search on the checkout itself, for this session only (restored at exit)."""
+    import atexit
+    import stat
+
+    if _opened or os.geteuid() != 0:
+        return
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = repo
+    while True:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        want = mode | (stat.S_IROTH | stat.S_IXOTH if path == repo else stat.S_IXOTH)
+        if want != mode:
+            os.chmod(path, want)
+            _opened.append((path, mode))
+        if path == "/":
+            break
+        path = os.path.dirname(path)
+
+    def restore() -> None:
+        for p, m in reversed(_opened):
+            try:
+                os.chmod(p, m)
+            except OSError:
+                pass
+
+    atexit.register(restore)
+
+
 def interpreter_for_nobody() -> str:
     """A Python of this one's version that uid 65534 may run (the venv's may live under /root)."""
-    import os
     import shutil
 
+    open_checkout_to_nobody()
     want = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for candidate in (sys.executable, shutil.which(want) or "", f"/usr/bin/{want}", "/usr/bin/python3"):
         if not candidate or not os.path.exists(candidate):
