@@ -30,4 +30,4 @@ vmtest: setup
 	scripts/vmtest.sh
 
 clean:
-	rm -rf build *.egg-info rtml_ebpf/bpf/*.o .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build *.egg-info rtml_ebpf/bpf/*.o rtml_ebpf/*.so .pytest_cache .mypy_cache .ruff_cache

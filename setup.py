@@ -1,11 +1,13 @@
-"""Compiles the BPF object (scripts/build_bpf.py) when the package is built or installed."""
+"""Compiles the BPF object (scripts/build_bpf.py) when the package is built or installed, and
+the optional C hot-path check (rtml_ebpf/_hot.c; without a compiler or Python headers the
+package uses a functools.partial instead)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -21,4 +23,5 @@ class BuildWithBpf(build_py):
             compile_bpf(os.path.join(self.build_lib, "rtml_ebpf", "bpf"))
 
 
-setup(cmdclass={"build_py": BuildWithBpf})
+setup(cmdclass={"build_py": BuildWithBpf},
+      ext_modules=[Extension("rtml_ebpf._hot", ["rtml_ebpf/_hot.c"], optional=True)])

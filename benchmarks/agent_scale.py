@@ -7,6 +7,7 @@ with 1,000 watched cgroups, against the storm with no program, all in the same r
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+from benchmarks.faultstorm import PAGES, bpf_run_stats, bpf_stats_setting, set_bpf_stats, storm_seconds
 
 MiB = 1 << 20
 REGISTER_CHILD = """
@@ -118,26 +121,14 @@ class _Agent:
             os.unlink(self.socket)
 
 
-def p9_agent_scale(reps: int, storm: str, bpf_run_stats: Any, cgroups: int = 1000,
+def p9_agent_scale(reps: int, storm: str, cgroups: int = 1000,
                    hook_sets: tuple[str, ...] = ("auto", "lean")) -> dict[str, Any]:
     from rtml_ebpf import _cgroup
     from rtml_ebpf._sandbox import ChildCgroup
 
-    mib, rounds = 64, 30
-    pages = (mib << 20) // 4096 * rounds
-
-    def run_storm(cg: ChildCgroup) -> float:
-        p = cg.popen([storm, str(mib), str(rounds)], stdout=subprocess.PIPE)
-        out, _ = p.communicate(timeout=120)
-        return float(out.split()[0])
-
-    def set_stats(on: str) -> None:
-        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
-            f.write(on)
-
-    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
-        stats_before = f.read().strip()
-    res: dict[str, Any] = {"cgroups": cgroups, "pages_per_run": pages, "sets": {}}
+    run_storm = functools.partial(storm_seconds, storm)
+    stats_before = bpf_stats_setting()
+    res: dict[str, Any] = {"cgroups": cgroups, "pages_per_run": PAGES, "sets": {}}
     tmp = tempfile.mkdtemp(prefix="rtml-bench-agent-")
     os.chmod(tmp, 0o755)  # uid 65534 connects to the socket in it
     try:
@@ -152,8 +143,7 @@ def p9_agent_scale(reps: int, storm: str, bpf_run_stats: Any, cgroups: int = 100
                     per_event: dict[str, dict[str, list[float]]] = {"one": {}, "many": {}}
                     check: dict[str, list[float]] = {}
                     for _ in range(reps):
-                        _one_rep(rows, per_event, check, cg, parent, glob, hooks, tmp, cgroups, run_storm,
-                                 set_stats, bpf_run_stats, pages)
+                        _one_rep(rows, per_event, check, cg, parent, glob, hooks, tmp, cgroups, run_storm)
                         if not check:
                             raise RuntimeError("P9: no check-cost figures")
                     res["sets"][hooks] = _summarize(rows, per_event)
@@ -164,19 +154,19 @@ def p9_agent_scale(reps: int, storm: str, bpf_run_stats: Any, cgroups: int = 100
                     res["sets"][hooks]["check_over_empty"] = {"median": statistics.median(ratios),
                                                               "spread": _spread(ratios)}
     finally:
-        set_stats(stats_before)
+        set_bpf_stats(stats_before)
     return res
 
 
 def _one_rep(rows: dict[str, list[float]], per_event: dict[str, dict[str, list[float]]],
              check: dict[str, list[float]], cg: Any, parent: Any, glob: str, hooks: str, tmp: str, cgroups: int,
-             run_storm: Any, set_stats: Any, bpf_run_stats: Any, pages: int) -> None:
+             run_storm: Any) -> None:
     """One repeat: the storm with no program, then under the agent with 1 cgroup watched, then
     with all watched, then with the same cgroups present and no agent (the baseline of the
     second figure: a thousand memcgs cost the kernel something of their own)."""
     from rtml_ebpf._sandbox import ChildCgroup
 
-    set_stats("0")
+    set_bpf_stats("0")
     rows["base"].append(run_storm(cg))
     before = {int(p["id"]) for p in _all_progs()}
     extra: list[ChildCgroup] = []
@@ -190,7 +180,7 @@ def _one_rep(rows: dict[str, list[float]], per_event: dict[str, dict[str, list[f
         if not check:
             check.update(_check_cost(cg, agent.socket))
         ids = _new_prog_ids(before)
-        _per_event(per_event["one"], ids, run_storm, cg, set_stats, bpf_run_stats, pages)
+        _per_event(per_event["one"], ids, run_storm, cg)
         extra = [ChildCgroup(64 * MiB, prefix="c", parent=parent.directory) for _ in range(cgroups - 1)]
         t0 = time.monotonic()
         while agent.watched() < cgroups and time.monotonic() - t0 < 60:
@@ -202,7 +192,7 @@ def _one_rep(rows: dict[str, list[float]], per_event: dict[str, dict[str, list[f
         time.sleep(5.0)
         rows["idle_cpu_pct"].append((_cpu_seconds(agent.proc.pid) - cpu0) / (time.monotonic() - w0) * 100)
         rows["many"].append(run_storm(cg))
-        _per_event(per_event["many"], ids, run_storm, cg, set_stats, bpf_run_stats, pages)
+        _per_event(per_event["many"], ids, run_storm, cg)
         p = cg.popen([sys.executable, "-c", REGISTER_CHILD, agent.socket, "300"], stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE)
         out, err = p.communicate(timeout=120)
@@ -239,18 +229,17 @@ def _check_cost(cg: Any, socket_path: str) -> dict[str, list[float]]:
     return dict(json.loads(out))
 
 
-def _per_event(into: dict[str, list[float]], ids: dict[str, int], run_storm: Any, cg: Any, set_stats: Any,
-               bpf_run_stats: Any, pages: int) -> None:
-    set_stats("1")
+def _per_event(into: dict[str, list[float]], ids: dict[str, int], run_storm: Any, cg: Any) -> None:
+    set_bpf_stats("1")
     before = bpf_run_stats(ids)
     run_storm(cg)
     after = bpf_run_stats(ids)
-    set_stats("0")
+    set_bpf_stats("0")
     for name in ids:
         dt, dn = after[name][0] - before[name][0], after[name][1] - before[name][1]
         if dn:
             into.setdefault(name, []).append(dt / dn)
-            into.setdefault(name + " events per fault", []).append(dn / pages)
+            into.setdefault(name + " events per fault", []).append(dn / PAGES)
 
 
 def _summarize(rows: dict[str, list[float]], per_event: dict[str, dict[str, list[float]]]) -> dict[str, Any]:

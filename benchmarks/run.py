@@ -14,6 +14,7 @@ same run. Nothing here is asserted: the report states figures and targets.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ from typing import Any
 import psutil
 
 from benchmarks.agent_scale import p9_agent_scale
+from benchmarks.faultstorm import PAGES, bpf_run_stats, bpf_stats_setting, compile_storm, set_bpf_stats, storm_seconds
 
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,12 +145,6 @@ def p2_overshoot(reps: int) -> dict[str, Any]:
 
 
 # -- P3 -------------------------------------------------------------------------------------
-def compile_storm(out_dir: str) -> str:
-    exe = os.path.join(out_dir, "storm")
-    subprocess.run(["cc", "-O2", "-o", exe, os.path.join(HERE, "storm.c")], check=True)
-    return exe
-
-
 FLOORS = {"memcg": (b"floor_lruvec", b"floor_state"), "lean": (b"floor_fault",)}
 
 
@@ -170,15 +166,6 @@ class FloorPrograms:
         self.loaded.close()
 
 
-def bpf_run_stats(prog_ids: dict[str, int]) -> dict[str, tuple[int, int]]:
-    out = {}
-    for name, pid in prog_ids.items():
-        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(pid)], capture_output=True,
-                                         text=True, check=True).stdout)
-        out[name] = (int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0)))
-    return out
-
-
 HOOK_SETS = {"memcg": "auto", "lean": "lean"}  # report name -> RTML_HOOKS
 
 
@@ -189,21 +176,9 @@ def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
     from rtml_ebpf._sandbox import ChildCgroup
     from rtml_ebpf.ebpf.runtime import Runtime
 
-    storm = compile_storm(tmp)
-    mib, rounds = 64, 30
-    pages = (mib << 20) // 4096 * rounds
-
-    def run_storm(cg: ChildCgroup) -> float:
-        p = cg.popen([storm, str(mib), str(rounds)], stdout=subprocess.PIPE)
-        out, _ = p.communicate(timeout=120)
-        return float(out.split()[0])
-
-    def set_stats(on: str) -> None:
-        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
-            f.write(on)
-
-    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
-        stats_before = f.read().strip()
+    run_storm = functools.partial(storm_seconds, compile_storm(tmp))
+    set_stats, pages = set_bpf_stats, PAGES
+    stats_before = bpf_stats_setting()
     base: list[float] = []
     runs: dict[str, dict[str, list[float]]] = {h: {"floor": [], "bpf": [], "unwatched": []} for h in HOOK_SETS}
     per_event: dict[str, dict[str, list[float]]] = {h: {} for h in HOOK_SETS}
@@ -751,7 +726,7 @@ def main() -> int:
         ("P6", lambda: p6_admission(2 if args.quick else 5, args.out, 8 if args.quick else 20)),
         ("P7", lambda: p7_service_overhead(3 if args.quick else 7)),
         ("P8", lambda: p8_precision(2 if args.quick else 5, args.out)),
-        ("P9", lambda: p9_agent_scale(2 if args.quick else 3, compile_storm(args.out), bpf_run_stats)),
+        ("P9", lambda: p9_agent_scale(2 if args.quick else 3, compile_storm(args.out))),
     ]
     for name, fn in steps:
         if name in only:

@@ -74,6 +74,16 @@ class Stats:
         return dict(self.__dict__)
 
 
+def hot_check(view: Any) -> Any:
+    """A zero-argument C callable answering ``bool(view[0])`` for a one-byte verdict view."""
+    try:
+        from ._hot import Verdict
+
+        return Verdict(view)
+    except ImportError:  # built without a compiler: the pure-Python binding (about 2x slower)
+        return functools.partial(operator.getitem, view, 0)
+
+
 def resolve_cgroup(cgroup: object, pid: object) -> _cgroup.MemoryCgroup:
     if cgroup is not None and pid is not None:
         raise ConfigError(f"cgroup={cgroup!r} and pid={pid!r}: pass one of them, not both")
@@ -156,7 +166,8 @@ class Limiter:
     a fraction of the threshold's base (of the limit for fractions, of the threshold for bytes),
     an int is bytes. Default 0.02.
     ``metric``: ``"working_set"`` (usage minus inactive file cache, default) or ``"usage"``.
-    ``backend``: ``"auto"`` (eBPF when it can load, else poll), ``"ebpf"`` or ``"poll"``.
+    ``backend``: ``"auto"`` (eBPF when it can load, else the node agent when its socket is there,
+    else poll), ``"ebpf"``, ``"agent"`` (the node agent's page, for unprivileged processes) or ``"poll"``.
     ``fail_closed``: what the check answers if the backend breaks (default False: let work in).
     ``poll_interval``: poll backend only, seconds a file reading is reused (default 0.01).
     ``relief``: run ``gc.collect()`` + ``malloc_trim(0)`` when the hard level trips (and again
@@ -263,11 +274,12 @@ class Limiter:
         self._hot = hot
         self._soft_hot = None if soft is None else backend.hot(soft)
         if backend.hot_never_raises:
-            # The check *is* a C-level index into the verdict, with no Python frame in between
-            # (about an empty method call). It holds the backend's handle, not this Limiter: a
-            # caller that keeps only `lim.is_mem_limit_reached` keeps the watch alive, and
-            # dropping the Limiter frees it by reference counting (no cycle).
-            check = functools.partial(operator.getitem, hot, 0)
+            # The check *is* a C-level read of the verdict byte, with no Python frame in between
+            # (rtml_ebpf/_hot.c; a partial over operator.getitem where it was not built). It
+            # holds the backend's handle, not this Limiter: a caller that keeps only
+            # `lim.is_mem_limit_reached` keeps the watch alive, and dropping the Limiter frees it
+            # by reference counting (no cycle).
+            check = hot_check(hot)
             check.watch = handle  # type: ignore[attr-defined]
             self.is_mem_limit_reached = check  # type: ignore[method-assign,assignment]
         else:

@@ -30,7 +30,7 @@ POLL = {"backend": "poll"}
         ({"threshold": True}, r"threshold=True"),
         ({"threshold": "90%"}, r"threshold='90%': pass a float"),
         ({"metric": "rss"}, r"metric='rss': use one of 'working_set', 'usage'"),
-        ({"backend": "bcc"}, r"backend='bcc': use one of 'auto', 'ebpf', 'poll'"),
+        ({"backend": "bcc"}, r"backend='bcc': use one of 'auto', 'ebpf', 'agent', 'poll'"),
         ({"pid": -3}, r"pid=-3: pass a positive process id"),
         ({"pid": 1, "cgroup": "/sys/fs/cgroup"}, r"pass one of them, not both"),
         ({"poll_interval": -1}, r"poll_interval=-1"),

@@ -56,3 +56,16 @@ def test_the_strace_method_sees_poll_syscalls(tmp_path: Path) -> None:
     # The control: the same harness does see the poll backend read its files.
     between = syscalls_between_markers("poll", 200, tmp_path)
     assert sum("openat(" in line for line in between) >= 200
+
+
+@needs_bpf
+def test_the_kernel_fed_check_is_the_c_verdict() -> None:
+    # What P1 measures: the bound check is one C call reading the slot's byte.
+    import rtml_ebpf
+    from rtml_ebpf._hot import Verdict
+
+    with rtml_ebpf.Limiter(backend="ebpf", relief=False) as lim:
+        check = lim.is_mem_limit_reached
+        assert isinstance(check, Verdict)
+        assert check() is False and lim.level().name == "OK"
+    assert lim.is_mem_limit_reached() is False  # closed: the fail answer, not the dropped view

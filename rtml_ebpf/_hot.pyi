@@ -1,0 +1,9 @@
+from typing import Any
+
+class Verdict:
+    """Calling it returns whether the byte at ``offset`` of ``buffer`` is nonzero (rtml_ebpf/_hot.c)."""
+
+    watch: Any
+    def __init__(self, buffer: Any, offset: int = 0) -> None: ...
+    def __call__(self) -> bool: ...
+    def __getitem__(self, index: int) -> bool: ...
