@@ -578,6 +578,9 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
              f"Python {m['python']}; {m['date']}. A shared VM: figures are medians of interleaved repeats "
              "with their spread (min–max).", "",
              "Reproduce: `make bench` (as root).", ""]
+    if res.get("sections_from"):  # a report merged from runs of some sections (see --merge)
+        lines += ["Sections from separate runs on this machine: " + "; ".join(
+            f"{k}: {v}" for k, v in res["sections_from"].items()) + ".", ""]
     if "P1" in res:
         p = res["P1"]
         lines += ["## P1 check cost", "", "| check | ns per call (median) | spread |", "|---|---|---|"]
@@ -709,6 +712,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,P9")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the sections of --out/results.json that this run does not measure (say which run "
+                         "each comes from in the report)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("benchmarks: run as root (they load BPF programs and create memory cgroups)", file=sys.stderr)
@@ -734,7 +740,17 @@ def main() -> int:
             t = time.monotonic()
             res[name] = fn()
             print(f"benchmarks: {name} done in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    path_json = os.path.join(args.out, "results.json")
+    if args.merge and os.path.exists(path_json):
+        with open(path_json) as f:
+            old = json.load(f)
+        ran = sorted(k for k in res if k.startswith("P"))
+        kept = sorted(k for k in old if k.startswith("P") and k not in res)
+        sources = {**old.get("sections_from", {k: old["machine"]["date"] for k in kept})}
+        sources = {k: v for k, v in sources.items() if k in kept}
+        sources.update({k: res["machine"]["date"] for k in ran})
+        res = {**{k: old[k] for k in kept}, **res, "sections_from": dict(sorted(sources.items()))}
+    with open(path_json, "w") as f:
         json.dump(res, f, indent=2)
     write_plots(res, args.out)
     path = write_report(res, args.out)

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import socket
 import struct
 from dataclasses import dataclass
 
 from .. import _cgroup
+from .._kube import is_pod_dir
 from ..errors import CgroupNotFound
 
 SO_PEERPIDFD = 77  # Linux 6.5+
 _CRED = struct.Struct("3i")
-# kubelet pod cgroups, both drivers: kubepods-burstable-pod<uid>.slice, pod<uid>
-POD_DIR = re.compile(r"(?:^|-)pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
-                     r"(?:\.slice)?$")
 
 
 @dataclass(frozen=True)
@@ -68,16 +65,8 @@ def pod_ancestor(cg: _cgroup.MemoryCgroup) -> _cgroup.MemoryCgroup:
     directory = cg.directory
     top = os.path.normpath(cg.mount.mount_point)
     while directory != top and directory.startswith(top + os.sep):
-        if POD_DIR.search(os.path.basename(directory)):
+        if is_pod_dir(os.path.basename(directory)):
             return _cgroup.cgroup_from_directory(directory)
         directory = os.path.dirname(directory)
     raise CgroupNotFound(f"{cg.directory} is not inside a Kubernetes pod cgroup; ask for scope \"self\"")
-
-
-def pod_uid(directory: str) -> str | None:
-    for part in reversed(directory.split("/")):
-        m = POD_DIR.search(part)
-        if m:
-            return m.group(1).replace("_", "-")
-    return None
 

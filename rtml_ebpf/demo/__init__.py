@@ -216,6 +216,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 results.append(_flood(s, args, limit, console, agent.socket))
         else:
             results.append(_flood(s, args, limit, console, None))
+        if results[-1].backend is None and s.part == "handler" and s.guard != "none":
+            results[-1].backend = s.guard  # the in-handler service has no stats route; its guard is explicit
         console.print(f"done: {s.name} ({results[-1].oom_kills} OOM kills, guard on {results[-1].backend})")
     png = os.path.join(args.out, "flood.png")
     plot(results, limit, [s.threshold for s in chosen], png)

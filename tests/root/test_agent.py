@@ -11,7 +11,7 @@ import time
 import uuid
 
 import pytest
-from support.agent import AgentProcess, client_env, glob_for, run_client, start_client
+from support.agent import AgentProcess, client_argv, client_env, glob_for, run_client, start_client
 from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 pytestmark = [needs_bpf, needs_cgroups]
@@ -87,6 +87,55 @@ def wait_ready(client: subprocess.Popen[str], timeout: float = 120) -> None:
         if '"ready"' in line:
             return
     raise AssertionError("the client never got ready")
+
+
+def test_a_container_may_ask_for_its_pod_and_nothing_above(cg) -> None:
+    # A kubelet-shaped tree (cgroupfs driver) made of real cgroups: kubepods/pod<uid>/<container id>.
+    uid, cid = "0f5e7a2c-3b1d-4e8f-9a6b-7c2d1e0f3a4b", "ab" * 32
+    kubepods = os.path.join(cg.directory, "kubepods")
+    pod = os.path.join(kubepods, f"pod{uid}")
+    container = os.path.join(pod, cid)
+    for d in (kubepods, pod, container):
+        os.mkdir(d)
+    agent = AgentProcess(glob_for(cg))
+    procs = []
+    try:
+        def run(target: str) -> dict:
+            p = subprocess.Popen(client_argv("scope", target), env=client_env(agent), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: _join(container))  # noqa: PLW1509 - root, before exec
+            procs.append(p)
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-2000:]
+            return json.loads(out.strip().splitlines()[-1])
+
+        got = run(pod)
+        assert got.get("backend") == "agent" and got["cgroup_dir"] == pod, got
+        assert got["limit"] == 128 * MiB  # the test cgroup's limit, above the pod
+        above = run(kubepods)
+        assert "not" in above["error"] and "agent" in above["error"], above
+    finally:
+        agent.stop()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for d in (container, pod, kubepods):
+            _rmdir(d)
+
+
+def _join(directory: str) -> None:
+    with open(os.path.join(directory, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def _rmdir(directory: str) -> None:
+    for _ in range(50):
+        try:
+            os.rmdir(directory)
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def _raw(path: str, payload: bytes) -> dict:

@@ -5,6 +5,7 @@
     python agent_client.py hold MIB SECONDS [until_back]   hold MIB, check in a loop, report the answers
     python agent_client.py churn SECONDS RATE    connect, watch, close, RATE times a second
     python agent_client.py hotloop N             N checks between two marker syscalls (for strace)
+    python agent_client.py scope DIR             a Limiter on DIR (an ancestor: the pod) through the agent
 
 Prints one JSON line. Only the standard library and rtml_ebpf: no bpf() call anywhere.
 """
@@ -168,6 +169,16 @@ def churn(seconds: float, rate: float) -> dict:
     return {"ok": ok, "errors": errors, "first_error": first_error}
 
 
+def scope(directory: str) -> dict:
+    """A Limiter on an ancestor of this process's cgroup (its pod), through the agent."""
+    try:
+        lim = Limiter(directory, backend="agent", relief=False)
+    except Exception as exc:  # noqa: BLE001 - the refusal is the result
+        return {"error": str(exc)}
+    s = lim.stats()
+    return {"backend": s.backend, "cgroup_dir": s.cgroup_dir, "cgroup_id": s.cgroup_id, "limit": s.limit_bytes}
+
+
 def hotloop(n: int) -> dict:
     lim = Limiter(backend="agent", threshold=0.9, relief=False)
     check = lim.is_mem_limit_reached
@@ -189,6 +200,8 @@ if __name__ == "__main__":
         result = attack()
     elif mode == "hold":
         result = hold(int(sys.argv[2]), float(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "until_back")
+    elif mode == "scope":
+        result = scope(sys.argv[2])
     elif mode == "churn":
         result = churn(float(sys.argv[2]), float(sys.argv[3]))
     else:
