@@ -30,8 +30,6 @@ from . import protocol
 
 PROT_READ, PROT_WRITE = 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
-MAP_FAILED = ctypes.c_void_p(-1).value
-PYBUF_READ = 0x100
 CONNECT_TIMEOUT = 1.0
 BEAT_STALE_NS = 600_000_000  # six missed beats: the programs are gone
 CHECK_INTERVAL = 0.2  # seconds between looks at the beat, the page and the connection
@@ -55,20 +53,41 @@ def socket_path() -> str:
     return os.environ.get("RTML_AGENT_SOCKET") or protocol.DEFAULT_SOCKET
 
 
-def _map_readonly(fd: int) -> tuple[int, memoryview]:
-    addr = libc().mmap(None, PAGE_SIZE, PROT_READ, MAP_SHARED, fd, 0)
-    if addr in (None, MAP_FAILED):
-        errno = ctypes.get_errno()
-        raise AgentUnavailable(f"cannot map the agent's page: {os.strerror(errno)}")
-    from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
-    from_memory.restype = ctypes.py_object
-    from_memory.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
-    return int(addr), cast(memoryview, from_memory(addr, PAGE_SIZE, PYBUF_READ))
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+def _address(obj: object) -> int:
+    """The address of a (read-only) buffer: ctypes.from_buffer refuses read-only memory."""
+    get, release = ctypes.pythonapi.PyObject_GetBuffer, ctypes.pythonapi.PyBuffer_Release
+    get.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+    release.argtypes = [ctypes.POINTER(_PyBuffer)]
+    pb = _PyBuffer()
+    if get(obj, ctypes.byref(pb), 0) != 0:
+        raise AgentUnavailable("cannot address the agent's page")
+    try:
+        return int(pb.buf)
+    finally:
+        release(ctypes.byref(pb))
+
+
+def _map_readonly(fd: int) -> tuple[int, mmap.mmap]:
+    """The page, mapped read-only by a Python mmap object: the views handed out (the hot path's,
+    kept checks') keep it mapped, and the last one gone unmaps it."""
+    try:
+        mm = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+    except OSError as exc:
+        raise AgentUnavailable(f"cannot map the agent's page: {exc.strerror or exc}") from None
+    return _address(mm), mm
 
 
 def _retire_mapping(addr: int, fail_answer: bool) -> None:
-    """Replace the page at ``addr`` with a private one whose verdict bytes hold the fail answer.
-    Never unmapped: views handed out (kept checks) point here for the life of the process."""
+    """Replace the page at ``addr``, in place, with a private one whose verdict bytes hold the
+    fail answer: every view of it (kept checks) answers that from now on. The mmap object that
+    owns the address unmaps it when its last view goes."""
     new = libc().mmap(addr, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS, -1, 0)
     if new != addr:
         return
@@ -81,6 +100,7 @@ class Lease:
 
     sock: socket.socket | None
     addr: int
+    page: mmap.mmap
     view: memoryview
     rule: Rule
     index: int
@@ -168,7 +188,7 @@ class AgentBackend:
             if self._beat is None:
                 self._beat = mmap.mmap(beat_fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
                 self._beat_mv = memoryview(self._beat)
-            addr, view = _map_readonly(page_fd)
+            addr, page = _map_readonly(page_fd)
         except BaseException:
             sock.close()
             raise
@@ -176,7 +196,8 @@ class AgentBackend:
             os.close(page_fd)
             os.close(beat_fd)
         index = int(reply["rules"][0])
-        lease = Lease(sock, addr, view, rule, index, int(reply["page_map_id"]),
+        view = memoryview(page)
+        lease = Lease(sock, addr, page, view, rule, index, int(reply["page_map_id"]),
                       view.cast("?")[abi.TRIPPED_OFFSET + index : abi.TRIPPED_OFFSET + index + 1])
         self._leases.append(lease)
         self.hooks = tuple(reply.get("hooks", ()))

@@ -60,9 +60,10 @@ class NodePrograms:
         return "memcg_lruvec" in self.hooks or "memcg_state" in self.hooks
 
     # -- pages --------------------------------------------------------------------------------
-    def page_fd(self, slot: int) -> int:
+    def page_fd(self, slot: int, create: bool = True) -> int | None:
         """The fd of ``slot``'s page, made (and frozen, and filled) on first use. The agent never
-        maps it: a frozen map refuses writable mappings and syscall writes, programs still write."""
+        maps it: a frozen map refuses writable mappings and syscall writes, programs still write.
+        ``create=False``: only a page that exists (one a previous agent made), else None."""
         fd = self.page_fds.get(slot)
         if fd is not None:
             return fd
@@ -71,6 +72,8 @@ class NodePrograms:
         inner_id = ctypes.c_uint32()
         if lib.bpf_map_lookup_elem(self.loaded.fds["pages"], ctypes.byref(key), ctypes.byref(inner_id)) == 0:
             fd = _libbpf.check(lib.bpf_map_get_fd_by_id(inner_id.value), "open page of slot", str(slot))
+        elif not create:
+            return None
         else:
             opts = _libbpf.MapCreateOpts(sz=ctypes.sizeof(_libbpf.MapCreateOpts), map_flags=BPF_F_MMAPABLE)
             fd = _libbpf.check(lib.bpf_map_create(BPF_MAP_TYPE_ARRAY, b"rtml_page", 4, ctypes.sizeof(abi.Slot), 1,
@@ -97,8 +100,13 @@ class NodePrograms:
         key = ctypes.c_uint32(slot)
         _libbpf.lib().bpf_map_delete_elem(self.loaded.fds["pages"], ctypes.byref(key))
 
+    def client_page(self, slot: int) -> int:
+        fd = self.page_fd(slot)
+        assert fd is not None
+        return fd
+
     def page_map_id(self, slot: int) -> int:
-        return _libbpf.map_info(self.page_fd(slot))[1]
+        return _libbpf.map_info(self.client_page(slot))[1]
 
     def publish(self, slot: int, flags: int = 0) -> None:
         """Copy ``slot`` into its page (after user space wrote the slot), by running the

@@ -179,7 +179,8 @@ class Agent:
             state = self.slots.by_cgid[cgid]
             for i, r in rules.items():
                 state.rules[i] = decode_rule(r.kind, r.metric, r.trip, r.clear)
-            self.node.page_fd(state.index)  # the page clients still map, if the previous agent made one
+            if rules:
+                self.node.page_fd(state.index, create=False)  # the page its clients still map
         log.info("rtml-ebpf agent: adopted %d watched cgroups (%d with rules) from %s", len(found),
                  sum(1 for r in found.values() if r), self.config.pin_dir)
 
@@ -428,7 +429,7 @@ class Agent:
         except BaseException:
             self._release(fd, conn)
             raise
-        page_fd = self.node.page_fd(state.index)
+        page_fd = self.node.client_page(state.index)
         reply = {"ok": True, "cgroup": cg.directory, "cgroup_path": cg.path, "cgroup_id": cgid, "rules": indices,
                  "hooks": list(self.node.hooks), "page_map_id": self.node.page_map_id(state.index),
                  "abi": abi.ABI_VERSION, "upkeep": not self.node.memcg_events}

@@ -249,6 +249,18 @@ def test_agent_gone_unpinned_clients_fall_back_to_polling_within_a_second_and_co
     assert "node agent back" in r["reason"], r
 
 
+def test_a_client_building_and_closing_limiters_leaks_no_mapping_fd_or_memory(cg) -> None:
+    agent = AgentProcess(glob_for(cg))
+    try:
+        r = run_client(cg, agent, "limiters", 2000, timeout=300)
+    finally:
+        agent.stop()
+    (maps0, fds0, rss0), (maps1, fds1, rss1) = r["before"], r["after"]
+    assert r["answers"] == [False]  # closed (fail open): the retired page answers the fail answer
+    assert maps1 <= maps0 + 2 and fds1 <= fds0 + 1, r
+    assert rss1 - rss0 < 4 * 1024, r  # KiB
+
+
 def test_fifty_clients_churning_connections_leave_fds_and_rss_flat() -> None:
     with make_cgroup(limit=2048 * MiB) as cg:  # 50 Pythons
         _churn(cg)

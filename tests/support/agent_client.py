@@ -5,6 +5,7 @@
     python agent_client.py hold MIB SECONDS [until_back]   hold MIB, check in a loop, report the answers
     python agent_client.py churn SECONDS RATE    connect, watch, close, RATE times a second
     python agent_client.py hotloop N             N checks between two marker syscalls (for strace)
+    python agent_client.py limiters N            build and close N agent Limiters: nothing may leak
     python agent_client.py scope DIR             a Limiter on DIR (an ancestor: the pod) through the agent
 
 Prints one JSON line. Only the standard library and rtml_ebpf: no bpf() call anywhere.
@@ -179,6 +180,34 @@ def scope(directory: str) -> dict:
     return {"backend": s.backend, "cgroup_dir": s.cgroup_dir, "cgroup_id": s.cgroup_id, "limit": s.limit_bytes}
 
 
+def limiters(n: int) -> dict:
+    """Build and close n agent Limiters (a kept check from each, dropped later): mappings,
+    fds and RSS must come back (a retired page is unmapped once its last view goes)."""
+    import gc
+
+    def counts() -> tuple[int, int, int]:
+        with open("/proc/self/maps") as f:
+            maps = sum(1 for _ in f)
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return maps, len(os.listdir("/proc/self/fd")), rss
+
+    def once() -> bool:
+        lim = Limiter(backend="agent", threshold=0.9, relief=False)
+        kept = lim.is_mem_limit_reached
+        lim.close()
+        return bool(kept())  # the fail answer (False), read from the retired page
+
+    for _ in range(50):
+        once()
+    gc.collect()
+    before = counts()
+    answers = {once() for _ in range(n)}
+    gc.collect()
+    after = counts()
+    return {"before": before, "after": after, "answers": sorted(answers)}
+
+
 def hotloop(n: int) -> dict:
     lim = Limiter(backend="agent", threshold=0.9, relief=False)
     check = lim.is_mem_limit_reached
@@ -200,6 +229,8 @@ if __name__ == "__main__":
         result = attack()
     elif mode == "hold":
         result = hold(int(sys.argv[2]), float(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "until_back")
+    elif mode == "limiters":
+        result = limiters(int(sys.argv[2]))
     elif mode == "scope":
         result = scope(sys.argv[2])
     elif mode == "churn":
