@@ -77,19 +77,15 @@ def _rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def _all_progs() -> list[dict[str, Any]]:
-    return list(json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                                          check=True).stdout))
+def _agent_prog_ids(agent: _Agent) -> dict[str, int]:
+    """The agent's attached programs, from its start-up log line (hook=id)."""
+    import re
 
-
-HANDLERS = {"handle_memcg_lruvec": "memcg_lruvec", "handle_memcg_state": "memcg_state",
-            "handle_page_fault": "page_fault_user"}
-
-
-def _new_prog_ids(before: set[int]) -> dict[str, int]:
-    """The agent's attached programs: the handlers that appeared with it."""
-    return {HANDLERS[p["name"]]: int(p["id"]) for p in _all_progs()
-            if p.get("name") in HANDLERS and int(p["id"]) not in before}
+    agent.log.flush()
+    with open(agent.log.name) as f:
+        text = f.read()
+    ids = re.findall(r"program ids: ([\w=,]+)", text)
+    return {k: int(v) for k, v in (pair.split("=") for pair in ids[-1].split(","))} if ids else {}
 
 
 class _Agent:
@@ -97,7 +93,8 @@ class _Agent:
         self.socket = os.path.join(tmp, "agent.sock")
         self.log = open(os.path.join(tmp, "agent.log"), "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "rtml_ebpf.cli", "agent", "--socket", self.socket,
-                                      "--no-pin", "--watch", glob, "--hooks", hooks],
+                                      "--no-pin", "--watch", glob, "--hooks", hooks, "--metrics-addr",
+                                      "127.0.0.1:0"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not os.path.exists(self.socket):
@@ -139,7 +136,7 @@ def p9_agent_scale(reps: int, storm: str, cgroups: int = 1000,
                 for hooks in hook_sets:
                     rows: dict[str, list[float]] = {k: [] for k in (
                         "base", "base_many", "one", "many", "rss_one_kib", "rss_many_kib", "register_median_ms",
-                        "register_p99_ms", "idle_cpu_pct", "watch_all_s")}
+                        "register_p99_ms", "idle_cpu_pct", "watch_all_s", "scrape_100_ms", "scrape_1000_ms")}
                     per_event: dict[str, dict[str, list[float]]] = {"one": {}, "many": {}}
                     check: dict[str, list[float]] = {}
                     for _ in range(reps):
@@ -168,7 +165,6 @@ def _one_rep(rows: dict[str, list[float]], per_event: dict[str, dict[str, list[f
 
     set_bpf_stats("0")
     rows["base"].append(run_storm(cg))
-    before = {int(p["id"]) for p in _all_progs()}
     extra: list[ChildCgroup] = []
     agent = _Agent(glob, hooks, tmp)
     try:
@@ -179,13 +175,19 @@ def _one_rep(rows: dict[str, list[float]], per_event: dict[str, dict[str, list[f
         rows["one"].append(run_storm(cg))
         if not check:
             check.update(_check_cost(cg, agent.socket))
-        ids = _new_prog_ids(before)
+        ids = _agent_prog_ids(agent)
         _per_event(per_event["one"], ids, run_storm, cg)
-        extra = [ChildCgroup(64 * MiB, prefix="c", parent=parent.directory) for _ in range(cgroups - 1)]
+        extra = [ChildCgroup(64 * MiB, prefix="c", parent=parent.directory) for _ in range(99)]
+        deadline = time.monotonic() + 60
+        while agent.watched() < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows["scrape_100_ms"].append(_scrape_ms(agent))
+        extra += [ChildCgroup(64 * MiB, prefix="c", parent=parent.directory) for _ in range(cgroups - 100)]
         t0 = time.monotonic()
         while agent.watched() < cgroups and time.monotonic() - t0 < 60:
             time.sleep(0.05)
         rows["watch_all_s"].append(time.monotonic() - t0)
+        rows["scrape_1000_ms"].append(_scrape_ms(agent))
         time.sleep(1.0)
         rows["rss_many_kib"].append(_rss_kib(agent.proc.pid))
         cpu0, w0 = _cpu_seconds(agent.proc.pid), time.monotonic()
@@ -207,6 +209,23 @@ def _one_rep(rows: dict[str, list[float]], per_event: dict[str, dict[str, list[f
         agent.stop()
         for c in extra:
             c.close()
+
+
+def _scrape_ms(agent: _Agent, n: int = 5) -> float:
+    """Median time of a full GET /metrics (render and transfer), in ms."""
+    import re
+    import urllib.request
+
+    agent.log.flush()
+    with open(agent.log.name) as f:
+        url = re.findall(r"metrics at (http://\S+/metrics)", f.read())[-1]
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=10) as r:
+            r.read()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
 
 
 def _spread(xs: list[float]) -> str:
@@ -264,7 +283,7 @@ def _summarize(rows: dict[str, list[float]], per_event: dict[str, dict[str, list
                       for k, d in per_event.items()},
     }
     for k in ("rss_one_kib", "rss_many_kib", "register_median_ms", "register_p99_ms", "idle_cpu_pct",
-              "watch_all_s"):
+              "watch_all_s", "scrape_100_ms", "scrape_1000_ms"):
         out[k] = {"median": med(rows[k]), "spread": spread(rows[k])}
     return out
 
@@ -302,6 +321,10 @@ def report_lines(p: dict[str, Any]) -> list[str]:
                      f"{v['register_p99_ms']['median']:.2f} ms | ≤ 5 ms: "
                      f"{verdict(v['register_p99_ms']['median'] <= 5)} |")
         lines.append(f"| agent idle CPU | {name} | | {v['idle_cpu_pct']['median']:.2f}% of a core | |")
+        if "scrape_1000_ms" in v:
+            lines.append(f"| GET /metrics, 100 / 1,000 cgroups | {name} | "
+                         f"{v['scrape_100_ms']['median']:.1f} ms (100) | {v['scrape_1000_ms']['median']:.1f} ms | "
+                         f"≤ 100 ms: {verdict(v['scrape_1000_ms']['median'] <= 100)} |")
         lines.append(f"| time to watch {p['cgroups'] - 1} new cgroups | {name} | | "
                      f"{v['watch_all_s']['median']:.1f} s | |")
         c = v.get("check_over_empty")

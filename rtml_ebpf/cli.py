@@ -61,6 +61,8 @@ def status_dict(s: Stats) -> dict[str, Any]:
         "oom_kills": s.oom_kills,
         "faults": s.faults,
         "updated_ns": s.updated_ns,
+        "growth_bytes_per_s": s.growth_bytes_per_s,
+        "seconds_to_limit": s.seconds_to_limit,
     }
 
 
@@ -92,6 +94,9 @@ def print_status(s: Stats) -> None:
     ]
     if s.faults is not None:
         rows.append(("user faults seen", str(s.faults)))
+    if s.growth_bytes_per_s is not None:
+        rows.append(("growth", f"{human(int(s.growth_bytes_per_s))}/s" + (
+            f", limit in {s.seconds_to_limit:.1f} s at this rate" if s.seconds_to_limit is not None else "")))
     for k, v in rows:
         table.add_row(k, v)
     Console().print(table)
@@ -127,7 +132,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise ConfigError(f"--socket-mode={args.socket_mode!r}: an octal mode such as 0666") from None
     config = AgentConfig(socket_path=args.socket, capacity=check_capacity(args.max_cgroups),
                          globs=tuple(args.watch or ()), pin_dir=pin_dir,
-                         hooks=parse_hooks(args.hooks, name="--hooks"), socket_mode=mode)
+                         hooks=parse_hooks(args.hooks, name="--hooks"), socket_mode=mode,
+                         metrics_addr=None if args.metrics_addr in ("", "off") else args.metrics_addr)
     agent = Agent(config)
     try:
         agent.serve_forever()
@@ -172,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--hooks", default="auto", help="auto (default), lean, memcg, fault or all (see RTML_HOOKS)")
     ag.add_argument("--pin-dir", default=None, help=f"bpffs directory for pins (default {DEFAULT_PIN_DIR}); a "
                     "restarted agent adopts them with no gap")
+    ag.add_argument("--metrics-addr", default="127.0.0.1:9909", metavar="HOST:PORT",
+                    help="serve Prometheus /metrics of every watched cgroup here (default 127.0.0.1:9909, "
+                         "loopback only; 'off' to disable; port 0 picks one and logs it)")
     ag.add_argument("--no-pin", action="store_true", help="do not pin: the programs go when the agent stops")
     ag.add_argument("--unload", action="store_true", help="remove the pins (the programs detach) and exit")
     ag.set_defaults(func=cmd_agent)

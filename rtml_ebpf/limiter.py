@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _cgroup
 from ._backend import Backend
+from ._growth import Growth, seconds_to
 from ._poll import DEFAULT_MIN_INTERVAL, PollBackend
 from ._rules import PPM, Rule, Threshold
 from .config import (  # noqa: F401 - parse_threshold_text, check_backend re-exported for callers
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rtml_ebpf")
 
 MiB = 1 << 20
+GROWTH_SAMPLE_INTERVAL = 0.1  # the monitor's readings for stats().growth_bytes_per_s
 AGENT_RETRY_INTERVAL = 5.0  # a Limiter that lost the node agent looks for it again this often
 
 
@@ -69,6 +71,8 @@ class Stats:
     soft_trips: int = 0
     relief_runs: int = 0
     relief_bytes: int = 0
+    growth_bytes_per_s: float | None = None  # smoothed rate of the metric's "used" (see _growth.py)
+    seconds_to_limit: float | None = None  # at that rate, until the OOM killer's limit; None if not growing
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -225,6 +229,8 @@ class Limiter:
         self._error_logged = False
         self._requested = backend
         self._interval = interval
+        self._growth = Growth()
+        self._next_growth_sample = 0.0
         self._retry_agent_at = 0.0
         self._hot: Any = None
         self._soft_hot: Any = None
@@ -421,6 +427,7 @@ class Limiter:
         if self._closed:
             return
         self._backend.maintain(self._handle)  # the upkeep / limit check (eBPF), liveness (agent)
+        self._sample_growth()
         if self._retry_agent_at or self._backend.name == "agent":
             self._follow_agent()
         lvl = self.level()
@@ -437,6 +444,19 @@ class Limiter:
                     log.exception("rtml-ebpf: %s callback failed", "on_trip" if lvl > prev else "on_clear")
         if lvl is Level.HARD and self._relief is not None:
             self._relief.run(reason=f"{self._cgroup.directory} at HARD")
+
+    def _sample_growth(self) -> None:
+        """One reading for the growth rate every GROWTH_SAMPLE_INTERVAL (no syscall on the
+        kernel-fed backends; a cached file read on the poll backend)."""
+        now = time.monotonic()
+        if now < self._next_growth_sample:
+            return
+        self._next_growth_sample = now + GROWTH_SAMPLE_INTERVAL
+        try:
+            snap = self._backend.snapshot(self._handle, full=False)
+        except Exception:  # noqa: BLE001 - a missed reading only thins the window
+            return
+        self._growth.add(time.monotonic_ns(), snap.used)
 
     # -- introspection ------------------------------------------------------------------
     @property
@@ -497,6 +517,9 @@ class Limiter:
             raise CgroupNotFound(f"cgroup {self._cgroup.directory} was removed while being read: {exc}") from None
         value = snap.working_set if self._metric == "working_set" else snap.used
         threshold = None if (self._trip.ppm is not None and snap.limit is None) else self._trip.resolve(snap.limit)
+        now_ns = time.monotonic_ns()
+        self._growth.add(now_ns, snap.used)
+        rate = self._growth.rate(now_ns)
         return Stats(
             usage_bytes=snap.usage,
             working_set_bytes=snap.working_set,
@@ -524,6 +547,8 @@ class Limiter:
             soft_trips=0 if soft_handle is None else backend.trips(soft_handle),
             relief_runs=self._relief.stats.runs if self._relief else 0,
             relief_bytes=self._relief.stats.bytes_returned if self._relief else 0,
+            growth_bytes_per_s=rate,
+            seconds_to_limit=seconds_to(snap.headroom, rate),
         )
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ..ebpf.slots import Slots, SlotState, decode_rule, encode_rule
 from ..errors import CapacityError, CgroupNotFound, ConfigError, RtmlError
 from . import peer as _peer
 from . import protocol
+from .metrics import CONTENT_TYPE, NodeMetrics
 from .programs import NodePrograms, load_node
 from .scan import Scanner, memory_mount
 
@@ -46,6 +47,10 @@ ADOPT_GRACE = 30.0  # rules adopted from pins wait this long for their clients t
 
 RuleKey = tuple[int, int, int, int]
 INOTIFY = "inotify"  # the selector key of the scanner's fd
+HTTP = "http"  # the selector key of the metrics listener
+DEFAULT_METRICS_ADDR = "127.0.0.1:9909"
+SAMPLE_INTERVAL = 0.5  # usage readings for the growth rate in /metrics
+HTTP_TIMEOUT = 0.5  # a scraper must send its request within this
 
 
 @dataclass
@@ -76,6 +81,7 @@ class AgentConfig:
     pin_dir: str | None = None
     hooks: tuple[str, ...] | None = None
     socket_mode: int = 0o666
+    metrics_addr: str | None = DEFAULT_METRICS_ADDR  # host:port of /metrics; None: off
 
 
 def enter_host_cgroup_namespace() -> bool:
@@ -134,9 +140,15 @@ class Agent:
             self.scanner.close()
             raise
         self.selector.register(self.listener, selectors.EVENT_READ, None)
-        log.info("rtml-ebpf agent: %s programs (%s), %d cgroups watched, capacity %d, serving %s",
+        self.metrics = NodeMetrics()
+        self._next_sample = 0.0
+        self.http: socket.socket | None = None
+        if config.metrics_addr:
+            self.http = self._listen_metrics(config.metrics_addr)
+        ids = ",".join(f"{k}={v}" for k, v in self.node.loaded.prog_ids.items())
+        log.info("rtml-ebpf agent: %s programs (%s%s), %d cgroups watched, capacity %d, serving %s",
                  "adopted pinned" if self.node.adopted else "loaded", ", ".join(self.node.hooks),
-                 len(self.slots.by_cgid), config.capacity, config.socket_path)
+                 f"; program ids: {ids}" if ids else "", len(self.slots.by_cgid), config.capacity, config.socket_path)
 
     # -- setup ------------------------------------------------------------------------------
     def _listen(self, path: str, mode: int) -> socket.socket:
@@ -167,6 +179,48 @@ class Agent:
             sock.close()
             raise
         return sock
+
+    def _listen_metrics(self, addr: str) -> socket.socket | None:
+        """The /metrics listener; a port that cannot be bound is logged, not fatal."""
+        host, _, port = addr.rpartition(":")
+        try:
+            sock = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), reuse_port=False)
+        except (OSError, ValueError) as exc:
+            log.warning("rtml-ebpf agent: no metrics endpoint: cannot listen on %s (%s)", addr, exc)
+            return None
+        sock.setblocking(False)
+        self.selector.register(sock, selectors.EVENT_READ, HTTP)
+        bound = sock.getsockname()
+        log.info("rtml-ebpf agent: metrics at http://%s:%d/metrics", bound[0], bound[1])
+        return sock
+
+    def _scrape(self) -> None:
+        """One HTTP request on the metrics port, answered inline (loopback scrapers are quick;
+        one that sends nothing within HTTP_TIMEOUT is dropped)."""
+        assert self.http is not None
+        try:
+            conn, _ = self.http.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.settimeout(HTTP_TIMEOUT)
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                line = request.split(b"\r\n", 1)[0].decode("latin-1")
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
+                    body, status, ctype = self.metrics.render(self), "200 OK", CONTENT_TYPE
+                else:
+                    body, status, ctype = b"rtml-ebpf agent: GET /metrics\n", "404 Not Found", "text/plain"
+                head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+                conn.sendall(head.encode() + body)
+            except OSError:
+                pass
 
     def _adopt(self) -> None:
         """A previous agent's pinned state: keep every watched cgroup that still exists, its
@@ -199,6 +253,8 @@ class Agent:
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._accept()
+            elif key.data == HTTP:
+                self._scrape()
             elif key.data == INOTIFY:
                 self.scanner.on_events()
                 self._apply_scan()
@@ -213,6 +269,9 @@ class Agent:
             self.scanner.tick()
             self._apply_scan()
             self._expire_orphans(now)
+        if now >= self._next_sample:
+            self._next_sample = now + SAMPLE_INTERVAL
+            self.metrics.sample(self)
         if now >= self._next_upkeep:
             self._next_upkeep = now + (LIMIT_CHECK_INTERVAL if self.node.memcg_events else UPKEEP_INTERVAL)
             self._upkeep()
@@ -484,6 +543,8 @@ class Agent:
             self._close(fd)
         self.selector.close()
         self.listener.close()
+        if self.http is not None:
+            self.http.close()
         try:
             if stat.S_ISSOCK(os.lstat(self.config.socket_path).st_mode):
                 os.unlink(self.config.socket_path)

@@ -65,7 +65,8 @@ class DemoAgent:
         self.socket = os.path.join(self.dir, "agent.sock")
         self.log = open(os.path.join(self.dir, "agent.log"), "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "rtml_ebpf.cli", "agent", "--socket", self.socket,
-                                      "--no-pin"], stdout=self.log, stderr=subprocess.STDOUT)
+                                      "--no-pin", "--metrics-addr", "off"], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:

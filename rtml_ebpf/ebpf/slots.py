@@ -9,6 +9,7 @@ the runtime (runtime.py) serializes every call.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 import time
@@ -32,8 +33,9 @@ NESTED_WATCHES = abi.NESTED_WATCHES
 _U64 = struct.Struct("=Q")
 
 
+@functools.cache
 def possible_cpus() -> int:
-    """Per-CPU maps hold one value per possible CPU (not online, not cpu_count)."""
+    """Per-CPU maps hold one value per possible CPU (not online, not cpu_count); fixed at boot."""
     try:
         with open("/sys/devices/system/cpu/possible") as f:
             text = f.read().strip()
@@ -372,20 +374,29 @@ class Slots:
                 break
         return abi.Slot.from_buffer_copy(raw)
 
-    def room(self, slot: int, rule: Rule) -> tuple[int | None, int | None]:
-        """(bytes before ``rule`` trips, bytes before the OOM killer acts) from the slot: a few
-        word reads, no syscall (admission calls it on every request). None: unlimited."""
-        w, cw = self.words, self.config_words
-        if w is None or cw is None:
+    def _used(self, slot: int) -> tuple[int, int | None, int | None]:
+        """(used pages as the tightest ancestor sees them, limit bytes, bytes before the OOM
+        killer) from the slot's words: no syscall."""
+        w = self.words
+        if w is None:
             raise RtmlError("the eBPF runtime is closed")
         base = slot * abi.SLOT_WORDS
         usage, limit, headroom = w[base + abi.W_USAGE], w[base + abi.W_LIMIT], w[base + abi.W_HEADROOM]
         if limit >= abi.UNLIMITED_PAGES:
-            used, limit_bytes, limit_room = usage, None, None
-        else:
-            used, limit_bytes, limit_room = limit - headroom, limit * PAGE_SIZE, headroom * PAGE_SIZE
-        if rule.metric == "working_set":
-            inactive = cw[slot * abi.CONFIG_WORDS + 1] + w[base + abi.W_INACTIVE_DELTA]
+            return usage, None, None
+        return limit - headroom, limit * PAGE_SIZE, headroom * PAGE_SIZE
+
+    def used_bytes(self, slot: int) -> int:
+        """Usage as the tightest ancestor sees it, in bytes (the growth rate's reading)."""
+        return max(0, self._used(slot)[0]) * PAGE_SIZE
+
+    def room(self, slot: int, rule: Rule) -> tuple[int | None, int | None]:
+        """(bytes before ``rule`` trips, bytes before the OOM killer acts) from the slot: a few
+        word reads, no syscall (admission calls it on every request). None: unlimited."""
+        used, limit_bytes, limit_room = self._used(slot)
+        w, cw = self.words, self.config_words
+        if rule.metric == "working_set" and w is not None and cw is not None:
+            inactive = cw[slot * abi.CONFIG_WORDS + 1] + w[slot * abi.SLOT_WORDS + abi.W_INACTIVE_DELTA]
             used = max(0, used - inactive)
         trip = rule.trip.resolve(limit_bytes)
         return (None if trip is None else trip - used * PAGE_SIZE), limit_room
@@ -396,11 +407,9 @@ class Slots:
         key = ctypes.c_uint32(index)
         _libbpf.check(_libbpf.lib().bpf_map_lookup_elem(self.loaded.fds["counters"], ctypes.byref(key), values),
                       "read", "counters")
-        total = abi.Counters()
-        for field_spec in abi.Counters._fields_:
-            name = field_spec[0]
-            setattr(total, name, sum(getattr(v, name) for v in values))
-        return total
+        words = memoryview(values).cast("B").cast("Q")  # per CPU, the struct's u64 fields in order
+        n = len(abi.Counters._fields_)
+        return abi.Counters(*(sum(words[i::n]) for i in range(n)))
 
     def snapshot(self, state: SlotState, *, full: bool, refresh_from_files: bool) -> Snapshot:
         if refresh_from_files:

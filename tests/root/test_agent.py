@@ -7,12 +7,13 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 from support.agent import AgentProcess, client_argv, client_env, glob_for, run_client, start_client
-from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
+from support.cgroups import WORKLOADS, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 pytestmark = [needs_bpf, needs_cgroups]
 
@@ -122,6 +123,62 @@ def test_a_container_may_ask_for_its_pod_and_nothing_above(cg) -> None:
                 p.wait()
         for d in (container, pod, kubepods):
             _rmdir(d)
+
+
+def test_metrics_match_the_kernel_carry_kubelet_labels_and_drop_removed_cgroups(cg) -> None:
+    import re
+
+    uid, cid = "0f5e7a2c-3b1d-4e8f-9a6b-7c2d1e0f3a4b", "cd" * 32
+    kubepods = os.path.join(cg.directory, "kubepods")
+    burstable = os.path.join(kubepods, "burstable")
+    pod = os.path.join(burstable, f"pod{uid}")
+    container = os.path.join(pod, cid)
+    for d in (kubepods, burstable, pod, container):
+        os.mkdir(d)
+    with open(os.path.join(container, "memory.limit_in_bytes" if os.path.exists(
+            os.path.join(container, "memory.limit_in_bytes")) else "memory.max"), "w") as f:
+        f.write(str(96 * MiB))
+    holder = None
+    # the pod and its container only: with the test's cgroup, kubepods and the QoS level that
+    # would be five watched cgroups on one path, one more than the programs follow
+    agent = AgentProcess(glob_for(cg).rstrip("*") + "/kubepods/burstable/pod*")
+    try:
+        holder = subprocess.Popen([sys.executable, WORKLOADS, "hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, bufsize=1, preexec_fn=lambda: _join(container))  # noqa: PLW1509
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdout.readline()
+        holder.stdin.write("40\n")
+        holder.stdin.flush()
+        holder.stdout.readline()
+        time.sleep(1.0)
+        text = agent.scrape()
+        usage_file = os.path.join(container, "memory.usage_in_bytes" if os.path.exists(
+            os.path.join(container, "memory.usage_in_bytes")) else "memory.current")
+        with open(usage_file) as f:
+            kernel = int(f.read())
+        line = next(ln for ln in text.splitlines() if ln.startswith("rtml_cgroup_usage_bytes{") and cid in ln)
+        assert f'pod_uid="{uid}"' in line and f'container_id="{cid}"' in line and 'qos="burstable"' in line, line
+        got = int(line.rsplit(" ", 1)[1])
+        assert abs(got - kernel) <= 64 * 4096 * os.cpu_count(), (got, kernel)  # the counter's per-CPU batch
+        assert got >= 40 * MiB
+        limit = next(ln for ln in text.splitlines() if ln.startswith("rtml_cgroup_limit_bytes{") and cid in ln)
+        assert int(limit.rsplit(" ", 1)[1]) == 96 * MiB
+        # the holder maps shared memory (file pages): the charges by kind add up to what it holds
+        charged = [int(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                   if ln.startswith("rtml_cgroup_charged_bytes_total{") and cid in ln]
+        assert len(charged) == 4 and sum(charged) >= 40 * MiB, charged
+        assert re.search(r"^rtml_agent_watched_cgroups \d+$", text, re.M)
+        assert "# TYPE rtml_cgroup_charged_bytes_total counter" in text
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        for d in (container, pod, burstable, kubepods):
+            _rmdir(d)
+    try:
+        assert wait_until(lambda: cid not in agent.scrape(), timeout=3), "a removed cgroup's series stayed"
+    finally:
+        agent.stop()
 
 
 def _join(directory: str) -> None:

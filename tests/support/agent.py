@@ -29,7 +29,8 @@ class AgentProcess:
         os.chmod(self.dir, 0o755)
         self.socket = os.path.join(self.dir, "agent.sock")
         self.log_path = os.path.join(self.dir, "agent.log")
-        argv = [sys.executable, "-m", "rtml_ebpf.cli", "agent", "--socket", self.socket, *extra]
+        argv = [sys.executable, "-m", "rtml_ebpf.cli", "agent", "--socket", self.socket, "--metrics-addr",
+                "127.0.0.1:0", *extra]
         argv += ["--pin-dir", pin_dir] if pin_dir else ["--no-pin"]
         if watch:
             argv += ["--watch", watch]
@@ -53,6 +54,19 @@ class AgentProcess:
             self.log.flush()
         with open(self.log_path) as f:
             return f.read()
+
+    def metrics_url(self) -> str:
+        import re
+
+        found = re.findall(r"metrics at (http://\S+/metrics)", self.text())
+        assert found, f"no metrics endpoint in the agent's log:\n{self.text()}"
+        return found[-1]
+
+    def scrape(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url(), timeout=10) as r:
+            return str(r.read().decode())
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

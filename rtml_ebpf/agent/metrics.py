@@ -1,0 +1,148 @@
+"""The agent's Prometheus endpoint: every watched cgroup as the programs see it, with kubelet
+labels, and the agent's own health. Text exposition format 0.0.4, written here (no client
+library in the agent); served from the agent's loop (server.py), bound to loopback by default.
+
+Series of a cgroup go with it when it is unwatched: cardinality is the watched set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from .._growth import RateEwma, seconds_to
+from .._kube import pod_labels
+from ..ebpf import abi
+
+if TYPE_CHECKING:
+    from .server import Agent
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LABELS = ("cgroup", "pod_uid", "container_id", "qos", "runtime")
+
+# (name, type, help) of the per-cgroup families, in output order
+CGROUP_FAMILIES = (
+    ("rtml_cgroup_usage_bytes", "gauge", "The cgroup's own page counter (memory.current / usage_in_bytes)."),
+    ("rtml_cgroup_working_set_bytes", "gauge", "Usage as the tightest ancestor sees it, minus inactive file cache."),
+    ("rtml_cgroup_limit_bytes", "gauge", "The tightest memory limit on the path to the root (absent: unlimited)."),
+    ("rtml_cgroup_headroom_bytes", "gauge", "Bytes left before the OOM killer acts (least over limited ancestors)."),
+    ("rtml_cgroup_charged_bytes_total", "counter", "Pages charged to the cgroup's subtree since watched, by kind."),
+    ("rtml_cgroup_uncharged_bytes_total", "counter", "Pages uncharged from the subtree since watched, by kind."),
+    ("rtml_cgroup_oom_kills_total", "counter", "OOM victims chosen in the subtree since watched (memory.events "
+     "where the oom_victim hook is missing)."),
+    ("rtml_cgroup_trips_total", "counter", "Clear-to-tripped transitions of the clients' thresholds."),
+    ("rtml_cgroup_growth_bytes_per_second", "gauge", "Growth of usage, smoothed over about a second of readings."),
+    ("rtml_cgroup_seconds_to_limit", "gauge", "At that growth, seconds until the limit (absent: not growing)."),
+)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(values: dict[str, str]) -> str:
+    return ",".join(f'{k}="{_escape(v)}"' for k, v in values.items())
+
+
+class NodeMetrics:
+    """Per-cgroup growth readings (taken at each agent tick) and the exposition."""
+
+    def __init__(self) -> None:
+        self.growth: dict[int, RateEwma] = {}
+        self.labels: dict[int, tuple[str, dict[str, str]]] = {}  # cgroup id -> (label text, labels)
+        self.scrapes = 0
+        self.last_scrape_seconds = 0.0
+
+    def sample(self, agent: Agent) -> None:
+        """One usage reading per watched cgroup for the growth rate: word reads, no syscall."""
+        now = time.monotonic_ns()
+        by_cgid = agent.slots.by_cgid
+        for cgid in [c for c in self.growth if c not in by_cgid]:
+            del self.growth[cgid]
+            self.labels.pop(cgid, None)
+        for cgid, state in by_cgid.items():
+            g = self.growth.get(cgid)
+            if g is None:
+                g = self.growth[cgid] = RateEwma()
+            g.add(now, agent.slots.used_bytes(state.index))
+
+    def _labels_of(self, cgid: int, path: str) -> tuple[str, dict[str, str]]:
+        cached = self.labels.get(cgid)
+        if cached is None:
+            pod = pod_labels(path)
+            base = {"cgroup": path, "pod_uid": pod.pod_uid if pod else "",
+                    "container_id": (pod.container_id or "") if pod else "", "qos": pod.qos if pod else "",
+                    "runtime": (pod.runtime or "") if pod else ""}
+            cached = self.labels[cgid] = (_labels(base), base)
+        return cached
+
+    def render(self, agent: Agent) -> bytes:
+        t0 = time.perf_counter()
+        rows: dict[str, list[str]] = {name: [] for name, _, _ in CGROUP_FAMILIES}
+        slots = agent.slots
+        trips_offset = abi.Slot.trips.offset // 8
+        for cgid, state in list(slots.by_cgid.items()):
+            try:
+                snap = slots.snapshot(state, full=True, refresh_from_files=False)
+                w = slots.words
+                base_word = state.index * abi.SLOT_WORDS + trips_offset
+                trips = sum(w[base_word : base_word + abi.MAX_RULES]) if w is not None else 0
+            except (OSError, Exception):  # noqa: BLE001 - a cgroup going away mid-scrape: skip it
+                continue
+            lab, base = self._labels_of(cgid, state.cgroup.path)
+            rows["rtml_cgroup_usage_bytes"].append(f"rtml_cgroup_usage_bytes{{{lab}}} {snap.usage}")
+            rows["rtml_cgroup_working_set_bytes"].append(f"rtml_cgroup_working_set_bytes{{{lab}}} {snap.working_set}")
+            if snap.limit is not None:
+                rows["rtml_cgroup_limit_bytes"].append(f"rtml_cgroup_limit_bytes{{{lab}}} {snap.limit}")
+                rows["rtml_cgroup_headroom_bytes"].append(f"rtml_cgroup_headroom_bytes{{{lab}}} {snap.headroom}")
+            for kind, (charged, uncharged) in snap.growth.items():
+                kl = f'{lab},kind="{kind}"'  # kinds are fixed names: nothing to escape
+                rows["rtml_cgroup_charged_bytes_total"].append(f"rtml_cgroup_charged_bytes_total{{{kl}}} {charged}")
+                rows["rtml_cgroup_uncharged_bytes_total"].append(
+                    f"rtml_cgroup_uncharged_bytes_total{{{kl}}} {uncharged}")
+            rows["rtml_cgroup_oom_kills_total"].append(f"rtml_cgroup_oom_kills_total{{{lab}}} {snap.oom_kills}")
+            rows["rtml_cgroup_trips_total"].append(f"rtml_cgroup_trips_total{{{lab}}} {trips}")
+            g = self.growth.get(cgid)
+            rate = g.rate if g is not None else None
+            if rate is not None:
+                rows["rtml_cgroup_growth_bytes_per_second"].append(
+                    f"rtml_cgroup_growth_bytes_per_second{{{lab}}} {rate:.6g}")
+                left = seconds_to(snap.headroom, rate)
+                if left is not None:
+                    rows["rtml_cgroup_seconds_to_limit"].append(f"rtml_cgroup_seconds_to_limit{{{lab}}} {left:.6g}")
+        out: list[str] = []
+        for name, kind, text in CGROUP_FAMILIES:
+            out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *rows[name]]
+        out += _health(agent, self)
+        self.scrapes += 1
+        self.last_scrape_seconds = time.perf_counter() - t0
+        return ("\n".join(out) + "\n").encode()
+
+
+def _health(agent: Agent, metrics: NodeMetrics) -> Iterable[str]:
+    hooks = ",".join(agent.node.hooks)
+    yield from (
+        "# HELP rtml_agent_watched_cgroups Memory cgroups the programs watch now.",
+        "# TYPE rtml_agent_watched_cgroups gauge",
+        f"rtml_agent_watched_cgroups {len(agent.slots.by_cgid)}",
+        "# HELP rtml_agent_capacity_cgroups Watched cgroups the loaded maps can hold (--max-cgroups).",
+        "# TYPE rtml_agent_capacity_cgroups gauge",
+        f"rtml_agent_capacity_cgroups {agent.config.capacity}",
+        "# HELP rtml_agent_clients Client connections (leases) open now.",
+        "# TYPE rtml_agent_clients gauge",
+        f"rtml_agent_clients {len(agent.conns)}",
+        "# HELP rtml_agent_leases_total Watch requests served since start.",
+        "# TYPE rtml_agent_leases_total counter",
+        f"rtml_agent_leases_total {agent.served}",
+        "# HELP rtml_agent_errors_total Requests refused or failed since start.",
+        "# TYPE rtml_agent_errors_total counter",
+        f"rtml_agent_errors_total {agent.errors}",
+        "# HELP rtml_agent_info The agent's programs: hooks attached, whether adopted from pins.",
+        "# TYPE rtml_agent_info gauge",
+        f'rtml_agent_info{{hooks="{hooks}",adopted="{str(agent.node.adopted).lower()}",'
+        f'abi="{abi.ABI_VERSION}"}} 1',
+        "# HELP rtml_agent_last_scrape_seconds Time the previous scrape took to render.",
+        "# TYPE rtml_agent_last_scrape_seconds gauge",
+        f"rtml_agent_last_scrape_seconds {metrics.last_scrape_seconds:.6f}",
+    )
