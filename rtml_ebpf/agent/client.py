@@ -22,9 +22,10 @@ from typing import Any, cast
 
 from .._backend import Flag, Snapshot
 from .._cgroup import MemoryCgroup
-from .._rules import Rule, effective_used
+from .._rules import Rule
 from ..config import PAGE_SIZE
 from ..ebpf import abi
+from ..ebpf.slots import read_consistent, room_from_pages, slot_readings
 from ..errors import AgentUnavailable
 from . import protocol
 
@@ -34,6 +35,7 @@ CONNECT_TIMEOUT = 1.0
 BEAT_STALE_NS = 600_000_000  # six missed beats: the programs are gone
 CHECK_INTERVAL = 0.2  # seconds between looks at the beat, the page and the connection
 _U64 = struct.Struct("=Q")
+W_INACTIVE_BASE = abi.Slot.inactive_file_base.offset // 8  # a page-only word (the config's copy)
 
 _libc: Any = None
 
@@ -106,6 +108,7 @@ class Lease:
     index: int
     page_map_id: int
     hot: Any
+    words: Any  # the page as int64 words, for room()
     retired: bool = False
 
 
@@ -152,6 +155,7 @@ class AgentBackend:
 
     def __init__(self, cgroup: MemoryCgroup, why: str, path: str | None = None) -> None:
         self.cgroup = cgroup
+        self._ancestors = cgroup.ancestors()  # to name the limit's source in readings
         self.path = path or socket_path()
         self.hooks: tuple[str, ...] = ()
         self.reason = why
@@ -198,7 +202,8 @@ class AgentBackend:
         index = int(reply["rules"][0])
         view = memoryview(page)
         lease = Lease(sock, addr, page, view, rule, index, int(reply["page_map_id"]),
-                      view.cast("?")[abi.TRIPPED_OFFSET + index : abi.TRIPPED_OFFSET + index + 1])
+                      view.cast("?")[abi.TRIPPED_OFFSET + index : abi.TRIPPED_OFFSET + index + 1],
+                      view.cast("q"))
         self._leases.append(lease)
         self.hooks = tuple(reply.get("hooks", ()))
         self._upkeep_by_agent = bool(reply.get("upkeep"))
@@ -283,28 +288,11 @@ class AgentBackend:
         self._fail_answer = fail_answer
 
     # -- readings -----------------------------------------------------------------------------
-    def _read_page(self, lease: Lease) -> abi.Slot:
-        raw = b""
-        for _ in range(100):
-            end_before = _U64.unpack_from(lease.view, abi.SEQ_END_OFFSET)[0]
-            raw = bytes(lease.view[: ctypes.sizeof(abi.Slot)])
-            if _U64.unpack_from(lease.view, abi.SEQ_BEGIN_OFFSET)[0] == end_before:
-                break
-        return abi.Slot.from_buffer_copy(raw)
-
     def snapshot(self, flag: object, full: bool = True) -> Snapshot:
         assert isinstance(flag, Lease)
         if self.lost or flag.retired:
             raise AgentUnavailable(self.lost or "this rule was closed")
-        s = self._read_page(flag)
-        limit = s.limit_pages * PAGE_SIZE if s.limit_pages < abi.UNLIMITED_PAGES else None
-        headroom = s.headroom_pages * PAGE_SIZE if limit is not None else None
-        usage = s.usage_pages * PAGE_SIZE
-        source = None
-        if limit is not None:
-            ancestors = self.cgroup.ancestors()
-            depth = int(s.limit_depth)
-            source = ancestors[depth] if depth < len(ancestors) else f"(an ancestor {depth} levels up)"
+        s = read_consistent(flag.view)
         growth: dict[str, tuple[int, int]] = {}
         faults = events = None
         if full and flag.sock is not None:
@@ -319,10 +307,8 @@ class AgentBackend:
                 oom_kills = self.cgroup.oom_kills()
             except OSError:
                 pass
-        return Snapshot(usage=usage, used=effective_used(usage, limit, headroom),
-                        inactive_file=max(0, (s.inactive_file_base + s.inactive_file_delta) * PAGE_SIZE),
-                        limit=limit, limit_source=source, headroom=headroom, updated_ns=int(s.updated_ns),
-                        oom_kills=oom_kills, faults=faults, events=events, growth=growth)
+        return Snapshot(**slot_readings(s, s.inactive_file_base, self._ancestors), oom_kills=oom_kills,
+                        faults=faults, events=events, growth=growth)
 
     def _stats(self, sock: socket.socket) -> dict[str, Any] | None:
         try:
@@ -346,25 +332,14 @@ class AgentBackend:
     def room(self, flag: object) -> tuple[int | None, int | None]:
         """Word reads of the page (admission calls it on every request)."""
         assert isinstance(flag, Lease)
-        v = flag.view
-        usage = _U64.unpack_from(v, abi.Slot.usage_pages.offset)[0]
-        limit = _U64.unpack_from(v, abi.Slot.limit_pages.offset)[0]
-        headroom = struct.unpack_from("=q", v, abi.Slot.headroom_pages.offset)[0]
-        if limit >= abi.UNLIMITED_PAGES:
-            used, limit_bytes, limit_room = usage, None, None
-        else:
-            used, limit_bytes, limit_room = limit - headroom, limit * PAGE_SIZE, headroom * PAGE_SIZE
-        if flag.rule.metric == "working_set":
-            inactive = (struct.unpack_from("=q", v, abi.Slot.inactive_file_base.offset)[0]
-                        + struct.unpack_from("=q", v, abi.Slot.inactive_file_delta.offset)[0])
-            used = max(0, used - inactive)
-        trip = flag.rule.trip.resolve(limit_bytes)
-        return (None if trip is None else trip - used * PAGE_SIZE), limit_room
+        w = flag.words
+        return room_from_pages(w[abi.W_USAGE], w[abi.W_LIMIT], w[abi.W_HEADROOM],
+                               w[W_INACTIVE_BASE] + w[abi.W_INACTIVE_DELTA], flag.rule)
 
     def trips(self, flag: object) -> int:
         if not isinstance(flag, Lease) or flag.retired:
             return 0
-        return int(self._read_page(flag).trips[flag.index])
+        return int(read_consistent(flag.view).trips[flag.index])
 
     def thread_meter(self) -> None:
         return None  # per-thread charges need our own programs: admission uses getrusage

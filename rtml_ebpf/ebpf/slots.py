@@ -14,6 +14,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._backend import Snapshot
 from .._cgroup import MemoryCgroup
@@ -70,6 +71,48 @@ def decode_rule(kind: int, metric: int, trip: int, clear: int) -> Rule:
     if kind == abi.RULE_PAGES:
         return Rule(name, Threshold(nbytes=trip * PAGE_SIZE), Threshold(nbytes=clear * PAGE_SIZE))
     return Rule(name, Threshold(ppm=trip), Threshold(ppm=clear))
+
+
+def read_consistent(buf: Any, base: int = 0) -> abi.Slot:
+    """A consistent copy of the slot at ``base`` in ``buf`` (the slots map, or a client's page):
+    retried while a writer is between its sequence bumps."""
+    raw = b""
+    for _ in range(100):
+        end_before = _U64.unpack_from(buf, base + abi.SEQ_END_OFFSET)[0]
+        raw = bytes(buf[base : base + SLOT_SIZE])
+        if _U64.unpack_from(buf, base + abi.SEQ_BEGIN_OFFSET)[0] == end_before:
+            break
+    return abi.Slot.from_buffer_copy(raw)
+
+
+def room_from_pages(usage: int, limit: int, headroom: int, inactive: int,
+                    rule: Rule) -> tuple[int | None, int | None]:
+    """(bytes before ``rule`` trips, bytes before the OOM killer acts) from a slot's words (pages);
+    None: unlimited."""
+    if limit >= abi.UNLIMITED_PAGES:
+        used, limit_bytes, limit_room = usage, None, None
+    else:
+        used, limit_bytes, limit_room = limit - headroom, limit * PAGE_SIZE, headroom * PAGE_SIZE
+    if rule.metric == "working_set":
+        used = max(0, used - inactive)
+    trip = rule.trip.resolve(limit_bytes)
+    return (None if trip is None else trip - used * PAGE_SIZE), limit_room
+
+
+def slot_readings(s: abi.Slot, inactive_base: int, ancestors: list[str]) -> dict[str, Any]:
+    """The Snapshot fields a slot holds, in bytes (``inactive_base``: pages read at registration;
+    ``ancestors``: the cgroup's directory and its parents, to name the limit's source)."""
+    limit = s.limit_pages * PAGE_SIZE if s.limit_pages < abi.UNLIMITED_PAGES else None
+    headroom = s.headroom_pages * PAGE_SIZE if limit is not None else None
+    usage = s.usage_pages * PAGE_SIZE
+    depth = int(s.limit_depth)
+    source = None
+    if limit is not None:
+        source = ancestors[depth] if depth < len(ancestors) else (
+            f"(an ancestor {depth} levels up, above the cgroup mount root)")
+    return {"usage": usage, "used": effective_used(usage, limit, headroom),
+            "inactive_file": max(0, (inactive_base + s.inactive_file_delta) * PAGE_SIZE), "limit": limit,
+            "limit_source": source, "headroom": headroom, "updated_ns": int(s.updated_ns)}
 
 
 @dataclass
@@ -364,15 +407,7 @@ class Slots:
     # -- the kernel's readings ----------------------------------------------------------------
     def read_slot(self, index: int) -> abi.Slot:
         """A consistent copy of one slot (retries while a writer is in the middle)."""
-        base = index * SLOT_SIZE
-        raw = b""
-        for _ in range(100):
-            end_before = _U64.unpack_from(self._slots_mm, base + abi.SEQ_END_OFFSET)[0]
-            raw = self._slots_mm[base : base + SLOT_SIZE]
-            begin_after = _U64.unpack_from(self._slots_mm, base + abi.SEQ_BEGIN_OFFSET)[0]
-            if begin_after == end_before:
-                break
-        return abi.Slot.from_buffer_copy(raw)
+        return read_consistent(self._slots_mm, index * SLOT_SIZE)
 
     def _used(self, slot: int) -> tuple[int, int | None, int | None]:
         """(used pages as the tightest ancestor sees them, limit bytes, bytes before the OOM
@@ -393,13 +428,13 @@ class Slots:
     def room(self, slot: int, rule: Rule) -> tuple[int | None, int | None]:
         """(bytes before ``rule`` trips, bytes before the OOM killer acts) from the slot: a few
         word reads, no syscall (admission calls it on every request). None: unlimited."""
-        used, limit_bytes, limit_room = self._used(slot)
         w, cw = self.words, self.config_words
-        if rule.metric == "working_set" and w is not None and cw is not None:
-            inactive = cw[slot * abi.CONFIG_WORDS + 1] + w[slot * abi.SLOT_WORDS + abi.W_INACTIVE_DELTA]
-            used = max(0, used - inactive)
-        trip = rule.trip.resolve(limit_bytes)
-        return (None if trip is None else trip - used * PAGE_SIZE), limit_room
+        if w is None or cw is None:
+            raise RtmlError("the eBPF runtime is closed")
+        base = slot * abi.SLOT_WORDS
+        inactive = cw[slot * abi.CONFIG_WORDS + 1] + w[base + abi.W_INACTIVE_DELTA]
+        return room_from_pages(w[base + abi.W_USAGE], w[base + abi.W_LIMIT], w[base + abi.W_HEADROOM], inactive,
+                               rule)
 
     def read_counters(self, index: int) -> abi.Counters:
         """The per-CPU counters of one slot, summed."""
@@ -423,24 +458,9 @@ class Slots:
         c = self.read_counters(state.index) if full else abi.Counters()
         cfg = abi.Config.from_buffer_copy(
             self._configs_mm[state.index * CONFIG_SIZE : (state.index + 1) * CONFIG_SIZE])
-        limit = s.limit_pages * PAGE_SIZE if s.limit_pages < abi.UNLIMITED_PAGES else None
-        headroom = s.headroom_pages * PAGE_SIZE if limit is not None else None
-        usage = s.usage_pages * PAGE_SIZE
-        depth = int(s.limit_depth)
-        source = None
-        if limit is not None:
-            source = state.ancestors[depth] if depth < len(state.ancestors) else (
-                f"(an ancestor {depth} levels up, above the cgroup mount root)")
-        inactive = max(0, (cfg.inactive_file_base + s.inactive_file_delta) * PAGE_SIZE)
         links = self.loaded.links
         return Snapshot(
-            usage=usage,
-            used=effective_used(usage, limit, headroom),
-            inactive_file=inactive,
-            limit=limit,
-            limit_source=source,
-            headroom=headroom,
-            updated_ns=int(s.updated_ns),
+            **slot_readings(s, cfg.inactive_file_base, state.ancestors),
             oom_kills=int(s.oom_kills) if "oom_victim" in links else _file_oom_kills(state.cgroup),
             faults=c.faults if "page_fault_user" in links else None,
             events=c.events,

@@ -22,7 +22,7 @@ import sys
 import time
 
 from rtml_ebpf import Limiter
-from rtml_ebpf.agent.client import socket_path
+from rtml_ebpf.agent.client import _address, socket_path
 
 MiB = 1 << 20
 
@@ -76,7 +76,7 @@ def attack() -> dict:
     libc = ctypes.CDLL(None, use_errno=True)
     # mprotect to writable: the kernel refuses (VM_MAYWRITE was never granted)
     view = memoryview(ro)
-    addr = _address_of(view)
+    addr = _address(view)  # the client library's helper: ctypes refuses read-only buffers
     rc = libc.mprotect(ctypes.c_void_p(addr), 4096, 3)
     out["mprotect_writable"] = "ALLOWED" if rc == 0 else ctypes.get_errno()
     # bpf(BPF_MAP_UPDATE_ELEM) on the page: refused (no bpf() for us, and the map is frozen)
@@ -103,24 +103,6 @@ def attack() -> dict:
         refusals[name] = reply
     out["refusals"] = refusals
     return out
-
-
-def _address_of(view: memoryview) -> int:
-    """The address of a read-only buffer (ctypes refuses from_buffer on read-only memory)."""
-    class Py_buffer(ctypes.Structure):
-        _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
-                    ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                    ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                    ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-    pb = Py_buffer()
-    get = ctypes.pythonapi.PyObject_GetBuffer
-    get.argtypes = [ctypes.py_object, ctypes.POINTER(Py_buffer), ctypes.c_int]
-    get(view, ctypes.byref(pb), 0)
-    addr = int(pb.buf)
-    release = ctypes.pythonapi.PyBuffer_Release
-    release.argtypes = [ctypes.POINTER(Py_buffer)]
-    release(ctypes.byref(pb))
-    return addr
 
 
 def hold(mib: int, seconds: float, until_back: bool = False) -> dict:
