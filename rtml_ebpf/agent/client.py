@@ -14,8 +14,10 @@ import array
 import ctypes
 import mmap
 import os
+import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -156,6 +158,7 @@ class AgentBackend:
     def __init__(self, cgroup: MemoryCgroup, why: str, path: str | None = None) -> None:
         self.cgroup = cgroup
         self._ancestors = cgroup.ancestors()  # to name the limit's source in readings
+        self._sock_lock = threading.Lock()  # a lease socket: one user at a time (stats, liveness)
         self.path = path or socket_path()
         self.hooks: tuple[str, ...] = ()
         self.reason = why
@@ -254,7 +257,16 @@ class AgentBackend:
             if _U64.unpack_from(lease.view, abi.Slot.cgroup_id.offset)[0] != self._cgid:
                 self._lose("the agent retired this cgroup's page")
                 return
-            if lease.sock is None or _closed(lease.sock):
+            if not self._sock_lock.acquire(timeout=2 * CONNECT_TIMEOUT):
+                return  # a stats request holds the socket: look again next time
+            try:
+                gone = lease.sock is None or _closed(lease.sock)
+                if gone and lease.sock is not None:
+                    lease.sock.close()
+                    lease.sock = None
+            finally:
+                self._sock_lock.release()
+            if gone:
                 self._reconnect(lease)
                 if self.lost:
                     return
@@ -311,23 +323,30 @@ class AgentBackend:
                         faults=faults, events=events, growth=growth)
 
     def _stats(self, sock: socket.socket) -> dict[str, Any] | None:
-        try:
-            while True:  # drop anything unread (nothing is expected)
-                try:
-                    sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.send(protocol.encode({"v": protocol.VERSION, "op": "stats"}))
-            reply = protocol.decode(sock.recv(protocol.MAX_MESSAGE))
-            return reply if reply.get("ok") else None
-        except Exception:  # noqa: BLE001 - counters are optional in a reading
+        """The counters, by a round trip on the lease's connection. Under the socket lock and
+        without ever putting the socket in timeout mode: the monitor thread peeks at the same
+        socket (_closed), and a peek on a socket in timeout mode waits, times out, and reads as
+        a closed connection (the lease was then dropped under this very request)."""
+        # A timed acquire: a child forked while another thread held the lock skips, never hangs.
+        if not self._sock_lock.acquire(timeout=2 * CONNECT_TIMEOUT):
             return None
-        finally:
+        try:
             try:
-                sock.setblocking(False)
-            except OSError:
-                pass
+                while True:  # drop anything unread (nothing is expected); b"": the agent closed it
+                    try:
+                        if not sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT):
+                            return None
+                    except BlockingIOError:
+                        break
+                sock.send(protocol.encode({"v": protocol.VERSION, "op": "stats"}))
+                if not select.select([sock], [], [], CONNECT_TIMEOUT)[0]:
+                    return None
+                reply = protocol.decode(sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT))
+                return reply if reply.get("ok") else None
+            except Exception:  # noqa: BLE001 - counters are optional in a reading
+                return None
+        finally:
+            self._sock_lock.release()
 
     def room(self, flag: object) -> tuple[int | None, int | None]:
         """Word reads of the page (admission calls it on every request)."""
@@ -360,7 +379,7 @@ def _closed(sock: socket.socket) -> bool:
     """True when the agent closed the connection (it restarted or dropped us)."""
     try:
         data = sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-    except BlockingIOError:
+    except (BlockingIOError, TimeoutError):
         return False
     except OSError:
         return True
