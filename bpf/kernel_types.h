@@ -38,6 +38,7 @@ enum bpf_map_type {
 	BPF_MAP_TYPE_ARRAY = 2,
 	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
 	BPF_MAP_TYPE_ARRAY_OF_MAPS = 12,
+	BPF_MAP_TYPE_RINGBUF = 27,
 };
 
 /* uapi: opaque to programs, 16 bytes, 8-aligned */
@@ -66,6 +67,7 @@ struct page_counter {
 
 struct kernfs_node {
 	u64 id;
+	const char *name;
 };
 
 struct cgroup_subsys_state;
@@ -89,9 +91,21 @@ struct css_set {
 	struct cgroup_subsys_state *subsys[16];
 };
 
+/* 6.2+: one per-CPU counter per mm counter (the OOM hook needs 6.8 anyway) */
+struct percpu_counter {
+	s64 count;
+};
+
+struct mm_struct {
+	struct percpu_counter rss_stat[4];
+};
+
 struct task_struct {
 	struct css_set *cgroups;
+	struct mm_struct *mm;
 	pid_t pid;
+	pid_t tgid;
+	char comm[16];
 };
 
 struct pt_regs;
@@ -108,6 +122,11 @@ enum memcg_stat_item {
 	MEMCG_SOCK = 52,
 	MEMCG_KMEM = 55,
 };
+
+/* mm counter indices: an anonymous enum in the kernel (no CO-RE name), unchanged since 4.x */
+#define RTML_MM_FILEPAGES 0
+#define RTML_MM_ANONPAGES 1
+#define RTML_MM_SHMEMPAGES 3
 
 enum cgroup_subsys_id {
 	memory_cgrp_id = 4,

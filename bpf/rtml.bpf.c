@@ -8,7 +8,7 @@
  *   tp_btf/mod_memcg_lruvec_state  6.13+  per-memcg LRU/anon/file stat deltas
  *   tp_btf/mod_memcg_state         6.13+  per-memcg kmem/sock stat deltas
  *   tp_btf/page_fault_user         x86    every user fault, before it is charged
- *   tp_btf/mark_victim             6.8+   OOM victim with its task pointer
+ *   tp_btf/mark_victim             6.8+   OOM victim with its task pointer (and oom_events)
  * Without the memcg tracepoints (before 6.13) the fault hook refreshes the
  * slot itself from the faulting task's memcg page counter (RTML_CTL_FAULT_REFRESH).
  */
@@ -113,6 +113,12 @@ struct {
 	__type(key, __u32);
 	__type(value, struct ticker);
 } ticker SEC(".maps");
+
+/* OOM victims for the agent (or `rtml-ebpf events`); sized by whoever reads it at load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, RTML_OOM_RING_LIBRARY);
+} oom_events SEC(".maps");
 
 /*
  * The last memcg this CPU saw and which watched cgroups sit above it. Stat
@@ -611,9 +617,90 @@ int BPF_PROG(handle_page_fault, unsigned long address, struct pt_regs *regs, uns
 	return 0;
 }
 
+/* One mm counter of the victim: a per-CPU counter's shared count (off by at most its batches). */
+static __always_inline __u64 mm_pages(unsigned long mm, int idx)
+{
+	s64 v = 0;
+	unsigned long at = mm + bpf_core_field_offset(struct mm_struct, rss_stat) +
+			   idx * bpf_core_type_size(struct percpu_counter) +
+			   bpf_core_field_offset(struct percpu_counter, count);
+
+	bpf_probe_read_kernel(&v, sizeof(v), (void *)at);
+	return v > 0 ? v : 0;
+}
+
+/*
+ * Fills an OOM event: who, where (the path by names, leaf first, walked up the memory
+ * css), and the cgroup on that path with the least room, which is the one that ran out.
+ * Rare: helper reads throughout, cost does not matter here.
+ */
+static __always_inline void emit_oom(struct task_struct *task)
+{
+	__u32 zero = 0;
+	struct rtml_oom_event *e = bpf_ringbuf_reserve(&oom_events, sizeof(*e), 0);
+
+	if (!e) {
+		struct rtml_ctl *c = bpf_map_lookup_elem(&ctl, &zero);
+		if (c)
+			__sync_fetch_and_add(&c->events_lost, 1);
+		return;
+	}
+	e->time_ns = bpf_ktime_get_ns();
+	e->pid = BPF_CORE_READ(task, tgid);
+	e->tid = BPF_CORE_READ(task, pid);
+	e->flags = 0;
+	e->_pad = 0;
+	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), task->comm);
+	unsigned long mm = (unsigned long)BPF_CORE_READ(task, mm);
+	e->rss_anon_pages = mm ? mm_pages(mm, RTML_MM_ANONPAGES) : 0;
+	e->rss_file_pages = mm ? mm_pages(mm, RTML_MM_FILEPAGES) : 0;
+	e->rss_shmem_pages = mm ? mm_pages(mm, RTML_MM_SHMEMPAGES) : 0;
+
+	struct cgroup_subsys_state *css =
+		BPF_CORE_READ(task, cgroups, subsys[bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id)]);
+	long delta = (long)bpf_core_field_offset(struct mem_cgroup, memory) -
+		     (long)bpf_core_field_offset(struct mem_cgroup, css);
+	__s64 least = (__s64)RTML_UNLIMITED_PAGES;
+	e->cgroup_id = css ? BPF_CORE_READ(css, cgroup, kn, id) : 0;
+	e->limit_cgroup_id = 0;
+	e->limit_depth = 0;
+	e->limit_pages = RTML_UNLIMITED_PAGES;
+	e->usage_pages = css ? BPF_CORE_READ((struct page_counter *)((long)css + delta), usage.counter) : 0;
+	e->levels = 0;
+	for (int i = 0; i < RTML_EVENT_DEPTH; i++) {
+		if (!css)
+			break;
+		struct cgroup_subsys_state *parent = BPF_CORE_READ(css, parent);
+		if (!parent)
+			break; /* the root has no name of its own */
+		const char *name = BPF_CORE_READ(css, cgroup, kn, name);
+		if (bpf_probe_read_kernel_str(e->names[i], RTML_EVENT_NAME, name) >= RTML_EVENT_NAME)
+			e->flags |= RTML_EVENT_NAME_CUT;
+		struct page_counter *pc = (struct page_counter *)((long)css + delta);
+		__u64 max = BPF_CORE_READ(pc, max);
+		if (max < RTML_UNLIMITED_PAGES) {
+			__s64 usage = BPF_CORE_READ(pc, usage.counter);
+			if ((__s64)max - usage < least) {
+				least = (__s64)max - usage;
+				e->limit_cgroup_id = BPF_CORE_READ(css, cgroup, kn, id);
+				e->limit_pages = max;
+				e->usage_pages = usage;
+				e->limit_depth = i;
+			}
+		}
+		e->levels = i + 1;
+		css = parent;
+	}
+	if (css && BPF_CORE_READ(css, parent))
+		e->flags |= RTML_EVENT_TRUNCATED;
+	bpf_ringbuf_submit(e, 0);
+}
+
 SEC("tp_btf/mark_victim")
 int BPF_PROG(handle_oom_victim, struct task_struct *task)
 {
+	if (task)
+		emit_oom(task);
 	on_task(task, EV_OOM);
 	return 0;
 }

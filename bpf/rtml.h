@@ -9,7 +9,7 @@
 #ifndef __RTML_H
 #define __RTML_H
 
-#define RTML_ABI_VERSION 3
+#define RTML_ABI_VERSION 4
 
 #define RTML_MAX_SLOTS 64	/* watched cgroups per in-process object (the agent sets its own at load) */
 #define RTML_NESTED_WATCHES 4	/* watched cgroups on one path refreshed per event */
@@ -62,7 +62,7 @@ struct rtml_ctl {
 	__u32 flags;
 	__u32 abi_version;
 	__u32 gen;		/* bumped after every change of the watch map */
-	__u32 _pad;
+	__u32 events_lost;	/* OOM events the ring buffer had no room for (programs add) */
 };
 
 /*
@@ -157,6 +157,37 @@ struct rtml_thread {
 	__s64 net_pages;		/* charged - uncharged since registered */
 	__s64 peak_pages;		/* max of net_pages since the last reset */
 	__u64 charged_pages;		/* charges only */
+};
+
+/*
+ * One OOM victim, as the mark_victim hook saw it (6.8+), written to the `oom_events`
+ * ring buffer. Every victim on the node, watched cgroup or not. The cgroup path is
+ * carried as names (leaf first) because the runtime often removes a killed
+ * container's cgroup before user space reads the event.
+ */
+#define RTML_EVENT_DEPTH 10	/* cgroup levels named in an event, leaf first */
+#define RTML_EVENT_NAME 128	/* bytes per level name (kubelet names are under 100) */
+#define RTML_EVENT_TRUNCATED 1	/* the path is deeper than RTML_EVENT_DEPTH: the top is cut */
+#define RTML_EVENT_NAME_CUT 2	/* a level's name was longer than RTML_EVENT_NAME */
+#define RTML_OOM_RING_LIBRARY 4096	/* a library process's ring: nobody reads it */
+
+struct rtml_oom_event {
+	__u64 time_ns;			/* bpf_ktime_get_ns() at the victim's choice (CLOCK_MONOTONIC) */
+	__u64 cgroup_id;		/* the victim's memory cgroup (kernfs inode) */
+	__u64 limit_cgroup_id;		/* the cgroup on the path with least room: the one that ran out */
+	__u64 usage_pages;		/* that cgroup's page counter */
+	__u64 limit_pages;		/* its max (>= RTML_UNLIMITED_PAGES: nothing on the path is limited) */
+	__u64 rss_anon_pages;		/* the victim's mm counters (per-CPU batched: approximate) */
+	__u64 rss_file_pages;
+	__u64 rss_shmem_pages;
+	__u32 pid;			/* thread group id */
+	__u32 tid;
+	__u32 levels;			/* names filled */
+	__u32 limit_depth;		/* levels above the victim's cgroup where limit_cgroup_id sits */
+	__u32 flags;			/* RTML_EVENT_* */
+	__u32 _pad;
+	char comm[16];
+	char names[RTML_EVENT_DEPTH][RTML_EVENT_NAME];
 };
 
 #endif /* __RTML_H */

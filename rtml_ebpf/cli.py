@@ -142,6 +142,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from . import events
+
+    from .agent.client import socket_path
+
+    return events.run(args.source, args.socket or socket_path(), args.scope, tuple(args.cgroup or ()), args.count, args.timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -184,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--no-pin", action="store_true", help="do not pin: the programs go when the agent stops")
     ag.add_argument("--unload", action="store_true", help="remove the pins (the programs detach) and exit")
     ag.set_defaults(func=cmd_agent)
+
+    ev = sub.add_parser("events", help="OOM kills as JSON lines (pid, comm, cgroup, pod, usage, limit, victim RSS)")
+    ev.add_argument("--source", default="auto", choices=("auto", "agent", "standalone"),
+                    help="agent: from the node agent (root sees every cgroup, others their own); standalone: "
+                         "load programs here (root); auto (default): the agent when its socket is there")
+    ev.add_argument("--socket", default=None, help=f"the agent's socket (default $RTML_AGENT_SOCKET or "
+                    f"{DEFAULT_SOCKET})")
+    ev.add_argument("--scope", default="self", choices=("self", "pod"),
+                    help="non-root through the agent: your own cgroup (default) or your pod")
+    ev.add_argument("--cgroup", action="append", metavar="GLOB",
+                    help="only cgroups whose path matches (e.g. '/kubepods*'); repeatable")
+    ev.add_argument("--count", type=int, default=None, help="exit after this many records")
+    ev.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    ev.set_defaults(func=cmd_events)
 
     from .demo import add_arguments
 

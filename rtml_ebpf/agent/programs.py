@@ -38,8 +38,10 @@ BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_F_MMAPABLE = 1 << 10
 BPF_FS_MAGIC_NAME = "bpf"
 # Every map of the object, pinned under <pin dir>/maps; links under <pin dir>/links.
-ALL_MAPS = ("watch", "slots", "configs", "counters", "ctl", "threads", "pages", "beat", "ticker", "wcache")
-FD_ONLY = ("watch", "counters", "pages", "beat", "ticker")
+ALL_MAPS = ("watch", "slots", "configs", "counters", "ctl", "threads", "pages", "beat", "ticker", "wcache",
+            "oom_events")
+FD_ONLY = ("watch", "counters", "pages", "beat", "ticker", "oom_events")
+OOM_RING_BYTES = 256 * 1024  # about 190 victims waiting: the agent reads them as they come
 
 
 @dataclass
@@ -245,6 +247,8 @@ def _sizer(capacity: int, reuse: dict[str, int] | None) -> object:
             m = _libbpf.check_ptr(lib.bpf_object__find_map_by_name(obj, name.encode()), "find map", name)
             if name in PER_SLOT_MAPS:
                 _libbpf.check(lib.bpf_map__set_max_entries(m, capacity), "size map", name)
+            elif name == "oom_events" and reuse is None:
+                _libbpf.check(lib.bpf_map__set_max_entries(m, OOM_RING_BYTES), "size map", name)
             if reuse is not None:
                 _libbpf.check(lib.bpf_map__reuse_fd(m, reuse[name]), "reuse pinned map", name)
             elif name == "pages":

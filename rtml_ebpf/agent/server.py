@@ -10,7 +10,9 @@ clients of the previous agent can take theirs back).
 from __future__ import annotations
 
 import array
+import collections
 import ctypes
+import json
 import logging
 import os
 import resource
@@ -23,8 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _cgroup
+from .. import oom as _oom
 from .._rules import Rule
 from ..ebpf import abi
+from ..ebpf.ring import OomRing
 from ..ebpf.slots import Slots, SlotState, decode_rule, encode_rule
 from ..errors import CapacityError, CgroupNotFound, ConfigError, RtmlError
 from . import peer as _peer
@@ -48,6 +52,8 @@ ADOPT_GRACE = 30.0  # rules adopted from pins wait this long for their clients t
 RuleKey = tuple[int, int, int, int]
 INOTIFY = "inotify"  # the selector key of the scanner's fd
 HTTP = "http"  # the selector key of the metrics listener
+OOM = "oom"  # the selector key of the OOM event ring
+RECENT_OOMS = 64  # OOM kills kept for `rtml-ebpf watch` and the log
 DEFAULT_METRICS_ADDR = "127.0.0.1:9909"
 SAMPLE_INTERVAL = 0.5  # usage readings for the growth rate in /metrics
 HTTP_TIMEOUT = 0.5  # a scraper must send its request within this
@@ -71,6 +77,7 @@ class Conn:
     keys: list[RuleKey] = field(default_factory=list)
     window_start: float = 0.0
     window_count: int = 0
+    events_scope: str | None = None  # an events subscriber: "" every cgroup (root), else its own path
 
 
 @dataclass
@@ -129,17 +136,32 @@ class Agent:
         enter_host_cgroup_namespace()
         self.scanner = Scanner(memory_mount(), config.globs)
         self.node: NodePrograms = load_node(config.capacity, config.hooks, config.pin_dir)
+        self.oom_ring: OomRing | None = None
+        self.oom_counted: _oom.CountedOoms | None = None
+        self.oom_events: collections.Counter[str] = collections.Counter()  # by source
+        self.oom_recent: collections.deque[_oom.OomKill] = collections.deque(maxlen=RECENT_OOMS)
+        self.events_dropped = 0
+        self._next_count = 0.0
         try:
             self.slots = Slots(self.node.loaded, config.capacity)
             if self.node.adopted:
                 self._adopt()
             self._apply_scan()
+            if "oom_victim" in self.node.hooks:
+                self.oom_ring = OomRing(self.node.loaded.fds["oom_events"])
+            else:
+                self.oom_counted = _oom.CountedOoms()
+                log.warning("rtml-ebpf agent: %s", _oom.NO_HOOK.format(interval=_oom.COUNT_INTERVAL))
             self.listener = self._listen(config.socket_path, config.socket_mode)
         except BaseException:
+            if self.oom_ring is not None:
+                self.oom_ring.close()
             self.node.close()
             self.scanner.close()
             raise
         self.selector.register(self.listener, selectors.EVENT_READ, None)
+        if self.oom_ring is not None:
+            self.selector.register(self.oom_ring.fileno(), selectors.EVENT_READ, OOM)
         self.metrics = NodeMetrics()
         self._next_sample = 0.0
         self.http: socket.socket | None = None
@@ -255,6 +277,8 @@ class Agent:
                 self._accept()
             elif key.data == HTTP:
                 self._scrape()
+            elif key.data == OOM:
+                self._read_ooms()
             elif key.data == INOTIFY:
                 self.scanner.on_events()
                 self._apply_scan()
@@ -262,19 +286,81 @@ class Agent:
                 self._readable(key.data)
         now = time.monotonic()
         for fd, conn in list(self.conns.items()):
-            if not conn.keys and now > conn.deadline:
+            if not conn.keys and conn.events_scope is None and now > conn.deadline:
                 self._fail(fd, f"no request within {REQUEST_TIMEOUT:g} s")
         if now >= self._next_tick:
             self._next_tick = now + TICK_INTERVAL
             self.scanner.tick()
             self._apply_scan()
             self._expire_orphans(now)
+        if self.oom_counted is not None and now >= self._next_count:
+            self._next_count = now + _oom.COUNT_INTERVAL
+            self._on_ooms(self.oom_counted.read((cgid, st.cgroup) for cgid, st in list(self.slots.by_cgid.items())))
         if now >= self._next_sample:
             self._next_sample = now + SAMPLE_INTERVAL
             self.metrics.sample(self)
         if now >= self._next_upkeep:
             self._next_upkeep = now + (LIMIT_CHECK_INTERVAL if self.node.memcg_events else UPKEEP_INTERVAL)
             self._upkeep()
+
+    # -- OOM kills ---------------------------------------------------------------------------
+    def _read_ooms(self) -> None:
+        assert self.oom_ring is not None
+        try:
+            raw = self.oom_ring.drain()
+        except RtmlError as exc:
+            log.warning("rtml-ebpf agent: %s", exc)
+            return
+        self._on_ooms([_oom.from_event(e) for e in raw])
+
+    def _on_ooms(self, kills: list[_oom.OomKill]) -> None:
+        """Each kill: one JSON line in the log, counted, and sent to the events subscribers
+        that may see its cgroup."""
+        for kill in kills:
+            self.oom_events[kill.source] += kill.count
+            self.oom_recent.append(kill)
+            record = kill.as_dict()
+            log.warning("rtml-ebpf agent: OOM kill %s", json.dumps(record, separators=(",", ":")))
+            try:
+                data = protocol.encode(record)
+            except ConfigError:
+                continue  # over the message size (a path of 10 levels of 128 bytes): in the log only
+            for conn in list(self.conns.values()):
+                scope = conn.events_scope
+                if scope is None or (scope and not _oom.within(kill.cgroup, scope)):
+                    continue
+                try:
+                    conn.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    self.events_dropped += 1  # a subscriber that does not read loses events, not us
+                except OSError:
+                    pass  # gone: the loop closes it
+
+    @property
+    def oom_lost(self) -> int:
+        """Victims the ring had no room for (the programs count them in ctl)."""
+        ctl = self.node.loaded.maps.get("ctl")
+        return int(abi.Ctl.from_buffer_copy(ctl[: ctypes.sizeof(abi.Ctl)]).events_lost) if ctl is not None else 0
+
+    def _serve_events(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
+        """Subscribe this connection to OOM kills: root sees the node, anyone else the cgroup it
+        runs in (or its pod, with scope "pod"), decided from its credentials."""
+        extra = set(message) - {"v", "op", "scope"}
+        if extra:
+            raise ConfigError(f"unknown request fields {sorted(extra)}; the agent decides what you may see "
+                              "from your connection's credentials")
+        scope = message.get("scope", "self")
+        if scope not in protocol.SCOPES:
+            raise ConfigError(f"scope={scope!r}: one of {', '.join(protocol.SCOPES)}")
+        if conn.peer.uid == 0:
+            seen = ""
+        else:
+            cg = _peer.cgroup_of(conn.peer)
+            seen = (_peer.pod_ancestor(cg) if scope == "pod" else cg).path
+        conn.events_scope = seen
+        source = "bpf" if self.oom_ring is not None else "memory.events"
+        note = "" if self.oom_ring is not None else _oom.NO_HOOK.format(interval=_oom.COUNT_INTERVAL)
+        self._send(fd, {"ok": True, "source": source, "scope": seen or "/", "note": note})
 
     # -- cgroups ------------------------------------------------------------------------------
     def _apply_scan(self) -> None:
@@ -444,12 +530,17 @@ class Agent:
             if message.get("v") != protocol.VERSION:
                 raise ConfigError(f"protocol version {message.get('v')!r}; this agent speaks {protocol.VERSION}")
             op = message.get("op")
+            if conn.events_scope is not None:
+                raise ConfigError("an events connection only listens; open another to ask anything else")
             if op == "watch" and not conn.keys:
                 self._serve_watch(fd, conn, message)
+            elif op == "events" and not conn.keys:
+                self._serve_events(fd, conn, message)
             elif op == "stats" and conn.keys:
                 self._send(fd, self._stats(conn))
             else:
-                raise ConfigError(f"op={op!r}: a new connection asks \"watch\" once; then only \"stats\"")
+                raise ConfigError(f"op={op!r}: a new connection asks \"watch\" or \"events\" once; then a "
+                                  "watching one only \"stats\"")
         except (ConfigError, CgroupNotFound, CapacityError) as exc:
             self._fail(fd, str(exc))
         except (OSError, RtmlError) as exc:
@@ -551,6 +642,8 @@ class Agent:
         except OSError:
             pass
         self.slots.release_views()
+        if self.oom_ring is not None:
+            self.oom_ring.close()
         self.scanner.close()
         self.node.close(unpin=unpin)
         log.info("rtml-ebpf agent: stopped (%s)", "programs unloaded" if unpin or not self.config.pin_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_SLOTS = 64
 NESTED_WATCHES = 4
 BEAT_MS = 100
@@ -31,7 +31,7 @@ class Config(ctypes.Structure):
 
 class Ctl(ctypes.Structure):
     _fields_ = [("nwatched", u32), ("min_level", u32), ("flags", u32), ("abi_version", u32), ("gen", u32),
-                ("_pad", u32)]
+                ("events_lost", u32)]
 
 
 class Slot(ctypes.Structure):
@@ -85,6 +85,34 @@ class Counters(ctypes.Structure):
 
 class Thread(ctypes.Structure):
     _fields_ = [("tid", u64), ("net_pages", s64), ("peak_pages", s64), ("charged_pages", u64)]
+
+
+EVENT_DEPTH = 10
+EVENT_NAME = 128
+EVENT_TRUNCATED = 1
+EVENT_NAME_CUT = 2
+OOM_RING_LIBRARY = 4096
+
+
+class OomEvent(ctypes.Structure):
+    _fields_ = [
+        ("time_ns", u64),
+        ("cgroup_id", u64),
+        ("limit_cgroup_id", u64),
+        ("usage_pages", u64),
+        ("limit_pages", u64),
+        ("rss_anon_pages", u64),
+        ("rss_file_pages", u64),
+        ("rss_shmem_pages", u64),
+        ("pid", u32),
+        ("tid", u32),
+        ("levels", u32),
+        ("limit_depth", u32),
+        ("flags", u32),
+        ("_pad", u32),
+        ("comm", ctypes.c_char * 16),
+        ("names", (ctypes.c_char * EVENT_NAME) * EVENT_DEPTH),
+    ]
 
 
 GROWTH_KINDS = ("anon", "file", "kernel", "sock")

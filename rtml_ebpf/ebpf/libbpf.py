@@ -38,6 +38,8 @@ class BtfType(ctypes.Structure):
 
 
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+# ring_buffer_sample_fn: int (*)(void *ctx, void *data, size_t size)
+RING_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 _lib: Any = None
 _libc: Any = None
@@ -112,6 +114,12 @@ def _declare(lib: Any) -> None:
         "bpf_link__pin": (INT, [P, ctypes.c_char_p]),
         "bpf_link__fd": (INT, [P]),
         "bpf_prog_test_run_opts": (INT, [INT, P]),
+        "ring_buffer__new": (P, [INT, RING_SAMPLE_FN, P, P]),
+        "ring_buffer__consume": (INT, [P]),
+        "ring_buffer__epoll_fd": (INT, [P]),
+        "ring_buffer__free": (None, [P]),
+        "bpf_prog_get_next_id": (INT, [U32, ctypes.POINTER(U32)]),
+        "bpf_prog_get_fd_by_id": (INT, [U32]),
         "btf__load_vmlinux_btf": (P, []),
         "btf__find_by_name_kind": (S32, [P, ctypes.c_char_p, U32]),
         "btf__type_by_id": (ctypes.POINTER(BtfType), [P, U32]),

@@ -27,7 +27,7 @@ OBJECT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # Maps mapped into this process, with their value struct and entries.
 MAPPED = {"slots": (abi.Slot, abi.MAX_SLOTS), "configs": (abi.Config, abi.MAX_SLOTS), "ctl": (abi.Ctl, 1),
           "threads": (abi.Thread, abi.MAX_THREADS)}
-FD_ONLY = ("watch", "counters")
+FD_ONLY = ("watch", "counters", "oom_events")
 # Maps sized by the watched-cgroup capacity (the node agent sets it at load).
 PER_SLOT_MAPS = ("watch", "slots", "configs", "counters", "pages")
 # Programs a library process never loads: the agent's page publisher and beat.
@@ -165,8 +165,18 @@ def set_ctl_flags(out: Loaded) -> None:
     del ctl
 
 
-def load(wanted: tuple[str, ...] | None) -> Loaded:
-    """Probe, choose the hooks, open/load/attach, map. On any failure everything is undone."""
+def _ring_sizer(ring_bytes: int) -> Callable[[int], None]:
+    def prepare(obj: int) -> None:
+        lib = _libbpf.lib()
+        m = _libbpf.check_ptr(lib.bpf_object__find_map_by_name(obj, b"oom_events"), "find map", "oom_events")
+        _libbpf.check(lib.bpf_map__set_max_entries(m, ring_bytes), "size map", "oom_events")
+    return prepare
+
+
+def load(wanted: tuple[str, ...] | None, ring_bytes: int = 0) -> Loaded:
+    """Probe, choose the hooks, open/load/attach, map. On any failure everything is undone.
+    ``ring_bytes``: size the OOM event ring for a reader (a library process has nobody reading
+    it and keeps the one-page default)."""
     probes.check_privileges()
     probes.check_btf()
     if not os.path.exists(OBJECT_PATH):
@@ -178,7 +188,8 @@ def load(wanted: tuple[str, ...] | None) -> Loaded:
     names = {h.name for h in chosen}
     try:
         out = open_load_attach(OBJECT_PATH, {h.name: h.program for h in chosen},
-                               (*(h.program for h in probes.HOOKS if h.name not in names), *AGENT_PROGRAMS))
+                               (*(h.program for h in probes.HOOKS if h.name not in names), *AGENT_PROGRAMS),
+                               _ring_sizer(ring_bytes) if ring_bytes else None)
     except NotSupported as exc:
         raise NotSupported("eBPF hooks", f"{exc.reason}; " + "; ".join(f"{k}: {v}" for k, v in skipped.items())) \
             from None
