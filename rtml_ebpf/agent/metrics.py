@@ -122,6 +122,7 @@ class NodeMetrics:
 
 def _health(agent: Agent, metrics: NodeMetrics) -> Iterable[str]:
     hooks = ",".join(agent.node.hooks)
+    source = "bpf" if agent.oom_ring is not None else "memory.events"
     yield from (
         "# HELP rtml_agent_watched_cgroups Memory cgroups the programs watch now.",
         "# TYPE rtml_agent_watched_cgroups gauge",
@@ -142,6 +143,13 @@ def _health(agent: Agent, metrics: NodeMetrics) -> Iterable[str]:
         "# TYPE rtml_agent_info gauge",
         f'rtml_agent_info{{hooks="{hooks}",adopted="{str(agent.node.adopted).lower()}",'
         f'abi="{abi.ABI_VERSION}"}} 1',
+        "# HELP rtml_agent_oom_events_total OOM kills seen on the node (bpf: every victim from the mark_victim "
+        "hook; memory.events: rises of the watched cgroups' counters, on kernels without the hook).",
+        "# TYPE rtml_agent_oom_events_total counter",
+        f'rtml_agent_oom_events_total{{source="{source}"}} {agent.oom_events[source]}',
+        "# HELP rtml_agent_oom_events_lost_total OOM victims the event ring had no room for.",
+        "# TYPE rtml_agent_oom_events_lost_total counter",
+        f"rtml_agent_oom_events_lost_total {agent.oom_lost}",
         "# HELP rtml_agent_last_scrape_seconds Time the previous scrape took to render.",
         "# TYPE rtml_agent_last_scrape_seconds gauge",
         f"rtml_agent_last_scrape_seconds {metrics.last_scrape_seconds:.6f}",
