@@ -100,6 +100,15 @@ struct mm_struct {
 	struct percpu_counter rss_stat[4];
 };
 
+/* before 6.2: plain atomic counters */
+struct mm_rss_stat {
+	atomic_long_t count[4];
+};
+
+struct mm_struct___old {
+	struct mm_rss_stat rss_stat;
+};
+
 struct task_struct {
 	struct css_set *cgroups;
 	struct mm_struct *mm;

@@ -617,14 +617,21 @@ int BPF_PROG(handle_page_fault, unsigned long address, struct pt_regs *regs, uns
 	return 0;
 }
 
-/* One mm counter of the victim: a per-CPU counter's shared count (off by at most its batches). */
+/*
+ * One mm counter of the victim: a per-CPU counter's shared count since 6.2 (off by at most
+ * its batches), an atomic before (a kernel with the 6.8 hook backported, as Debian's 6.1).
+ */
 static __always_inline __u64 mm_pages(unsigned long mm, int idx)
 {
 	s64 v = 0;
-	unsigned long at = mm + bpf_core_field_offset(struct mm_struct, rss_stat) +
-			   idx * bpf_core_type_size(struct percpu_counter) +
-			   bpf_core_field_offset(struct percpu_counter, count);
+	unsigned long at;
 
+	if (bpf_core_type_exists(struct mm_rss_stat))
+		at = mm + bpf_core_field_offset(struct mm_struct___old, rss_stat) + idx * sizeof(long);
+	else
+		at = mm + bpf_core_field_offset(struct mm_struct, rss_stat) +
+		     idx * bpf_core_type_size(struct percpu_counter) +
+		     bpf_core_field_offset(struct percpu_counter, count);
 	bpf_probe_read_kernel(&v, sizeof(v), (void *)at);
 	return v > 0 ? v : 0;
 }

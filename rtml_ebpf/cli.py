@@ -150,6 +150,14 @@ def cmd_events(args: argparse.Namespace) -> int:
     return events.run(args.source, args.socket or socket_path(), args.scope, tuple(args.cgroup or ()), args.count, args.timeout)
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from . import watch
+
+    threshold = threshold_value(parse_threshold_text(args.threshold, name="--threshold"))
+    return watch.run(args.agent, list(args.cgroup or ()), tuple(args.filter or ()), args.interval, args.once,
+                     args.json, threshold)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -206,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--count", type=int, default=None, help="exit after this many records")
     ev.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
     ev.set_defaults(func=cmd_events)
+
+    wa = sub.add_parser("watch", help="live view of the watched cgroups, least headroom first (the agent's, or "
+                        "--cgroup ones standalone)")
+    wa.add_argument("--agent", default=None, metavar="URL",
+                    help="the agent's metrics endpoint (default http://127.0.0.1:9909/metrics)")
+    wa.add_argument("--cgroup", action="append", metavar="DIR",
+                    help="watch this cgroup directory standalone with programs of this process (root); repeatable")
+    wa.add_argument("--filter", action="append", metavar="GLOB",
+                    help="only cgroups whose path matches (e.g. '/kubepods*'); repeatable")
+    wa.add_argument("--interval", type=float, default=0.25, help="seconds between refreshes (default 0.25: 4 Hz)")
+    wa.add_argument("--once", action="store_true", help="print one reading and exit")
+    wa.add_argument("--json", action="store_true", help="with --once: the rows as JSON (stable keys)")
+    wa.add_argument("--threshold", default="0.9", help="standalone: the trip point shown and counted (default 0.9)")
+    wa.set_defaults(func=cmd_watch)
 
     from .demo import add_arguments
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .._growth import RateEwma, seconds_to
 from .._kube import pod_labels
+from ..config import PAGE_SIZE
 from ..ebpf import abi
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ CGROUP_FAMILIES = (
     ("rtml_cgroup_working_set_bytes", "gauge", "Usage as the tightest ancestor sees it, minus inactive file cache."),
     ("rtml_cgroup_limit_bytes", "gauge", "The tightest memory limit on the path to the root (absent: unlimited)."),
     ("rtml_cgroup_headroom_bytes", "gauge", "Bytes left before the OOM killer acts (least over limited ancestors)."),
+    ("rtml_cgroup_threshold_bytes", "gauge", "The lowest trip point of the clients' thresholds (absent: no client)."),
     ("rtml_cgroup_charged_bytes_total", "counter", "Pages charged to the cgroup's subtree since watched, by kind."),
     ("rtml_cgroup_uncharged_bytes_total", "counter", "Pages uncharged from the subtree since watched, by kind."),
     ("rtml_cgroup_oom_kills_total", "counter", "OOM victims chosen in the subtree since watched (memory.events "
@@ -82,12 +84,15 @@ class NodeMetrics:
         rows: dict[str, list[str]] = {name: [] for name, _, _ in CGROUP_FAMILIES}
         slots = agent.slots
         trips_offset = abi.Slot.trips.offset // 8
+        trip_pages_offset = abi.Slot.trip_pages.offset // 8
         for cgid, state in list(slots.by_cgid.items()):
             try:
                 snap = slots.snapshot(state, full=True, refresh_from_files=False)
                 w = slots.words
                 base_word = state.index * abi.SLOT_WORDS + trips_offset
                 trips = sum(w[base_word : base_word + abi.MAX_RULES]) if w is not None else 0
+                first = state.index * abi.SLOT_WORDS + trip_pages_offset
+                points = [w[first + i] for i in state.rules] if w is not None else []
             except (OSError, Exception):  # noqa: BLE001 - a cgroup going away mid-scrape: skip it
                 continue
             lab, base = self._labels_of(cgid, state.cgroup.path)
@@ -96,6 +101,9 @@ class NodeMetrics:
             if snap.limit is not None:
                 rows["rtml_cgroup_limit_bytes"].append(f"rtml_cgroup_limit_bytes{{{lab}}} {snap.limit}")
                 rows["rtml_cgroup_headroom_bytes"].append(f"rtml_cgroup_headroom_bytes{{{lab}}} {snap.headroom}")
+            if points and snap.limit is not None:
+                rows["rtml_cgroup_threshold_bytes"].append(
+                    f"rtml_cgroup_threshold_bytes{{{lab}}} {min(points) * PAGE_SIZE}")
             for kind, (charged, uncharged) in snap.growth.items():
                 kl = f'{lab},kind="{kind}"'  # kinds are fixed names: nothing to escape
                 rows["rtml_cgroup_charged_bytes_total"].append(f"rtml_cgroup_charged_bytes_total{{{kl}}} {charged}")

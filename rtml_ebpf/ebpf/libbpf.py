@@ -70,7 +70,8 @@ def take_log() -> str:
 
 
 def _on_print(level: int, fmt: bytes, args: int) -> int:
-    buf = ctypes.create_string_buffer(4096)
+    # One call carries a whole verifier log, whose reason is at its end: room for all of it.
+    buf = ctypes.create_string_buffer(1 << 20)
     _libc.vsnprintf(buf, len(buf), fmt, ctypes.c_void_p(args))
     line = buf.value.decode(errors="replace")
     if level <= LIBBPF_INFO or _verbose:
