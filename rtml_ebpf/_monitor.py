@@ -98,6 +98,9 @@ def log_transition(lim: Limiter, prev: Level, lvl: Level) -> None:
     level_threshold = s.threshold_bytes if lvl is not Level.SOFT else s.soft_threshold_bytes
     cause = {Level.HARD: "hard threshold reached", Level.SOFT: "soft threshold reached",
              Level.OK: "back below the clear point"}[lvl]
+    if lvl is Level.HARD and s.tripped_ahead and (s.headroom_bytes is None or s.headroom_bytes > 0):
+        cause = (f"the limit is {s.seconds_to_limit or 0:.2f} s away at {(s.growth_bytes_per_s or 0) / MiB:.0f} "
+                 f"MiB/s (trip_ahead_ms={lim.trip_ahead_ms:g})")
     log.warning(
         "rtml-ebpf: memory level %s -> %s in %s: %s %.1f MiB of %s (threshold %s); %s",
         prev.name, lvl.name, s.cgroup_dir, s.metric.replace("_", " "), value / MiB, limit,

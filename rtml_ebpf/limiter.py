@@ -39,6 +39,9 @@ log = logging.getLogger("rtml_ebpf")
 
 MiB = 1 << 20
 GROWTH_SAMPLE_INTERVAL = 0.1  # the monitor's readings for stats().growth_bytes_per_s
+AHEAD_SAMPLE_INTERVAL = 0.05  # with trip_ahead_ms: every look of the monitor
+AHEAD_CLEAR_FACTOR = 1.5  # a trip-ahead clears when the limit is this many times trip_ahead_ms away
+MAX_AHEAD_MS = 600_000
 AGENT_RETRY_INTERVAL = 5.0  # a Limiter that lost the node agent looks for it again this often
 
 
@@ -73,18 +76,37 @@ class Stats:
     relief_bytes: int = 0
     growth_bytes_per_s: float | None = None  # smoothed rate of the metric's "used" (see _growth.py)
     seconds_to_limit: float | None = None  # at that rate, until the OOM killer's limit; None if not growing
+    tripped_ahead: bool = False  # trip_ahead_ms: the limit is that close at the current rate
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def hot_check(view: Any) -> Any:
-    """A zero-argument C callable answering ``bool(view[0])`` for a one-byte verdict view."""
+class _EitherByte:
+    """``view[0] or ahead[0]`` where the C Verdict was not built."""
+
+    __slots__ = ("view", "ahead", "watch")
+
+    def __init__(self, view: Any, ahead: bytearray) -> None:
+        self.view, self.ahead, self.watch = view, ahead, None
+
+    def __call__(self) -> bool:
+        return bool(self.view[0] or self.ahead[0])
+
+    def __getitem__(self, index: int) -> bool:
+        return self()
+
+
+def hot_check(view: Any, ahead: bytearray | None = None) -> Any:
+    """A zero-argument C callable answering ``bool(view[0])`` for a one-byte verdict view (or
+    ``ahead[0]``, the trip-ahead flag, where given)."""
     try:
         from ._hot import Verdict
 
-        return Verdict(view)
+        return Verdict(view) if ahead is None else Verdict(view, 0, ahead)
     except ImportError:  # built without a compiler: the pure-Python binding (about 2x slower)
+        if ahead is not None:
+            return _EitherByte(view, ahead)
         return functools.partial(operator.getitem, view, 0)
 
 
@@ -178,6 +200,10 @@ class Limiter:
     while it stays tripped), rate-limited: True (the shared default, at most every 5 s),
     False, or a :class:`rtml_ebpf.relief.Relief`.
     ``on_trip`` / ``on_clear``: called with :class:`Stats` when the level rises / falls to OK.
+    ``trip_ahead_ms``: also trip (HARD) while, at the current growth rate (smoothed over the last
+    second of kernel readings), the OOM killer's limit is this many milliseconds away or less;
+    the monitor thread decides it every 50 ms and the check reads its flag with the verdict.
+    Clears when the limit is 1.5 times that far, or growth stops. Default None: off.
     """
 
     def __init__(
@@ -195,8 +221,17 @@ class Limiter:
         relief: bool | Relief = True,
         on_trip: Callback | None = None,
         on_clear: Callback | None = None,
+        trip_ahead_ms: float | None = None,
     ) -> None:
         self._closed = True
+        self._ahead: bytearray | None = None
+        self._ahead_ms = 0.0
+        if trip_ahead_ms is not None:
+            if isinstance(trip_ahead_ms, bool) or not isinstance(trip_ahead_ms, (int, float)) or \
+                    not 0 < trip_ahead_ms <= MAX_AHEAD_MS:
+                raise ConfigError(f"trip_ahead_ms={trip_ahead_ms!r}: milliseconds above 0 and up to {MAX_AHEAD_MS} "
+                                  "(e.g. 500: trip when the limit is half a second away at the current rate)")
+            self._ahead, self._ahead_ms = bytearray(1), float(trip_ahead_ms)
         self._trip = parse_threshold(threshold)
         self._soft = None if soft_threshold is None else parse_threshold(soft_threshold, name="soft_threshold")
         if self._soft is not None and _same_kind_not_below(self._soft, self._trip):
@@ -242,7 +277,7 @@ class Limiter:
         if backend in ("agent", "auto") and self._backend.name == "poll":
             self._retry_agent_at = time.monotonic() + AGENT_RETRY_INTERVAL  # the agent may start later
         if self._relief is not None or on_trip is not None or on_clear is not None or self._upkeep or \
-                self._retry_agent_at:
+                self._retry_agent_at or self._ahead is not None:
             from ._monitor import monitor
 
             monitor().add(self)
@@ -285,7 +320,7 @@ class Limiter:
             # holds the backend's handle, not this Limiter: a caller that keeps only
             # `lim.is_mem_limit_reached` keeps the watch alive, and dropping the Limiter frees it
             # by reference counting (no cycle).
-            check = hot_check(hot)
+            check = hot_check(hot, self._ahead)
             check.watch = handle  # type: ignore[attr-defined]
             self.is_mem_limit_reached = check  # type: ignore[method-assign,assignment]
         else:
@@ -352,14 +387,15 @@ class Limiter:
     def is_mem_limit_reached(self) -> bool:
         """True while the cgroup is at or over the (hard) threshold. Never raises, never blocks."""
         try:
-            return self._hot[0]  # type: ignore[no-any-return]
+            return bool(self._hot[0]) or (self._ahead is not None and bool(self._ahead[0]))
         except Exception as exc:  # noqa: BLE001 - the check must never raise
             return self._failed(exc)
 
     def level(self) -> Level:
-        """OK, SOFT (at or over soft_threshold) or HARD (at or over threshold). Never raises."""
+        """OK, SOFT (at or over soft_threshold) or HARD (at or over threshold, or the limit within
+        trip_ahead_ms at the current rate). Never raises."""
         try:
-            if self._hot[0]:
+            if self._hot[0] or (self._ahead is not None and self._ahead[0]):
                 return Level.HARD
             if self._soft_hot is not None and self._soft_hot[0]:
                 return Level.SOFT
@@ -451,12 +487,25 @@ class Limiter:
         now = time.monotonic()
         if now < self._next_growth_sample:
             return
-        self._next_growth_sample = now + GROWTH_SAMPLE_INTERVAL
+        self._next_growth_sample = now + (GROWTH_SAMPLE_INTERVAL if self._ahead is None else AHEAD_SAMPLE_INTERVAL)
         try:
             snap = self._backend.snapshot(self._handle, full=False)
         except Exception:  # noqa: BLE001 - a missed reading only thins the window
             return
         self._growth.add(time.monotonic_ns(), snap.used)
+        if self._ahead is not None:
+            self._judge_ahead(snap.headroom)
+
+    def _judge_ahead(self, room: int | None) -> None:
+        """Set or clear the trip-ahead flag from the rate and the room left before the limit."""
+        assert self._ahead is not None
+        left = seconds_to(room, self._growth.rate(time.monotonic_ns()))
+        if left is None:
+            self._ahead[0] = 0
+        elif left * 1000 <= self._ahead_ms:
+            self._ahead[0] = 1
+        elif left * 1000 > self._ahead_ms * AHEAD_CLEAR_FACTOR:
+            self._ahead[0] = 0
 
     # -- introspection ------------------------------------------------------------------
     @property
@@ -487,6 +536,10 @@ class Limiter:
     @property
     def metric(self) -> str:
         return self._metric
+
+    @property
+    def trip_ahead_ms(self) -> float | None:
+        return self._ahead_ms if self._ahead is not None else None
 
     @property
     def relief(self) -> Relief | None:
@@ -549,6 +602,7 @@ class Limiter:
             relief_bytes=self._relief.stats.bytes_returned if self._relief else 0,
             growth_bytes_per_s=rate,
             seconds_to_limit=seconds_to(snap.headroom, rate),
+            tripped_ahead=self._ahead is not None and bool(self._ahead[0]),
         )
 
     # -- lifecycle ----------------------------------------------------------------------

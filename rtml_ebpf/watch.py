@@ -176,8 +176,8 @@ def bar(row: Row, width: int = BAR_WIDTH) -> str:
     if not row.limit_bytes:
         return "[dim]" + "·" * width + "[/dim]"
     used = row.working_set_bytes if row.working_set_bytes is not None else row.usage_bytes
-    fill = min(width, int(round(width * row.usage_bytes / row.limit_bytes)))
-    ws = min(fill, int(round(width * used / row.limit_bytes)))
+    fill = min(width, int(width * row.usage_bytes / row.limit_bytes + 0.5))
+    ws = min(fill, int(width * used / row.limit_bytes + 0.5))
     mark = None
     if row.threshold_bytes is not None:
         mark = min(width - 1, int(width * row.threshold_bytes / row.limit_bytes))
