@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 
 from benchmarks.agent_scale import p9_agent_scale
+from benchmarks.node_view import p10_node_view
 from benchmarks.faultstorm import PAGES, bpf_run_stats, bpf_stats_setting, compile_storm, set_bpf_stats, storm_seconds
 
 MiB = 1 << 20
@@ -701,6 +702,10 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
         from benchmarks.agent_scale import report_lines
 
         lines += report_lines(res["P9"])
+    if "P10" in res:
+        from benchmarks.node_view import report_lines as p10_lines
+
+        lines += p10_lines(res["P10"])
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -710,7 +715,7 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,P9")
+    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,P9,P10")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the sections of --out/results.json that this run does not measure (say which run "
@@ -733,6 +738,7 @@ def main() -> int:
         ("P7", lambda: p7_service_overhead(3 if args.quick else 7)),
         ("P8", lambda: p8_precision(2 if args.quick else 5, args.out)),
         ("P9", lambda: p9_agent_scale(2 if args.quick else 3, compile_storm(args.out))),
+        ("P10", lambda: p10_node_view(5 if args.quick else 20, 10 if args.quick else 30)),
     ]
     for name, fn in steps:
         if name in only:

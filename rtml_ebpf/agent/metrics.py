@@ -123,9 +123,36 @@ class NodeMetrics:
         for name, kind, text in CGROUP_FAMILIES:
             out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *rows[name]]
         out += _health(agent, self)
+        out += _programs(agent)
         self.scrapes += 1
         self.last_scrape_seconds = time.perf_counter() - t0
         return ("\n".join(out) + "\n").encode()
+
+
+def _bpf_stats_enabled() -> bool:
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def _programs(agent: Agent) -> Iterable[str]:
+    """Run time and runs of each attached program (kernel.bpf_stats_enabled counts them)."""
+    stats = agent.node.run_stats()
+    yield from (
+        "# HELP rtml_agent_bpf_stats_enabled 1 while kernel.bpf_stats_enabled is on (the two series below count "
+        "only then: sysctl -w kernel.bpf_stats_enabled=1).",
+        "# TYPE rtml_agent_bpf_stats_enabled gauge",
+        f"rtml_agent_bpf_stats_enabled {int(_bpf_stats_enabled())}",
+        "# HELP rtml_agent_program_run_seconds_total Time the kernel spent in each attached program.",
+        "# TYPE rtml_agent_program_run_seconds_total counter",
+        *(f'rtml_agent_program_run_seconds_total{{program="{hook}"}} {ns / 1e9:.9f}'
+          for hook, (ns, _) in stats.items()),
+        "# HELP rtml_agent_program_runs_total Runs of each attached program.",
+        "# TYPE rtml_agent_program_runs_total counter",
+        *(f'rtml_agent_program_runs_total{{program="{hook}"}} {runs}' for hook, (_, runs) in stats.items()),
+    )
 
 
 def _health(agent: Agent, metrics: NodeMetrics) -> Iterable[str]:

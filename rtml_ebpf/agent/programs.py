@@ -55,6 +55,7 @@ class NodePrograms:
     pin_dir: str | None
     publish_fd: int = -1
     page_fds: dict[int, int] = field(default_factory=dict)  # slot -> fd of its page map
+    prog_fds: dict[str, int] = field(default_factory=dict)  # hook -> fd of its program (run stats)
     _pinned_fds: list[int] = field(default_factory=list)
 
     @property
@@ -121,6 +122,24 @@ class NodePrograms:
         _libbpf.check(_libbpf.lib().bpf_prog_test_run_opts(self.publish_fd, ctypes.byref(opts)),
                       "run", "rtml_publish")
 
+    def run_stats(self) -> dict[str, tuple[int, int]]:
+        """Each attached program's (nanoseconds run, runs), which the kernel counts while
+        kernel.bpf_stats_enabled is 1 (zeros otherwise)."""
+        out: dict[str, tuple[int, int]] = {}
+        lib = _libbpf.lib()
+        for hook, prog_id in self.loaded.prog_ids.items():
+            fd = self.prog_fds.get(hook)
+            if fd is None:
+                fd = lib.bpf_prog_get_fd_by_id(prog_id)
+                if fd < 0:
+                    continue
+                self.prog_fds[hook] = fd
+            try:
+                out[hook] = _libbpf.prog_run_stats(fd)
+            except LoadError:
+                continue
+        return out
+
     @property
     def beat_fd(self) -> int:
         return self.loaded.fds["beat"]
@@ -132,9 +151,10 @@ class NodePrograms:
         for fd in self.page_fds.values():
             os.close(fd)
         self.page_fds.clear()
-        for fd in self._pinned_fds:
+        for fd in [*self._pinned_fds, *self.prog_fds.values()]:
             os.close(fd)
         self._pinned_fds.clear()
+        self.prog_fds.clear()
         self.loaded.close()
         if unpin and self.pin_dir:
             remove_pins(self.pin_dir)
@@ -208,6 +228,24 @@ def _pinned(pin_dir: str) -> tuple[dict[str, int], tuple[str, ...]] | None:
             os.close(fd)
         return None
     return fds, hooks
+
+
+def _pinned_prog_ids(pin_dir: str) -> dict[str, int]:
+    """Hook -> program id of each pinned link (an adopting agent did not load them)."""
+    out: dict[str, int] = {}
+    links_dir = os.path.join(pin_dir, "links")
+    lib = _libbpf.lib()
+    for hook in sorted(os.listdir(links_dir)):
+        fd = lib.bpf_obj_get(os.path.join(links_dir, hook).encode())
+        if fd < 0:
+            continue
+        try:
+            out[hook] = _libbpf.link_prog_id(fd)
+        except LoadError:
+            pass
+        finally:
+            os.close(fd)
+    return out
 
 
 def _pinned_abi(fds: dict[str, int]) -> tuple[int, int]:
@@ -307,6 +345,7 @@ def load_node(capacity: int, wanted: tuple[str, ...] | None, pin_dir: str | None
                 finally:
                     for fd in fds.values():
                         os.close(fd)  # libbpf holds its own duplicates
+                out.prog_ids = _pinned_prog_ids(pin_dir)
                 node = NodePrograms(out, capacity, hooks, True, pin_dir)
                 return _finish(node)
             log.warning("rtml-ebpf agent: pinned programs under %s have ABI %d and %d cgroups, this agent ABI %d "

@@ -210,5 +210,28 @@ def prog_id(fd: int) -> int:
     return int.from_bytes(bytes(info[4:8]), "little")
 
 
+# struct bpf_prog_info offsets (uapi, stable): run_time_ns and run_cnt (5.1+)
+PROG_INFO_SIZE = 232
+PROG_RUN_TIME_NS, PROG_RUN_CNT = 192, 200
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(nanoseconds run, runs) of a program, counted while kernel.bpf_stats_enabled is 1."""
+    info = (ctypes.c_uint8 * PROG_INFO_SIZE)()
+    size = ctypes.c_uint32(PROG_INFO_SIZE)
+    check(lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)), "get info of", f"prog fd {fd}")
+    raw = bytes(info)
+    return (int.from_bytes(raw[PROG_RUN_TIME_NS:PROG_RUN_TIME_NS + 8], "little"),
+            int.from_bytes(raw[PROG_RUN_CNT:PROG_RUN_CNT + 8], "little"))
+
+
+def link_prog_id(fd: int) -> int:
+    """The program a link attaches (struct bpf_link_info: type, id, prog_id)."""
+    info = (ctypes.c_uint32 * 32)()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    check(lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)), "get info of", f"link fd {fd}")
+    return int(info[2])
+
+
 def vmlinux_btf_exists() -> bool:
     return os.path.exists("/sys/kernel/btf/vmlinux")

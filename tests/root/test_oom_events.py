@@ -10,6 +10,10 @@ import select
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 from support.agent import NOBODY, REPO, AgentProcess, client_env, glob_for, nobody_python
@@ -95,27 +99,45 @@ def test_standalone_events_name_the_victim_its_cgroup_usage_limit_and_rss() -> N
         assert cg.oom_kills() == 1
 
 
+@contextmanager
+def pod_under(tree: Cgroup) -> Iterator[SimpleNamespace]:
+    """A kubelet-named pod cgroup (cgroupfs driver) under ``tree``, removed after."""
+    directory = os.path.join(tree.directory, f"pod{uuid.uuid4()}")
+    if os.path.exists(os.path.join(tree.directory, "cgroup.subtree_control")):
+        with open(os.path.join(tree.directory, "cgroup.subtree_control"), "w") as f:
+            f.write("+memory")
+    os.mkdir(directory)
+    try:
+        yield SimpleNamespace(directory=directory)
+    finally:
+        os.rmdir(directory)
+
+
 @pytest.mark.vm
-def test_agent_sends_root_every_kill_and_nobody_only_its_own_cgroups() -> None:
-    with make_cgroup() as parent, make_cgroup(limit=LIMIT, parent=parent) as mine, \
-            make_cgroup(limit=LIMIT) as other:
-        agent = AgentProcess(None, extra=("--watch", glob_for(parent), "--watch", glob_for(other)))
+def test_agent_sends_root_every_kill_and_nobody_only_its_own_pods() -> None:
+    with make_cgroup() as tree, pod_under(tree) as pod, \
+            make_cgroup(limit=LIMIT, parent=pod) as victim, make_cgroup(parent=pod) as sidecar, \
+            make_cgroup(limit=LIMIT) as other:  # type: ignore[arg-type]
+        agent = AgentProcess(None, extra=("--watch", glob_for(tree), "--watch", glob_for(other)))
         root = nobody = None
         try:
             root = subprocess.Popen(events_cmd("--source", "agent", "--socket", agent.socket, "--count", "2",
                                                "--timeout", "90"),
                                     cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            # uid 65534 in `parent`: its scope is that cgroup's subtree, which holds `mine`, not `other`
-            nobody = parent.popen([*NOBODY, nobody_python(), "-m", "rtml_ebpf.cli", "events", "--source", "agent",
-                                   "--timeout", "30"], env={**client_env(agent), "PYTHONUNBUFFERED": "1"})
+            # uid 65534 in the pod's other container asks for its pod: it sees `victim`, not `other`
+            nobody = sidecar.popen([*NOBODY, nobody_python(), "-m", "rtml_ebpf.cli", "events", "--source", "agent",
+                                    "--scope", "pod", "--timeout", "30"],
+                                   env={**client_env(agent), "PYTHONUNBUFFERED": "1"})
             wait_subscribed(root)
-            assert f"under {path_of(parent)}" in wait_subscribed(nobody)
+            pod_path = _cgroup.cgroup_from_directory(pod.directory).path
+            assert f"under {pod_path}" in wait_subscribed(nobody)
             if not HOOKED:
                 time.sleep(1.5)  # the counters' baseline
-            pid_mine = kill_in(mine)
+            pid_mine = kill_in(victim)
             pid_other = kill_in(other)
             out_root, err_root = root.communicate(timeout=60)
             assert root.returncode == 0, err_root
+            time.sleep(0.5)
             nobody.send_signal(2)  # it has seen all it will: the agent forwards as the kill is read
             out_nobody, _ = nobody.communicate(timeout=30)
         finally:
@@ -125,10 +147,10 @@ def test_agent_sends_root_every_kill_and_nobody_only_its_own_cgroups() -> None:
                     p.wait()
             agent.stop()
         by_cgroup = {r["cgroup"]: r for r in map(json.loads, out_root.splitlines())}
-        check_record(by_cgroup[path_of(mine)], mine, pid_mine)
+        check_record(by_cgroup[path_of(victim)], victim, pid_mine)
         check_record(by_cgroup[path_of(other)], other, pid_other)
         seen_by_nobody = [json.loads(line) for line in out_nobody.splitlines()]
-        assert [r["cgroup"] for r in seen_by_nobody] == [path_of(mine)], out_nobody
+        assert [r["cgroup"] for r in seen_by_nobody] == [path_of(victim)], out_nobody
         log = agent.text()
         assert "OOM kill {" in log and f'"cgroup":"{path_of(other)}"' in log, log[-2000:]
 
@@ -145,3 +167,40 @@ def test_agent_counts_kills_in_metrics() -> None:
         finally:
             agent.stop()
         assert "rtml_agent_oom_events_lost_total 0" in text
+
+
+def test_program_run_time_is_exported_also_by_an_agent_that_adopted_the_pins() -> None:
+    import uuid
+
+    pin_dir = f"/sys/fs/bpf/rtml-test-{uuid.uuid4().hex[:8]}"
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        was = f.read().strip()
+    with make_cgroup(limit=LIMIT) as cg:
+        try:
+            with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+                f.write("1")
+            texts = []
+            for _ in range(2):  # the second agent adopts the first one's pinned programs
+                agent = AgentProcess(glob_for(cg), pin_dir=pin_dir)
+                try:
+                    h = cg.hold()
+                    h.change(8)  # charges and faults: the programs run
+                    texts.append(agent.scrape())
+                    h.proc.kill()
+                    h.proc.wait()
+                finally:
+                    agent.stop()
+            assert "adopted" in agent.text()
+        finally:
+            with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+                f.write(was)
+            subprocess.run([sys.executable, "-m", "rtml_ebpf.cli", "agent", "--unload", "--pin-dir", pin_dir],
+                           cwd=REPO, check=True, capture_output=True)
+    for text in texts:
+        assert "rtml_agent_bpf_stats_enabled 1" in text
+        runs = {line.split('"')[1]: int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("rtml_agent_program_runs_total{")}
+        seconds = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("rtml_agent_program_run_seconds_total{")}
+        busy = "memcg_lruvec" if "memcg_lruvec" in runs else "page_fault_user"
+        assert runs.get(busy, 0) > 0 and seconds.get(busy, 0) > 0, text[-3000:]
