@@ -29,8 +29,8 @@ from typing import Any
 import psutil
 
 from benchmarks.agent_scale import p9_agent_scale
-from benchmarks.node_view import p10_node_view
 from benchmarks.faultstorm import PAGES, bpf_run_stats, bpf_stats_setting, compile_storm, set_bpf_stats, storm_seconds
+from benchmarks.node_view import p10_node_view
 
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))

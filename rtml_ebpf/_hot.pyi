@@ -1,7 +1,9 @@
 from typing import Any
 
 class Verdict:
-    """Calling it returns whether the byte at ``offset`` of ``buffer`` (or ``ahead[0]``) is nonzero (rtml_ebpf/_hot.c)."""
+    """Calling it returns whether the byte at ``offset`` of ``buffer`` (or ``ahead[0]``) is nonzero.
+
+    (rtml_ebpf/_hot.c)"""
 
     watch: Any
     def __init__(self, buffer: Any, offset: int = 0, ahead: Any = None) -> None: ...

@@ -63,6 +63,7 @@ def status_dict(s: Stats) -> dict[str, Any]:
         "updated_ns": s.updated_ns,
         "growth_bytes_per_s": s.growth_bytes_per_s,
         "seconds_to_limit": s.seconds_to_limit,
+        "tripped_ahead": s.tripped_ahead,
     }
 
 
@@ -144,10 +145,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     from . import events
-
     from .agent.client import socket_path
 
-    return events.run(args.source, args.socket or socket_path(), args.scope, tuple(args.cgroup or ()), args.count, args.timeout)
+    return events.run(args.source, args.socket or socket_path(), args.scope, tuple(args.cgroup or ()), args.count,
+                      args.timeout)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

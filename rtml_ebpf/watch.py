@@ -205,12 +205,20 @@ def common_parent(paths: list[str]) -> str:
         return "/"
     split = [p.strip("/").split("/") for p in paths]
     shared = []
-    for parts in zip(*split):
+    for parts in zip(*split, strict=False):
         if len(set(parts)) != 1:
             break
         shared.append(parts[0])
     shared = shared[: min(len(p) for p in split) - 1]  # keep at least one level of each row
     return "/" + "/".join(shared) if shared else "/"
+
+
+_LONG_ID = re.compile(r"[0-9a-f]{32,}")
+
+
+def short_name(path: str) -> str:
+    """Container ids (64 hex digits) cut to the 12 that `crictl ps` shows."""
+    return _LONG_ID.sub(lambda m: m.group(0)[:12] + "…", path)
 
 
 def table(rows: list[Row], what: str, max_rows: int | None = None) -> Any:
@@ -226,9 +234,9 @@ def table(rows: list[Row], what: str, max_rows: int | None = None) -> Any:
         t.add_column(name, justify=justify, no_wrap=name != "cgroup", overflow="fold")  # type: ignore[arg-type]
     shown = rows if max_rows is None else rows[:max_rows]
     for r in shown:
-        name = r.cgroup[len(top):] if top != "/" else r.cgroup
-        if r.pod_uid is not None:
-            name += f"\n[dim]pod {r.pod_uid} {r.qos or ''}[/dim]"
+        name = short_name(r.cgroup[len(top):] if top != "/" else r.cgroup)
+        if r.qos:
+            name += f" [dim]({r.qos})[/dim]"
         growth = "-" if r.growth_bytes_per_s is None else f"{human(int(r.growth_bytes_per_s))}"
         t.add_row(name, bar(r), human(r.usage_bytes),
                   human(r.working_set_bytes) if r.working_set_bytes is not None else "-",

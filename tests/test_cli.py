@@ -9,7 +9,7 @@ import sys
 KEYS = {"cgroup_path", "cgroup_dir", "cgroup_id", "cgroup_version", "limit_bytes", "limit_source", "usage_bytes",
         "working_set_bytes", "metric", "threshold_bytes", "headroom_bytes", "limit_headroom_bytes", "tripped",
         "backend", "backend_reason", "hooks", "oom_kills", "faults", "updated_ns", "growth_bytes_per_s",
-        "seconds_to_limit"}
+        "seconds_to_limit", "tripped_ahead"}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

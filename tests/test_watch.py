@@ -8,19 +8,20 @@ import sys
 
 from rtml_ebpf import watch
 
-EXPOSITION = """\
-# HELP rtml_cgroup_usage_bytes x
-rtml_cgroup_usage_bytes{cgroup="/a",pod_uid="",container_id="",qos="",runtime=""} 100
-rtml_cgroup_usage_bytes{cgroup="/kubepods/burstable/podX/c \\"q\\"",pod_uid="X",container_id="c",qos="burstable",runtime=""} 50
-rtml_cgroup_usage_bytes{cgroup="/free",pod_uid="",container_id="",qos="",runtime=""} 70
-rtml_cgroup_limit_bytes{cgroup="/a",pod_uid="",container_id="",qos="",runtime=""} 400
-rtml_cgroup_headroom_bytes{cgroup="/a",pod_uid="",container_id="",qos="",runtime=""} 300
-rtml_cgroup_limit_bytes{cgroup="/kubepods/burstable/podX/c \\"q\\"",pod_uid="X",container_id="c",qos="burstable",runtime=""} 60
-rtml_cgroup_headroom_bytes{cgroup="/kubepods/burstable/podX/c \\"q\\"",pod_uid="X",container_id="c",qos="burstable",runtime=""} 10
-rtml_cgroup_growth_bytes_per_second{cgroup="/a",pod_uid="",container_id="",qos="",runtime=""} 1.5e+06
-rtml_cgroup_oom_kills_total{cgroup="/a",pod_uid="",container_id="",qos="",runtime=""} 2
-rtml_agent_watched_cgroups 3
-"""
+POD = 'cgroup="/kubepods/burstable/podX/c \\"q\\"",pod_uid="X",container_id="c",qos="burstable"'
+EXPOSITION = "\n".join([
+    "# HELP rtml_cgroup_usage_bytes x",
+    'rtml_cgroup_usage_bytes{cgroup="/a",pod_uid=""} 100',
+    f"rtml_cgroup_usage_bytes{{{POD}}} 50",
+    'rtml_cgroup_usage_bytes{cgroup="/free",pod_uid=""} 70',
+    'rtml_cgroup_limit_bytes{cgroup="/a",pod_uid=""} 400',
+    'rtml_cgroup_headroom_bytes{cgroup="/a",pod_uid=""} 300',
+    f"rtml_cgroup_limit_bytes{{{POD}}} 60",
+    f"rtml_cgroup_headroom_bytes{{{POD}}} 10",
+    'rtml_cgroup_growth_bytes_per_second{cgroup="/a",pod_uid=""} 1.5e+06',
+    'rtml_cgroup_oom_kills_total{cgroup="/a",pod_uid=""} 2',
+    "rtml_agent_watched_cgroups 3",
+])
 
 
 def test_rows_from_the_exposition_sorted_by_least_headroom() -> None:

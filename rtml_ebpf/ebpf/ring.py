@@ -24,7 +24,7 @@ class OomRing:
         self._rb = lib.ring_buffer__new(map_fd, self._cb, None, None)
         if not self._rb:
             raise LoadError("open ring buffer", "map oom_events", ctypes.get_errno() or 0, _libbpf.take_log())
-        self._fd = lib.ring_buffer__epoll_fd(self._rb)
+        self._fd = int(lib.ring_buffer__epoll_fd(self._rb))
 
     def _on_sample(self, ctx: int | None, data: int, size: int) -> int:
         raw = ctypes.string_at(data, min(size, ctypes.sizeof(abi.OomEvent)))

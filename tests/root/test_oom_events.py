@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from support.agent import NOBODY, REPO, AgentProcess, client_env, glob_for, nobody_python
-from support.cgroups import MiB, Cgroup, make_cgroup, needs_bpf, needs_cgroups, wait_until
+from support.cgroups import Cgroup, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 from rtml_ebpf import _cgroup
 from rtml_ebpf.ebpf import probes

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
