@@ -102,6 +102,25 @@ def hold() -> int:
     return 0
 
 
+def grow(rate: int, seconds: float, cap: int) -> int:
+    """Allocate at ``rate`` bytes/s (1 MiB steps, pages touched) for ``seconds`` or until ``cap``
+    bytes; say "go" and "done" on stdout, then hold it all until killed."""
+    held: list[mmap.mmap] = []
+    step = 1 << 20
+    t0 = time.monotonic()
+    print("go", flush=True)
+    while time.monotonic() - t0 < seconds and len(held) * step < cap:
+        due = min(int(rate * (time.monotonic() - t0) / step), cap // step)
+        while len(held) < due:
+            b = mmap.mmap(-1, step)
+            touch(b, fast=True)
+            held.append(b)
+        time.sleep(0.005)
+    print("done", flush=True)
+    time.sleep(60)
+    return 0
+
+
 def request_costs(ledger_dir: str) -> dict[str, Any]:
     """Requests of known sizes through Admission on this process's cgroup: concurrent threads
     and interleaved asyncio requests. Per request: [bytes allocated, cost measured]."""
@@ -168,11 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("hog", help="allocate and hold memory until killed (to provoke an OOM kill)")
     h.add_argument("--mib", type=int, required=True)
     sub.add_parser("hold", help="read '+N' / '-N' lines on stdin: grow or shrink by N MiB; answer each")
+    g = sub.add_parser("grow", help="allocate at a known rate, then hold (prints go / done)")
+    g.add_argument("--rate", type=int, required=True, help="bytes per second")
+    g.add_argument("--seconds", type=float, default=3600.0)
+    g.add_argument("--cap", type=int, default=1 << 62, help="stop at this many bytes")
     c = sub.add_parser("cost", help="requests of known sizes through Admission: allocated vs measured cost")
     c.add_argument("ledger_dir")
     args = p.parse_args(argv)
     if args.cmd == "hold":
         return hold()
+    if args.cmd == "grow":
+        return grow(args.rate, args.seconds, args.cap)
     if args.cmd == "cost":
         print(json.dumps(request_costs(args.ledger_dir)))
         return 0

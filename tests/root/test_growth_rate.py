@@ -8,28 +8,12 @@ import sys
 import time
 
 import pytest
-from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups
+from support.cgroups import WORKLOADS, MiB, make_cgroup, needs_bpf, needs_cgroups
 
 from rtml_ebpf import Limiter
 
 pytestmark = pytest.mark.root
 
-ALLOC = """
-import sys, time
-rate, seconds = int(sys.argv[1]), float(sys.argv[2])
-held, t0, step = [], time.monotonic(), 1 << 20
-print("go", flush=True)
-while time.monotonic() - t0 < seconds:
-    due = int(rate * (time.monotonic() - t0) / step)
-    while len(held) < due:
-        b = bytearray(step)
-        for i in range(0, step, 4096):
-            b[i] = 1
-        held.append(b)
-    time.sleep(0.005)
-print("done", flush=True)
-time.sleep(30)
-"""
 
 
 @needs_bpf
@@ -39,7 +23,8 @@ def test_growth_rate_within_10_percent_of_a_known_rate(backend: str) -> None:
     rate = 40 * MiB
     with make_cgroup(limit=1024 * MiB) as cg, Limiter(cg.directory, backend=backend, relief=False,
                                                        metric="usage") as lim:
-        p = cg.popen([sys.executable, "-c", ALLOC, str(rate), "4"], stdout=subprocess.PIPE, bufsize=1)
+        p = cg.popen([sys.executable, WORKLOADS, "grow", "--rate", str(rate), "--seconds", "4"],
+                     stdout=subprocess.PIPE, bufsize=1)
         assert p.stdout is not None and p.stdout.readline().strip() == "go"
         rates, ttl = [], []
         t0 = time.monotonic()

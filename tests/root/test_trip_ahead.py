@@ -8,27 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
+from support.cgroups import WORKLOADS, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
 from rtml_ebpf import ConfigError, Limiter
 
 pytestmark = pytest.mark.root
-GROW = """
-import sys, time
-rate, until = int(sys.argv[1]), int(sys.argv[2])
-held, t0, step = [], time.monotonic(), 1 << 20
-print("go", flush=True)
-while len(held) * step < until:
-    due = int(rate * (time.monotonic() - t0) / step)
-    while len(held) < due and len(held) * step < until:
-        b = bytearray(step)
-        for i in range(0, step, 4096):
-            b[i] = 1
-        held.append(b)
-    time.sleep(0.005)
-print("done", flush=True)
-time.sleep(60)
-"""
 
 
 @needs_bpf
@@ -41,7 +25,8 @@ def test_trips_while_the_limit_is_that_close_at_the_current_rate(backend: str) -
         assert not lim.is_mem_limit_reached()
         # grows at 50 MiB/s and stops at 360 MiB: from about 362 MiB used (150 MiB left) the
         # limit is 3 s away, so it trips on the way up, far below the 99% threshold
-        p = cg.popen([sys.executable, "-c", GROW, str(rate), str(360 * MiB)], stdout=subprocess.PIPE, bufsize=1)
+        p = cg.popen([sys.executable, WORKLOADS, "grow", "--rate", str(rate), "--cap", str(360 * MiB)],
+                     stdout=subprocess.PIPE, bufsize=1)
         assert p.stdout is not None and p.stdout.readline().strip() == "go"
         check = lim.is_mem_limit_reached
         assert wait_until(check, timeout=15, interval=0.01), lim.stats()
