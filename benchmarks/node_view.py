@@ -46,6 +46,7 @@ def p10_node_view(kills: int, frames: int, cgroups: int = 1000) -> dict[str, Any
                         time.sleep(0.1)
                     res["watched"] = agent.watched()
                     res["frame_ms"] = _frame_ms(agent, frames)
+                    res["live_hz"] = _live_hz(agent, 8.0)
                 finally:
                     for c in extra:
                         c.close()
@@ -71,30 +72,55 @@ def _event_latency(agent: _Agent, victims: Any, kills: int) -> tuple[list[float]
         out: list[float] = []
         for _ in range(kills):
             p = victims.popen([sys.executable, "-c", KILL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            p.wait(timeout=60)
+            # the line is timed as it arrives, not after the victim has finished dying
             ready, _, _ = select.select([reader.stdout], [], [], 10)
             if not ready:
                 raise RuntimeError("P10: no event within 10 s of an OOM kill")
             line = reader.stdout.readline()
             got = time.time()
             out.append((got - json.loads(line)["time"]) * 1e3)
+            p.wait(timeout=60)
         return out, source
     finally:
         reader.kill()
         reader.wait()
 
 
-def _frame_ms(agent: _Agent, frames: int) -> list[float]:
+def _metrics_url(agent: _Agent) -> str:
     import re
 
+    agent.log.flush()
+    with open(agent.log.name) as f:
+        return str(re.findall(r"metrics at (http://\S+/metrics)", f.read())[-1])
+
+
+def _live_hz(agent: _Agent, seconds: float) -> dict[str, float]:
+    """The live view as `watch` runs it (fetch on its thread, draw every 0.25 s): frames drawn
+    and fresh readings per second."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from rtml_ebpf import watch
+
+    source = watch.AgentSource(_metrics_url(agent))
+    fetcher = watch.Fetcher(source, (), 0.25)
+    try:
+        fetcher.wait(10)
+        with Live(console=Console(file=io.StringIO(), width=200), auto_refresh=False) as live:
+            t0, f0 = time.monotonic(), fetcher.fetches
+            frames = watch.draw(live, fetcher, source.what, 0.25, 40, frames=int(seconds * 4))
+            elapsed, fetched = time.monotonic() - t0, fetcher.fetches - f0
+    finally:
+        fetcher.stop()
+    return {"frames_hz": frames / elapsed, "fresh_hz": fetched / elapsed}
+
+
+def _frame_ms(agent: _Agent, frames: int) -> list[float]:
     from rich.console import Console
 
     from rtml_ebpf import watch
 
-    agent.log.flush()
-    with open(agent.log.name) as f:
-        url = re.findall(r"metrics at (http://\S+/metrics)", f.read())[-1]
-    source = watch.AgentSource(url)
+    source = watch.AgentSource(_metrics_url(agent))
     console = Console(file=io.StringIO(), width=200)
     out = []
     for _ in range(frames):
@@ -113,14 +139,18 @@ def report_lines(p: dict[str, Any]) -> list[str]:
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
-    lat, frame = p["latency_ms"], p["frame_ms"]
+    lat, frame, live = p["latency_ms"], p["frame_ms"], p["live_hz"]
     return ["## P10 the node view", "",
             f"OOM kill to JSON line: {p['kills']} processes OOM-killed in a 32 MiB cgroup watched by the agent; "
             "`rtml-ebpf events` subscribed to the agent prints each kill, this process reads the line (source "
-            f"`{p['source']}`). Frame: one refresh of `rtml-ebpf watch` (GET /metrics, parse, sort, render) "
-            f"against the agent watching {p['watched']} cgroups.", "",
+            f"`{p['source']}`). Frame: one refresh of `rtml-ebpf watch` done in line (GET /metrics, parse, "
+            f"sort, render 40 rows) against the agent watching {p['watched']} cgroups. Live: `watch` as it runs "
+            "(readings on their own thread, a frame every 0.25 s) for 8 s: frames drawn and fresh readings "
+            "per second.", "",
             "| figure | median | p99 | spread | target |", "|---|---|---|---|---|",
             f"| OOM kill → JSON line | {lat['median']:.1f} ms | {lat['p99']:.1f} ms | {lat['spread']} ms | "
             f"≤ 100 ms: {verdict(lat['p99'] <= 100)} |",
             f"| `watch` frame, {p['watched']} cgroups | {frame['median']:.0f} ms | {frame['p99']:.0f} ms | "
-            f"{frame['spread']} ms | ≤ 250 ms (4 Hz): {verdict(frame['median'] <= 250)} |", ""]
+            f"{frame['spread']} ms | |",
+            f"| `watch` live, {p['watched']} cgroups | {live['frames_hz']:.1f} frames/s, {live['fresh_hz']:.1f} "
+            f"fresh readings/s | | | ≥ 4 Hz: {verdict(live['frames_hz'] >= 3.9 and live['fresh_hz'] >= 3.9)} |", ""]

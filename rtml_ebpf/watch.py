@@ -64,7 +64,6 @@ def keep(rows: Iterable[Row], globs: tuple[str, ...]) -> list[Row]:
 
 
 # -- the agent's /metrics -------------------------------------------------------------------
-_SAMPLE = re.compile(r'^(\w+)\{(.*)\} (\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 _FIELDS = {"rtml_cgroup_usage_bytes": "usage_bytes", "rtml_cgroup_working_set_bytes": "working_set_bytes",
            "rtml_cgroup_limit_bytes": "limit_bytes", "rtml_cgroup_headroom_bytes": "headroom_bytes",
@@ -82,21 +81,28 @@ def _unescape(value: str) -> str:
 def parse_metrics(text: str) -> list[Row]:
     """The per-cgroup rows of the agent's exposition (other families are ignored)."""
     found: dict[str, dict[str, Any]] = {}
+    label_sets: dict[str, dict[str, str]] = {}  # a cgroup's label text repeats in every family
     for line in text.splitlines():
-        if not line.startswith("rtml_cgroup_"):
+        brace = line.find("{")
+        field = _FIELDS.get(line[:brace]) if brace > 0 else None
+        if field is None:
+            continue  # other families (charges by kind: half the text), comments, agent health
+        close = line.rfind("} ")
+        if close < brace:
             continue
-        m = _SAMPLE.match(line)
-        if m is None or m.group(1) not in _FIELDS:
-            continue
-        labels = {k: _unescape(v) for k, v in _LABEL.findall(m.group(2))}
+        label_text = line[brace + 1:close]
+        labels = label_sets.get(label_text)
+        if labels is None:
+            labels = label_sets[label_text] = {k: _unescape(v) for k, v in _LABEL.findall(label_text)}
         cgroup = labels.get("cgroup")
         if cgroup is None:
             continue
-        row = found.setdefault(cgroup, {"cgroup": cgroup, "pod_uid": labels.get("pod_uid") or None,
-                                        "container_id": labels.get("container_id") or None,
-                                        "qos": labels.get("qos") or None})
-        field = _FIELDS[m.group(1)]
-        value = float(m.group(3))
+        row = found.get(cgroup)
+        if row is None:
+            row = found[cgroup] = {"cgroup": cgroup, "pod_uid": labels.get("pod_uid") or None,
+                                   "container_id": labels.get("container_id") or None,
+                                   "qos": labels.get("qos") or None}
+        value = float(line[close + 2:])
         row[field] = value if field in _FLOATS else int(value)
     rows = []
     for r in found.values():
@@ -283,6 +289,52 @@ def _console() -> Any:
     return Console(width=None if sys.stdout.isatty() else 200)
 
 
+class Fetcher:
+    """Reads the source on its own thread, so a scrape (the agent renders it in its own process)
+    overlaps the drawing of the previous frame: the view refreshes at the rate of the slower of
+    the two, not of their sum."""
+
+    def __init__(self, source: AgentSource | LocalSource, globs: tuple[str, ...], interval: float) -> None:
+        import threading
+
+        self.source, self.globs, self.interval = source, globs, interval
+        self.rows: list[Row] | None = None
+        self.error: BaseException | None = None
+        self.fetches = 0
+        self.at = 0.0  # time.monotonic() of the last reading
+        self._stop = threading.Event()
+        self._fresh = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rtml-watch-fetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                rows = by_least_headroom(keep(self.source.rows(), self.globs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the drawing thread
+                self.error = exc
+                self._fresh.set()
+                return
+            self.rows, self.at = rows, time.monotonic()
+            self.fetches += 1
+            self._fresh.set()
+            # one reading per frame, not as many as the agent can render (each costs it a scrape)
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
+
+    def wait(self, timeout: float) -> list[Row] | None:
+        """The newest rows, waiting up to ``timeout`` for a reading newer than the last one drawn."""
+        self._fresh.wait(timeout)
+        self._fresh.clear()
+        if self.error is not None:
+            raise self.error
+        return self.rows
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=SCRAPE_TIMEOUT * 2)
+
+
 def _live(source: AgentSource | LocalSource, globs: tuple[str, ...], interval: float) -> int:
     from rich.live import Live
 
@@ -290,12 +342,29 @@ def _live(source: AgentSource | LocalSource, globs: tuple[str, ...], interval: f
     if not console.is_terminal:
         print("rtml-ebpf watch: not a terminal; use --once (--json) for scripts", file=sys.stderr)
     room = max(3, console.size.height - 9)
+    fetcher = Fetcher(source, globs, interval)
     try:
         with Live(console=console, auto_refresh=False, screen=console.is_terminal) as live:
-            while True:
-                t0 = time.monotonic()
-                rows = by_least_headroom(keep(source.rows(), globs))
-                live.update(table(rows, source.what, room), refresh=True)
-                time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+            draw(live, fetcher, source.what, interval, room)
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how a live view ends
+    finally:
+        fetcher.stop()
+    return 0
+
+
+def draw(live: Any, fetcher: Fetcher, what: str, interval: float, room: int | None,
+         frames: int | None = None) -> int:
+    """Redraw every ``interval`` with the newest reading (``frames``: stop after that many).
+    Returns the frames drawn."""
+    drawn = 0
+    while frames is None or drawn < frames:
+        t0 = time.monotonic()
+        rows = fetcher.wait(max(interval, 0.01))
+        if rows is not None:
+            age = time.monotonic() - fetcher.at
+            label = what + (f" · data {age:.1f} s old" if age > max(1.0, 4 * interval) else "")
+            live.update(table(rows, label, room), refresh=True)
+            drawn += 1
+        time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+    return drawn
