@@ -220,11 +220,13 @@ def common_parent(paths: list[str]) -> str:
 
 
 _LONG_ID = re.compile(r"[0-9a-f]{32,}")
+_POD_UID = re.compile(r"([0-9a-f]{8})[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}")
 
 
 def short_name(path: str) -> str:
-    """Container ids (64 hex digits) cut to the 12 that `crictl ps` shows."""
-    return _LONG_ID.sub(lambda m: m.group(0)[:12] + "…", path)
+    """Container ids (64 hex digits) cut to the 12 that `crictl ps` shows, pod UIDs to 8
+    (--once --json has them whole)."""
+    return _POD_UID.sub(lambda m: m.group(1) + "…", _LONG_ID.sub(lambda m: m.group(0)[:12] + "…", path))
 
 
 def table(rows: list[Row], what: str, max_rows: int | None = None) -> Any:
@@ -239,8 +241,9 @@ def table(rows: list[Row], what: str, max_rows: int | None = None) -> Any:
                           ("to limit", "right"), ("OOM", "right"), ("trips", "right")):
         t.add_column(name, justify=justify, no_wrap=name != "cgroup", overflow="fold")  # type: ignore[arg-type]
     shown = rows if max_rows is None else rows[:max_rows]
-    for r in shown:
-        name = short_name(r.cgroup[len(top):] if top != "/" else r.cgroup)
+    names = [short_name(r.cgroup[len(top):] if top != "/" else r.cgroup) for r in shown]
+    t.columns[0].min_width = min(48, max((len(n) for n in names), default=6) + 12)
+    for r, name in zip(shown, names, strict=True):
         if r.qos:
             name += f" [dim]({r.qos})[/dim]"
         growth = "-" if r.growth_bytes_per_s is None else f"{human(int(r.growth_bytes_per_s))}"
