@@ -134,7 +134,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     config = AgentConfig(socket_path=args.socket, capacity=check_capacity(args.max_cgroups),
                          globs=tuple(args.watch or ()), pin_dir=pin_dir,
                          hooks=parse_hooks(args.hooks, name="--hooks"), socket_mode=mode,
-                         metrics_addr=None if args.metrics_addr in ("", "off") else args.metrics_addr)
+                         metrics_addr=None if args.metrics_addr in ("", "off") else args.metrics_addr,
+                         metrics_token_file=args.metrics_token_file)
     agent = Agent(config)
     try:
         agent.serve_forever()
@@ -156,7 +157,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     threshold = threshold_value(parse_threshold_text(args.threshold, name="--threshold"))
     return watch.run(args.agent, list(args.cgroup or ()), tuple(args.filter or ()), args.interval, args.once,
-                     args.json, threshold)
+                     args.json, threshold, args.token_file)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--metrics-addr", default="127.0.0.1:9909", metavar="HOST:PORT",
                     help="serve Prometheus /metrics of every watched cgroup here (default 127.0.0.1:9909, "
                          "loopback only; 'off' to disable; port 0 picks one and logs it)")
+    ag.add_argument("--metrics-token-file", default=None, metavar="PATH",
+                    help="a bearer token scrapers must send (Authorization: Bearer ...); needed to serve /metrics "
+                         "beyond loopback. Without it only root on loopback may read them")
     ag.add_argument("--no-pin", action="store_true", help="do not pin: the programs go when the agent stops")
     ag.add_argument("--unload", action="store_true", help="remove the pins (the programs detach) and exit")
     ag.set_defaults(func=cmd_agent)
@@ -220,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--cgroup ones standalone)")
     wa.add_argument("--agent", default=None, metavar="URL",
                     help="the agent's metrics endpoint (default http://127.0.0.1:9909/metrics)")
+    wa.add_argument("--token-file", default=None, metavar="PATH",
+                    help="the agent's metrics token (its --metrics-token-file), sent as a bearer token")
     wa.add_argument("--cgroup", action="append", metavar="DIR",
                     help="watch this cgroup directory standalone with programs of this process (root); repeatable")
     wa.add_argument("--filter", action="append", metavar="GLOB",

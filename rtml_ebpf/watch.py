@@ -117,18 +117,23 @@ def parse_metrics(text: str) -> list[Row]:
 
 
 class AgentSource:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             url = "http://" + url
         if not url.rstrip("/").endswith("/metrics"):
             url = url.rstrip("/") + "/metrics"
         self.url = url
         self.what = f"agent {url}"
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def rows(self) -> list[Row]:
         try:
-            with urllib.request.urlopen(self.url, timeout=SCRAPE_TIMEOUT) as r:
+            with urllib.request.urlopen(urllib.request.Request(self.url, headers=self.headers),
+                                        timeout=SCRAPE_TIMEOUT) as r:
                 text = r.read().decode()
+        except urllib.error.HTTPError as exc:
+            why = exc.read().decode(errors="replace").strip()
+            raise AgentUnavailable(f"{self.url} answered {exc.code}: {why}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise AgentUnavailable(f"cannot read {self.url} ({getattr(exc, 'reason', exc)}); is `rtml-ebpf agent` "
                                    "running with --metrics-addr there? Or name cgroups with --cgroup to watch "
@@ -258,7 +263,7 @@ def table(rows: list[Row], what: str, max_rows: int | None = None) -> Any:
 
 
 def run(agent: str | None, cgroups: list[str], globs: tuple[str, ...], interval: float, once: bool, as_json: bool,
-        threshold: float | int) -> int:
+        threshold: float | int, token_file: str | None = None) -> int:
     if not MIN_INTERVAL <= interval <= MAX_INTERVAL:
         raise ConfigError(f"--interval={interval:g}: seconds from {MIN_INTERVAL:g} to {MAX_INTERVAL:g} "
                           "(0.25 refreshes 4 times a second)")
@@ -266,8 +271,16 @@ def run(agent: str | None, cgroups: list[str], globs: tuple[str, ...], interval:
         raise ConfigError("--json prints one reading: pass --once with it")
     if cgroups and agent:
         raise ConfigError("--agent reads the agent's cgroups, --cgroup watches cgroups standalone: pass one")
+    token = None
+    if token_file is not None:
+        from .agent.metrics_access import read_token
+
+        try:
+            token = read_token(token_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--token-file: {exc}") from None
     source: AgentSource | LocalSource = LocalSource(cgroups, threshold) if cgroups else \
-        AgentSource(agent or DEFAULT_AGENT)
+        AgentSource(agent or DEFAULT_AGENT, token)
     try:
         if isinstance(source, LocalSource) and once:
             for _ in range(10):  # a second of readings for the growth rate

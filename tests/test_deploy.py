@@ -42,8 +42,16 @@ def test_daemonset_has_what_the_agent_needs() -> None:
     assert spec["hostPID"] is True  # SO_PEERCRED pids of other pods must be visible
     agent = spec["containers"][0]
     assert agent["securityContext"]["privileged"] is True
-    paths = {v["hostPath"]["path"] for v in spec["volumes"]}
+    paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert paths == {"/sys/fs/bpf", "/sys/fs/cgroup", "/run/rtml-ebpf"}
+    # metrics beyond loopback only behind a token, from a Secret the agent does not wait for
+    args = agent["args"]
+    assert args[args.index("--metrics-addr") + 1] == "0.0.0.0:9909"
+    token_file = args[args.index("--metrics-token-file") + 1]
+    secret = next(v for v in spec["volumes"] if "secret" in v)
+    assert secret["secret"]["optional"] is True
+    mount = next(m for m in agent["volumeMounts"] if m["name"] == secret["name"])
+    assert token_file.startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     assert mounts["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"  # pins reach the host's bpffs
     assert "/run/rtml-ebpf/agent.sock" in agent["args"]

@@ -63,3 +63,12 @@ def test_bad_arguments_get_a_clear_error_and_exit_2() -> None:
 def test_no_agent_says_how_to_start_one() -> None:
     out = cli("--agent", "127.0.0.1:1", "--once")
     assert out.returncode == 4 and "rtml-ebpf agent" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_proc_net_tcp_addresses_are_written_as_the_kernel_does() -> None:
+    from rtml_ebpf.agent import metrics_access
+
+    assert metrics_access._hex_endpoint("127.0.0.1", 9909) == "0100007F:26B5"
+    assert metrics_access._hex_endpoint("::1", 80) == "00000000000000000000000001000000:0050"
+    assert metrics_access.is_loopback("127.0.0.1") and metrics_access.is_loopback("[::1]")
+    assert not metrics_access.is_loopback("0.0.0.0")

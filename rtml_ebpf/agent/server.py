@@ -31,8 +31,8 @@ from ..ebpf import abi
 from ..ebpf.ring import OomRing
 from ..ebpf.slots import Slots, SlotState, decode_rule, encode_rule
 from ..errors import CapacityError, CgroupNotFound, ConfigError, RtmlError
+from . import metrics_access, protocol
 from . import peer as _peer
-from . import protocol
 from .metrics import CONTENT_TYPE, NodeMetrics
 from .programs import NodePrograms, load_node
 from .scan import Scanner, memory_mount
@@ -89,6 +89,7 @@ class AgentConfig:
     hooks: tuple[str, ...] | None = None
     socket_mode: int = 0o666
     metrics_addr: str | None = DEFAULT_METRICS_ADDR  # host:port of /metrics; None: off
+    metrics_token_file: str | None = None  # a bearer token scrapers must send (else: root on loopback only)
 
 
 def enter_host_cgroup_namespace() -> bool:
@@ -165,8 +166,9 @@ class Agent:
         self.metrics = NodeMetrics()
         self._next_sample = 0.0
         self.http: socket.socket | None = None
+        self.metrics_token: str | None = None
         if config.metrics_addr:
-            self.http = self._listen_metrics(config.metrics_addr)
+            self.http = self._listen_metrics(config.metrics_addr, config.metrics_token_file)
         ids = ",".join(f"{k}={v}" for k, v in self.node.loaded.prog_ids.items())
         log.info("rtml-ebpf agent: %s programs (%s%s), %d cgroups watched, capacity %d, serving %s",
                  "adopted pinned" if self.node.adopted else "loaded", ", ".join(self.node.hooks),
@@ -202,9 +204,20 @@ class Agent:
             raise
         return sock
 
-    def _listen_metrics(self, addr: str) -> socket.socket | None:
-        """The /metrics listener; a port that cannot be bound is logged, not fatal."""
+    def _listen_metrics(self, addr: str, token_file: str | None) -> socket.socket | None:
+        """The /metrics listener; a port that cannot be bound, or a token that cannot be read, is
+        logged, not fatal: the verdicts are the agent's first job."""
         host, _, port = addr.rpartition(":")
+        if token_file is not None:
+            try:
+                self.metrics_token = metrics_access.read_token(token_file)
+            except (OSError, ValueError) as exc:
+                log.warning("rtml-ebpf agent: no metrics endpoint: cannot read the token in %s (%s)", token_file, exc)
+                return None
+        elif not metrics_access.is_loopback(host):
+            log.warning("rtml-ebpf agent: no metrics endpoint: %s is beyond loopback and every cgroup's figures "
+                        "would be readable there; pass --metrics-token-file (a bearer token scrapers send)", addr)
+            return None
         try:
             sock = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), reuse_port=False)
         except (OSError, ValueError) as exc:
@@ -213,7 +226,8 @@ class Agent:
         sock.setblocking(False)
         self.selector.register(sock, selectors.EVENT_READ, HTTP)
         bound = sock.getsockname()
-        log.info("rtml-ebpf agent: metrics at http://%s:%d/metrics", bound[0], bound[1])
+        log.info("rtml-ebpf agent: metrics at http://%s:%d/metrics (%s)", bound[0], bound[1],
+                 "bearer token" if self.metrics_token else "root on loopback only")
         return sock
 
     def _scrape(self) -> None:
@@ -233,9 +247,14 @@ class Agent:
                     if not chunk:
                         break
                     request += chunk
-                line = request.split(b"\r\n", 1)[0].decode("latin-1")
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
+                head_lines = request.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+                parts = head_lines[0].split()
+                headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head_lines[1:])}
+                refused = metrics_access.decide(conn, headers, self.metrics_token)
+                if refused is not None:
+                    status, why = refused
+                    body, ctype = why.encode(), "text/plain"
+                elif len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
                     body, status, ctype = self.metrics.render(self), "200 OK", CONTENT_TYPE
                 else:
                     body, status, ctype = b"rtml-ebpf agent: GET /metrics\n", "404 Not Found", "text/plain"
@@ -357,6 +376,9 @@ class Agent:
         else:
             cg = _peer.cgroup_of(conn.peer)
             seen = (_peer.pod_ancestor(cg) if scope == "pod" else cg).path
+            if seen.strip("/") == "":
+                raise ConfigError("your cgroup is the root cgroup, whose subtree is the whole node: only root sees "
+                                  "every cgroup's OOM kills; run in a cgroup of your own")
         conn.events_scope = seen
         source = "bpf" if self.oom_ring is not None else "memory.events"
         note = "" if self.oom_ring is not None else _oom.NO_HOOK.format(interval=_oom.COUNT_INTERVAL)
