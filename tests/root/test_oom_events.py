@@ -204,3 +204,30 @@ def test_program_run_time_is_exported_also_by_an_agent_that_adopted_the_pins() -
                    if line.startswith("rtml_agent_program_run_seconds_total{")}
         busy = "memcg_lruvec" if "memcg_lruvec" in runs else "page_fault_user"
         assert runs.get(busy, 0) > 0 and seconds.get(busy, 0) > 0, text[-3000:]
+
+
+@pytest.mark.vm
+def test_without_the_hook_the_agent_counts_from_memory_events_and_says_so() -> None:
+    with make_cgroup(limit=LIMIT) as cg:
+        agent = AgentProcess(glob_for(cg), extra=("--hooks", "page_fault_user"))  # no oom_victim
+        cg_path = path_of(cg)
+        reader = None
+        try:
+            reader = subprocess.Popen(events_cmd("--source", "agent", "--socket", agent.socket, "--count", "1",
+                                                 "--timeout", "60"),
+                                      cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            note = wait_subscribed(reader)
+            time.sleep(1.5)  # the counter's baseline
+            kill_in(cg)
+            out, err = reader.communicate(timeout=60)
+        finally:
+            if reader is not None and reader.poll() is None:
+                reader.kill()
+                reader.wait()
+            agent.stop()
+    assert "source memory.events" in note and "6.8" in note, note
+    assert "memory.events" in agent.text() and "6.8" in agent.text()
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    assert record["source"] == "memory.events" and record["count"] == 1 and record["pid"] is None, record
+    assert record["cgroup"] == cg_path and record["limit_bytes"] == LIMIT
+    assert record["limit_cgroup"] == cg_path, record
