@@ -65,21 +65,22 @@ def from_agent(path: str, scope: str = "self", note: Note | None = None) -> Iter
 def standalone(globs: tuple[str, ...] = (), note: Note | None = None) -> Iterator[dict[str, Any]]:
     """OOM kill records from programs this process loads (root). ``globs`` name the cgroups the
     memory.events source reads on kernels without the hook (default: every limited one)."""
-    from .ebpf import loader, probes
+    from .ebpf import probes
 
     hook = next(h for h in probes.HOOKS if h.name == "oom_victim")
     probes.check_privileges()
     probes.check_btf()
     why = probes.hook_unavailable(hook)
     if why is None:
-        yield from _from_ring(loader, note)
+        yield from _from_ring(note)
     else:
         if note is not None:
             note(f"rtml-ebpf: {_oom.NO_HOOK.format(interval=_oom.COUNT_INTERVAL)} ({why})")
         yield from _from_counters(globs)
 
 
-def _from_ring(loader: Any, note: Note | None) -> Iterator[dict[str, Any]]:
+def _from_ring(note: Note | None) -> Iterator[dict[str, Any]]:
+    from .ebpf import loader
     from .ebpf.ring import OomRing
 
     loaded = loader.load(("oom_victim",), ring_bytes=STANDALONE_RING_BYTES)

@@ -47,7 +47,8 @@ class OomKill:
     rss_file_bytes: int | None = None
     rss_shmem_bytes: int | None = None
     count: int = 1
-    truncated: bool = False  # the path was deeper than the event carries: its top is cut ("/...")
+    truncated: bool = False  # the path is not whole: deeper than the event carries (its top is cut:
+    # "/..."), or a level's name longer than RTML_EVENT_NAME (cut at that length)
 
     @property
     def rss_bytes(self) -> int | None:
@@ -123,7 +124,7 @@ def from_event(ev: abi.OomEvent) -> OomKill:
         rss_anon_bytes=int(ev.rss_anon_pages) * PAGE_SIZE,
         rss_file_bytes=int(ev.rss_file_pages) * PAGE_SIZE,
         rss_shmem_bytes=int(ev.rss_shmem_pages) * PAGE_SIZE,
-        truncated=truncated,
+        truncated=truncated or bool(ev.flags & abi.EVENT_NAME_CUT),
     )
 
 

@@ -34,6 +34,11 @@ def test_a_cut_path_says_so() -> None:
     assert k.cgroup == "/.../mid/leaf" and k.as_dict()["path_truncated"] is True
 
 
+def test_a_cut_name_says_so_too() -> None:
+    k = oom.from_event(event(["x" * 127, "mid"], flags=abi.EVENT_NAME_CUT))
+    assert k.cgroup == "/mid/" + "x" * 127 and k.truncated
+
+
 def test_kubelet_paths_carry_pod_labels() -> None:
     uid = "0f5e7a2c-3b1d-4e8f-9a6b-7c2d1e0f3a4b"
     cid = "ab" * 32

@@ -53,7 +53,6 @@ RuleKey = tuple[int, int, int, int]
 INOTIFY = "inotify"  # the selector key of the scanner's fd
 HTTP = "http"  # the selector key of the metrics listener
 OOM = "oom"  # the selector key of the OOM event ring
-RECENT_OOMS = 64  # OOM kills kept for `rtml-ebpf watch` and the log
 DEFAULT_METRICS_ADDR = "127.0.0.1:9909"
 SAMPLE_INTERVAL = 0.5  # usage readings for the growth rate in /metrics
 HTTP_TIMEOUT = 0.5  # a scraper must send its request within this
@@ -140,8 +139,7 @@ class Agent:
         self.oom_ring: OomRing | None = None
         self.oom_counted: _oom.CountedOoms | None = None
         self.oom_events: collections.Counter[str] = collections.Counter()  # by source
-        self.oom_recent: collections.deque[_oom.OomKill] = collections.deque(maxlen=RECENT_OOMS)
-        self.events_dropped = 0
+        self.events_dropped = 0  # records not sent to a subscriber whose socket was full
         self._next_count = 0.0
         try:
             self.slots = Slots(self.node.loaded, config.capacity)
@@ -337,7 +335,6 @@ class Agent:
         that may see its cgroup."""
         for kill in kills:
             self.oom_events[kill.source] += kill.count
-            self.oom_recent.append(kill)
             record = kill.as_dict()
             log.warning("rtml-ebpf agent: OOM kill %s", json.dumps(record, separators=(",", ":")))
             try:
