@@ -206,7 +206,6 @@ def test_program_run_time_is_exported_also_by_an_agent_that_adopted_the_pins() -
         assert runs.get(busy, 0) > 0 and seconds.get(busy, 0) > 0, text[-3000:]
 
 
-@pytest.mark.vm
 def test_without_the_hook_the_agent_counts_from_memory_events_and_says_so() -> None:
     with make_cgroup(limit=LIMIT) as cg:
         agent = AgentProcess(glob_for(cg), extra=("--hooks", "page_fault_user"))  # no oom_victim
