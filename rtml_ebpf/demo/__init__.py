@@ -29,6 +29,8 @@ from typing import Any
 from .. import config
 from ..errors import ConfigError, NotSupported
 from .flood import Flood, RunResult, Server, gunicorn_server
+from .witness import OomWitness
+from .witness import summary as victims_summary
 
 MiB = 1 << 20
 PARTS = ("handler", "prefork", "agent")
@@ -169,12 +171,13 @@ def results_table(results: list[RunResult], limit: int) -> Any:
 
     t = Table(title=f"Flood survival, limit {limit // MiB} MiB")
     for col in ("run", "guard on", "OOM kills", "served", "rejected (503)", "failed", "peak / limit",
-                "first OOM kill"):
+                "first OOM kill", "victims (OOM hook)"):
         t.add_column(col, justify="right" if col not in ("run", "guard on") else "left")
     for r in results:
         t.add_row(r.name, r.backend or "-", ("[red]" if r.oom_kills else "[green]") + str(r.oom_kills), str(r.served),
                   str(r.rejected), str(r.failed), f"{r.peak_bytes / MiB:.0f} / {limit // MiB} MiB",
-                  f"{r.time_to_first_oom_s:.1f} s" if r.time_to_first_oom_s is not None else "-")
+                  f"{r.time_to_first_oom_s:.1f} s" if r.time_to_first_oom_s is not None else "-",
+                  victims_summary(r.oom_events) if r.oom_kills or r.oom_events else "-")
     return t
 
 
@@ -198,15 +201,9 @@ def _flood(s: Scenario, args: argparse.Namespace, limit: int, console: Any, agen
         return flood.run(on_tick=tick)
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    limit = parse_size(args.limit)
-    chosen = check_args(args)
-    preflight(chosen)
-    console = Console(stderr=args.json)
-    chosen, skipped = drop_unrunnable(chosen, console)
-    os.makedirs(args.out, exist_ok=True)
+def _rows(chosen: list[Scenario], args: argparse.Namespace, limit: int, console: Any,
+          witness: OomWitness) -> list[RunResult]:
+    """Each scenario's flood in turn, with the victims the OOM hook saw during it."""
     results: list[RunResult] = []
     for s in chosen:
         if s.part == "agent":
@@ -216,9 +213,31 @@ def run_demo(args: argparse.Namespace) -> int:
                 results.append(_flood(s, args, limit, console, agent.socket))
         else:
             results.append(_flood(s, args, limit, console, None))
-        if results[-1].backend is None and s.part == "handler" and s.guard != "none":
-            results[-1].backend = s.guard  # the in-handler service has no stats route; its guard is explicit
-        console.print(f"done: {s.name} ({results[-1].oom_kills} OOM kills, guard on {results[-1].backend})")
+        r = results[-1]
+        r.oom_events = witness.take()
+        if r.backend is None and s.part == "handler" and s.guard != "none":
+            r.backend = s.guard  # the in-handler service has no stats route; its guard is explicit
+        victims = f"; victims seen by the OOM hook: {victims_summary(r.oom_events)}" if r.oom_events else ""
+        console.print(f"done: {s.name} ({r.oom_kills} OOM kills, guard on {r.backend}{victims})")
+    return results
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    limit = parse_size(args.limit)
+    chosen = check_args(args)
+    preflight(chosen)
+    console = Console(stderr=args.json)
+    chosen, skipped = drop_unrunnable(chosen, console)
+    os.makedirs(args.out, exist_ok=True)
+    witness = OomWitness()
+    if witness.why:
+        console.print(f"OOM events: {witness.why}")
+    try:
+        results = _rows(chosen, args, limit, console, witness)
+    finally:
+        witness.close()
     png = os.path.join(args.out, "flood.png")
     plot(results, limit, [s.threshold for s in chosen], png)
     summary = {

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._sandbox import ChildCgroup
 
@@ -34,6 +35,7 @@ class RunResult:
     peak_bytes: int = 0
     time_to_first_oom_s: float | None = None
     backend: str | None = None  # the guard's backend as the service reported it (/rtml-stats)
+    oom_events: list[dict[str, Any]] = field(default_factory=list)  # the victims as the OOM hook saw them
     samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds, usage bytes)
 
 

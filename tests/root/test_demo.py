@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 from support.cgroups import needs_bpf, needs_cgroups, open_checkout_to_nobody
 
+from rtml_ebpf.ebpf import probes
+
 pytestmark = pytest.mark.root
+HOOKED = os.geteuid() == 0 and os.path.exists("/sys/kernel/btf/vmlinux") and \
+    probes.hook_unavailable(next(h for h in probes.HOOKS if h.name == "oom_victim")) is None
 
 
 @needs_bpf
@@ -27,6 +31,12 @@ def test_demo_short_run(tmp_path: Path) -> None:
     runs = {r["guard"]: r for r in result["runs"]}
     assert runs["none"]["oom_kills"] >= 1
     assert runs["none"]["time_to_first_oom_s"] is not None
+    if HOOKED:  # every kill the cgroup counted, with its victim, from the OOM hook's ring
+        victims = runs["none"]["oom_events"]
+        assert len(victims) == runs["none"]["oom_kills"], victims
+        assert all("/rtml-flood-" in v["cgroup"] and v["pid"] and v["victim_rss_bytes"] for v in victims), victims
+        assert "victims seen by the OOM hook" in out.stderr
+    assert runs["ebpf"]["oom_events"] == []
     assert runs["ebpf"]["oom_kills"] == 0
     assert runs["ebpf"]["served"] > 0 and runs["ebpf"]["rejected"] > 0
     assert runs["ebpf"]["failed"] == 0

@@ -113,7 +113,6 @@ def pod_under(tree: Cgroup) -> Iterator[SimpleNamespace]:
         os.rmdir(directory)
 
 
-@pytest.mark.vm
 def test_agent_sends_root_every_kill_and_nobody_only_its_own_pods() -> None:
     with make_cgroup() as tree, pod_under(tree) as pod, \
             make_cgroup(limit=LIMIT, parent=pod) as victim, make_cgroup(parent=pod) as sidecar, \
