@@ -15,9 +15,22 @@ import subprocess
 import time
 import uuid
 from types import TracebackType
+from typing import Any
 
 from . import _cgroup
 from .errors import RtmlError
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 class ChildCgroup:

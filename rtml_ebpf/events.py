@@ -75,7 +75,7 @@ def standalone(globs: tuple[str, ...] = (), note: Note | None = None) -> Iterato
         yield from _from_ring(note)
     else:
         if note is not None:
-            note(f"rtml-ebpf: {_oom.NO_HOOK.format(interval=_oom.COUNT_INTERVAL)} ({why})")
+            note(f"rtml-ebpf: {_oom.NO_HOOK} ({why})")
         yield from _from_counters(globs)
 
 

@@ -25,7 +25,7 @@ from .ebpf import abi
 
 COUNT_INTERVAL = 1.0  # seconds between reads of the oom_kill counters (memory.events source)
 NO_HOOK = ("this kernel has no mark_victim tracepoint with its task (Linux 6.8+): OOM kills are counted from "
-           "memory.events of the watched cgroups every {interval:g} s, without pid, comm or RSS")
+           f"memory.events of the watched cgroups every {COUNT_INTERVAL:g} s, without pid, comm or RSS")
 
 
 @dataclass(frozen=True)

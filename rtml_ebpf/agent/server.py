@@ -150,7 +150,7 @@ class Agent:
                 self.oom_ring = OomRing(self.node.loaded.fds["oom_events"])
             else:
                 self.oom_counted = _oom.CountedOoms()
-                log.warning("rtml-ebpf agent: %s", _oom.NO_HOOK.format(interval=_oom.COUNT_INTERVAL))
+                log.warning("rtml-ebpf agent: %s", _oom.NO_HOOK)
             self.listener = self._listen(config.socket_path, config.socket_mode)
         except BaseException:
             if self.oom_ring is not None:
@@ -378,7 +378,7 @@ class Agent:
                                   "every cgroup's OOM kills; run in a cgroup of your own")
         conn.events_scope = seen
         source = "bpf" if self.oom_ring is not None else "memory.events"
-        note = "" if self.oom_ring is not None else _oom.NO_HOOK.format(interval=_oom.COUNT_INTERVAL)
+        note = "" if self.oom_ring is not None else _oom.NO_HOOK
         self._send(fd, {"ok": True, "source": source, "scope": seen or "/", "note": note})
 
     # -- cgroups ------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from types import TracebackType
 
+from .._sandbox import stop_process
 from ..errors import NotSupported
 from .flood import Server
 
@@ -76,13 +76,7 @@ class DemoAgent:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rtml_ebpf._sandbox import stop_process
+
 from .cgroups import Cgroup, interpreter_for_nobody, wait_until
 
 REPO = str(Path(__file__).resolve().parent.parent.parent)
@@ -83,15 +85,9 @@ class AgentProcess:
         self.proc.wait(timeout=10)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        rc = stop_process(self.proc)
         self.log.close()
-        return self.proc.returncode
+        return rc
 
 
 def nobody_python() -> str:
