@@ -22,9 +22,8 @@ import threading
 from typing import Protocol
 
 from .config import PAGE_SIZE
-
-# struct rtml_thread in bpf/rtml.h, as int64 words
-T_TID, T_NET, T_PEAK, T_CHARGED, T_WORDS = 0, 1, 2, 3, 4
+from .ebpf.abi import T_CHARGED, T_NET, T_PEAK, T_TID
+from .ebpf.abi import THREAD_WORDS as T_WORDS
 
 
 class Meter(Protocol):
