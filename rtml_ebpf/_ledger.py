@@ -2,30 +2,54 @@
 
 Workers of one service (gunicorn/uWSGI pre-fork, ``uvicorn --workers``, multiprocessing)
 live in one memory cgroup and share its headroom, so each must see what the others have
-admitted but not yet allocated. The ledger is a small file in ``/dev/shm`` named by the
-cgroup id and the uid, mapped by every process: one row per process, written only by that
-process (its reservations, requests in flight, requests still learning their cost). An
-admission decision reads every row under an exclusive ``flock`` so two processes never
-spend the same headroom.
+admitted but not yet allocated. The ledger is a small file named by the cgroup id, mapped by
+every process: one row per process, written only by that process (its reservations, requests
+in flight, requests still learning their cost). An admission decision reads every row under an
+exclusive ``flock`` so two processes never spend the same headroom.
+
+Where: a directory private to the uid (0700, owner checked, every component opened with
+O_NOFOLLOW: see ``_private_dir``), never a predictable name in a world-writable place, where
+another uid could plant a file, a symlink or a directory and switch the shared budget off
+(issue 21). Root uses /run/rtml-ebpf-ledger first (only root can create anything in /run);
+others $XDG_RUNTIME_DIR; then /dev/shm/rtml-ebpf-<uid>, then the temp dir's. A place squatted
+by another uid is refused with a logged error and the next one is used: every worker of a
+service takes the same decision, so they still meet in one file. Why a named file and not a
+memfd: gunicorn without --preload and ``uvicorn --workers`` (spawn) start workers that share
+no ancestor holding the ledger, so they need a rendezvous by name; a private directory gives
+one that no other uid can reach.
+
+Space is allocated when the file is made (``posix_fallocate``): a full filesystem is an error
+at start, not a SIGBUS on the first write to the mapping. A deleted file (``rm``) is noticed
+within ``CHECK_INTERVAL`` (its link count is 0) and replaced, with this process's reservations
+re-published, so the budget never splits silently. Each process holds a shared lock on the
+file (an OFD lock, which follows the open file like flock); the last process out gets the
+exclusive one and removes the file.
 
 A process that dies (SIGKILL, OOM kill, crash) cannot clear its row: every process reaps
 rows whose pid is gone, a zombie, or reused (start time differs) at most every
 ``REAP_INTERVAL`` seconds, so a killed worker's reservations never outlive it by more than
-that. The file is created mode 0600 and opened with O_NOFOLLOW: another user cannot read or
-write it, nor point it elsewhere.
+that.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
+import struct
 import threading
 import time
+import weakref
+from typing import NamedTuple
 
+from ._private_dir import open_place
 from .errors import ConfigError
+
+log = logging.getLogger("rtml_ebpf")
 
 MAGIC = 0x52544D4C4C454447  # "RTMLLEDG"
 VERSION = 1
@@ -36,16 +60,51 @@ HEADER = 8  # int64 of header: magic, version, rows, rows in use (high-water mar
 H_USED = 3
 SIZE = (HEADER + ROWS * FIELDS) * 8
 REAP_INTERVAL = 0.5
+CHECK_INTERVAL = 0.5  # how often a process looks whether its ledger file was deleted
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: type, whence, start, len, pid
+
+
+class Totals(NamedTuple):
+    """The sums of a ledger's live rows."""
+
+    reserved: int
+    inflight: int
+    learning: int
+    largest: int
 
 
 def ledger_dir() -> str:
-    """/dev/shm (memory, shared by every process of the host or container), else the temp dir."""
-    for candidate in (os.environ.get("RTML_LEDGER_DIR", ""), "/dev/shm"):
-        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK):
-            return candidate
-    import tempfile
+    """The private directory this process's ledgers live in (made if missing)."""
+    fd, where = open_place()
+    os.close(fd)
+    return where.rstrip("/")
 
-    return tempfile.gettempdir()
+
+def file_name(cgroup_id: int) -> str:
+    return f"{cgroup_id}.ledger"
+
+
+def read_totals(cgroup_id: int, directory: str | None = None) -> Totals | None:
+    """The sums of the live rows of a cgroup's ledger, read without joining it (for tools and
+    benchmarks), or None when there is none. Same uid only: the file is private."""
+    try:
+        dfd, _ = open_place(directory)
+    except ConfigError:
+        return None
+    try:
+        fd = os.open(file_name(cgroup_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    finally:
+        os.close(dfd)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(SIZE)
+    if len(data) < SIZE:
+        return None
+    q = struct.unpack(f"{SIZE // 8}q", data)
+    live = [HEADER + r * FIELDS for r in range(ROWS) if q[HEADER + r * FIELDS + PID]]
+    return Totals(sum(q[b + RESERVED] for b in live), sum(q[b + INFLIGHT] for b in live),
+                  sum(q[b + LEARNING] for b in live), max((q[b + LARGEST] for b in live), default=0))
 
 
 def process_start_time(pid: int) -> int | None:
@@ -61,6 +120,45 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _ofd_lock(fd: int, kind: int, wait: bool) -> bool:
+    """An OFD lock on the file's first byte (the "still using it" mark). OFD locks belong to the
+    open file, like flock, and do not conflict with the flock taken around decisions."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 1, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+_open_ledgers: weakref.WeakSet[Ledger] = weakref.WeakSet()
+_exit_hook_pid = 0
+
+
+def _close_all() -> None:
+    """At exit: leave every ledger (the last process out removes the file)."""
+    for ledger in list(_open_ledgers):
+        try:
+            ledger.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+def _register_exit() -> None:
+    """Once per process: atexit covers plain and forked (gunicorn) processes; multiprocessing
+    children (``uvicorn --workers``, spawn or fork) end with os._exit after multiprocessing's
+    own finalizers, which a forked child starts with empty, so register there too."""
+    global _exit_hook_pid
+    if _exit_hook_pid == os.getpid():
+        return
+    _exit_hook_pid = os.getpid()
+    atexit.register(_close_all)
+    from multiprocessing.util import Finalize
+
+    Finalize(None, _close_all, exitpriority=10)
+
+
 class Ledger:
     """This process's view of one cgroup's ledger. Reopened after a fork: flock belongs to the
     open file description, which a forked child would otherwise share with its parent."""
@@ -68,67 +166,135 @@ class Ledger:
     def __init__(self, cgroup_id: int, directory: str | None = None) -> None:
         if not isinstance(cgroup_id, int) or cgroup_id <= 0:
             raise ConfigError(f"cgroup_id={cgroup_id!r}: pass the positive id of a memory cgroup")
-        self.path = os.path.join(directory or ledger_dir(), f"rtml-ebpf-{os.geteuid()}-{cgroup_id}.ledger")
+        self.cgroup_id = cgroup_id
+        self._directory = directory
+        self.path = ""  # known once opened
         self._pid = -1
         self._fd = -1
+        self._dfd = -1
         self._mm: mmap.mmap | None = None
         self._rows: memoryview | None = None
         self._row = -1
         self._start = 0
         self._last_reap = 0.0
+        self._next_check = 0.0
         self._lock = threading.Lock()
 
     # -- opening (per process) ------------------------------------------------------------
+    def _open_file(self) -> tuple[int, int, str]:
+        """(dir fd, file fd, path) of the current file, with this process's shared lock on it.
+        A file removed between our open and our lock (its last user left) is opened again."""
+        name = file_name(self.cgroup_id)
+        for _ in range(20):
+            dfd, where = open_place(self._directory)
+            path = os.path.join(where, name)
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            except OSError as exc:
+                os.close(dfd)
+                raise ConfigError(f"ledger {path}: {exc.strerror or exc}; remove it (another user may have "
+                                  "planted it) or set RTML_LEDGER_DIR to a private directory") from None
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                    raise ConfigError(f"ledger {path}: not a private regular file of uid {os.geteuid()}; remove it "
+                                      "(another user may have planted it)")
+                _ofd_lock(fd, fcntl.F_RDLCK, wait=True)  # waits while a last user removes it
+                if os.fstat(fd).st_nlink > 0 and _same_file(dfd, name, fd):
+                    return dfd, fd, path
+            except BaseException:
+                os.close(fd)
+                os.close(dfd)
+                raise
+            os.close(fd)
+            os.close(dfd)
+        raise ConfigError(f"ledger {path}: removed each time it was opened; is something deleting it?")
+
     def _open(self) -> None:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.path, flags, 0o600)
+        dfd, fd, path = self._open_file()
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-                raise ConfigError(
-                    f"ledger {self.path}: not a private regular file of uid {os.geteuid()}; remove it "
-                    "(another user may have planted it)"
-                )
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                if st.st_size < SIZE:
-                    os.ftruncate(fd, SIZE)
+                try:
+                    # Blocks now, not a SIGBUS at the first write to a page of a full filesystem.
+                    os.posix_fallocate(fd, 0, SIZE)
+                except OSError as exc:
+                    raise ConfigError(f"ledger {path}: cannot allocate {SIZE} bytes ({exc.strerror or exc}): "
+                                      f"free space in {os.path.dirname(path)} or set RTML_LEDGER_DIR") from None
                 mm = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 rows = memoryview(mm).cast("q")
-                if rows[0] != MAGIC:
-                    rows[1], rows[2], rows[0] = VERSION, ROWS, MAGIC
-                elif rows[1] != VERSION or rows[2] != ROWS:
-                    raise ConfigError(f"ledger {self.path}: written by another rtml-ebpf version; remove it")
-                start = process_start_time(os.getpid()) or 0
-                self._reap(rows)
-                row = next((r for r in range(ROWS) if rows[HEADER + r * FIELDS + PID] == 0), -1)
-                if row < 0:
-                    raise ConfigError(f"ledger {self.path}: all {ROWS} rows are in use by live processes")
-                base = HEADER + row * FIELDS
-                for i in range(FIELDS):
-                    rows[base + i] = 0
-                rows[base + START] = start
-                rows[base + PID] = os.getpid()
-                rows[H_USED] = max(rows[H_USED], row + 1)  # readers sum rows below this mark only
+                try:
+                    row, start = self._take_row(rows, path)
+                except BaseException:
+                    rows.release()
+                    mm.close()
+                    raise
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         except BaseException:
             os.close(fd)
+            os.close(dfd)
             raise
-        self._fd, self._mm, self._rows, self._row, self._start = fd, mm, rows, row, start
+        self._fd, self._dfd, self._mm, self._rows, self._row, self._start = fd, dfd, mm, rows, row, start
         self._pid = os.getpid()
+        self.path = path
+        self._next_check = time.monotonic() + CHECK_INTERVAL
+        _open_ledgers.add(self)
+        _register_exit()
+
+    def _take_row(self, rows: memoryview, path: str) -> tuple[int, int]:
+        if rows[0] != MAGIC:
+            rows[1], rows[2], rows[0] = VERSION, ROWS, MAGIC
+        elif rows[1] != VERSION or rows[2] != ROWS:
+            raise ConfigError(f"ledger {path}: written by another rtml-ebpf version; remove it")
+        start = process_start_time(os.getpid()) or 0
+        self._reap(rows)
+        row = next((r for r in range(ROWS) if rows[HEADER + r * FIELDS + PID] == 0), -1)
+        if row < 0:
+            raise ConfigError(f"ledger {path}: all {ROWS} rows are in use by live processes")
+        base = HEADER + row * FIELDS
+        for i in range(FIELDS):
+            rows[base + i] = 0
+        rows[base + START] = start
+        rows[base + PID] = os.getpid()
+        rows[H_USED] = max(rows[H_USED], row + 1)  # readers sum rows below this mark only
+        return row, start
+
+    def open(self) -> None:
+        """Join the ledger now (else at the first use): raises ConfigError when it cannot."""
+        self._ensure()
 
     def _ensure(self) -> memoryview:
         if self._pid != os.getpid():
-            # A forked child: drop the parent's view and fd copy (not its row: the parent
-            # still owns it) and take a row of its own.
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._mm = self._rows = None
-            self._fd = -1
+            # A forked child: drop the parent's view and fd copies (not its row, nor its lock:
+            # the parent still owns them) and take a row of its own.
+            self._drop()
             self._open()
         assert self._rows is not None
         return self._rows
+
+    def _relink(self) -> None:
+        """Our file was deleted (``rm``): the others no longer see our row. Join the current file
+        (made anew if no one did yet) and publish our reservations there."""
+        rows = self._rows
+        assert rows is not None
+        base = HEADER + self._row * FIELDS
+        mine = [rows[base + RESERVED], rows[base + INFLIGHT], rows[base + LEARNING], rows[base + LARGEST]]
+        old = self.path
+        self._drop()
+        self._open()
+        self.publish(mine[0], mine[1], mine[2], mine[3])
+        log.warning("rtml-ebpf: the admission ledger %s was deleted; joined %s again and re-published this "
+                    "process's reservations (%d bytes, %d in flight)", old, self.path, mine[0], mine[1])
+
+    def _check_linked(self) -> None:
+        """At most every CHECK_INTERVAL (one fstat): is our file still the one others open?"""
+        now = time.monotonic()
+        if now < self._next_check or self._fd < 0:
+            return
+        self._next_check = now + CHECK_INTERVAL
+        if os.fstat(self._fd).st_nlink == 0:
+            self._relink()
 
     # -- rows -------------------------------------------------------------------------------
     def _reap(self, rows: memoryview) -> None:
@@ -161,6 +327,13 @@ class Ledger:
     def publish(self, reserved: int, inflight: int, learning: int, largest: int | None = None) -> None:
         """This process's row. Single writer: no file lock needed (aligned 8-byte stores)."""
         rows = self._ensure()
+        if time.monotonic() >= self._next_check and self._lock.acquire(blocking=False):
+            # From the publisher thread (not under lock()): look whether the file was deleted.
+            try:
+                self._check_linked()
+                rows = self._ensure()
+            finally:
+                self._lock.release()
         base = HEADER + self._row * FIELDS
         if largest is not None:
             rows[base + LARGEST] = max(0, int(largest))
@@ -175,6 +348,7 @@ class Ledger:
         self._lock.acquire()
         try:
             self._ensure()
+            self._check_linked()
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._lock.release()
@@ -187,16 +361,31 @@ class Ledger:
             self._lock.release()
 
     def close(self) -> None:
-        """Clear this process's row and unmap (the file stays for the other processes)."""
+        """Clear this process's row and unmap; the last process out removes the file."""
+        _open_ledgers.discard(self)
         if self._pid == os.getpid() and self._rows is not None:
             try:
-                self.publish(0, 0, 0)
-                self._rows[HEADER + self._row * FIELDS + PID] = 0
+                base = HEADER + self._row * FIELDS
+                for i in (RESERVED, INFLIGHT, LEARNING, LARGEST):
+                    self._rows[base + i] = 0
+                self._rows[base + PID] = 0
             except (ValueError, OSError):
                 pass
-        rows, mm, fd = self._rows, self._mm, self._fd
+            try:
+                # The exclusive lock is ours only when no other process holds the file: then
+                # remove it, if the name still leads to it (not to a newer file).
+                if _ofd_lock(self._fd, fcntl.F_WRLCK, wait=False) and _same_file(self._dfd, file_name(
+                        self.cgroup_id), self._fd):
+                    os.unlink(file_name(self.cgroup_id), dir_fd=self._dfd)
+            except OSError as exc:
+                log.debug("rtml-ebpf: ledger %s not removed: %s", self.path, exc)
+        self._drop()
+
+    def _drop(self) -> None:
+        """Forget the mapping and the fds (closing the last copy of the fd drops our locks)."""
+        rows, mm, fd, dfd = self._rows, self._mm, self._fd, self._dfd
         self._rows = self._mm = None
-        self._fd, self._pid = -1, -1
+        self._fd = self._dfd = self._pid = -1
         if rows is not None:
             rows.release()
         if mm is not None:
@@ -204,9 +393,20 @@ class Ledger:
                 mm.close()
             except BufferError:
                 pass
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError as exc:
-                if exc.errno != errno.EBADF:
-                    raise
+        for f in (fd, dfd):
+            if f >= 0:
+                try:
+                    os.close(f)
+                except OSError as exc:
+                    if exc.errno != errno.EBADF:
+                        raise
+
+
+def _same_file(dfd: int, name: str, fd: int) -> bool:
+    """Whether ``name`` in the directory still leads to the open file ``fd``."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

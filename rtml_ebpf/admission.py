@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from ._estimator import CostEstimator, RouteEstimate
 from ._ledger import Ledger
+from ._ledger_join import SharedLedger
 from ._meter import RUSAGE, Meter
 from .errors import ConfigError
 from .limiter import Limiter
@@ -161,8 +162,7 @@ class Admission:
         self._share = share
         self._mu = threading.Lock()
         self._inflight: dict[int, Ticket] = {}
-        self._ledger: Ledger | None = None
-        self._ledger_cgid = 0
+        self._shared = SharedLedger()
         self._pid = os.getpid()
         self._publisher: threading.Thread | None = None
         self._wake = threading.Event()
@@ -171,6 +171,9 @@ class Admission:
         self._want_trim = False
         self._last_trim = 0.0
         self.trims = 0
+        if limiter is not None and share:
+            with self._mu:
+                self._shared.get(limiter.cgroup_id)  # at start: a ledger that cannot be made is said now
 
     # -- collaborators ----------------------------------------------------------------------
     def limiter(self) -> Limiter | None:
@@ -183,15 +186,9 @@ class Admission:
     def _meter(self, lim: Limiter) -> Meter:
         return lim.thread_meter() or RUSAGE
 
-    def _ledger_for(self, lim: Limiter) -> Ledger | None:
-        if not self._share:
-            return None
-        cgid = lim.cgroup_id
-        if self._ledger is None or self._ledger_cgid != cgid:
-            if self._ledger is not None:
-                self._ledger.close()
-            self._ledger, self._ledger_cgid = Ledger(cgid), cgid
-        return self._ledger
+    @property
+    def _ledger(self) -> Ledger | None:
+        return self._shared.ledger
 
     def _after_fork(self) -> None:
         # A forked worker starts with no requests of its own: the parent's are the parent's.
@@ -252,9 +249,8 @@ class Admission:
         estimate = self.estimator.estimate(route)
         meter = self._meter(lim)
         with self._mu:
-            ledger = self._ledger_for(lim)  # under the lock: one row per process, never two
-            if ledger is not None:
-                ledger.lock()
+            # Under the lock: one row per process, never two. None: this process budgets alone.
+            ledger = self._shared.lock(lim.cgroup_id) if self._share else None
             try:
                 others, others_inflight, others_learning, others_largest = (
                     ledger.totals() if ledger is not None else (0, 0, 0, 0))
@@ -384,9 +380,7 @@ class Admission:
                               tuple(self.estimator.routes()))
 
     def close(self) -> None:
-        if self._ledger is not None:
-            self._ledger.close()
-            self._ledger = None
+        self._shared.close()
 
 
 class _Stepped:

@@ -141,7 +141,7 @@ def test_ledger_is_shared_and_a_killed_process_leaves_nothing(tmp_path: Path) ->
 
 
 def test_ledger_refuses_a_file_planted_by_another_user(tmp_path: Path) -> None:
-    path = tmp_path / f"rtml-ebpf-{os.geteuid()}-77.ledger"
+    path = tmp_path / "77.ledger"
     path.write_bytes(b"")
     os.chmod(path, 0o666)
     ledger = Ledger(77, str(tmp_path))

@@ -1,0 +1,74 @@
+"""Joining the shared ledger from admission, and what admission does when it cannot.
+
+A ledger that cannot be made or joined (no safe place, a full filesystem, all rows taken) is
+said once per reason, at error level, naming what happens instead: this process budgets alone
+(its own reservations, not its sibling workers'), which still beats the door check alone. It
+is tried again every RETRY_INTERVAL, and its return is said too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ._ledger import Ledger
+from .errors import ConfigError
+
+log = logging.getLogger("rtml_ebpf")
+
+RETRY_INTERVAL = 30.0
+
+
+class SharedLedger:
+    """The ledger of one cgroup for an Admission; callers serialise (Admission holds its lock)."""
+
+    def __init__(self) -> None:
+        self.ledger: Ledger | None = None
+        self._cgid = 0
+        self._retry_at = 0.0
+        self._error = ""
+
+    def get(self, cgid: int) -> Ledger | None:
+        if self.ledger is not None and self._cgid == cgid:
+            return self.ledger
+        if time.monotonic() < self._retry_at and self._cgid == cgid:
+            return None
+        self.close()
+        self._cgid = cgid
+        ledger = Ledger(cgid)
+        try:
+            ledger.open()
+        except (ConfigError, OSError) as exc:
+            self.failed(exc)
+            return None
+        if self._error:
+            log.warning("rtml-ebpf: the shared admission budget is back (%s)", ledger.path)
+            self._error = ""
+        self.ledger = ledger
+        return ledger
+
+    def lock(self, cgid: int) -> Ledger | None:
+        """The ledger, locked for a decision, or None (budget alone)."""
+        ledger = self.get(cgid)
+        if ledger is None:
+            return None
+        try:
+            ledger.lock()  # a forked worker joins here: that may fail as opening does
+        except (ConfigError, OSError) as exc:
+            self.failed(exc)
+            return None
+        return ledger
+
+    def failed(self, exc: BaseException) -> None:
+        self.close()
+        self._retry_at = time.monotonic() + RETRY_INTERVAL
+        if str(exc) != self._error:
+            self._error = str(exc)
+            log.error("rtml-ebpf: the shared admission budget is unavailable (%s); this process budgets alone "
+                      "(its own reservations only, not its sibling workers'), trying again every %g s",
+                      exc, RETRY_INTERVAL)
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
