@@ -1,6 +1,8 @@
 """The agent's Prometheus endpoint: every watched cgroup as the programs see it, with kubelet
 labels, and the agent's own health. Text exposition format 0.0.4, written here (no client
-library in the agent); served from the agent's loop (server.py), bound to loopback by default.
+library in the agent); rendered on the HTTP thread (httpd.py) from an :class:`AgentView` the
+loop publishes (the figures of the agent, the watched slots): never from the Agent itself, whose
+state only the loop touches. Bound to loopback by default.
 
 Series of a cgroup go with it when it is unwatched: cardinality is the watched set.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .._growth import RateEwma, seconds_to
@@ -17,7 +20,7 @@ from ..config import PAGE_SIZE
 from ..ebpf import abi
 
 if TYPE_CHECKING:
-    from .server import Agent
+    from ..ebpf.slots import Slots, SlotState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LABELS = ("cgroup", "pod_uid", "container_id", "qos", "runtime")
@@ -47,6 +50,25 @@ def _labels(values: dict[str, str]) -> str:
     return ",".join(f'{k}="{_escape(v)}"' for k, v in values.items())
 
 
+@dataclass(frozen=True)
+class AgentView:
+    """What the loop publishes for the metrics: replaced whole, never changed in place."""
+
+    slots: Slots
+    cgroups: tuple[tuple[int, SlotState], ...]  # (cgroup id, its slot) of each watched cgroup
+    capacity: int
+    hooks: tuple[str, ...]
+    adopted: bool
+    clients: int = 0
+    served: int = 0
+    errors: int = 0
+    oom_source: str = "bpf"
+    oom_events: int = 0
+    oom_lost: int = 0
+    events_dropped: int = 0
+    run_stats: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
 class NodeMetrics:
     """Per-cgroup growth readings (taken at each agent tick) and the exposition."""
 
@@ -56,18 +78,19 @@ class NodeMetrics:
         self.scrapes = 0
         self.last_scrape_seconds = 0.0
 
-    def sample(self, agent: Agent) -> None:
-        """One usage reading per watched cgroup for the growth rate: word reads, no syscall."""
+    def sample(self, view: AgentView) -> None:
+        """From the loop: one usage reading per watched cgroup for the growth rate (word reads,
+        no syscall)."""
         now = time.monotonic_ns()
-        by_cgid = agent.slots.by_cgid
+        by_cgid = dict(view.cgroups)
         for cgid in [c for c in self.growth if c not in by_cgid]:
-            del self.growth[cgid]
+            self.growth.pop(cgid, None)
             self.labels.pop(cgid, None)
         for cgid, state in by_cgid.items():
             g = self.growth.get(cgid)
             if g is None:
                 g = self.growth[cgid] = RateEwma()
-            g.add(now, agent.slots.used_bytes(state.index))
+            g.add(now, view.slots.used_bytes(state.index))
 
     def _labels_of(self, cgid: int, path: str) -> tuple[str, dict[str, str]]:
         cached = self.labels.get(cgid)
@@ -79,13 +102,15 @@ class NodeMetrics:
             cached = self.labels[cgid] = (_labels(base), base)
         return cached
 
-    def render(self, agent: Agent) -> bytes:
+    def render(self, view: AgentView) -> bytes:
+        """From the HTTP thread: the exposition of ``view`` (slot reads are memory reads; a
+        cgroup unwatched meanwhile may be skipped or read once more, never crash a scrape)."""
         t0 = time.perf_counter()
         rows: dict[str, list[str]] = {name: [] for name, _, _ in CGROUP_FAMILIES}
-        slots = agent.slots
+        slots = view.slots
         trips_offset = abi.Slot.trips.offset // 8
         trip_pages_offset = abi.Slot.trip_pages.offset // 8
-        for cgid, state in list(slots.by_cgid.items()):
+        for cgid, state in view.cgroups:
             try:
                 snap = slots.snapshot(state, full=True, refresh_from_files=False)
                 w = slots.words
@@ -93,7 +118,7 @@ class NodeMetrics:
                 trips = sum(w[base_word : base_word + abi.MAX_RULES]) if w is not None else 0
                 first = state.index * abi.SLOT_WORDS + trip_pages_offset
                 points = [w[first + i] for i in state.rules] if w is not None else []
-            except (OSError, Exception):  # noqa: BLE001 - a cgroup going away mid-scrape: skip it
+            except Exception:  # noqa: BLE001 - a cgroup going away mid-scrape: skip it
                 continue
             lab, base = self._labels_of(cgid, state.cgroup.path)
             rows["rtml_cgroup_usage_bytes"].append(f"rtml_cgroup_usage_bytes{{{lab}}} {snap.usage}")
@@ -122,8 +147,8 @@ class NodeMetrics:
         out: list[str] = []
         for name, kind, text in CGROUP_FAMILIES:
             out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *rows[name]]
-        out += _health(agent, self)
-        out += _programs(agent)
+        out += _health(view, self)
+        out += _programs(view)
         self.scrapes += 1
         self.last_scrape_seconds = time.perf_counter() - t0
         return ("\n".join(out) + "\n").encode()
@@ -137,9 +162,9 @@ def _bpf_stats_enabled() -> bool:
         return False
 
 
-def _programs(agent: Agent) -> Iterable[str]:
+def _programs(view: AgentView) -> Iterable[str]:
     """Run time and runs of each attached program (kernel.bpf_stats_enabled counts them)."""
-    stats = agent.node.run_stats()
+    stats = view.run_stats
     yield from (
         "# HELP rtml_agent_bpf_stats_enabled 1 while kernel.bpf_stats_enabled is on (the two series below count "
         "only then: sysctl -w kernel.bpf_stats_enabled=1).",
@@ -155,39 +180,39 @@ def _programs(agent: Agent) -> Iterable[str]:
     )
 
 
-def _health(agent: Agent, metrics: NodeMetrics) -> Iterable[str]:
-    hooks = ",".join(agent.node.hooks)
-    source = "bpf" if agent.oom_ring is not None else "memory.events"
+def _health(view: AgentView, metrics: NodeMetrics) -> Iterable[str]:
+    hooks = ",".join(view.hooks)
+    source = view.oom_source
     yield from (
         "# HELP rtml_agent_watched_cgroups Memory cgroups the programs watch now.",
         "# TYPE rtml_agent_watched_cgroups gauge",
-        f"rtml_agent_watched_cgroups {len(agent.slots.by_cgid)}",
+        f"rtml_agent_watched_cgroups {len(view.cgroups)}",
         "# HELP rtml_agent_capacity_cgroups Watched cgroups the loaded maps can hold (--max-cgroups).",
         "# TYPE rtml_agent_capacity_cgroups gauge",
-        f"rtml_agent_capacity_cgroups {agent.config.capacity}",
+        f"rtml_agent_capacity_cgroups {view.capacity}",
         "# HELP rtml_agent_clients Client connections (leases) open now.",
         "# TYPE rtml_agent_clients gauge",
-        f"rtml_agent_clients {len(agent.conns)}",
+        f"rtml_agent_clients {view.clients}",
         "# HELP rtml_agent_leases_total Watch requests served since start.",
         "# TYPE rtml_agent_leases_total counter",
-        f"rtml_agent_leases_total {agent.served}",
+        f"rtml_agent_leases_total {view.served}",
         "# HELP rtml_agent_errors_total Requests refused or failed since start.",
         "# TYPE rtml_agent_errors_total counter",
-        f"rtml_agent_errors_total {agent.errors}",
+        f"rtml_agent_errors_total {view.errors}",
         "# HELP rtml_agent_info The agent's programs: hooks attached, whether adopted from pins.",
         "# TYPE rtml_agent_info gauge",
-        f'rtml_agent_info{{hooks="{hooks}",adopted="{str(agent.node.adopted).lower()}",'
+        f'rtml_agent_info{{hooks="{hooks}",adopted="{str(view.adopted).lower()}",'
         f'abi="{abi.ABI_VERSION}"}} 1',
         "# HELP rtml_agent_oom_events_total OOM kills seen on the node (bpf: every victim from the mark_victim "
         "hook; memory.events: rises of the watched cgroups' counters, on kernels without the hook).",
         "# TYPE rtml_agent_oom_events_total counter",
-        f'rtml_agent_oom_events_total{{source="{source}"}} {agent.oom_events[source]}',
+        f'rtml_agent_oom_events_total{{source="{source}"}} {view.oom_events}',
         "# HELP rtml_agent_oom_events_lost_total OOM victims the event ring had no room for.",
         "# TYPE rtml_agent_oom_events_lost_total counter",
-        f"rtml_agent_oom_events_lost_total {agent.oom_lost}",
+        f"rtml_agent_oom_events_lost_total {view.oom_lost}",
         "# HELP rtml_agent_oom_events_dropped_total Records not sent to an events subscriber that was not reading.",
         "# TYPE rtml_agent_oom_events_dropped_total counter",
-        f"rtml_agent_oom_events_dropped_total {agent.events_dropped}",
+        f"rtml_agent_oom_events_dropped_total {view.events_dropped}",
         "# HELP rtml_agent_last_scrape_seconds Time the previous scrape took to render.",
         "# TYPE rtml_agent_last_scrape_seconds gauge",
         f"rtml_agent_last_scrape_seconds {metrics.last_scrape_seconds:.6f}",

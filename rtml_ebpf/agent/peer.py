@@ -5,6 +5,7 @@ cgroup from /proc/<pid>/cgroup. Nothing the client sends decides any of it."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import struct
@@ -31,12 +32,32 @@ class Peer:
 
 
 def peer_of(sock: socket.socket) -> Peer:
+    """The peer's credentials. Only a kernel without SO_PEERPIDFD (ENOPROTOOPT, before 6.5)
+    gives a peer without a pidfd; any other error (the peer exited and was reaped: its pid may
+    be reused already) raises OSError, and the caller refuses the connection."""
     pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
     try:
         pidfd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
-    except OSError:
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise
         pidfd = -1
     return Peer(pid, uid, gid, pidfd)
+
+
+def cgroup_key(peer: Peer) -> str:
+    """The peer's cgroup membership as /proc/<pid>/cgroup says (the key of the per-cgroup
+    connection cap: a file read, no waiting on the client). Empty when it cannot be read."""
+    try:
+        with open(f"/proc/{peer.pid}/cgroup", "rb") as f:
+            text = f.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = text.splitlines()
+    # the memory hierarchy's line (v1), else the unified one (v2)
+    chosen = [ln for ln in lines if ln.split(":")[1:2] and "memory" in ln.split(":")[1].split(",")]
+    chosen = chosen or [ln for ln in lines if ln.startswith("0::")]
+    return chosen[0].split(":", 2)[2] if chosen else text
 
 
 def _alive(pidfd: int) -> bool:

@@ -8,11 +8,23 @@ is open. Messages are at most MAX_MESSAGE bytes.
 
 Request:  {"v": 1, "op": "watch", "scope": "self"|"pod", "rules": [RULE, ...]}
           {"v": 1, "op": "stats"}   (on a watching connection: the growth counters)
+          {"v": 1, "op": "events", "scope": "self"|"pod"}   (a new connection: OOM kills)
 RULE:     {"metric": "working_set"|"usage", "trip_ppm": N, "clear_ppm": N}
           or {"metric": ..., "trip_bytes": N, "clear_bytes": N}
 Reply:    {"ok": true, "cgroup": path, "cgroup_id": N, "rules": [index, ...], "hooks": [...],
            "page_map_id": N, "abi": N, "upkeep": bool}   + fds [page, beat]
           {"ok": false, "error": "what was wrong and how to fix it"}
+
+Events: the reply {"ok": true, "source": "bpf"|"memory.events", "scope": path, "note": text},
+then one message per OOM kill seen in the scope (the fields of ``rtml_ebpf.oom.OomKill``) for
+as long as the connection is open; root sees the node, anyone else its own cgroup (or pod).
+An events connection only listens: any request on it is refused. A subscriber that does not
+read loses records (counted in /metrics), never the agent's time.
+
+Every byte a client sends is hostile (the agent is root on every node): :func:`decode` takes
+only a JSON object nested at most MAX_DEPTH deep, with no duplicate keys, whole numbers of at
+most MAX_DIGITS digits, no non-finite numbers and no lone surrogates, and says which rule was
+broken; it raises nothing but ConfigError.
 """
 
 from __future__ import annotations
@@ -29,6 +41,8 @@ MAX_MESSAGE = 4096
 MAX_RULES_PER_REQUEST = 2  # a Limiter's hard and soft levels
 MAX_BYTES = 1 << 50
 SCOPES = ("self", "pod")
+MAX_DEPTH = 8  # a request is two levels deep (object, rules, rule): room to spare, no recursion
+MAX_DIGITS = 20  # a number of the protocol fits in 64 bits
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -38,16 +52,98 @@ def encode(message: dict[str, Any]) -> bytes:
     return data
 
 
+def _nesting(text: str) -> int:
+    """The deepest nesting of ``text``'s arrays and objects (brackets inside strings do not
+    count), found without recursion: json.loads recurses and a deep message is an attack."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return deepest
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise ConfigError(f"number {text[:24]}... has over {MAX_DIGITS} digits")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    if len(text) > 64:
+        raise ConfigError(f"number {text[:24]}... is over 64 characters")
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"number {text!r} is not finite")
+    return value
+
+
+def _constant(name: str) -> object:
+    raise ConfigError(f"{name} is not a JSON number; send a finite number")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def _check_strings(value: object) -> None:
+    """Every string (keys too) must be valid Unicode: a lone surrogate (\\ud800) is not."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError("a string holds a lone surrogate (\\ud800-\\udfff escape): send valid "
+                                  "Unicode") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def decode(data: bytes) -> dict[str, Any]:
-    """A message, or ConfigError saying what is wrong with it."""
+    """A message, or ConfigError saying what is wrong with it (and never anything else)."""
     if len(data) > MAX_MESSAGE:
         raise ConfigError(f"message over {MAX_MESSAGE} bytes")
     try:
-        message = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"message is not JSON ({exc})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"message is not JSON (not UTF-8: {exc.reason} at byte {exc.start})") from None
+    if _nesting(text) > MAX_DEPTH:
+        raise ConfigError(f"message nests deeper than {MAX_DEPTH} levels; a request is an object of rules")
+    try:
+        message = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant,
+                             object_pairs_hook=_pairs)
+    except ConfigError:
+        raise
+    except (ValueError, RecursionError, OverflowError, TypeError) as exc:
+        raise ConfigError(f"message is not JSON ({str(exc)[:200]})") from None
     if not isinstance(message, dict):
         raise ConfigError("message must be a JSON object")
+    _check_strings(message)
     return message
 
 

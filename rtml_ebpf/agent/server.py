@@ -1,10 +1,15 @@
 """The node agent: watches the node's memory cgroups with one loaded object and serves each
 client its own cgroup's page over a Unix socket.
 
-One thread, one selector loop: accepting, answering and the periodic work (scan, upkeep,
-lease grace) interleave, so nothing here locks. A connection is a lease: the rules a client
-asked for live while its connection is open (plus a grace after an agent restart, so the
-clients of the previous agent can take theirs back).
+One selector loop: accepting, answering and the periodic work (scan, upkeep, lease grace)
+interleave, so nothing here locks. A connection is a lease: the rules a client asked for live
+while its connection is open (plus a grace after an agent restart, so the clients of the
+previous agent can take theirs back). Nothing on the loop waits on a client: Unix-socket
+requests are whole SEQPACKET messages read non-blocking, and HTTP (/metrics and the health
+probes) has a thread of its own (httpd.py) that reads only what the loop publishes.
+
+Every byte a client sends is hostile: a request that trips anything unexpected fails that
+connection alone (logged), never the agent.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ from ..ebpf import abi
 from ..ebpf.ring import OomRing
 from ..ebpf.slots import Slots, SlotState, decode_rule, encode_rule
 from ..errors import CapacityError, CgroupNotFound, ConfigError, RtmlError
+from . import health as _health
 from . import metrics_access, protocol
 from . import peer as _peer
-from .metrics import CONTENT_TYPE, NodeMetrics
+from .conns import MAX_CONNECTIONS, Conn, ConnLimits, RuleKey
+from .httpd import HttpServer
+from .metrics import AgentView, NodeMetrics
+from .notify import Notifier
 from .programs import NodePrograms, load_node
 from .scan import Scanner, memory_mount
 
@@ -43,19 +52,16 @@ TICK_INTERVAL = 0.5  # periodic work: unlimited cgroups looked at again, leases 
 UPKEEP_INTERVAL = 0.25  # no memcg events: re-read the files of cgroups with clients
 LIMIT_CHECK_INTERVAL = 1.0  # memcg events: limits written while a cgroup is idle
 REQUEST_TIMEOUT = 1.0  # a connection must ask within this
-MAX_CONNECTIONS = 4096
-MAX_PER_PID = 32
 MAX_REQUESTS_PER_SECOND = 20  # per connection, after its watch
 LINGER = 5.0  # a rule whose last client left stays this long (a client back soon finds it as it was)
 ADOPT_GRACE = 30.0  # rules adopted from pins wait this long for their clients to come back
 
-RuleKey = tuple[int, int, int, int]
 INOTIFY = "inotify"  # the selector key of the scanner's fd
-HTTP = "http"  # the selector key of the metrics listener
 OOM = "oom"  # the selector key of the OOM event ring
 DEFAULT_METRICS_ADDR = "127.0.0.1:9909"
 SAMPLE_INTERVAL = 0.5  # usage readings for the growth rate in /metrics
-HTTP_TIMEOUT = 0.5  # a scraper must send its request within this
+READY_INTERVAL = 0.5  # programs, beat and socket looked at for /readyz
+LOGGED_FAILURES = 20  # unexpected request failures logged with their traceback; then counted only
 
 
 @dataclass
@@ -65,18 +71,6 @@ class Held:
     index: int
     leases: set[int] = field(default_factory=set)
     orphan_until: float = 0.0  # no lease (adopted, or its last client left): kept until then
-
-
-@dataclass
-class Conn:
-    sock: socket.socket
-    peer: _peer.Peer
-    deadline: float
-    cgid: int = 0
-    keys: list[RuleKey] = field(default_factory=list)
-    window_start: float = 0.0
-    window_count: int = 0
-    events_scope: str | None = None  # an events subscriber: "" every cgroup (root), else its own path
 
 
 @dataclass
@@ -124,7 +118,8 @@ class Agent:
         self.config = config
         self.stopping = False
         self.conns: dict[int, Conn] = {}  # fd -> connection
-        self.per_pid: dict[int, int] = {}
+        self.limits = ConnLimits()
+        self.failures = 0  # requests that tripped something unexpected (logged, the connection failed)
         self.held: dict[int, dict[RuleKey, Held]] = {}  # cgroup id -> its rules
         self.refused: set[int] = set()  # cgroups logged as not watchable (capacity, nesting)
         self.served = 0
@@ -162,11 +157,17 @@ class Agent:
         if self.oom_ring is not None:
             self.selector.register(self.oom_ring.fileno(), selectors.EVENT_READ, OOM)
         self.metrics = NodeMetrics()
-        self._next_sample = 0.0
-        self.http: socket.socket | None = None
+        self._next_sample = self._next_ready = 0.0
+        self._run_stats: dict[str, tuple[int, int]] = {}
+        self.view = self._view()
+        self.health = _health.Health()
+        self.ready_check = _health.ReadyCheck(self.node.beat_fd, config.socket_path)
+        self._stall = os.environ.get(_health.STALL_ENV) or None  # TEST ONLY, see health.stall_for_tests
+        self.notifier = Notifier()
+        self.http: HttpServer | None = None
         self.metrics_token: str | None = None
         if config.metrics_addr:
-            self.http = self._listen_metrics(config.metrics_addr, config.metrics_token_file)
+            self.http = self._listen_http(config.metrics_addr, config.metrics_token_file)
         ids = ",".join(f"{k}={v}" for k, v in self.node.loaded.prog_ids.items())
         log.info("rtml-ebpf agent: %s programs (%s%s), %d cgroups watched, capacity %d, serving %s",
                  "adopted pinned" if self.node.adopted else "loaded", ", ".join(self.node.hooks),
@@ -202,64 +203,34 @@ class Agent:
             raise
         return sock
 
-    def _listen_metrics(self, addr: str, token_file: str | None) -> socket.socket | None:
-        """The /metrics listener; a port that cannot be bound, or a token that cannot be read, is
-        logged, not fatal: the verdicts are the agent's first job."""
+    def _listen_http(self, addr: str, token_file: str | None) -> HttpServer | None:
+        """The HTTP listener: health probes always; /metrics with a token, or without one for
+        root on loopback only. A port that cannot be bound is logged, not fatal: the verdicts
+        are the agent's first job."""
         host, _, port = addr.rpartition(":")
+        served = True
         if token_file is not None:
             try:
                 self.metrics_token = metrics_access.read_token(token_file)
             except (OSError, ValueError) as exc:
                 log.warning("rtml-ebpf agent: no metrics endpoint: cannot read the token in %s (%s)", token_file, exc)
-                return None
+                served = False
         elif not metrics_access.is_loopback(host):
             log.warning("rtml-ebpf agent: no metrics endpoint: %s is beyond loopback and every cgroup's figures "
                         "would be readable there; pass --metrics-token-file (a bearer token scrapers send)", addr)
-            return None
+            served = False
         try:
             sock = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), reuse_port=False)
         except (OSError, ValueError) as exc:
-            log.warning("rtml-ebpf agent: no metrics endpoint: cannot listen on %s (%s)", addr, exc)
+            log.warning("rtml-ebpf agent: no HTTP endpoint: cannot listen on %s (%s)", addr, exc)
             return None
-        sock.setblocking(False)
-        self.selector.register(sock, selectors.EVENT_READ, HTTP)
         bound = sock.getsockname()
-        log.info("rtml-ebpf agent: metrics at http://%s:%d/metrics (%s)", bound[0], bound[1],
-                 "bearer token" if self.metrics_token else "root on loopback only")
-        return sock
-
-    def _scrape(self) -> None:
-        """One HTTP request on the metrics port, answered inline (loopback scrapers are quick;
-        one that sends nothing within HTTP_TIMEOUT is dropped)."""
-        assert self.http is not None
-        try:
-            conn, _ = self.http.accept()
-        except OSError:
-            return
-        with conn:
-            try:
-                conn.settimeout(HTTP_TIMEOUT)
-                request = b""
-                while b"\r\n\r\n" not in request and len(request) < 8192:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    request += chunk
-                head_lines = request.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-                parts = head_lines[0].split()
-                headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head_lines[1:])}
-                refused = metrics_access.decide(conn, headers, self.metrics_token)
-                if refused is not None:
-                    status, why = refused
-                    body, ctype = why.encode(), "text/plain"
-                elif len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                    body, status, ctype = self.metrics.render(self), "200 OK", CONTENT_TYPE
-                else:
-                    body, status, ctype = b"rtml-ebpf agent: GET /metrics\n", "404 Not Found", "text/plain"
-                head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
-                conn.sendall(head.encode() + body)
-            except OSError:
-                pass
+        server = HttpServer(sock, self.health, lambda: self.metrics.render(self.view), self.metrics_token, served)
+        if served:
+            log.info("rtml-ebpf agent: metrics at http://%s:%d/metrics (%s)", bound[0], bound[1],
+                     "bearer token" if self.metrics_token else "root on loopback only")
+        log.info("rtml-ebpf agent: health probes at http://%s:%d/healthz and /readyz", bound[0], bound[1])
+        return server
 
     def _adopt(self) -> None:
         """A previous agent's pinned state: keep every watched cgroup that still exists, its
@@ -281,19 +252,27 @@ class Agent:
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if self.http is not None:
+            self.http.start()
+        self.notifier.send("READY=1")
         while not self.stopping:
-            self.step(0.1)
+            try:
+                self.step(0.1)
+            except Exception:  # noqa: BLE001 - periodic work that failed once is retried, not fatal
+                log.exception("rtml-ebpf agent: loop step failed; serving on")
+                time.sleep(0.1)
+        self.notifier.send("STOPPING=1")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("rtml-ebpf agent: %s, stopping", signal.Signals(signum).name)
         self.stopping = True
 
     def step(self, timeout: float) -> None:
+        if self._stall is not None:
+            _health.stall_for_tests(self._stall)
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._accept()
-            elif key.data == HTTP:
-                self._scrape()
             elif key.data == OOM:
                 self._read_ooms()
             elif key.data == INOTIFY:
@@ -302,6 +281,11 @@ class Agent:
             else:
                 self._readable(key.data)
         now = time.monotonic()
+        self.health.loop_alive(now)
+        self.notifier.watchdog(now)
+        if now >= self._next_ready:
+            self._next_ready = now + READY_INTERVAL
+            self.health.publish(self.ready_check.problems(self.node.loaded.prog_ids))
         for fd, conn in list(self.conns.items()):
             if not conn.keys and conn.events_scope is None and now > conn.deadline:
                 self._fail(fd, f"no request within {REQUEST_TIMEOUT:g} s")
@@ -315,10 +299,20 @@ class Agent:
             self._on_ooms(self.oom_counted.read((cgid, st.cgroup) for cgid, st in list(self.slots.by_cgid.items())))
         if now >= self._next_sample:
             self._next_sample = now + SAMPLE_INTERVAL
-            self.metrics.sample(self)
+            self._run_stats = self.node.run_stats()
+            self.view = self._view()
+            self.metrics.sample(self.view)
         if now >= self._next_upkeep:
             self._next_upkeep = now + (LIMIT_CHECK_INTERVAL if self.node.memcg_events else UPKEEP_INTERVAL)
             self._upkeep()
+        self.view = self._view()
+
+    def _view(self) -> AgentView:
+        """The narrow snapshot the HTTP thread renders /metrics from (replaced, never edited)."""
+        source = "bpf" if self.oom_ring is not None else "memory.events"
+        return AgentView(self.slots, tuple(self.slots.by_cgid.items()), self.config.capacity, self.node.hooks,
+                         self.node.adopted, len(self.conns), self.served, self.errors, source,
+                         self.oom_events[source], self.oom_lost, self.events_dropped, self._run_stats)
 
     # -- OOM kills ---------------------------------------------------------------------------
     def _read_ooms(self) -> None:
@@ -506,19 +500,22 @@ class Agent:
             sock.setblocking(False)
             try:
                 peer = _peer.peer_of(sock)
-            except OSError:
-                sock.close()
+            except OSError as exc:
+                # Not "no pidfd here": the peer is gone (its pid may be reused) or unknowable.
+                self.errors += 1
+                _refuse(sock, f"the agent cannot identify this connection's process ({exc.strerror or exc}); "
+                              "connect again from a live process")
                 continue
-            conn = Conn(sock, peer, time.monotonic() + REQUEST_TIMEOUT)
+            conn = Conn(sock, peer, time.monotonic() + REQUEST_TIMEOUT, _peer.cgroup_key(peer))
+            why = self.limits.admit(conn)
+            if why is not None:
+                self.errors += 1
+                _refuse(sock, why)
+                peer.close()
+                continue
             fd = sock.fileno()
             self.conns[fd] = conn
-            self.per_pid[peer.pid] = self.per_pid.get(peer.pid, 0) + 1
-            if len(self.conns) > MAX_CONNECTIONS:
-                self._fail(fd, f"the agent has {MAX_CONNECTIONS} connections open; retry later")
-            elif self.per_pid[peer.pid] > MAX_PER_PID:
-                self._fail(fd, f"pid {peer.pid} has {MAX_PER_PID} connections open; share a Limiter")
-            else:
-                self.selector.register(sock, selectors.EVENT_READ, fd)
+            self.selector.register(sock, selectors.EVENT_READ, fd)
 
     def _readable(self, fd: int) -> None:
         conn = self.conns.get(fd)
@@ -565,6 +562,14 @@ class Agent:
         except (OSError, RtmlError) as exc:
             log.warning("rtml-ebpf agent: request of pid %d failed: %s", conn.peer.pid, exc)
             self._fail(fd, f"the agent failed to serve the request: {exc}")
+        except Exception as exc:  # noqa: BLE001 - whatever a client triggers fails its connection alone
+            self.failures += 1
+            if self.failures <= LOGGED_FAILURES:
+                log.exception("rtml-ebpf agent: request of pid %d (uid %d) failed unexpectedly; connection "
+                              "closed, serving on", conn.peer.pid, conn.peer.uid)
+            elif self.failures % 1000 == 0:
+                log.warning("rtml-ebpf agent: %d requests failed unexpectedly so far (%r)", self.failures, exc)
+            self._fail(fd, f"the agent could not serve this request ({type(exc).__name__}); it was logged")
 
     def _serve_watch(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
         extra = set(message) - {"v", "op", "scope", "rules"}
@@ -635,11 +640,7 @@ class Agent:
         if conn is None:
             return
         self._release(fd, conn)
-        left = self.per_pid.get(conn.peer.pid, 1) - 1
-        if left > 0:
-            self.per_pid[conn.peer.pid] = left
-        else:
-            self.per_pid.pop(conn.peer.pid, None)
+        self.limits.release(conn)
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -649,12 +650,14 @@ class Agent:
 
     # -- teardown -------------------------------------------------------------------------------
     def close(self, *, unpin: bool = False) -> None:
+        if self.http is not None:
+            self.http.stop()  # first: it reads the slots
         for fd in list(self.conns):
             self._close(fd)
         self.selector.close()
         self.listener.close()
-        if self.http is not None:
-            self.http.close()
+        self.ready_check.close()
+        self.notifier.close()
         try:
             if stat.S_ISSOCK(os.lstat(self.config.socket_path).st_mode):
                 os.unlink(self.config.socket_path)
@@ -668,3 +671,12 @@ class Agent:
         log.info("rtml-ebpf agent: stopped (%s)", "programs unloaded" if unpin or not self.config.pin_dir
                  else f"programs stay pinned under {self.config.pin_dir}")
 
+
+
+def _refuse(sock: socket.socket, why: str) -> None:
+    """An error reply on a connection that was never admitted, then close it."""
+    try:
+        sock.sendmsg([protocol.encode({"ok": False, "error": why})])
+    except OSError:
+        pass
+    sock.close()
