@@ -125,8 +125,13 @@ def _request(rule: Rule, scope: str, path: str) -> tuple[socket.socket, dict[str
                                    "directory into the pod; RTML_AGENT_SOCKET names another path)") from None
         except OSError as exc:
             raise AgentUnavailable(f"cannot connect to {path}: {exc.strerror or exc}") from None
-        sock.sendall(protocol.encode({"v": protocol.VERSION, "op": "watch", "scope": scope,
-                                      "rules": [protocol.rule_to_wire(rule)]}))
+        try:
+            # The agent may close an accepted connection at once (full, or its caps per uid):
+            # the send then fails with EPIPE or ECONNRESET, which is "unavailable", not a crash.
+            sock.sendall(protocol.encode({"v": protocol.VERSION, "op": "watch", "scope": scope,
+                                          "rules": [protocol.rule_to_wire(rule)]}))
+        except OSError as exc:
+            raise AgentUnavailable(f"the agent at {path} refused the request: {exc.strerror or exc}") from None
         try:
             data, anc, _, _ = sock.recvmsg(protocol.MAX_MESSAGE, socket.CMSG_SPACE(2 * 4))
         except OSError as exc:
@@ -139,6 +144,8 @@ def _request(rule: Rule, scope: str, path: str) -> tuple[socket.socket, dict[str
             reply = protocol.decode(data) if data else {"ok": False, "error": "the agent closed the connection"}
         except Exception as exc:  # noqa: BLE001
             reply = {"ok": False, "error": f"unreadable reply: {exc}"}
+        if not isinstance(reply, dict):
+            reply = {"ok": False, "error": "unreadable reply: not an object"}
         if not reply.get("ok") or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
@@ -193,8 +200,12 @@ class AgentBackend:
                     f"the agent serves this process's cgroup ({reply.get('cgroup')}), not {self.cgroup.directory}; "
                     "build the Limiter for this process's own cgroup (or its pod)")
             if self._beat is None:
-                self._beat = mmap.mmap(beat_fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+                try:
+                    self._beat = mmap.mmap(beat_fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+                except OSError as exc:
+                    raise AgentUnavailable(f"cannot map the agent's beat page: {exc.strerror or exc}") from None
                 self._beat_mv = memoryview(self._beat)
+            index = _rule_index(reply)
             addr, page = _map_readonly(page_fd)
         except BaseException:
             sock.close()
@@ -202,13 +213,14 @@ class AgentBackend:
         finally:
             os.close(page_fd)
             os.close(beat_fd)
-        index = int(reply["rules"][0])
         view = memoryview(page)
-        lease = Lease(sock, addr, page, view, rule, index, int(reply["page_map_id"]),
+        map_id = reply.get("page_map_id")
+        lease = Lease(sock, addr, page, view, rule, index, map_id if isinstance(map_id, int) else 0,
                       view.cast("?")[abi.TRIPPED_OFFSET + index : abi.TRIPPED_OFFSET + index + 1],
                       view.cast("q"))
         self._leases.append(lease)
-        self.hooks = tuple(reply.get("hooks", ()))
+        hooks = reply.get("hooks")
+        self.hooks = tuple(str(h) for h in hooks) if isinstance(hooks, list) else ()
         self._upkeep_by_agent = bool(reply.get("upkeep"))
         self.reason = (f"{self.reason}: verdict page from the node agent at {self.path} "
                        f"(its hooks: {', '.join(self.hooks)})")
@@ -283,7 +295,11 @@ class AgentBackend:
             return  # not back yet: the page still beats, keep reading it and retry
         for fd in fds:
             os.close(fd)
-        if reply.get("page_map_id") != lease.page_map_id or reply.get("rules", [None])[0] != lease.index:
+        try:
+            index = _rule_index(reply)
+        except AgentUnavailable:
+            index = -1
+        if reply.get("page_map_id") != lease.page_map_id or index != lease.index:
             sock.close()
             self._lose("the agent restarted with new programs (its pins were gone)")
             return
@@ -373,6 +389,15 @@ class AgentBackend:
             except BufferError:
                 pass
             self._beat = None
+
+
+def _rule_index(reply: dict[str, Any]) -> int:
+    """The rule's index in the page, checked: a malformed reply is "unavailable", not a crash."""
+    rules = reply.get("rules")
+    index = rules[0] if isinstance(rules, list) and rules else None
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < abi.MAX_RULES:
+        raise AgentUnavailable(f"the agent's reply names no usable rule ({rules!r})")
+    return index
 
 
 def _closed(sock: socket.socket) -> bool:
