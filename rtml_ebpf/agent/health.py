@@ -79,11 +79,13 @@ class ReadyCheck:
         self.socket_path = socket_path
         st = os.lstat(socket_path)
         self.socket_id = (st.st_dev, st.st_ino)
+        self.detached: list[str] = []  # hooks whose program no link attaches (as of the last look)
 
     def problems(self, prog_ids: dict[str, int]) -> list[str]:
         out = []
         live = attached_programs()
         gone = sorted(hook for hook, pid in prog_ids.items() if pid not in live)
+        self.detached = gone
         if gone or not prog_ids:
             out.append(f"programs not attached: {', '.join(gone) or 'none loaded'}")
         beat_ns = int.from_bytes(self.beat[abi.Beat.beat_ns.offset:abi.Beat.beat_ns.offset + 8], "little")

@@ -27,6 +27,7 @@ from ..ebpf.loader import (
 )
 from ..errors import LoadError, NotSupported
 from ..relief import trim_heap
+from . import pinsafe
 
 log = logging.getLogger("rtml_ebpf.agent")
 
@@ -57,6 +58,7 @@ class NodePrograms:
     page_fds: dict[int, int] = field(default_factory=dict)  # slot -> fd of its page map
     prog_fds: dict[str, int] = field(default_factory=dict)  # hook -> fd of its program (run stats)
     _pinned_fds: list[int] = field(default_factory=list)
+    extra: list[Loaded] = field(default_factory=list)  # programs attached again (reattach.py)
 
     @property
     def memcg_events(self) -> bool:
@@ -155,6 +157,9 @@ class NodePrograms:
             os.close(fd)
         self._pinned_fds.clear()
         self.prog_fds.clear()
+        for more in self.extra:
+            more.close()
+        self.extra.clear()
         self.loaded.close()
         if unpin and self.pin_dir:
             remove_pins(self.pin_dir)
@@ -186,7 +191,8 @@ def bpffs_mounted_at(path: str) -> bool:
 
 
 def ensure_bpffs(pin_dir: str) -> None:
-    """Mount bpffs at /sys/fs/bpf when the pin directory is under it and nothing is mounted."""
+    """Mount bpffs at /sys/fs/bpf when the pin directory is under it and nothing is mounted:
+    mode 0700 (bpffs defaults to 1777, where any user could plant names beside our pins)."""
     if bpffs_mounted_at(pin_dir):
         return
     mount_point = "/sys/fs/bpf"
@@ -195,11 +201,11 @@ def ensure_bpffs(pin_dir: str) -> None:
                                       "(mount -t bpf bpf <dir>) or pass --no-pin")
     libc = ctypes.CDLL(None, use_errno=True)
     os.makedirs(mount_point, exist_ok=True)
-    if libc.mount(b"bpf", mount_point.encode(), b"bpf", 0, None) != 0:
+    if libc.mount(b"bpf", mount_point.encode(), b"bpf", 0, b"mode=0700") != 0:
         errno = ctypes.get_errno()
         raise NotSupported("pinning", f"mount -t bpf bpf {mount_point} failed: {os.strerror(errno)}; "
                                       "mount it on the host (or hostPath it into the pod) or pass --no-pin")
-    log.info("rtml-ebpf agent: mounted bpffs at %s", mount_point)
+    log.info("rtml-ebpf agent: mounted bpffs at %s (mode 0700)", mount_point)
 
 
 def remove_pins(pin_dir: str) -> None:
@@ -260,6 +266,15 @@ def _pinned_abi(fds: dict[str, int]) -> tuple[int, int]:
     return int(version), _libbpf.map_info(fds["slots"])[4]
 
 
+def _asked_hooks(wanted: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The hooks an explicit --hooks set would attach here (None for auto: adopt what is
+    pinned, whatever it is, and say what that was)."""
+    if wanted is None:
+        return None
+    chosen, _ = choose_hooks(wanted)
+    return tuple(sorted(h.name for h in chosen))
+
+
 def _create_map(name: bytes, map_type: int, value_size: int, entries: int, flags: int = 0, inner_fd: int = 0) -> int:
     opts = _libbpf.MapCreateOpts(sz=ctypes.sizeof(_libbpf.MapCreateOpts), map_flags=flags, inner_map_fd=inner_fd)
     return _libbpf.check(_libbpf.lib().bpf_map_create(map_type, name, 4, value_size, entries, ctypes.byref(opts)),
@@ -308,9 +323,13 @@ def _pin_all(out: Loaded, pin_dir: str) -> None:
 def _pin_into(out: Loaded, pin_dir: str) -> None:
     lib = _libbpf.lib()
     staging = pin_dir + "-new"  # bpffs refuses dots in names
-    remove_pins(staging)
-    os.makedirs(os.path.join(staging, "maps"))
-    os.makedirs(os.path.join(staging, "links"))
+    pinsafe.check_tree(pin_dir)  # never through a planted symlink or into another user's directory
+    if pinsafe.check_own(staging):
+        remove_pins(staging)
+    os.makedirs(os.path.dirname(staging) or ".", exist_ok=True)
+    pinsafe.make_dir(staging)
+    pinsafe.make_dir(os.path.join(staging, "maps"))
+    pinsafe.make_dir(os.path.join(staging, "links"))
     for name in ALL_MAPS:
         m = _libbpf.check_ptr(lib.bpf_object__find_map_by_name(out.obj, name.encode()), "find map", name)
         fd = lib.bpf_map__fd(m)
@@ -333,11 +352,16 @@ def load_node(capacity: int, wanted: tuple[str, ...] | None, pin_dir: str | None
     hook_programs = tuple(h.program for h in probes.HOOKS)
     if pin_dir is not None:
         ensure_bpffs(pin_dir)
+        pinsafe.check_tree(pin_dir)
         pinned = _pinned(pin_dir)
         if pinned is not None:
             fds, hooks = pinned
             version, pinned_capacity = _pinned_abi(fds)
-            if version == abi.ABI_VERSION and pinned_capacity == capacity:
+            asked = _asked_hooks(wanted)
+            if asked is not None and set(asked) != set(hooks):
+                log.warning("rtml-ebpf agent: pinned programs under %s attach %s; --hooks asks for %s: loading "
+                            "those, then replacing the pins", pin_dir, ", ".join(hooks), ", ".join(asked))
+            elif version == abi.ABI_VERSION and pinned_capacity == capacity:
                 try:
                     out = open_load_attach(OBJECT_PATH, {}, hook_programs, _sizer(capacity, fds),  # type: ignore[arg-type]
                                            need_links=False)
@@ -347,10 +371,13 @@ def load_node(capacity: int, wanted: tuple[str, ...] | None, pin_dir: str | None
                         os.close(fd)  # libbpf holds its own duplicates
                 out.prog_ids = _pinned_prog_ids(pin_dir)
                 node = NodePrograms(out, capacity, hooks, True, pin_dir)
+                log.info("rtml-ebpf agent: adopting the pinned programs under %s (hooks %s; --hooks %s)", pin_dir,
+                         ", ".join(hooks), "auto: what is pinned" if wanted is None else ", ".join(wanted))
                 return _finish(node)
-            log.warning("rtml-ebpf agent: pinned programs under %s have ABI %d and %d cgroups, this agent ABI %d "
-                        "and %d: loading new ones, then replacing the pins", pin_dir, version, pinned_capacity,
-                        abi.ABI_VERSION, capacity)
+            else:
+                log.warning("rtml-ebpf agent: pinned programs under %s have ABI %d and %d cgroups, this agent ABI %d "
+                            "and %d: loading new ones, then replacing the pins", pin_dir, version, pinned_capacity,
+                            abi.ABI_VERSION, capacity)
             for fd in fds.values():
                 os.close(fd)
     chosen, skipped = choose_hooks(wanted)

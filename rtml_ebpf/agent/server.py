@@ -44,6 +44,7 @@ from .httpd import HttpServer
 from .metrics import AgentView, NodeMetrics
 from .notify import Notifier
 from .programs import NodePrograms, load_node
+from .reattach import DETACHED_GRACE, reattach
 from .scan import Scanner, memory_mount
 
 log = logging.getLogger("rtml_ebpf.agent")
@@ -157,7 +158,7 @@ class Agent:
         if self.oom_ring is not None:
             self.selector.register(self.oom_ring.fileno(), selectors.EVENT_READ, OOM)
         self.metrics = NodeMetrics()
-        self._next_sample = self._next_ready = 0.0
+        self._next_sample = self._next_ready = self._detached_since = 0.0
         self._run_stats: dict[str, tuple[int, int]] = {}
         self.view = self._view()
         self.health = _health.Health()
@@ -285,7 +286,7 @@ class Agent:
         self.notifier.watchdog(now)
         if now >= self._next_ready:
             self._next_ready = now + READY_INTERVAL
-            self.health.publish(self.ready_check.problems(self.node.loaded.prog_ids))
+            self._check_ready(now)
         for fd, conn in list(self.conns.items()):
             if not conn.keys and conn.events_scope is None and now > conn.deadline:
                 self._fail(fd, f"no request within {REQUEST_TIMEOUT:g} s")
@@ -306,6 +307,23 @@ class Agent:
             self._next_upkeep = now + (LIMIT_CHECK_INTERVAL if self.node.memcg_events else UPKEEP_INTERVAL)
             self._upkeep()
         self.view = self._view()
+
+    def _check_ready(self, now: float) -> None:
+        problems = self.ready_check.problems(self.node.loaded.prog_ids)
+        self.health.publish(problems)
+        gone = self.ready_check.detached
+        if not gone:
+            self._detached_since = 0.0
+        elif not self._detached_since:
+            self._detached_since = now
+            log.warning("rtml-ebpf agent: programs of %s are no longer attached (pins removed?); not ready",
+                        ", ".join(gone))
+        elif now - self._detached_since >= DETACHED_GRACE:
+            self._detached_since = 0.0
+            try:
+                reattach(self.node, gone)
+            except RtmlError as exc:
+                log.warning("rtml-ebpf agent: cannot attach %s again: %s", ", ".join(gone), exc)
 
     def _view(self) -> AgentView:
         """The narrow snapshot the HTTP thread renders /metrics from (replaced, never edited)."""
