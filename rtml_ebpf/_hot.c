@@ -8,11 +8,54 @@
  * functools.partial over operator.getitem costs about twice as much). It holds the buffer
  * export for as long as it lives, so the mapping cannot be closed under it.
  *
+ * Built against the limited API of 3.10 (one abi3 module for every CPython from 3.10 on, see
+ * setup.py), so the type is a heap type made from a spec, and the parts of the vectorcall and
+ * buffer protocols that joined the limited API only later are declared here (below).
+ *
  * Optional: without a compiler or Python headers the package falls back to the partial.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <stddef.h>
+
+#if defined(Py_LIMITED_API) && Py_LIMITED_API + 0 < 0x030C0000
+/* Vectorcall joined the limited API in 3.12, with the values it has had since 3.8 (PEP 590):
+ * the flag bit, and the offset bit in nargsf. CPython 3.10 and 3.11 read the flag and
+ * tp_vectorcall_offset (set from the __vectorcalloffset__ member) on heap types as on any. */
+#ifndef Py_TPFLAGS_HAVE_VECTORCALL
+#define Py_TPFLAGS_HAVE_VECTORCALL (1UL << 11)
+#endif
+#define RTML_VECTORCALL_ARGUMENTS_OFFSET ((size_t)1 << (8 * sizeof(size_t) - 1))
+#define RTML_NARGS(n) ((Py_ssize_t)((n) & ~RTML_VECTORCALL_ARGUMENTS_OFFSET))
+#else
+#define RTML_NARGS(n) PyVectorcall_NARGS(n)
+#endif
+
+#if defined(Py_LIMITED_API) && Py_LIMITED_API + 0 < 0x030B0000
+/* The buffer protocol joined the limited API in 3.11 with the struct and the two functions
+ * CPython has exported unchanged since 3.0 (PEP 3118); 3.10 exports them too. Declared here so
+ * the one abi3 module also runs on 3.10 (scripts/dist.sh checks every Python* symbol it imports
+ * against each supported interpreter's exports). */
+typedef struct {
+	void *buf;
+	PyObject *obj;
+	Py_ssize_t len;
+	Py_ssize_t itemsize;
+	int readonly;
+	int ndim;
+	char *format;
+	Py_ssize_t *shape;
+	Py_ssize_t *strides;
+	Py_ssize_t *suboffsets;
+	void *internal;
+} Py_buffer;
+#define PyBUF_SIMPLE 0
+PyAPI_FUNC(int) PyObject_GetBuffer(PyObject *obj, Py_buffer *view, int flags);
+PyAPI_FUNC(void) PyBuffer_Release(Py_buffer *view);
+#endif
+
+typedef PyObject *(*verdict_vectorcall)(PyObject *, PyObject *const *, size_t, PyObject *);
 
 typedef struct {
 	PyObject_HEAD
@@ -21,19 +64,36 @@ typedef struct {
 	Py_buffer view;
 	Py_buffer ahead_view;
 	PyObject *watch;	/* what keeps the verdict meaningful (the Watch / lease), held */
-	vectorcallfunc vectorcall;
+	verdict_vectorcall vectorcall;
 } Verdict;
 
-static PyObject *verdict_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+static PyObject *verdict_answer(PyObject *self)
 {
-	if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
-		PyErr_SetString(PyExc_TypeError, "the check takes no arguments");
-		return NULL;
-	}
 	Verdict *v = (Verdict *)self;
 	if (*v->byte || (v->ahead && *v->ahead))
 		Py_RETURN_TRUE;
 	Py_RETURN_FALSE;
+}
+
+/* The hot path: what `lim.is_mem_limit_reached()` runs. */
+static PyObject *verdict_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+	(void)args;
+	if (RTML_NARGS(nargsf) != 0 || (kwnames && PyTuple_Size(kwnames))) {
+		PyErr_SetString(PyExc_TypeError, "the check takes no arguments");
+		return NULL;
+	}
+	return verdict_answer(self);
+}
+
+/* tp_call, for callers that do not use vectorcall (PyObject_Call with a tuple) */
+static PyObject *verdict_tp_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+	if (PyTuple_Size(args) != 0 || (kwargs && PyDict_Size(kwargs))) {
+		PyErr_SetString(PyExc_TypeError, "the check takes no arguments");
+		return NULL;
+	}
+	return verdict_answer(self);
 }
 
 static PyObject *verdict_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -44,7 +104,8 @@ static PyObject *verdict_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 	if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|nO", kwlist, &buffer, &offset, &ahead))
 		return NULL;
-	Verdict *self = (Verdict *)type->tp_alloc(type, 0);
+	allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+	Verdict *self = (Verdict *)alloc(type, 0);
 	if (!self)
 		return NULL;
 	self->ahead_view.obj = NULL;
@@ -76,14 +137,18 @@ static PyObject *verdict_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	return (PyObject *)self;
 }
 
-static void verdict_dealloc(Verdict *self)
+static void verdict_dealloc(PyObject *obj)
 {
+	Verdict *self = (Verdict *)obj;
+	PyTypeObject *type = Py_TYPE(obj);
 	if (self->view.obj)
 		PyBuffer_Release(&self->view);
 	if (self->ahead_view.obj)
 		PyBuffer_Release(&self->ahead_view);
 	Py_XDECREF(self->watch);
-	Py_TYPE(self)->tp_free((PyObject *)self);
+	freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+	tp_free(obj);
+	Py_DECREF(type);	/* instances of a heap type hold their type */
 }
 
 /* verdict[0]: the same answer, for code that indexes a flag */
@@ -93,30 +158,31 @@ static PyObject *verdict_item(PyObject *self, Py_ssize_t i)
 		PyErr_SetString(PyExc_IndexError, "a verdict has one item");
 		return NULL;
 	}
-	return verdict_call(self, NULL, 0, NULL);
+	return verdict_answer(self);
 }
-
-static PySequenceMethods verdict_as_sequence = {
-	.sq_item = verdict_item,
-};
 
 static PyMemberDef verdict_members[] = {
 	{"watch", T_OBJECT, offsetof(Verdict, watch), 0, "the handle this verdict belongs to (kept alive)"},
+	{"__vectorcalloffset__", T_PYSSIZET, offsetof(Verdict, vectorcall), READONLY, NULL},
 	{NULL},
 };
 
-static PyTypeObject VerdictType = {
-	PyVarObject_HEAD_INIT(NULL, 0)
-	.tp_name = "rtml_ebpf._hot.Verdict",
-	.tp_basicsize = sizeof(Verdict),
-	.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
-	.tp_doc = "Verdict(buffer, offset=0, ahead=None): calling it returns whether the byte at offset (or ahead[0]) is nonzero.",
-	.tp_new = verdict_new,
-	.tp_dealloc = (destructor)verdict_dealloc,
-	.tp_call = PyVectorcall_Call,
-	.tp_vectorcall_offset = offsetof(Verdict, vectorcall),
-	.tp_as_sequence = &verdict_as_sequence,
-	.tp_members = verdict_members,
+static PyType_Slot verdict_slots[] = {
+	{Py_tp_doc, (void *)"Verdict(buffer, offset=0, ahead=None): calling it returns whether the byte at offset "
+			    "(or ahead[0]) is nonzero."},
+	{Py_tp_new, (void *)verdict_new},
+	{Py_tp_dealloc, (void *)verdict_dealloc},
+	{Py_tp_call, (void *)verdict_tp_call},
+	{Py_sq_item, (void *)verdict_item},
+	{Py_tp_members, (void *)verdict_members},
+	{0, NULL},
+};
+
+static PyType_Spec verdict_spec = {
+	.name = "rtml_ebpf._hot.Verdict",
+	.basicsize = sizeof(Verdict),
+	.flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+	.slots = verdict_slots,
 };
 
 static struct PyModuleDef hot_module = {
@@ -125,14 +191,12 @@ static struct PyModuleDef hot_module = {
 
 PyMODINIT_FUNC PyInit__hot(void)
 {
-	if (PyType_Ready(&VerdictType) < 0)
-		return NULL;
 	PyObject *m = PyModule_Create(&hot_module);
 	if (!m)
 		return NULL;
-	Py_INCREF(&VerdictType);
-	if (PyModule_AddObject(m, "Verdict", (PyObject *)&VerdictType) < 0) {
-		Py_DECREF(&VerdictType);
+	PyObject *type = PyType_FromSpec(&verdict_spec);
+	if (!type || PyModule_AddObject(m, "Verdict", type) < 0) {
+		Py_XDECREF(type);
 		Py_DECREF(m);
 		return NULL;
 	}

@@ -27,9 +27,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall when the sources of the build changed (BPF C, setup, deps).
 stamp=.venv/.rtml-installed
-if [ ! -f "$stamp" ] || [ -n "$(find bpf setup.py pyproject.toml -newer "$stamp" 2>/dev/null | head -1)" ] \
+if [ ! -f "$stamp" ] || [ -n "$(find bpf setup.py pyproject.toml rtml_ebpf/_hot.c -newer "$stamp" 2>/dev/null | head -1)" ] \
         || [ ! -f rtml_ebpf/bpf/rtml.bpf.o ]; then
     echo "setup: installing rtml-ebpf (editable) with dev extras; this compiles bpf/rtml.bpf.c"
+    # _hot is one abi3 module now (_hot.abi3.so); an older per-version build would shadow it.
+    rm -f rtml_ebpf/_hot.cpython-*.so
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
     .venv/bin/python -m pip install -q -e '.[dev]'
     touch "$stamp"
