@@ -18,6 +18,7 @@ from ._estimator import route_key
 from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
 from .admission import Admission
 from .limiter import Limiter
+from .orca import HTTP_FORMATS, LoadReporter, check_format
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,12 +27,13 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-
 class MemoryLimitMiddleware:
     """Rejects HTTP requests with ``status_code`` (503) and a jittered Retry-After while the
     limiter says the memory limit is reached. Paths in ``exclude_paths`` are never shed;
     other scope types (websocket, lifespan) pass through. ``shed_at``: ``"hard"``, ``"soft"``
-    or ``"probabilistic"`` (rising from the soft to the hard level)."""
+    or ``"probabilistic"`` (rising from the soft to the hard level). ``load_report``: True or
+    ``"text"`` / ``"json"`` adds the ORCA header ``endpoint-load-metrics`` to every response
+    (rtml_ebpf.orca); Retry-After follows the measured drain rate where one is known."""
 
     def __init__(
         self,
@@ -45,10 +47,12 @@ class MemoryLimitMiddleware:
         admission: bool | Admission = True,
         request_bytes: int | None = None,
         route_costs: Mapping[str, int] | None = None,
+        load_report: bool | str | None = None,
     ) -> None:
         self.app = app
         self.policy = Policy("asgi", limiter, shed_at=shed_at, exclude=exclude_paths, retry_after=retry_after,
                              admission=admission, request_bytes=request_bytes, route_costs=route_costs)
+        self.report = LoadReporter(limiter, check_format(load_report, HTTP_FORMATS, "text"))
         self.status_code = status_code
 
     @property
@@ -60,6 +64,8 @@ class MemoryLimitMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        if self.report.fmt is not None:
+            send = self._reporting(send)
         shed, ticket = self.policy.admit(path, route_key(scope.get("method", "GET"), path), stepped=True)
         if shed:
             await self._reject(send)
@@ -73,11 +79,26 @@ class MemoryLimitMiddleware:
         finally:
             admission.finish(ticket)
 
+    def _reporting(self, send: Send) -> Send:
+        report = self.report
+        report.count()
+
+        async def send_with_report(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                header = report.header()
+                if header is not None:
+                    name, value = header
+                    value = value if isinstance(value, bytes) else value.encode()
+                    message = {**message, "headers": [*message.get("headers", ()), (name.encode(), value)]}
+            await send(message)
+
+        return send_with_report
+
     async def _reject(self, send: Send) -> None:
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(REJECTION_BODY)).encode()),
-            (b"retry-after", str(self.policy.retry_after_seconds()).encode()),
+            (b"retry-after", str(self.report.retry_after(self.policy.retry_after_seconds)).encode()),
             (b"connection", b"close"),
         ]
         await send({"type": "http.response.start", "status": self.status_code, "headers": headers})

@@ -7,6 +7,11 @@ By default a rejected call ends with UNAVAILABLE, which gRPC clients retry
 under their retry policy. ``code="resource_exhausted"`` ends it with
 RESOURCE_EXHAUSTED and a google.rpc.RetryInfo detail (jittered delay), as the
 OpenTelemetry collector does. Health checks are never shed.
+
+``load_report=True`` (or ``"bin"``, ``"text"``, ``"json"``) ends every call with an ORCA
+load report in its trailing metadata, the per-call metrics gRPC's weighted round robin
+reads (rtml_ebpf.orca); the delay of a rejection follows the measured drain rate where one
+is known.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ._shed import Policy
 from .admission import Admission, Ticket
 from .errors import ConfigError
 from .limiter import Limiter
+from .orca import GRPC_FORMATS, LoadReporter, check_format
 
 DEFAULT_EXCLUDE_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 DETAILS = "memory limit reached, retry later"
@@ -44,7 +50,8 @@ class _Rejecter:
 
     def __init__(self, integration: str, limiter: Limiter | None, code: str, exclude_methods: Iterable[str],
                  shed_at: str, retry_after: tuple[int, int], admission: bool | Admission = True,
-                 request_bytes: int | None = None, route_costs: Mapping[str, int] | None = None) -> None:
+                 request_bytes: int | None = None, route_costs: Mapping[str, int] | None = None,
+                 load_report: bool | str | None = None) -> None:
         if code not in CODES:
             raise ConfigError(f"code={code!r}: use 'unavailable' (default) or 'resource_exhausted'")
         if code == "resource_exhausted":
@@ -59,13 +66,66 @@ class _Rejecter:
         self.policy = Policy(integration, limiter, shed_at=shed_at, exclude=exclude_methods,
                              retry_after=retry_after, admission=admission, request_bytes=request_bytes,
                              route_costs=route_costs)
+        self.report = LoadReporter(limiter, check_format(load_report, GRPC_FORMATS, "bin"))
 
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        delay = self.policy.retry_after_seconds()
+        delay = self.report.retry_after(self.policy.retry_after_seconds)
+        load = self.report.header()
+        md: tuple[tuple[str, str | bytes], ...] = (("retry-after", str(delay)),) + (() if load is None else (load,))
         if self.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return (("grpc-status-details-bin", _retry_info_status(self.code, delay)),
-                    ("retry-after", str(delay)))
-        return (("retry-after", str(delay)),)
+            return (("grpc-status-details-bin", _retry_info_status(self.code, delay)), *md)
+        return md
+
+
+def _add_report(context: Any, report: LoadReporter) -> None:
+    """Appends the call's load report to whatever trailing metadata the handler set."""
+    load = report.header()
+    if load is None:
+        return
+    get = getattr(context, "trailing_metadata", None)
+    existing = tuple(get() or ()) if get is not None else ()
+    context.set_trailing_metadata((*existing, load))
+
+
+def _reporting(handler: Any, report: LoadReporter) -> Any:
+    """The same handler, its call ended by the load report (sync or asyncio behaviour)."""
+    kind = _kind(handler)
+    inner = getattr(handler, kind)
+    if inspect.isasyncgenfunction(inner):
+        async def async_streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+            async for item in inner(request, context):
+                yield item
+            _add_report(context, report)
+
+        behaviour: Callable[..., Any] = async_streaming
+    elif inspect.iscoroutinefunction(inner):
+        async def async_unary(request: Any, context: Any) -> Any:
+            result = await inner(request, context)
+            _add_report(context, report)
+            return result
+
+        behaviour = async_unary
+    elif kind.endswith("_stream"):
+        def streaming(request: Any, context: Any) -> Iterator[Any]:
+            yield from inner(request, context)
+            _add_report(context, report)
+
+        behaviour = streaming
+    else:
+        def unary(request: Any, context: Any) -> Any:
+            result = inner(request, context)
+            if inspect.iscoroutine(result):  # an asyncio handler written as a plain function
+                async def finish() -> Any:
+                    value = await result
+                    _add_report(context, report)
+                    return value
+
+                return finish()
+            _add_report(context, report)
+            return result
+
+        behaviour = unary
+    return _like(handler, behaviour, decode=True)
 
 
 def _kind(handler: Any) -> str:
@@ -127,9 +187,10 @@ class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         admission: bool | Admission = True,
         request_bytes: int | None = None,
         route_costs: Mapping[str, int] | None = None,
+        load_report: bool | str | None = None,
     ) -> None:
         self._r = _Rejecter("grpc", limiter, code, exclude_methods, shed_at, retry_after, admission,
-                            request_bytes, route_costs)
+                            request_bytes, route_costs, load_report)
 
     @property
     def admission(self) -> Admission | None:
@@ -141,11 +202,16 @@ class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return handler
         # Sync: the pool thread that runs the call binds the ticket (Admission.bind).
         shed, ticket = self._r.policy.admit(handler_call_details.method, handler_call_details.method, bind=False)
-        if ticket is not None and self._r.policy.admission is not None:
-            return _with_ticket(handler, self._r.policy.admission, ticket)
+        r = self._r
+        admission = r.policy.admission
+        if ticket is not None and admission is not None:
+            handler = _with_ticket(handler, admission, ticket)
+        if r.report.fmt is not None and not r.policy.excluded(handler_call_details.method):
+            r.report.count()
+            if not shed:
+                return _reporting(handler, r.report)
         if not shed:
             return handler
-        r = self._r
 
         def reject(request: Any, context: grpc.ServicerContext) -> Any:
             context.set_trailing_metadata(r.trailing_metadata())
@@ -169,9 +235,10 @@ class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         admission: bool | Admission = True,
         request_bytes: int | None = None,
         route_costs: Mapping[str, int] | None = None,
+        load_report: bool | str | None = None,
     ) -> None:
         self._r = _Rejecter("grpc_aio", limiter, code, exclude_methods, shed_at, retry_after, admission,
-                            request_bytes, route_costs)
+                            request_bytes, route_costs, load_report)
 
     @property
     def admission(self) -> Admission | None:
@@ -185,11 +252,15 @@ class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             return handler
         shed, ticket = self._r.policy.admit(handler_call_details.method, handler_call_details.method, stepped=True)
         admission = self._r.policy.admission
+        r = self._r
         if ticket is not None and admission is not None:
-            return _with_async_ticket(handler, admission, ticket)
+            handler = _with_async_ticket(handler, admission, ticket)
+        if r.report.fmt is not None and not r.policy.excluded(handler_call_details.method):
+            r.report.count()
+            if not shed:
+                return _reporting(handler, r.report)
         if not shed:
             return handler
-        r = self._r
 
         async def reject(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await context.abort(r.code, DETAILS, trailing_metadata=r.trailing_metadata())

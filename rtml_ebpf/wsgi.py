@@ -17,6 +17,7 @@ from ._estimator import route_key
 from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
 from .admission import Admission, Ticket
 from .limiter import Limiter
+from .orca import HTTP_FORMATS, LoadReporter, check_format
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -47,7 +48,8 @@ class _Finishing:
 
 
 class MemoryLimitMiddleware:
-    """The WSGI twin of :class:`rtml_ebpf.asgi.MemoryLimitMiddleware`, same arguments."""
+    """The WSGI twin of :class:`rtml_ebpf.asgi.MemoryLimitMiddleware`, same arguments (the
+    ORCA header included: ``load_report``)."""
 
     def __init__(
         self,
@@ -61,10 +63,12 @@ class MemoryLimitMiddleware:
         admission: bool | Admission = True,
         request_bytes: int | None = None,
         route_costs: Mapping[str, int] | None = None,
+        load_report: bool | str | None = None,
     ) -> None:
         self.app = app
         self.policy = Policy("wsgi", limiter, shed_at=shed_at, exclude=exclude_paths, retry_after=retry_after,
                              admission=admission, request_bytes=request_bytes, route_costs=route_costs)
+        self.report = LoadReporter(limiter, check_format(load_report, HTTP_FORMATS, "text"))
         self.status = f"{status_code} {REASONS.get(status_code, 'Rejected')}"
 
     @property
@@ -73,6 +77,8 @@ class MemoryLimitMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
+        if self.report.fmt is not None:
+            start_response = self._reporting(start_response)
         shed, ticket = self.policy.admit(path, route_key(environ.get("REQUEST_METHOD", "GET"), path))
         if shed:
             return self._reject(start_response)
@@ -86,10 +92,22 @@ class MemoryLimitMiddleware:
             raise
         return _Finishing(body, admission, ticket)
 
+    def _reporting(self, start_response: StartResponse) -> StartResponse:
+        report = self.report
+        report.count()
+
+        def start_response_with_report(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+            header = report.header()
+            if header is not None and isinstance(header[1], str):
+                headers = [*headers, (header[0], header[1])]
+            return start_response(status, headers, *args)
+
+        return start_response_with_report
+
     def _reject(self, start_response: StartResponse) -> Iterable[bytes]:
         start_response(self.status, [
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Content-Length", str(len(REJECTION_BODY))),
-            ("Retry-After", str(self.policy.retry_after_seconds())),
+            ("Retry-After", str(self.report.retry_after(self.policy.retry_after_seconds))),
         ])
         return [REJECTION_BODY]
