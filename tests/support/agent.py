@@ -26,7 +26,7 @@ class AgentProcess:
     """``rtml-ebpf agent`` watching only the cgroups under ``watch`` (a glob), on its own socket."""
 
     def __init__(self, watch: str | None, pin_dir: str | None = None, socket_dir: str | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.dir = socket_dir or tempfile.mkdtemp(prefix="rtml-agent-")
         os.chmod(self.dir, 0o755)
         self.socket = os.path.join(self.dir, "agent.sock")
@@ -38,7 +38,8 @@ class AgentProcess:
             argv += ["--watch", watch]
         self.log = open(self.log_path, "a")
         ready = self.text().count(f"serving {self.socket}") + 1  # a previous agent may have logged here
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env=None if env is None else {**os.environ, **env})
         # generous: inside the vmtest VM (software emulation) the import and load take seconds
         if not wait_until(lambda: self.text().count(f"serving {self.socket}") >= ready or self.proc.poll() is not None,
                           timeout=90):
@@ -63,6 +64,24 @@ class AgentProcess:
         found = re.findall(r"metrics at (http://\S+/metrics)", self.text())
         assert found, f"no metrics endpoint in the agent's log:\n{self.text()}"
         return found[-1]
+
+    def health_url(self, path: str = "/healthz") -> str:
+        import re
+
+        found = re.findall(r"health probes at (http://\S+?)/healthz", self.text())
+        assert found, f"no health endpoint in the agent's log:\n{self.text()}"
+        return found[-1] + path
+
+    def probe(self, path: str, timeout: float = 5) -> tuple[int, str]:
+        """(HTTP status, body) of a health endpoint; no token."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.health_url(path), timeout=timeout) as r:
+                return int(r.status), str(r.read().decode())
+        except urllib.error.HTTPError as e:
+            return int(e.code), str(e.read().decode())
 
     def scrape(self) -> str:
         import urllib.request
