@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import _cgroup
 from ._backend import Backend
 from ._growth import Growth, seconds_to
+from ._kept import KeptChecks
 from ._poll import DEFAULT_MIN_INTERVAL, PollBackend
 from ._rules import PPM, Rule, Threshold
 from .config import (  # noqa: F401 - parse_threshold_text, check_backend re-exported for callers
@@ -269,6 +270,7 @@ class Limiter:
         self._retry_agent_at = 0.0
         self._hot: Any = None
         self._soft_hot: Any = None
+        self._kept = KeptChecks()  # pages of backends left behind that kept checks still read
         self._bind(*self._build(backend, interval))
         self._last_level = Level.OK
         self._closed = False
@@ -343,6 +345,7 @@ class Limiter:
         if old is not None:
             log.warning("rtml-ebpf: %s: %s backend -> %s backend", why, old[0].name, backend.name)
             old[0].remove_rule(old[1], self._fail_answer)
+            self._kept.keep(old[0], old[1], self._answer())
             if old[2] is not None:
                 old[0].remove_rule(old[2], self._fail_answer)
             old[0].close()
@@ -389,6 +392,13 @@ class Limiter:
         try:
             return bool(self._hot[0]) or (self._ahead is not None and bool(self._ahead[0]))
         except Exception as exc:  # noqa: BLE001 - the check must never raise
+            return self._failed(exc)
+
+    def _answer(self) -> bool:
+        """The current backend's hard verdict, for the kept checks (they read trip-ahead themselves)."""
+        try:
+            return bool(self._hot[0])
+        except Exception as exc:  # noqa: BLE001
             return self._failed(exc)
 
     def level(self) -> Level:
@@ -466,6 +476,8 @@ class Limiter:
         self._sample_growth()
         if self._retry_agent_at or self._backend.name == "agent":
             self._follow_agent()
+        if self._kept:
+            self._kept.mirror(self._answer())
         lvl = self.level()
         prev, self._last_level = self._last_level, lvl
         if lvl != prev:
@@ -626,6 +638,7 @@ class Limiter:
         if soft is not None:
             backend.remove_rule(soft, self._fail_answer)
         backend.close()
+        self._kept.release(self._fail_answer)
 
     def __enter__(self) -> Limiter:
         return self

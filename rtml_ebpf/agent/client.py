@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -88,14 +89,16 @@ def _map_readonly(fd: int) -> tuple[int, mmap.mmap]:
     return _address(mm), mm
 
 
-def _retire_mapping(addr: int, fail_answer: bool) -> None:
+def _retire_mapping(addr: int, fail_answer: bool) -> bool:
     """Replace the page at ``addr``, in place, with a private one whose verdict bytes hold the
-    fail answer: every view of it (kept checks) answers that from now on. The mmap object that
-    owns the address unmaps it when its last view goes."""
+    fail answer: every view of it (kept checks) answers that until the Limiter writes its
+    current answer there (see :meth:`AgentBackend.kept_writer`). The mmap object that owns
+    the address unmaps it when its last view goes. False when the page could not be replaced."""
     new = libc().mmap(addr, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS, -1, 0)
     if new != addr:
-        return
+        return False
     ctypes.memmove(addr + abi.TRIPPED_OFFSET, bytes([int(fail_answer)] * abi.MAX_RULES), abi.MAX_RULES)
+    return True
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Lease:
     hot: Any
     words: Any  # the page as int64 words, for room()
     retired: bool = False
+    writable: bool = False  # retired into a private page of ours: its verdict byte may be written
 
 
 def _request(rule: Rule, scope: str, path: str) -> tuple[socket.socket, dict[str, Any], list[int]]:
@@ -237,7 +241,7 @@ class AgentBackend:
     def _retire(self, lease: Lease, fail_answer: bool) -> None:
         if not lease.retired:
             lease.retired = True
-            _retire_mapping(lease.addr, fail_answer)
+            lease.writable = _retire_mapping(lease.addr, fail_answer)
         if lease.sock is not None:
             lease.sock.close()
             lease.sock = None
@@ -310,7 +314,23 @@ class AgentBackend:
         for lease in self._leases:
             if not lease.retired:
                 lease.retired = True
-                _retire_mapping(lease.addr, self._fail_answer)
+                lease.writable = _retire_mapping(lease.addr, self._fail_answer)
+
+    def kept_writer(self, flag: object) -> Callable[[bool], None] | None:
+        """For a retired lease: a function writing an answer into its verdict byte, which checks
+        kept from before (``check = lim.is_mem_limit_reached``) still read. The Limiter writes
+        its current answer there from the monitor, so such a check follows the backend that
+        took over instead of answering the fail answer for good (issue 21, item 7). The
+        function holds the lease, so the page stays mapped while it is kept."""
+        if not isinstance(flag, Lease) or not flag.writable:
+            return None
+        lease, at = flag, flag.addr + abi.TRIPPED_OFFSET + flag.index
+
+        def write(answer: bool) -> None:
+            if lease.writable:
+                ctypes.c_ubyte.from_address(at).value = int(answer)
+
+        return write
 
     def set_fail_answer(self, fail_answer: bool) -> None:
         self._fail_answer = fail_answer
