@@ -52,6 +52,11 @@ def test_daemonset_has_what_the_agent_needs() -> None:
     assert secret["secret"]["optional"] is True
     mount = next(m for m in agent["volumeMounts"] if m["name"] == secret["name"])
     assert token_file.startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
+    # the probes ask the agent itself, on the port that serves health without a token
+    port = next(p for p in agent["ports"] if p["name"] == "metrics")
+    assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    assert "httpHeaders" not in agent["livenessProbe"]["httpGet"]
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     assert mounts["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"  # pins reach the host's bpffs
     assert "/run/rtml-ebpf/agent.sock" in agent["args"]
@@ -84,6 +89,9 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert out.returncode == 0 and unit.name not in out.stderr, out.stderr
     text = UNIT.read_text()
     assert "RuntimeDirectory=rtml-ebpf" in text and "--socket /run/rtml-ebpf/agent.sock" in text
+    # the agent notifies READY=1 and WATCHDOG=1 from its loop (rtml_ebpf/agent/notify.py)
+    assert "Type=notify" in text and "NotifyAccess=main" in text
+    assert int(text.split("WatchdogSec=")[1].split()[0]) >= 10
 
 
 def test_containerfile_copies_what_exists_and_runs_the_cli() -> None:
