@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import BACKENDS, parse_threshold_text, threshold_value
+from .config import BACKENDS, env_hooks, env_settings, parse_threshold_text, threshold_value
 from .ebpf import libbpf as _libbpf
 from .errors import CgroupNotFound, ConfigError, LoadError, NotSupported, RtmlError
 from .limiter import Limiter, Stats
@@ -104,7 +104,11 @@ def print_status(s: Stats) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    threshold = threshold_value(parse_threshold_text(args.threshold, name="--threshold"))
+    if args.threshold is not None:
+        threshold = threshold_value(parse_threshold_text(args.threshold, name="--threshold"))
+    else:  # the variable a service would be started with, so status shows what it will do
+        threshold = env_settings().threshold or 0.9
+    env_hooks()  # a bad RTML_HOOKS is an error here, not eBPF quietly skipped
     with Limiter(args.cgroup, pid=args.pid, threshold=threshold, metric=args.metric, backend=args.backend) as lim:
         s = lim.stats()
     if args.json:
@@ -166,6 +170,88 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+# -- argument types: a bad value is argparse's error (exit 2, the message, the usage), never a
+# traceback later. Each bounds what the command can use (setitimer overflows past ~10^8 s).
+MAX_SECONDS = 86400.0 * 365
+PID_MAX = 1 << 22  # the kernel's limit for pid_max
+
+
+def _number(text: str, kind: type[int] | type[float], low: float, high: float, what: str) -> Any:
+    try:
+        if not text.isascii():  # int() reads other scripts' digits: "١٢" would be 12
+            raise ValueError(text)
+        value = kind(text.strip())
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass {what}") from None
+    if not low <= value <= high:  # False for nan as well
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; pass {what}")
+    return value
+
+
+def seconds(text: str) -> float:
+    return float(_number(text, float, 1e-3, MAX_SECONDS, f"seconds from 0.001 to {MAX_SECONDS:.0f}"))
+
+
+def count(text: str) -> int:
+    return int(_number(text, int, 1, 1 << 31, "a whole number of at least 1"))
+
+
+def pid(text: str) -> int:
+    return int(_number(text, int, 1, PID_MAX, f"a process id from 1 to {PID_MAX}"))
+
+
+def cgroups_capacity(text: str) -> int:
+    return int(_number(text, int, 1, 1 << 20, "a whole number of cgroups from 1 to 1048576"))
+
+
+def threshold_text(text: str) -> str:
+    try:
+        parse_threshold_text(text, name="--threshold")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def octal_mode(text: str) -> str:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"{text!r}: an octal file mode such as 0666")
+    return text
+
+
+def host_port(text: str) -> str:
+    if text in ("", "off"):
+        return text
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        v6 = bool(ipaddress.IPv6Address(inner))
+    except ValueError:
+        v6 = False
+    if not sep or not host or not text.isascii() or not port.isdigit() or int(port) > 65535 or \
+            (any(c in host for c in ":[]") and not v6):
+        raise argparse.ArgumentTypeError(f"{text!r}: HOST:PORT (e.g. 127.0.0.1:9909, [::1]:9909), or 'off'")
+    return text
+
+
+def metrics_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r}: an http(s) URL such as http://127.0.0.1:9909/metrics")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtml-ebpf", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("-v", "--verbose", action="store_true", help="log libbpf output (verifier logs included)")
@@ -174,9 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show a memory cgroup as the limiter sees it")
     who = st.add_mutually_exclusive_group()
     who.add_argument("--cgroup", metavar="PATH", help="a memory cgroup directory (default: this process's)")
-    who.add_argument("--pid", type=int, help="the memory cgroup of this process")
+    who.add_argument("--pid", type=pid, help="the memory cgroup of this process")
     st.add_argument("--json", action="store_true", help="machine-readable output with stable keys")
-    st.add_argument("--threshold", default="0.9", help="fraction (0.9, 90%%) or size (512Mi); default 0.9")
+    st.add_argument("--threshold", type=threshold_text, default=None,
+                    help="fraction (0.9, 90%%) or size (512Mi); default $RTML_THRESHOLD, else 0.9")
     st.add_argument("--metric", default="working_set", choices=("working_set", "usage"))
     st.add_argument("--backend", default="auto", choices=BACKENDS)
     st.set_defaults(func=cmd_status)
@@ -186,9 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ag = sub.add_parser("agent", help="the node agent (root): load once, serve unprivileged clients their verdicts")
     ag.add_argument("--socket", default=DEFAULT_SOCKET, help=f"the Unix socket to serve (default {DEFAULT_SOCKET})")
-    ag.add_argument("--socket-mode", default="0666", help="its file mode (default 0666: identity comes from the "
-                    "kernel's peer credentials, not from the file's permissions)")
-    ag.add_argument("--max-cgroups", type=int, default=4096,
+    ag.add_argument("--socket-mode", type=octal_mode, default="0666",
+                    help="its file mode (default 0666: identity comes from the kernel's peer credentials, not from "
+                         "the file's permissions)")
+    ag.add_argument("--max-cgroups", type=cgroups_capacity, default=4096,
                     help="watched cgroups the programs can hold (default 4096)")
     ag.add_argument("--watch", action="append", metavar="GLOB",
                     help="watch the cgroups whose path matches (e.g. '/kubepods*'); repeatable. Default: every "
@@ -196,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--hooks", default="auto", help="auto (default), lean, memcg, fault or all (see RTML_HOOKS)")
     ag.add_argument("--pin-dir", default=None, help=f"bpffs directory for pins (default {DEFAULT_PIN_DIR}); a "
                     "restarted agent adopts them with no gap")
-    ag.add_argument("--metrics-addr", default="127.0.0.1:9909", metavar="HOST:PORT",
+    ag.add_argument("--metrics-addr", type=host_port, default="127.0.0.1:9909", metavar="HOST:PORT",
                     help="serve Prometheus /metrics of every watched cgroup here (default 127.0.0.1:9909, "
                          "loopback only; 'off' to disable; port 0 picks one and logs it)")
     ag.add_argument("--metrics-token-file", default=None, metavar="PATH",
@@ -216,13 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="non-root through the agent: your own cgroup (default) or your pod")
     ev.add_argument("--cgroup", action="append", metavar="GLOB",
                     help="only cgroups whose path matches (e.g. '/kubepods*'); repeatable")
-    ev.add_argument("--count", type=int, default=None, help="exit after this many records")
-    ev.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    ev.add_argument("--count", type=count, default=None, help="exit after this many records")
+    ev.add_argument("--timeout", type=seconds, default=None, help="exit after this many seconds")
     ev.set_defaults(func=cmd_events)
 
     wa = sub.add_parser("watch", help="live view of the watched cgroups, least headroom first (the agent's, or "
                         "--cgroup ones standalone)")
-    wa.add_argument("--agent", default=None, metavar="URL",
+    wa.add_argument("--agent", type=metrics_url, default=None, metavar="URL",
                     help="the agent's metrics endpoint (default http://127.0.0.1:9909/metrics)")
     wa.add_argument("--token-file", default=None, metavar="PATH",
                     help="the agent's metrics token (its --metrics-token-file), sent as a bearer token")
@@ -230,10 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="watch this cgroup directory standalone with programs of this process (root); repeatable")
     wa.add_argument("--filter", action="append", metavar="GLOB",
                     help="only cgroups whose path matches (e.g. '/kubepods*'); repeatable")
-    wa.add_argument("--interval", type=float, default=0.25, help="seconds between refreshes (default 0.25: 4 Hz)")
+    wa.add_argument("--interval", type=seconds, default=0.25, help="seconds between refreshes (default 0.25: 4 Hz)")
     wa.add_argument("--once", action="store_true", help="print one reading and exit")
     wa.add_argument("--json", action="store_true", help="with --once: the rows as JSON (stable keys)")
-    wa.add_argument("--threshold", default="0.9", help="standalone: the trip point shown and counted (default 0.9)")
+    wa.add_argument("--threshold", type=threshold_text, default="0.9",
+                    help="standalone: the trip point shown and counted (default 0.9)")
     wa.set_defaults(func=cmd_watch)
 
     from .demo import add_arguments

@@ -40,9 +40,11 @@ def parse_threshold(value: object, *, name: str = "threshold") -> Threshold:
     if value <= 0:
         raise ConfigError(f"{name}={value!r}: a byte threshold must be positive")
     if value < PAGE_SIZE:
+        # Every value suggested here is accepted, in the API and in the text forms alike.
+        percent = f"{value / 100!r} for {value}% of the limit, " if value <= 100 else ""
         raise ConfigError(
-            f"{name}={value!r} is read as {value} bytes, less than one page; pass a float such as "
-            f"{float(value)!r} for a fraction of the limit, or bytes of at least {PAGE_SIZE}"
+            f"{name}={value!r} is read as {value} bytes, less than one page; pass {percent}"
+            f"{value << 20} for {value} MiB, or another size of at least {PAGE_SIZE} bytes"
         )
     if value >= MAX_THRESHOLD_BYTES:
         raise ConfigError(

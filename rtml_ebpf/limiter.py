@@ -26,6 +26,7 @@ from .config import (  # noqa: F401 - parse_threshold_text, check_backend re-exp
     check_backend,
     check_metric,
     check_seconds,
+    env_hooks,
     parse_bool,
     parse_threshold,
     parse_threshold_text,
@@ -135,10 +136,13 @@ def make_backend(cg: _cgroup.MemoryCgroup, backend: str, poll_interval: float = 
         from .agent.client import AgentBackend
 
         return AgentBackend(cg, "agent requested")
+    env_hooks()  # a bad RTML_HOOKS is a ConfigError naming it, never eBPF quietly skipped
     try:
         from .ebpf.backend import EbpfBackend
 
         return EbpfBackend(cg, "ebpf requested" if backend == "ebpf" else "auto")
+    except ConfigError:
+        raise
     except (RtmlError, OSError) as exc:
         if backend == "ebpf":
             raise
