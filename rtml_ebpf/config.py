@@ -41,7 +41,8 @@ def parse_threshold(value: object, *, name: str = "threshold") -> Threshold:
         raise ConfigError(f"{name}={value!r}: a byte threshold must be positive")
     if value < PAGE_SIZE:
         # Every value suggested here is accepted, in the API and in the text forms alike.
-        percent = f"{value / 100!r} for {value}% of the limit, " if value <= 100 else ""
+        percent = ("1.0 for the whole limit, " if value == 1 else
+                   f"{value / 100!r} for {value}% of the limit, " if value <= 100 else "")
         raise ConfigError(
             f"{name}={value!r} is read as {value} bytes, less than one page; pass {percent}"
             f"{value << 20} for {value} MiB, or another size of at least {PAGE_SIZE} bytes"
