@@ -29,7 +29,7 @@ from typing import Any
 from .. import config
 from ..errors import ConfigError, NotSupported
 from .flood import Flood, RunResult, Server, gunicorn_server
-from .witness import OomWitness
+from .witness import LEGEND, OomWitness, victims
 from .witness import summary as victims_summary
 
 MiB = 1 << 20
@@ -166,19 +166,41 @@ def plot(results: list[RunResult], limit: int, thresholds: list[float], path: st
     plt.close(fig)
 
 
+COLUMNS = ("run", "guard on", "OOM kills", "served", "rejected (503)", "failed", "peak / limit", "first OOM kill",
+           "victims (OOM hook)")
+
+
+def _cells(r: RunResult, limit: int) -> list[str]:
+    return [r.name, r.backend or "-", str(r.oom_kills), str(r.served), str(r.rejected), str(r.failed),
+            f"{r.peak_bytes / MiB:.0f} / {limit // MiB} MiB",
+            f"{r.time_to_first_oom_s:.1f} s" if r.time_to_first_oom_s is not None else "-",
+            victims_summary(r.oom_events, r.oom_kills) if r.oom_kills or r.oom_events else "-"]
+
+
 def results_table(results: list[RunResult], limit: int) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"Flood survival, limit {limit // MiB} MiB")
-    for col in ("run", "guard on", "OOM kills", "served", "rejected (503)", "failed", "peak / limit",
-                "first OOM kill", "victims (OOM hook)"):
-        t.add_column(col, justify="right" if col not in ("run", "guard on") else "left")
+    t = Table(title=f"Flood survival, limit {limit // MiB} MiB", caption=LEGEND)
+    for col in COLUMNS:
+        t.add_column(col, justify="right" if col not in ("run", "guard on", "victims (OOM hook)") else "left")
     for r in results:
-        t.add_row(r.name, r.backend or "-", ("[red]" if r.oom_kills else "[green]") + str(r.oom_kills), str(r.served),
-                  str(r.rejected), str(r.failed), f"{r.peak_bytes / MiB:.0f} / {limit // MiB} MiB",
-                  f"{r.time_to_first_oom_s:.1f} s" if r.time_to_first_oom_s is not None else "-",
-                  victims_summary(r.oom_events) if r.oom_kills or r.oom_events else "-")
+        cells = _cells(r, limit)
+        cells[2] = ("[red]" if r.oom_kills else "[green]") + cells[2]
+        t.add_row(*cells)
     return t
+
+
+def plain_table(results: list[RunResult], limit: int) -> str:
+    """The table for a log (stdout not a terminal): one line per row, no wrapping, no colour."""
+    rows = [list(COLUMNS), *(_cells(r, limit) for r in results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    left = {0, 1, len(COLUMNS) - 1}
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                               strict=True))).rstrip()
+
+    return "\n".join([f"Flood survival, limit {limit // MiB} MiB", *map(line, rows), LEGEND])
 
 
 def _flood(s: Scenario, args: argparse.Namespace, limit: int, console: Any, agent_socket: str | None) -> RunResult:
@@ -217,7 +239,8 @@ def _rows(chosen: list[Scenario], args: argparse.Namespace, limit: int, console:
         r.oom_events = witness.take()
         if r.backend is None and s.part == "handler" and s.guard != "none":
             r.backend = s.guard  # the in-handler service has no stats route; its guard is explicit
-        victims = f"; victims seen by the OOM hook: {victims_summary(r.oom_events)}" if r.oom_events else ""
+        victims = f"; victims seen by the OOM hook: {victims_summary(r.oom_events, r.oom_kills)}" \
+            if r.oom_events else ""
         console.print(f"done: {s.name} ({r.oom_kills} OOM kills, guard on {r.backend}{victims})")
     return results
 
@@ -249,7 +272,8 @@ def run_demo(args: argparse.Namespace) -> int:
         "payload_mib": args.payload_mib,
         "plot": png,
         "skipped": skipped,
-        "runs": [{"part": s.part, "threshold": s.threshold, **{k: v for k, v in asdict(r).items() if k != "samples"}}
+        "runs": [{"part": s.part, "threshold": s.threshold, **{k: v for k, v in asdict(r).items() if k != "samples"},
+                  **dict(zip(("victim_processes", "victim_thread_marks"), victims(r.oom_events), strict=True))}
                  for s, r in zip(chosen, results, strict=True)],
     }
     with open(os.path.join(args.out, "flood.json"), "w") as f:
@@ -257,6 +281,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        console.print(results_table(results, limit))
+        if console.is_terminal:
+            console.print(results_table(results, limit))
+        else:  # a log: rich would wrap every cell at 80 columns
+            print(plain_table(results, limit), flush=True)
         console.print(f"plot: {png}")
     return 0

@@ -49,11 +49,33 @@ class OomWitness:
             self._loaded = None
 
 
-def summary(events: list[dict[str, Any]]) -> str:
-    """``37 (python3, anon RSS up to 212 MiB)``: how many victims, who, how big (anonymous memory:
-    what the cgroup was charged for; mapped files may be charged to whoever read them first)."""
+def victims(events: list[dict[str, Any]]) -> tuple[int, int]:
+    """(processes, further thread marks). mark_victim fires per thread: a thread of a process
+    already killed that reaches the OOM killer while it exits is marked a victim again (the
+    kernel's task_will_free_mem path), and the cgroup's oom_kill counter does not count it. A
+    kill is a process: counted by pid, the two agree."""
+    processes = len({e["pid"] for e in events})
+    return processes, len(events) - processes
+
+
+def summary(events: list[dict[str, Any]], kills: int | None = None) -> str:
+    """``37 (python3, anon RSS up to 212 MiB)``: how many victim processes, who, how big
+    (anonymous memory: what the cgroup was charged for; mapped files may be charged to
+    whoever read them first); ``+N dying threads`` when threads of those were marked too;
+    and, when ``kills`` (the cgroup's counter) differs from the processes, by how much."""
     if not events:
-        return "0"
+        return "0" if not kills else f"0 ({kills} kills with no hook event)"
+    processes, marks = victims(events)
     comms = sorted({e["comm"] for e in events if e.get("comm")})
     anon = max((e.get("victim_rss_anon_bytes") or 0) for e in events)
-    return f"{len(events)} ({', '.join(comms[:2])}, anon RSS up to {anon >> 20} MiB)"
+    out = f"{processes} ({', '.join(comms[:2])}, anon RSS up to {anon >> 20} MiB)"
+    if marks:
+        out += f" +{marks} dying threads"
+    if kills is not None and kills != processes:
+        out += f"; counter {kills}: {processes - kills:+d} processes"
+    return out
+
+
+LEGEND = ("victims: processes the OOM hook saw chosen, one per OOM kill the cgroup counted; "
+          "+N dying threads: threads of those processes that reached the OOM killer while exiting "
+          "and were marked again (mark_victim fires per thread, the oom_kill counter once per process)")

@@ -31,9 +31,14 @@ def test_demo_short_run(tmp_path: Path) -> None:
     runs = {r["guard"]: r for r in result["runs"]}
     assert runs["none"]["oom_kills"] >= 1
     assert runs["none"]["time_to_first_oom_s"] is not None
-    if HOOKED:  # every kill the cgroup counted, with its victim, from the OOM hook's ring
+    if HOOKED:  # every kill the cgroup counted, with its victim process, from the OOM hook's ring
         victims = runs["none"]["oom_events"]
-        assert len(victims) == runs["none"]["oom_kills"], victims
+        # mark_victim fires per thread: dying threads of a killed process may add events; the
+        # processes are the kills.
+        assert len({v["pid"] for v in victims}) == runs["none"]["oom_kills"], victims
+        assert runs["none"]["victim_processes"] == runs["none"]["oom_kills"]
+        assert runs["none"]["victim_thread_marks"] == len(victims) - runs["none"]["oom_kills"]
+        assert len({(v["pid"], v["tid"]) for v in victims}) == len(victims)  # a thread is marked once
         assert all("/rtml-flood-" in v["cgroup"] and v["pid"] and v["victim_rss_bytes"] for v in victims), victims
         assert "victims seen by the OOM hook" in out.stderr
     assert runs["ebpf"]["oom_events"] == []
@@ -44,6 +49,24 @@ def test_demo_short_run(tmp_path: Path) -> None:
     png = Path(result["plot"])
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "flood.json").read_text())["samples"]["rtml-ebpf"]
+
+
+def test_the_table_in_a_log_is_one_line_per_row_and_says_what_victims_count() -> None:
+    from rtml_ebpf.demo import plain_table
+    from rtml_ebpf.demo.flood import RunResult
+    from rtml_ebpf.demo.witness import LEGEND
+
+    ev = {"comm": "python", "victim_rss_anon_bytes": 100 << 20, "cgroup": "/rtml-flood-x"}
+    killed = RunResult("pre-fork unguarded", "none", oom_kills=2, served=5, failed=3,
+                       oom_events=[{**ev, "pid": 10, "tid": 10}, {**ev, "pid": 10, "tid": 11},
+                                   {**ev, "pid": 12, "tid": 12}])
+    text = plain_table([killed, RunResult("pre-fork admission, poll 10ms", "poll-admission", served=9)], 256 << 20)
+    lines = text.splitlines()
+    assert len(lines) == 5 and lines[-1] == LEGEND  # title, header, two rows, legend: nothing wrapped
+    assert lines[2].startswith("pre-fork unguarded")
+    assert "2 (python, anon RSS up to 100 MiB) +1 dying threads" in lines[2]
+    assert "counter" not in lines[2]  # the processes are the kills
+    assert lines[1].index("OOM kills") < lines[1].index("victims (OOM hook)")
 
 
 @needs_bpf
