@@ -6,6 +6,9 @@ first and the last minute. The pass mark: RSS and fds flat (last minute's median
 of the first's, fds within 2), and no OOM kill. Not part of CI (it takes 10 minutes).
 
     python -m benchmarks.soak [--minutes 10] [--out benchmarks/results]
+
+The node agent's soak against 100 hostile clients (malformed, churning, slow) beside honest ones
+is benchmarks/soak_agent.py: ``python -m benchmarks.soak_agent --minutes 2``.
 """
 
 from __future__ import annotations
