@@ -1,5 +1,5 @@
 # The first two targets are the README's two commands.
-.PHONY: demo test setup bpf lint bench soak vmtest clean
+.PHONY: demo test setup bpf lint bench soak vmtest dist pymatrix clean
 
 VENV := .venv/bin
 PYTEST_ARGS ?=
@@ -29,5 +29,15 @@ soak: setup
 vmtest: setup
 	scripts/vmtest.sh
 
+# The sdist and the one abi3 wheel, checked, and installed where no compiler is (as root;
+# docs/packaging.md). Output in dist/.
+dist:
+	scripts/dist.sh
+
+# The tests on Python 3.10-3.13, each in its own virtualenv under .matrix/ (docs/packaging.md).
+pymatrix: setup
+	scripts/pymatrix.sh
+
 clean:
-	rm -rf build *.egg-info rtml_ebpf/bpf/*.o rtml_ebpf/*.so .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build dist .dist .matrix *.egg-info rtml_ebpf/bpf/*.o rtml_ebpf/bpf/SOURCES.sha256 rtml_ebpf/*.so \
+		.pytest_cache .mypy_cache .ruff_cache
