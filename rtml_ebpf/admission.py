@@ -36,11 +36,13 @@ from collections.abc import Awaitable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ._estimator import CostEstimator, RouteEstimate
+from . import _follow
+from ._enforce import DEFAULT_BAND, Enforcer, finished
+from ._estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
 from ._ledger import Ledger
 from ._ledger_join import SharedLedger
 from ._meter import RUSAGE, Meter
-from .errors import ConfigError
+from .errors import ConfigError, RequestMemoryExceeded
 from .limiter import Limiter
 from .relief import set_mmap_threshold, trim_heap
 
@@ -75,38 +77,63 @@ def decide(
     limit_room: int | None,
     inflight: int,
     learning: int,
+    extrapolated: bool = False,
 ) -> str | None:
     """The admission rule, as arithmetic: None to admit, else why not ("learning", "budget").
 
     ``estimate``: bytes the request is expected to reach (None while its route learns);
     ``reserved``: reservations not yet charged, every process of the cgroup; ``room``: bytes
     before the threshold by the metric (None: no limit); ``limit_room``: bytes before the OOM
-    killer acts; ``inflight``/``learning``: requests in flight / learning, every process.
+    killer acts; ``inflight``/``learning``: requests in flight / learning, every process;
+    ``extrapolated``: the estimate is a guess beyond every size measured (see _estimator).
     """
     if estimate is None:
         return None if learning == 0 else "learning"
     if room is None or estimate + reserved <= room:
         return None
-    if inflight == 0 and (limit_room is None or estimate < limit_room):
-        return None  # alone it fits below the limit: let one through so the service progresses
+    if inflight == 0 and (extrapolated or limit_room is None or estimate < limit_room):
+        # Alone it fits below the limit: let one through so the service progresses. A guess
+        # runs alone too, so it is measured instead of refused for ever (the enforcer ends it
+        # if it really does not fit).
+        return None
     return "budget"
 
 
 class Ticket:
-    """One admitted request: what it reserved and how far its charges have come."""
+    """One admitted request: what it reserved, how far its charges have come (on its own thread,
+    its asyncio steps, and every helper thread working for it), and whether it was ended."""
 
-    __slots__ = ("route", "estimate", "tid", "net0", "stepped", "net", "peak", "meter")
+    __slots__ = ("route", "estimate", "basis", "size", "tid", "ident", "net0", "stepped", "net", "peak", "meter",
+                 "account", "stepping", "finished", "ended")
 
     def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool,
-                 meter: Meter = RUSAGE) -> None:
+                 meter: Meter = RUSAGE, size: int | None = None, basis: str = "route") -> None:
         self.route = route
         self.meter = meter  # the one it began with: a default limiter swapped meanwhile must not mix sources
         self.estimate = estimate  # None: learning
+        self.basis = basis  # how the estimate was reached (Estimate.basis)
+        self.size = size  # the request's body bytes, when known
         self.tid = tid
+        self.ident = threading.get_ident() if tid else 0  # the Python ident of that thread
         self.net0 = net0
         self.stepped = stepped  # asyncio: net/peak are kept by run_async, not read from the thread
         self.net = 0  # bytes charged since admission (stepped mode)
         self.peak = 0
+        self.account = _follow.Account(meter, owner=tid)  # helper threads' charges
+        self.stepping = 0  # asyncio: the loop thread's ident while a step of this request runs
+        self.finished = False
+        self.ended = False  # the enforcer ended it
+
+    def grown(self) -> int:
+        """Bytes charged to this request and still held: its own thread or steps, and helpers."""
+        if self.stepped:
+            own = self.net
+        elif self.tid == 0:
+            own = 0  # admitted, not yet running on a thread (Admission.bind)
+        else:
+            now = self.meter.net_of(self.tid)
+            own = 0 if now is None else now - self.net0
+        return own + self.account.grown()
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,8 @@ class AdmissionStats:
     meter: str
     trims: int  # malloc_trim runs under budget pressure
     routes: tuple[RouteEstimate, ...]
+    ended: int = 0  # requests the enforcer ended to keep the cgroup from the OOM killer
+    followed: tuple[str, ...] = ()  # the entry points whose threads are charged to the request
 
 
 class Admission:
@@ -135,6 +164,11 @@ class Admission:
     request's buffers leave the cgroup's usage at once instead of staying charged in malloc's
     arenas (measured: about 50 MiB held by 4 gthread workers, a third of the budget). Costs a
     page fault per page of each new large buffer. False leaves malloc as it is.
+    ``cost_per_byte``: declare bytes of memory per body byte (a number, or per route);
+    ``cost``: a function (route, body bytes or None) -> bytes, or None to learn.
+    ``enforce``: end the requests that overran their reservation most when the room before the
+    OOM killer falls below ``enforce_band`` (a fraction of the limit, or bytes; see _enforce).
+    ``follow_threads``: charge a request for the threadpool work it hands off (see _follow).
     """
 
     def __init__(
@@ -148,16 +182,25 @@ class Admission:
         min_samples: int = 3,
         share: bool = True,
         release_heap: bool = True,
+        cost_per_byte: float | Mapping[str, float] | None = None,
+        cost: CostFunction | None = None,
+        enforce: bool = True,
+        enforce_band: float | int = DEFAULT_BAND,
+        follow_threads: bool = True,
     ) -> None:
         if limiter is not None and not isinstance(limiter, Limiter):
             raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
         if not isinstance(share, bool):
             raise ConfigError(f"share={share!r}: pass True or False")
-        if not isinstance(release_heap, bool):
-            raise ConfigError(f"release_heap={release_heap!r}: pass True or False")
+        for name, flag in (("release_heap", release_heap), ("enforce", enforce), ("follow_threads", follow_threads)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name}={flag!r}: pass True or False")
         self._release_heap = release_heap
         self.estimator = CostEstimator(request_bytes=request_bytes, route_costs=route_costs, quantile=quantile,
-                                       window=window, min_samples=min_samples)
+                                       window=window, min_samples=min_samples, cost_per_byte=cost_per_byte,
+                                       cost=cost)
+        self.enforcer = Enforcer(enforce_band) if enforce else None
+        self.followed = tuple(_follow.install()) if follow_threads else ()
         self._fixed = limiter
         self._share = share
         self._mu = threading.Lock()
@@ -210,24 +253,21 @@ class Admission:
             if t.estimate is None:
                 learning += 1
                 continue
-            if t.stepped:
-                grown = t.net
-            elif t.tid == 0:
-                grown = 0  # admitted, not yet running on a thread (Admission.bind)
-            else:
-                now = t.meter.net_of(t.tid)
-                grown = 0 if now is None else now - t.net0
-            reserved += max(0, t.estimate - max(0, grown))
+            reserved += max(0, t.estimate - max(0, t.grown()))
         return reserved, len(self._inflight), learning
 
-    def try_admit(self, route: str, *, stepped: bool = False, bind: bool = True) -> Ticket | None:
+    def try_admit(self, route: str, *, size: int | None = None, stepped: bool = False,
+                  bind: bool = True) -> Ticket | None:
         """A ticket when ``route`` may run now, None when it must be shed. Never raises.
 
-        ``stepped``: an asyncio request, metered by :meth:`run_async`. ``bind=False``: the
-        request will run on another thread (a gRPC pool thread), which calls :meth:`bind`.
+        ``size``: the request's body bytes when known (``Content-Length``, a message's size): the
+        estimate scales with it. ``stepped``: an asyncio request, metered by :meth:`run_async`.
+        ``bind=False``: the request will run on another thread (a gRPC pool thread), which calls
+        :meth:`bind`. A thread-bound ticket also marks this thread's context as working for the
+        request, so work it hands to threads is charged to it (until :meth:`finish`).
         """
         try:
-            return self._try_admit(route, stepped, bind)
+            return self._try_admit(route, size, stepped, bind)
         except Exception as exc:  # noqa: BLE001 - admission must not take the service down
             log.error("rtml-ebpf: admission failed (%s); falling back to the door check", exc)
             lim = self.limiter()
@@ -235,7 +275,7 @@ class Admission:
                 return None
             return Ticket(route, 0, threading.get_native_id(), 0, stepped)
 
-    def _try_admit(self, route: str, stepped: bool, bind: bool) -> Ticket | None:
+    def _try_admit(self, route: str, size: int | None, stepped: bool, bind: bool) -> Ticket | None:
         if self._pid != os.getpid():
             self._after_fork()
         if self._release_heap and _heap_released_in != os.getpid():
@@ -246,7 +286,8 @@ class Admission:
         if lim.is_mem_limit_reached():
             self.rejected_tripped += 1
             return None
-        estimate = self.estimator.estimate(route)
+        guess: Estimate | None = self.estimator.estimate_for(route, size)
+        estimate = None if guess is None else guess.bytes
         meter = self._meter(lim)
         with self._mu:
             # Under the lock: one row per process, never two. None: this process budgets alone.
@@ -262,7 +303,7 @@ class Admission:
                     estimate = largest  # not learned here yet: reserve what the cgroup knows
                 room, limit_room = lim.room() if estimate is not None else (None, None)
                 why = decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
-                             own_learning + others_learning)
+                             own_learning + others_learning, guess is not None and guess.extrapolated)
                 if why == "learning":
                     self.rejected_learning += 1
                 elif why == "budget":
@@ -272,10 +313,13 @@ class Admission:
                     if self._want_trim:
                         self._wake.set()
                     return None
+                basis = "learning" if estimate is None else guess.basis if guess is not None else "cgroup"
                 if stepped or not bind:
-                    ticket = Ticket(route, estimate, 0, 0, stepped, meter)
+                    ticket = Ticket(route, estimate, 0, 0, stepped, meter, size, basis)
                 else:
-                    ticket = Ticket(route, estimate, threading.get_native_id(), meter.begin(), stepped, meter)
+                    ticket = Ticket(route, estimate, threading.get_native_id(), meter.begin(), stepped, meter, size,
+                                    basis)
+                    _follow.CURRENT.set(ticket.account)
                 self._inflight[id(ticket)] = ticket
                 self.admitted += 1
                 if ledger is not None:
@@ -285,7 +329,16 @@ class Admission:
                 if ledger is not None:
                     ledger.unlock()
         self._ensure_publisher()
+        if self.enforcer is not None:
+            self.enforcer.ensure(self._enforced)
+            self.enforcer.wake()
         return ticket
+
+    def _enforced(self) -> tuple[Limiter | None, list[Any]]:
+        """What the enforcer looks at: the limiter and the requests in flight in this process."""
+        with self._mu:
+            tickets = list(self._inflight.values())
+        return self.limiter(), tickets
 
     def _trim_if_wanted(self) -> None:
         """Budget pressure: a Python service keeps freed request memory in its malloc arenas
@@ -304,23 +357,32 @@ class Admission:
         if ticket.stepped or ticket.tid:
             return
         ticket.net0 = ticket.meter.begin()
-        ticket.tid = threading.get_native_id()
+        with ticket.account.lock:  # the enforcer reads tid/ident under it
+            ticket.tid = ticket.account.owner = threading.get_native_id()
+            ticket.ident = threading.get_ident()
+        _follow.CURRENT.set(ticket.account)
 
     def finish(self, ticket: Ticket) -> int | None:
         """The request ended (answered, failed or cancelled): learn its cost, free its reservation.
         Returns the measured cost in bytes (its peak growth), None when it could not be measured."""
         cost: int | None = None
+        own_thread = not ticket.stepped and ticket.tid == threading.get_native_id()
         try:
+            finished(ticket, own_thread)
+            if own_thread:
+                _follow.CURRENT.set(None)
             if ticket.stepped:
                 cost = ticket.peak
-            elif ticket.tid != threading.get_native_id():
+            elif not own_thread:
                 cost = None  # finished on another thread than it ran on: nothing to learn
             else:
                 _, peak = ticket.meter.read()
                 cost = peak - ticket.net0
             if cost is not None:
-                self.estimator.observe(ticket.route, cost)
-        except Exception as exc:  # noqa: BLE001
+                cost += ticket.account.peak  # what its helper threads held (an upper bound: runs may overlap)
+                if not ticket.ended:  # an ended request's cost is where it was stopped, not what it needed
+                    self.estimator.observe(ticket.route, cost, ticket.size)
+        except Exception as exc:  # noqa: BLE001 - RequestMemoryExceeded too: the request is over
             log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
         with self._mu:
             self._inflight.pop(id(ticket), None)
@@ -377,14 +439,18 @@ class Admission:
             own, inflight, _ = self._own()
         return AdmissionStats(self.admitted, self.rejected_tripped, self.rejected_budget, self.rejected_learning,
                               inflight, own, self._others_reserved, meter.source, self.trims,
-                              tuple(self.estimator.routes()))
+                              tuple(self.estimator.routes()),
+                              self.enforcer.ended_total if self.enforcer is not None else 0, self.followed)
 
     def close(self) -> None:
         self._shared.close()
 
 
 class _Stepped:
-    """Drives a coroutine by hand, charging each step's meter movement to one ticket."""
+    """Drives a coroutine by hand, charging each step's meter movement to one ticket. The
+    request's account is in the context while it runs (its threadpool work is charged to it),
+    and an ended request gets RequestMemoryExceeded thrown in at its next step; a step running
+    when it is ended gets it in the loop's thread (the enforcer raises there while ``stepping``)."""
 
     __slots__ = ("_coro", "_ticket", "_meter")
 
@@ -393,27 +459,47 @@ class _Stepped:
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro, ticket, meter = self._coro, self._ticket, self._meter
+        acc = ticket.account
+        ident = threading.get_ident()
+        token = _follow.CURRENT.set(acc)
         send: Any = None
         error: BaseException | None = None
-        while True:
-            meter.reset_peak()
-            net0, _ = meter.read()
+        thrown = False
+        try:
+            while True:
+                meter.reset_peak()
+                net0, _ = meter.read()
+                with acc.lock:
+                    if ticket.ended and not thrown and error is None:
+                        error, thrown = RequestMemoryExceeded(), True
+                    ticket.stepping = ident
+                try:
+                    yielded = coro.send(send) if error is None else coro.throw(error)
+                except StopIteration as stop:
+                    _step(ticket, meter, net0, ident)
+                    return stop.value
+                except BaseException:
+                    _step(ticket, meter, net0, ident)
+                    raise
+                _step(ticket, meter, net0, ident)
+                try:
+                    send, error = (yield yielded), None
+                except BaseException as exc:  # noqa: BLE001 - thrown into us: pass it to the coroutine
+                    send, error = None, exc
+        finally:
             try:
-                yielded = coro.send(send) if error is None else coro.throw(error)
-            except StopIteration as stop:
-                _step(ticket, meter, net0)
-                return stop.value
-            except BaseException:
-                _step(ticket, meter, net0)
-                raise
-            _step(ticket, meter, net0)
-            try:
-                send, error = (yield yielded), None
-            except BaseException as exc:  # noqa: BLE001 - thrown into us: pass it to the coroutine
-                send, error = None, exc
+                _follow.CURRENT.reset(token)
+            except ValueError:
+                pass  # closed from another context (collected): nothing of ours is set there
 
 
-def _step(ticket: Ticket, meter: Meter, net0: int) -> None:
+def _step(ticket: Ticket, meter: Meter, net0: int, ident: int) -> None:
+    acc = ticket.account
+    with acc.lock:
+        ticket.stepping = 0
+        ended = ticket.ended
+    if ended:
+        _follow.clear_async_exception(ident)  # raised as the step ended: it is not the next task's
     net1, peak1 = meter.read()
     ticket.peak = max(ticket.peak, ticket.net + (peak1 - net0))
     ticket.net += net1 - net0

@@ -69,3 +69,11 @@ class AgentUnavailable(NotSupported):
 
     def __init__(self, reason: str) -> None:
         super().__init__("the rtml-ebpf node agent", reason)
+
+
+class RequestMemoryExceeded(MemoryLimitReached):
+    """Raised inside a request (in its thread, its threadpool work, or its coroutine) that the
+    admission's enforcer ended: the cgroup was about to be OOM-killed and this request had
+    overrun its reservation the most. The integrations answer 503 when no response has started.
+    Raised as a class (``PyThreadState_SetAsyncExc`` takes no instance): the details are logged
+    and counted where it was decided."""

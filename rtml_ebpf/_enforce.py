@@ -1,0 +1,208 @@
+"""End the request, not the process.
+
+Admission reserves what a request is expected to use; an estimate can still be wrong (a body far
+larger than any before, a loop that does not stop). Then the kernel OOM-kills the whole worker,
+and every request in it is lost, including the ones well within their budget. The enforcer
+watches the room left before the OOM killer while admitted requests run. When it falls below a
+guard band, it ends the requests that overran their reservation most, one after another, until
+what they hold (freed as they unwind) brings the room back above the band plus a buffer: Ray's
+rule for killing workers, applied to requests.
+
+Ending a request raises :class:`~rtml_ebpf.errors.RequestMemoryExceeded` where it runs:
+- in its own thread (WSGI, gRPC's pool) and in every helper thread working for it (``_follow``),
+  at the next bytecode (``PyThreadState_SetAsyncExc``);
+- in an asyncio request, at its next step: the step driver throws it into the coroutine, and a
+  step running right now gets it in the loop's thread.
+The integrations turn it into a 503 (gRPC: RESOURCE_EXHAUSTED) when no response has started.
+The honest limit: one C call that allocates everything at once (``bytearray(2 << 30)``) sees
+the exception only when it returns, if the kernel has not killed the process by then.
+
+The enforcer is one thread per process and sleeps while nothing is in flight. While requests
+run it looks every ``FAR_INTERVAL`` and, once the room is within twice the band, every
+``NEAR_INTERVAL``: a look is a few reads of the kernel-fed mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from ._follow import Account, clear_async_exception, raise_in_thread
+from .errors import ConfigError, RequestMemoryExceeded
+
+if TYPE_CHECKING:
+    from .limiter import Limiter
+
+log = logging.getLogger("rtml_ebpf")
+
+DEFAULT_BAND = 0.04  # of the effective limit
+MIN_BAND = 8 << 20  # the kernel charges in per-CPU batches and a request allocates between looks
+BUFFER = 0.5  # stop ending once the room is back above band * (1 + BUFFER)
+FAR_INTERVAL = 0.005
+NEAR_INTERVAL = 0.001
+LIMIT_REFRESH = 1.0  # seconds between reads of the effective limit (for a fractional band)
+
+
+class Enforced(Protocol):
+    """What the enforcer needs of an admitted request (``admission.Ticket``)."""
+
+    route: str
+    estimate: int | None
+    account: Account
+    stepped: bool
+    ident: int  # Python ident of the request's own thread, 0 when none (asyncio)
+    stepping: int  # asyncio: ident of the loop's thread while one of its steps runs, else 0
+    finished: bool
+    ended: bool
+
+    def grown(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Ending:
+    """One request ended, for the log and the statistics."""
+
+    route: str
+    grown_bytes: int
+    estimate_bytes: int | None
+    limit_room_bytes: int
+    time: float
+
+
+def check_band(band: object) -> float | int:
+    if isinstance(band, bool) or not isinstance(band, (int, float)):
+        raise ConfigError(f"enforce_band={band!r}: pass a fraction of the limit in (0, 0.5] or bytes (int > 0)")
+    if isinstance(band, float) and not 0 < band <= 0.5:
+        raise ConfigError(f"enforce_band={band!r}: a fraction of the limit must be in (0, 0.5], e.g. 0.04")
+    if isinstance(band, int) and band <= 0:
+        raise ConfigError(f"enforce_band={band!r}: bytes must be > 0")
+    return band
+
+
+def end(ticket: Enforced) -> bool:
+    """Raise in every thread working for ``ticket`` now, and mark it so that its next step, and
+    any work it hands to a thread, ends too. False when it finished or was ended already."""
+    acc = ticket.account
+    with acc.lock:
+        if ticket.finished or ticket.ended:
+            return False
+        ticket.ended = acc.ended = True
+        targets = [ticket.stepping] if ticket.stepped else [ticket.ident]
+        targets += [ident for ident, _ in acc.running.values()]
+        for ident in targets:
+            if ident:
+                raise_in_thread(ident, RequestMemoryExceeded)
+    return True
+
+
+def finished(ticket: Enforced, own_thread: bool) -> None:
+    """The request is over: the enforcer leaves it alone from now on. On its own thread, an
+    exception raised there a moment before and not fired yet is dropped: it belongs to the
+    request, not to whatever the server runs next."""
+    acc = ticket.account
+    with acc.lock:
+        ticket.finished = True
+        ended = ticket.ended
+    if ended and own_thread:
+        clear_async_exception(threading.get_ident())
+
+
+class Enforcer:
+    def __init__(self, band: float | int = DEFAULT_BAND) -> None:
+        self.band = check_band(band)
+        self.ended_total = 0
+        self.recent: list[Ending] = []  # the last few, newest last
+        self._limit: int | None = None
+        self._limit_read = 0.0
+        self._thread: threading.Thread | None = None
+        self._active = threading.Event()
+
+    def band_bytes(self, limit: int | None) -> int | None:
+        if limit is None:
+            return None
+        if isinstance(self.band, float):
+            return max(MIN_BAND, int(limit * self.band))
+        return self.band
+
+    def _effective_limit(self, lim: Limiter, now: float) -> int | None:
+        if now - self._limit_read >= LIMIT_REFRESH:
+            self._limit_read = now
+            try:
+                self._limit = lim.stats().limit_bytes
+            except Exception:  # noqa: BLE001 - a limiter that cannot say: no band this round
+                self._limit = None
+        return self._limit
+
+    def check(self, lim: Limiter, tickets: Iterable[Enforced], now: float | None = None) -> int | None:
+        """One look: end what must end. Returns the room before the OOM killer (None: unlimited
+        or unknown), so the caller can pace the next look."""
+        now = time.monotonic() if now is None else now
+        _, limit_room = lim.room()
+        band = self.band_bytes(self._effective_limit(lim, now))
+        if limit_room is None or band is None or limit_room >= band:
+            return limit_room
+        live: list[tuple[int, int, Enforced]] = []
+        pending = 0  # held by requests ended already and still unwinding: freed soon
+        for t in tickets:
+            if t.finished:
+                continue
+            grown = max(0, t.grown())
+            if t.ended:
+                pending += grown
+            elif grown > 0:
+                live.append((grown - (t.estimate or 0), grown, t))
+        need = int(band * (1 + BUFFER)) - limit_room - pending
+        if need <= 0 or not live:
+            return limit_room
+        live.sort(key=lambda x: (x[0], x[1]), reverse=True)
+        for overrun, grown, t in live:
+            if overrun <= 0 and limit_room >= band // 2:
+                break  # within their reservations: the pressure is not theirs while the band holds
+            if end(t):
+                self._record(Ending(t.route, grown, t.estimate, limit_room, time.time()))
+                need -= grown
+            if need <= 0:
+                break
+        return limit_room
+
+    def _record(self, e: Ending) -> None:
+        self.ended_total += 1
+        self.recent = [*self.recent[-15:], e]
+        est = "none (learning)" if e.estimate_bytes is None else f"{e.estimate_bytes / 2**20:.1f} MiB"
+        log.warning("rtml-ebpf: ended request %s to keep the cgroup from the OOM killer: it held %.1f MiB "
+                    "against an estimate of %s, with %.1f MiB left before the limit",
+                    e.route, e.grown_bytes / 2**20, est, e.limit_room_bytes / 2**20)
+
+    # -- the thread ----------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Requests are in flight: look."""
+        if not self._active.is_set():
+            self._active.set()
+
+    def ensure(self, source: Callable[[], tuple[Limiter | None, list[Enforced]]]) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, args=(source,), name="rtml-ebpf-enforcer",
+                                            daemon=True)
+            self._thread.start()
+
+    def _loop(self, source: Callable[[], tuple[Limiter | None, list[Enforced]]]) -> None:
+        while True:
+            self._active.wait()
+            lim, tickets = source()
+            if lim is None or not tickets:
+                self._active.clear()
+                lim, tickets = source()  # one more look: a request may have come in meanwhile
+                if lim is None or not tickets:
+                    continue
+            try:
+                room = self.check(lim, tickets)
+            except Exception as exc:  # noqa: BLE001 - the enforcer must outlive a bad reading
+                log.debug("rtml-ebpf: enforcer look failed: %s", exc)
+                room = None
+            band = self.band_bytes(self._limit)
+            near = room is not None and band is not None and room < 2 * band
+            time.sleep(NEAR_INTERVAL if near else FAR_INTERVAL)
