@@ -62,7 +62,7 @@ class NodePrograms:
 
     @property
     def memcg_events(self) -> bool:
-        return "memcg_lruvec" in self.hooks or "memcg_state" in self.hooks
+        return any(h in self.hooks for h in probes.MEMCG_HOOKS)
 
     # -- pages --------------------------------------------------------------------------------
     def page_fd(self, slot: int, create: bool = True) -> int | None:

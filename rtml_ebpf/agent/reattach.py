@@ -12,12 +12,36 @@ import os
 from ..ebpf import libbpf as _libbpf
 from ..ebpf import probes
 from ..ebpf.loader import OBJECT_PATH, open_load_attach
+from ..errors import RtmlError
 from . import pinsafe
 from .programs import ALL_MAPS, NodePrograms, _sizer
 
 log = logging.getLogger("rtml_ebpf.agent")
 
 DETACHED_GRACE = 1.0  # seconds unready before attaching again (a restart in progress settles first)
+
+
+class Reattacher:
+    """From the loop's readiness look: how long the programs have been detached, and once past
+    DETACHED_GRACE, :func:`reattach`."""
+
+    def __init__(self, node: NodePrograms) -> None:
+        self.node = node
+        self.since = 0.0  # when the detached programs were first seen (0: all attached)
+
+    def look(self, gone: list[str], now: float) -> None:
+        if not gone:
+            self.since = 0.0
+        elif not self.since:
+            self.since = now
+            log.warning("rtml-ebpf agent: programs of %s are no longer attached (pins removed?); not ready",
+                        ", ".join(gone))
+        elif now - self.since >= DETACHED_GRACE:
+            self.since = 0.0
+            try:
+                reattach(self.node, gone)
+            except RtmlError as exc:
+                log.warning("rtml-ebpf agent: cannot attach %s again: %s", ", ".join(gone), exc)
 
 
 def reattach(node: NodePrograms, hooks: list[str]) -> None:

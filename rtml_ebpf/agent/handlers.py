@@ -1,0 +1,117 @@
+"""The socket's ops, validated and answered: ``watch`` (rules on the client's cgroup, its page
+and the beat passed back), ``events`` (a subscription to OOM kills) and ``stats`` (the
+cgroup's counters). The message format is protocol.py's.
+
+A client's cgroup, and so what it may hold or see, comes from its connection's credentials
+(peer.py), never from anything it sends. Whatever is wrong raises ConfigError (or
+CgroupNotFound, CapacityError) with what to do; conns.py turns it into the error reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..ebpf import abi
+from ..ebpf.slots import encode_rule
+from ..errors import CgroupNotFound, ConfigError
+from . import peer as _peer
+from . import protocol
+from .conns import Conn
+from .leases import Leases
+from .oomfeed import OomFeed
+from .programs import NodePrograms
+
+Send = Callable[[int, dict[str, Any], "list[int] | None"], None]  # (connection id, reply, fds to pass)
+
+
+class Handlers:
+    """One decoded request of one connection, answered through ``send``."""
+
+    def __init__(self, leases: Leases, oom: OomFeed, node: NodePrograms, send: Send) -> None:
+        self.leases = leases
+        self.oom = oom
+        self.node = node
+        self.send = send
+        self.served = 0  # watch requests answered
+
+    def handle(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
+        if message.get("v") != protocol.VERSION:
+            raise ConfigError(f"protocol version {message.get('v')!r}; this agent speaks {protocol.VERSION}")
+        op = message.get("op")
+        if conn.events_scope is not None:
+            raise ConfigError("an events connection only listens; open another to ask anything else")
+        if op == "watch" and not conn.keys:
+            self.watch(fd, conn, message)
+        elif op == "events" and not conn.keys:
+            self.events(fd, conn, message)
+        elif op == "stats" and conn.keys:
+            self.send(fd, self.stats(conn), None)
+        else:
+            raise ConfigError(f"op={op!r}: a new connection asks \"watch\" or \"events\" once; then a "
+                              "watching one only \"stats\"")
+
+    def watch(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
+        extra = set(message) - {"v", "op", "scope", "rules"}
+        if extra & {"cgroup", "pid", "cgroup_id", "path"}:
+            raise ConfigError("the agent decides your cgroup from your connection's credentials; "
+                              "send no cgroup, path or pid")
+        if extra:
+            raise ConfigError(f"unknown request fields {sorted(extra)}")
+        scope = message.get("scope", "self")
+        if scope not in protocol.SCOPES:
+            raise ConfigError(f"scope={scope!r}: one of {', '.join(protocol.SCOPES)}")
+        raw_rules = message.get("rules")
+        if not isinstance(raw_rules, list) or not 1 <= len(raw_rules) <= protocol.MAX_RULES_PER_REQUEST:
+            raise ConfigError(f"rules: a list of 1 to {protocol.MAX_RULES_PER_REQUEST} rules")
+        rules = [protocol.rule_from_wire(r) for r in raw_rules]
+        cg = _peer.cgroup_of(conn.peer)
+        if scope == "pod":
+            cg = _peer.pod_ancestor(cg)
+        cgid = cg.cgroup_id
+        state = self.leases.slot_for(cg, cgid, conn.peer.pid)
+        conn.cgid = cgid
+        indices = []
+        try:
+            for rule in rules:
+                indices.append(self.leases.hold(state, rule, fd))
+                conn.keys.append(encode_rule(rule))
+        except BaseException:
+            self.leases.release(fd, conn)
+            raise
+        page_fd = self.node.client_page(state.index)
+        reply = {"ok": True, "cgroup": cg.directory, "cgroup_path": cg.path, "cgroup_id": cgid, "rules": indices,
+                 "hooks": list(self.node.hooks), "page_map_id": self.node.page_map_id(state.index),
+                 "abi": abi.ABI_VERSION, "upkeep": not self.node.memcg_events}
+        self.send(fd, reply, [page_fd, self.node.beat_fd])
+        self.served += 1
+
+    def events(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
+        """Subscribe this connection to OOM kills: root sees the node, anyone else the cgroup it
+        runs in (or its pod, with scope "pod"), decided from its credentials."""
+        extra = set(message) - {"v", "op", "scope"}
+        if extra:
+            raise ConfigError(f"unknown request fields {sorted(extra)}; the agent decides what you may see "
+                              "from your connection's credentials")
+        scope = message.get("scope", "self")
+        if scope not in protocol.SCOPES:
+            raise ConfigError(f"scope={scope!r}: one of {', '.join(protocol.SCOPES)}")
+        if conn.peer.uid == 0:
+            seen = ""
+        else:
+            cg = _peer.cgroup_of(conn.peer)
+            seen = (_peer.pod_ancestor(cg) if scope == "pod" else cg).path
+            if seen.strip("/") == "":
+                raise ConfigError("your cgroup is the root cgroup, whose subtree is the whole node: only root sees "
+                                  "every cgroup's OOM kills; run in a cgroup of your own")
+        conn.events_scope = seen
+        self.send(fd, {"ok": True, "source": self.oom.source, "scope": seen or "/", "note": self.oom.note}, None)
+
+    def stats(self, conn: Conn) -> dict[str, Any]:
+        state = self.leases.slots.by_cgid.get(conn.cgid)
+        if state is None:
+            raise CgroupNotFound("the cgroup is no longer watched (removed)")
+        c = self.leases.slots.read_counters(state.index)
+        return {"ok": True, "faults": int(c.faults), "events": int(c.events),
+                "growth": {k: [int(getattr(c, f"{k}_charged")), int(getattr(c, f"{k}_uncharged"))]
+                           for k in abi.GROWTH_KINDS}}
