@@ -10,7 +10,9 @@ skipped.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 
 WINDOW_S = 1.0
 MIN_SPACING_S = 0.04
@@ -77,3 +79,48 @@ class RateEwma:
             a = min(1.0, dt / self.tau_ns)
             self.rate = inst if self.rate is None else self.rate + a * (inst - self.rate)
         self.t_ns, self.used = t_ns, used
+
+
+GROWTH_SAMPLE_INTERVAL = 0.1  # the monitor's readings for stats().growth_bytes_per_s
+AHEAD_SAMPLE_INTERVAL = 0.05  # with trip_ahead_ms: every look of the monitor
+AHEAD_CLEAR_FACTOR = 1.5  # a trip-ahead clears when the limit is this many times trip_ahead_ms away
+
+
+class Sampler:
+    """A Limiter's growth readings (from the monitor) and, with ``trip_ahead_ms``, the
+    trip-ahead flag the hot check reads beside the verdict (``ahead[0]``)."""
+
+    __slots__ = ("growth", "ahead", "ahead_ms", "_next")
+
+    def __init__(self, ahead_ms: float | None) -> None:
+        self.growth = Growth()
+        self.ahead: bytearray | None = None if ahead_ms is None else bytearray(1)
+        self.ahead_ms = ahead_ms or 0.0
+        self._next = 0.0
+
+    def sample(self, read: Callable[[], tuple[int, int | None]]) -> None:
+        """One reading, ``read() -> (used bytes, bytes before the limit)``, every
+        GROWTH_SAMPLE_INTERVAL (no syscall on the kernel-fed backends; a cached file read on
+        the poll backend). A failed reading only thins the window."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + (GROWTH_SAMPLE_INTERVAL if self.ahead is None else AHEAD_SAMPLE_INTERVAL)
+        try:
+            used, room = read()
+        except Exception:  # noqa: BLE001
+            return
+        self.growth.add(time.monotonic_ns(), used)
+        if self.ahead is not None:
+            self.judge(room)
+
+    def judge(self, room: int | None) -> None:
+        """Set or clear the trip-ahead flag from the rate and the room left before the limit."""
+        assert self.ahead is not None
+        left = seconds_to(room, self.growth.rate(time.monotonic_ns()))
+        if left is None:
+            self.ahead[0] = 0
+        elif left * 1000 <= self.ahead_ms:
+            self.ahead[0] = 1
+        elif left * 1000 > self.ahead_ms * AHEAD_CLEAR_FACTOR:
+            self.ahead[0] = 0

@@ -16,12 +16,15 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .levels import Level
+
 if TYPE_CHECKING:
-    from .limiter import Level, Limiter
+    from .limiter import Limiter
 
 log = logging.getLogger("rtml_ebpf")
 
 MONITOR_INTERVAL = 0.05  # seconds between the monitor thread's looks at each limiter
+FAILURE_LOG_INTERVAL = 60.0  # after a limiter's first failure (logged with its traceback): one line a minute
 MiB = 1 << 20
 
 
@@ -31,6 +34,9 @@ class Monitor:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._periodic: dict[object, list[float]] = {}  # fn -> [interval, last run]
+        # limiter -> [time of the last line logged, failures since]: a broken limiter (its cgroup
+        # removed) fails on every look, 20 times a second, for as long as it lives
+        self._failures: weakref.WeakKeyDictionary[Limiter, list[float]] = weakref.WeakKeyDictionary()
 
     def every(self, interval: float, fn: Callable[[], object]) -> None:
         """Run ``fn`` from the monitor thread every ``interval`` seconds (once per fn)."""
@@ -61,8 +67,8 @@ class Monitor:
             for lim in list(self._limiters):
                 try:
                     lim._observe()
-                except Exception:  # noqa: BLE001 - keep watching the others
-                    log.exception("rtml-ebpf: monitor failed on %r", lim)
+                except Exception as exc:  # noqa: BLE001 - keep watching the others
+                    self._failed(lim, exc)
             now = time.monotonic()
             for fn, timing in list(self._periodic.items()):
                 if now - timing[1] >= timing[0]:
@@ -71,6 +77,21 @@ class Monitor:
                         fn()  # type: ignore[operator]
                     except Exception:  # noqa: BLE001
                         log.exception("rtml-ebpf: periodic task %r failed", fn)
+
+    def _failed(self, lim: Limiter, exc: Exception) -> None:
+        """The first failure of a limiter with its traceback, then at most one line a minute."""
+        now = time.monotonic()
+        seen = self._failures.get(lim)
+        if seen is None:
+            self._failures[lim] = [now, 0]
+            log.exception("rtml-ebpf: monitor failed on %r (further failures of this limiter: one line a "
+                          "minute)", lim)
+            return
+        seen[1] += 1
+        if now - seen[0] >= FAILURE_LOG_INTERVAL:
+            log.error("rtml-ebpf: monitor still failing on %r: %d times in the last %.0f s, last: %s: %s", lim,
+                      int(seen[1]), now - seen[0], type(exc).__name__, exc)
+            seen[0], seen[1] = now, 0
 
 
 _MONITOR = Monitor()
@@ -85,8 +106,6 @@ os.register_at_fork(after_in_child=lambda: _MONITOR.after_fork_in_child())
 
 def log_transition(lim: Limiter, prev: Level, lvl: Level) -> None:
     """One line per level change: what, where, how full, and why."""
-    from .limiter import Level
-
     try:
         s = lim.stats()
     except Exception as exc:  # noqa: BLE001 - a broken reading must not stop the monitor

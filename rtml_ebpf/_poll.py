@@ -5,16 +5,25 @@ time of one file read; limits are re-read at most every ``limit_interval``
 (1 s). A burst that grows faster than that can overshoot: that is what the
 eBPF backend is for. The hot path costs one monotonic clock read and a
 compare while the cache is fresh.
+
+Identity: files are read by path, and a path outlives its cgroup (``rmdir`` then ``mkdir``
+makes another cgroup there, with another id). So the directory's inode is compared with the
+cgroup id taken at construction after every reading of the files (one stat) and on any file
+error. Once it differs, or the directory is gone, the backend is *gone* for good:
+it reads no file again, the hot path answers the fail answer, and readings (``snapshot``,
+``room``) raise CgroupNotFound. It never answers from another cgroup made at the same path.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 from ._backend import Snapshot, room_from_snapshot
 from ._cgroup import LimitInfo, MemoryCgroup
 from ._rules import Rule, Usage, effective_used, evaluate
+from .errors import CgroupNotFound
 
 DEFAULT_MIN_INTERVAL = 0.010
 DEFAULT_LIMIT_INTERVAL = 1.0
@@ -46,8 +55,12 @@ class PollBackend:
         *,
         min_interval: float = DEFAULT_MIN_INTERVAL,
         limit_interval: float = DEFAULT_LIMIT_INTERVAL,
+        cgroup_id: int | None = None,
     ) -> None:
         self.cgroup = cgroup
+        self.cgroup_id = cgroup.cgroup_id if cgroup_id is None else cgroup_id
+        self.gone: str | None = None  # why the cgroup is no longer the one we were built for
+        self._fail_answer = False
         self.reason = reason
         self._interval_ns = int(min_interval * 1e9)
         self._limit_interval_ns = int(limit_interval * 1e9)
@@ -81,9 +94,32 @@ class PollBackend:
 
     # -- hot path -----------------------------------------------------------------------
     def tripped(self, index: int) -> bool:
+        if self.gone is not None:
+            return self._fail_answer
         if time.monotonic_ns() - self._last_ns >= self._interval_ns:
-            self._refresh()
+            self._refresh()  # the first CgroupNotFound reaches the Limiter, which logs it once
         return self._tripped.get(index, False)
+
+    def set_fail_answer(self, fail_answer: bool) -> None:
+        self._fail_answer = fail_answer
+
+    # -- identity -----------------------------------------------------------------------
+    def _check_identity(self) -> None:
+        """Raise CgroupNotFound (and stay gone) unless the directory is still our cgroup."""
+        if self.gone is None:
+            try:
+                ino = os.stat(self.cgroup.directory).st_ino
+            except FileNotFoundError:
+                self.gone = f"cgroup {self.cgroup.directory} was removed"
+            except OSError:
+                return  # not knowable now (EACCES, ...): the file error is reported as it is
+            else:
+                if ino != self.cgroup_id:
+                    self.gone = (f"cgroup {self.cgroup.directory} was removed and made again (id {self.cgroup_id}, "
+                                 f"now {ino}): another cgroup")
+        if self.gone is not None:
+            raise CgroupNotFound(f"{self.gone}; close this Limiter and build a new one for the cgroup that is "
+                                 "there now")
 
     # -- readings -----------------------------------------------------------------------
     def _read_limits(self, now: int) -> LimitInfo:
@@ -92,13 +128,37 @@ class PollBackend:
             self._limits_ns = now
         return self._limits
 
+    def limits_now(self) -> LimitInfo:
+        """The effective limit read now (CgroupNotFound once the path is not our cgroup)."""
+        try:
+            limits = self.cgroup.effective_limit()
+        except OSError:
+            self._check_identity()
+            raise
+        self._check_identity()
+        return limits
+
     def read_now(self) -> Snapshot:
         """A reading with the limits re-read now (not from the cache)."""
         self._limits = None
         return self.read()
 
     def read(self) -> Snapshot:
-        """One reading of the files (limits cached for ``limit_interval``), no OOM counter."""
+        """One reading of the files (limits cached for ``limit_interval``), no OOM counter.
+        CgroupNotFound once the cgroup is gone (see the module's docstring)."""
+        if self.gone is not None:
+            self._check_identity()
+        try:
+            snap = self._read()
+        except OSError:
+            self._check_identity()  # removed: CgroupNotFound; else the file error as it was
+            raise
+        # After the reading, not before: ids are never reused, so a directory that is still
+        # ours now was ours when its files were read. One stat (~1 us) beside ~30 us of reads.
+        self._check_identity()
+        return snap
+
+    def _read(self) -> Snapshot:
         now = time.monotonic_ns()
         limits = self._read_limits(now)
         own = self.cgroup.read_usage()
@@ -155,6 +215,8 @@ class PollBackend:
         return flag
 
     def room(self, flag: object) -> tuple[int | None, int | None]:
+        if self.gone is not None:
+            self._check_identity()
         rule = self._rules.get(flag.index) if isinstance(flag, PollFlag) else None
         if rule is None:
             return None, None
@@ -167,6 +229,8 @@ class PollBackend:
         return None
 
     def snapshot(self, flag: object = None, full: bool = True) -> Snapshot:
+        if self.gone is not None:
+            self._check_identity()
         if not full:
             if time.monotonic_ns() - self._last_ns >= self._interval_ns:
                 self._refresh()

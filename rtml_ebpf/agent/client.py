@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import logging
 import mmap
 import os
 import select
@@ -28,9 +29,13 @@ from .._cgroup import MemoryCgroup
 from .._rules import Rule
 from ..config import PAGE_SIZE
 from ..ebpf import abi
+from ..ebpf.loader import map_len
 from ..ebpf.slots import read_consistent, room_from_pages, slot_readings
-from ..errors import AgentUnavailable
+from ..errors import AgentUnavailable, RtmlError
 from . import protocol
+
+log = logging.getLogger("rtml_ebpf")
+DEFAULT_PIN_DIR = "/sys/fs/bpf/rtml-ebpf"  # the node agent's (agent/programs.py)
 
 PROT_READ, PROT_WRITE = 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
@@ -166,8 +171,15 @@ class AgentBackend:
     hot_never_raises = True  # a one-byte view of a page that stays mapped for the life of the process
     needs_upkeep = True  # the monitor looks at the beat, the page and the connection
 
-    def __init__(self, cgroup: MemoryCgroup, why: str, path: str | None = None) -> None:
+    def __init__(self, cgroup: MemoryCgroup, why: str, path: str | None = None, *, pin_dir: str | None = None,
+                 respawn: Callable[[], None] | None = None) -> None:
         self.cgroup = cgroup
+        # Where the agent pins its maps (root clients open the threads array there), and how to
+        # start the agent again when it is gone (the node's shared load, ebpf/shared.py).
+        self._pin_dir = pin_dir or os.environ.get("RTML_AGENT_PIN_DIR") or DEFAULT_PIN_DIR
+        self._respawn = respawn
+        self._meter: Any = None
+        self._beat_id = 0  # the beat map's id (root only: names the agent whose pins we may open)
         self._ancestors = cgroup.ancestors()  # to name the limit's source in readings
         self._sock_lock = threading.Lock()  # a lease socket: one user at a time (stats, liveness)
         self.path = path or socket_path()
@@ -209,6 +221,7 @@ class AgentBackend:
                 except OSError as exc:
                     raise AgentUnavailable(f"cannot map the agent's beat page: {exc.strerror or exc}") from None
                 self._beat_mv = memoryview(self._beat)
+                self._beat_id = _map_id(beat_fd)
             index = _rule_index(reply)
             addr, page = _map_readonly(page_fd)
         except BaseException:
@@ -296,7 +309,14 @@ class AgentBackend:
         try:
             sock, reply, fds = _request(lease.rule, self._scope, self.path)
         except AgentUnavailable:
-            return  # not back yet: the page still beats, keep reading it and retry
+            if self._respawn is None:
+                return  # not back yet: the page still beats, keep reading it and retry
+            try:
+                self._respawn()  # the shared load's agent died: start another (it adopts the pins)
+                sock, reply, fds = _request(lease.rule, self._scope, self.path)
+            except (AgentUnavailable, OSError) as exc:
+                log.debug("rtml-ebpf: the node's shared agent is not back yet: %s", exc)
+                return
         for fd in fds:
             os.close(fd)
         try:
@@ -396,8 +416,14 @@ class AgentBackend:
             return 0
         return int(read_consistent(flag.view).trips[flag.index])
 
-    def thread_meter(self) -> None:
-        return None  # per-thread charges need our own programs: admission uses getrusage
+    def thread_meter(self) -> Any:
+        """Root clients: the kernel's per-thread meter, on the agent's pinned ``threads`` array
+        (checked to be this agent's: its pinned beat is the beat we were passed). Others, or
+        without pins: None, and admission uses getrusage (the array must be written to register
+        a thread, and it holds every thread of the node: it is not lent to unprivileged clients)."""
+        if self._meter is None:
+            self._meter = thread_meter_from_pins(self._pin_dir, self._beat_id) or False
+        return self._meter or None
 
     def close(self) -> None:
         for lease in list(self._leases):
@@ -429,3 +455,47 @@ def _closed(sock: socket.socket) -> bool:
     except OSError:
         return True
     return bool(data == b"")
+
+
+def thread_meter_from_pins(pin_dir: str, beat_id: int) -> Any:
+    """An EbpfThreadMeter over ``<pin_dir>/maps/threads`` when this process may open pins (root)
+    and they belong to the agent whose beat map has id ``beat_id``; else None."""
+    if beat_id <= 0 or os.geteuid() != 0:
+        return None
+    from .._meter import EbpfThreadMeter
+    from ..ebpf import libbpf as _libbpf
+
+    try:
+        lib = _libbpf.lib()
+        fds = [lib.bpf_obj_get(os.path.join(pin_dir, "maps", name).encode()) for name in ("beat", "threads")]
+    except (OSError, RtmlError):
+        return None
+    try:
+        if min(fds) < 0:
+            return None
+        pinned_beat_id = _libbpf.map_info(fds[0])[1]
+        mm = mmap.mmap(fds[1], map_len(ctypes.sizeof(abi.Thread), abi.MAX_THREADS), mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, RtmlError):
+        return None
+    finally:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+    if pinned_beat_id != beat_id:
+        mm.close()
+        return None  # pins of another agent: its threads array is not the one our programs write
+    return EbpfThreadMeter(memoryview(mm).cast("q"), abi.MAX_THREADS, mm)
+
+
+
+def _map_id(fd: int) -> int:
+    """The id of a map fd, for root (bpf() may be refused to others, who do not need it); else 0."""
+    if os.geteuid() != 0:
+        return 0
+    from ..ebpf import libbpf as _libbpf
+
+    try:
+        return _libbpf.map_info(fd)[1]
+    except (OSError, RtmlError):
+        return 0

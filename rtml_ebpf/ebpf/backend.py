@@ -1,4 +1,11 @@
-"""The eBPF backend: a Limiter's view of the shared runtime (one rule = one Watch)."""
+"""The eBPF backend: a Limiter's view of the shared runtime (one rule = one Watch).
+
+A removed cgroup: the programs follow a cgroup id, so they never answer for another cgroup
+made at the same path; but the limit check and the upkeep read files by path. Once those find
+the path is not our cgroup any more (removed, or removed and made again), the backend is *gone*:
+its watches close with the fail answer in their verdict bytes (kept checks read it too), and
+readings raise CgroupNotFound.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from .._backend import Flag, Snapshot
 from .._cgroup import MemoryCgroup
 from .._meter import EbpfThreadMeter
 from .._rules import Rule
-from ..errors import RtmlError
+from ..errors import CgroupNotFound, RtmlError
 from .runtime import Runtime, Watch
 
 
@@ -28,6 +35,15 @@ class EbpfBackend:
         self.reason = f"{why}: BPF programs attached ({', '.join(self.hooks)})" + (
             f"; skipped {skipped}" if skipped else "")
         self.needs_upkeep = self._runtime.needs_upkeep
+        self.gone: str | None = None
+        self._fail_answer = False
+
+    def set_fail_answer(self, fail_answer: bool) -> None:
+        self._fail_answer = fail_answer
+
+    def _check_gone(self) -> None:
+        if self.gone is not None:
+            raise CgroupNotFound(self.gone)
 
     @property
     def runtime(self) -> Runtime:
@@ -56,24 +72,31 @@ class EbpfBackend:
 
     def snapshot(self, flag: object, full: bool = True) -> Snapshot:
         assert isinstance(flag, Watch)
+        self._check_gone()
         return self.runtime.snapshot(flag, full=full)
 
     def room(self, flag: object) -> tuple[int | None, int | None]:
         assert isinstance(flag, Watch)
+        self._check_gone()
         return self.runtime.room(flag, self._rules[id(flag)])
 
     def maintain(self, flag: object) -> None:
         """From the monitor: where no memcg events are live, the upkeep (every 250 ms);
         where they are, a look at the limit files (every second) for limits changed while idle."""
-        if not isinstance(flag, Watch):
+        if not isinstance(flag, Watch) or self.gone is not None:
             return
         now = time.monotonic()
-        if self.needs_upkeep and now - self._last_upkeep >= Runtime.MAINTAIN_INTERVAL:
-            self._last_upkeep = now
-            self.runtime.maintain(flag)
-        elif not self.needs_upkeep and now - self._last_upkeep >= Runtime.LIMIT_CHECK_INTERVAL:
-            self._last_upkeep = now
-            self.runtime.check_limit(flag)
+        try:
+            if self.needs_upkeep and now - self._last_upkeep >= Runtime.MAINTAIN_INTERVAL:
+                self._last_upkeep = now
+                self.runtime.maintain(flag)
+            elif not self.needs_upkeep and now - self._last_upkeep >= Runtime.LIMIT_CHECK_INTERVAL:
+                self._last_upkeep = now
+                self.runtime.check_limit(flag)
+        except CgroupNotFound as exc:
+            self.gone = str(exc)
+            for watch in list(self._watches):
+                watch.close(self._fail_answer)  # the byte answers the fail answer from now on
 
     def trips(self, flag: object) -> int:
         return self.runtime.trips(flag) if isinstance(flag, Watch) else 0

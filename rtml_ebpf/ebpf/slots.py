@@ -21,7 +21,7 @@ from .._cgroup import MemoryCgroup
 from .._poll import PollBackend
 from .._rules import Rule, Threshold, Usage, effective_used, evaluate
 from ..config import PAGE_SIZE
-from ..errors import CapacityError, RtmlError
+from ..errors import CapacityError, CgroupNotFound, RtmlError
 from . import abi
 from . import libbpf as _libbpf
 from .loader import Loaded
@@ -180,7 +180,8 @@ class Slots:
             free = next((i for i in range(self.capacity) if i not in used), None)
             if free is None:
                 raise CapacityError(f"all {self.capacity} eBPF slots are in use; close Limiters you no longer need")
-            state = SlotState(free, cgroup, cgroup.cgroup_id, PollBackend(cgroup, "file reader"),
+            cgid = cgroup.cgroup_id
+            state = SlotState(free, cgroup, cgid, PollBackend(cgroup, "file reader", cgroup_id=cgid),
                               ancestors=cgroup.ancestors())
         elif not state.watched:
             self.check_nesting(cgroup)
@@ -237,7 +238,8 @@ class Slots:
                 k = ctypes.c_uint64(cgid)
                 lib.bpf_map_delete_elem(fd, ctypes.byref(k))
                 continue
-            state = SlotState(index, cgroup, cgid, PollBackend(cgroup, "file reader"), ancestors=cgroup.ancestors(),
+            state = SlotState(index, cgroup, cgid, PollBackend(cgroup, "file reader", cgroup_id=cgid),
+                              ancestors=cgroup.ancestors(),
                               keep=True)
             cfg = abi.Config.from_buffer_copy(self._configs_mm[index * CONFIG_SIZE : (index + 1) * CONFIG_SIZE])
             found[cgid] = {i: r for i, r in enumerate(cfg.rules) if r.kind != abi.RULE_OFF}
@@ -376,7 +378,7 @@ class Slots:
         state = self.by_cgid.get(cgid)
         if state is None or state.index != slot or not state.watched or self.words is None:
             return False
-        limits = state.cgroup.effective_limit()
+        limits = state.reader.limits_now()  # CgroupNotFound once the path is not this cgroup any more
         pages = limits.limit_bytes // PAGE_SIZE if limits.limit_bytes is not None else abi.UNLIMITED_PAGES
         if pages == self.words[state.index * abi.SLOT_WORDS + abi.W_LIMIT]:
             return False
@@ -452,8 +454,8 @@ class Slots:
             # the truth. Re-read them and refresh the slot (and its verdicts) with them.
             try:
                 self.write_reading(state, state.reader.read())
-            except FileNotFoundError:
-                pass
+            except (FileNotFoundError, CgroupNotFound):
+                pass  # removed (or made again: another cgroup): the slot keeps the kernel's last word
         s = self.read_slot(state.index)
         c = self.read_counters(state.index) if full else abi.Counters()
         cfg = abi.Config.from_buffer_copy(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.shared import shared_place
 
 from rtml_ebpf import Limiter
 from rtml_ebpf.agent.client import AgentBackend
@@ -93,9 +94,17 @@ def test_4_an_agent_dropping_connections_is_unavailable_never_broken_pipe(sock_p
             with pytest.raises(AgentUnavailable) as caught:
                 Limiter(backend="agent", relief=False)
             reasons.add(str(caught.value))
-        lim = Limiter(backend="auto", relief=False)  # root: eBPF; else the documented fallback
-        assert lim.backend in ("ebpf", "poll"), lim.stats()
-        lim.close()
+        # root: the node's shared load (issue 20), saying the node agent was unavailable; else
+        # the documented fallback
+        with shared_place() as place:
+            with pytest.MonkeyPatch.context() as mp:
+                for k, v in place.env.items():
+                    mp.setenv(k, v)
+                lim = Limiter(backend="auto", relief=False)
+                reason = lim.stats().backend_reason
+                assert lim.backend in ("agent", "poll"), reason
+                assert f"node agent at {sock_path} unavailable" in reason, reason
+                lim.close()
     assert all(sock_path in r for r in reasons), reasons
 
 

@@ -1,0 +1,152 @@
+"""What a Limiter tells about itself: its settings, ``stats()`` and ``pressure()`` (readings,
+not the hot check). A base class of :class:`rtml_ebpf.limiter.Limiter`, which owns every field
+declared here; kept apart so the Limiter is the check, the levels and the lifecycle."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from ._backend import Backend
+from ._cgroup import MemoryCgroup
+from ._growth import Sampler, seconds_to
+from ._rules import Threshold
+from ._stats import Stats, build_stats
+from .errors import CgroupNotFound, RtmlError
+from .levels import Level
+from .relief import Relief
+
+
+class LimiterReadings:
+    """Readings and settings of a Limiter (see rtml_ebpf.limiter)."""
+
+    _ahead: bytearray | None
+    _backend: Backend
+    _cgroup: MemoryCgroup
+    _cgroup_id: int
+    _closed: bool
+    _handle: object
+    _soft_handle: object | None
+    _lock: threading.Lock
+    _metric: str
+    _relief: Relief | None
+    _sampler: Sampler
+    _soft: Threshold | None
+    _trip: Threshold
+
+    def is_mem_limit_reached(self) -> bool:
+        raise NotImplementedError
+
+    def level(self) -> Level:
+        raise NotImplementedError
+
+    def _failed(self, exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    def pressure(self) -> float:
+        """0.0 below the soft level, 1.0 at the hard one, linear in between (by the metric).
+
+        Without a soft level: 0.0 or 1.0. Reads the backend's snapshot when between the
+        levels (no syscall on eBPF), so it costs a few microseconds there.
+        """
+        lvl = self.level()
+        if lvl is Level.HARD:
+            return 1.0
+        if lvl is Level.OK or self._soft is None:
+            return 0.0
+        try:
+            snap = self._backend.snapshot(self._handle, full=False)
+            value = snap.working_set if self._metric == "working_set" else snap.used
+            lo = self._soft.resolve(snap.limit)
+            hi = self._trip.resolve(snap.limit)
+            if lo is None or hi is None or hi <= lo:
+                return 1.0
+            return min(1.0, max(0.0, (value - lo) / (hi - lo)))
+        except Exception as exc:  # noqa: BLE001
+            return 1.0 if self._failed(exc) else 0.0
+
+    # -- introspection ------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def cgroup(self) -> MemoryCgroup:
+        return self._cgroup
+
+    @property
+    def cgroup_id(self) -> int:
+        """The id of the cgroup as it was when this Limiter was built (the kernel's, stable)."""
+        return self._cgroup_id
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def threshold(self) -> Threshold:
+        return self._trip
+
+    @property
+    def soft_threshold(self) -> Threshold | None:
+        return self._soft
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    @property
+    def trip_ahead_ms(self) -> float | None:
+        return self._sampler.ahead_ms if self._ahead is not None else None
+
+    @property
+    def relief(self) -> Relief | None:
+        return self._relief
+
+    def stats(self) -> Stats:
+        """A consistent reading (may read files: not for the hot path).
+
+        Raises RtmlError on a closed Limiter, CgroupNotFound once the cgroup was removed (or
+        removed and made again: the new one is another cgroup, build a new Limiter for it).
+        """
+        with self._lock:
+            if self._closed:
+                raise RtmlError(f"{self!r} is closed; build a new Limiter to read this cgroup")
+            backend, handle, soft_handle = self._backend, self._handle, self._soft_handle
+        try:
+            same = os.stat(self._cgroup.directory).st_ino == self._cgroup_id
+        except OSError:
+            same = False
+        if not same:
+            raise CgroupNotFound(
+                f"cgroup {self._cgroup.directory} was removed (or removed and recreated) after this Limiter "
+                "was built; close it and build a new Limiter for the cgroup that is there now"
+            )
+        try:
+            snap = backend.snapshot(handle)
+        except FileNotFoundError as exc:
+            raise CgroupNotFound(f"cgroup {self._cgroup.directory} was removed while being read: {exc}") from None
+        now_ns = time.monotonic_ns()
+        growth = self._sampler.growth
+        growth.add(now_ns, snap.used)
+        rate = growth.rate(now_ns)
+        return build_stats(snap, metric=self._metric, trip=self._trip, soft=self._soft, fields=dict(
+            tripped=self.is_mem_limit_reached(), backend=backend.name, backend_reason=backend.reason,
+            hooks=tuple(backend.hooks), cgroup_path=self._cgroup.path, cgroup_dir=self._cgroup.directory,
+            cgroup_id=self._cgroup_id, cgroup_version=self._cgroup.version,
+            updated_ns=snap.updated_ns or time.monotonic_ns(), level=self.level().name, trips=backend.trips(handle),
+            soft_trips=0 if soft_handle is None else backend.trips(soft_handle),
+            relief_runs=self._relief.stats.runs if self._relief else 0,
+            relief_bytes=self._relief.stats.bytes_returned if self._relief else 0, growth_bytes_per_s=rate,
+            seconds_to_limit=seconds_to(snap.headroom, rate),
+            tripped_ahead=self._ahead is not None and bool(self._ahead[0])))
+
+    def __repr__(self) -> str:
+        soft = f", soft_threshold={self._soft.describe()!r}" if self._soft else ""
+        return (
+            f"Limiter(cgroup={self._cgroup.directory!r}, threshold={self._trip.describe()!r}{soft}, "
+            f"metric={self._metric!r}, backend={self._backend.name!r})"
+        )
+
+
