@@ -19,7 +19,7 @@ ROOT_SMOKE=(
     tests/root/test_hot_path.py
     "tests/root/test_real_cgroups.py::test_ebpf_limiter_flips_with_small_overshoot"
     "tests/root/test_real_cgroups.py::test_parent_limit_is_the_effective_limit"
-    "tests/root/test_real_cgroups.py::test_close_leaves_no_programs_or_links"
+    "tests/root/test_real_cgroups.py::test_a_kept_ebpf_check_keeps_watching"
 )
 versions=("$@")
 ((${#versions[@]})) || versions=("${SUPPORTED_PYTHONS[@]}")

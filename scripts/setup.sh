@@ -29,7 +29,7 @@ fi
 stamp=.venv/.rtml-installed
 if [ ! -f "$stamp" ] || [ -n "$(find bpf setup.py pyproject.toml rtml_ebpf/_hot.c -newer "$stamp" 2>/dev/null | head -1)" ] \
         || [ ! -f rtml_ebpf/bpf/rtml.bpf.o ]; then
-    echo "setup: installing rtml-ebpf (editable) with dev extras; this compiles bpf/rtml.bpf.c"
+    echo "setup: installing rtml-ebpf (editable) with dev extras; this builds _hot and, if bpf/ changed, the BPF object"
     # _hot is one abi3 module now (_hot.abi3.so); an older per-version build would shadow it.
     rm -f rtml_ebpf/_hot.cpython-*.so
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
