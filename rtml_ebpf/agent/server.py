@@ -94,7 +94,9 @@ class Agent:
         self.handlers = Handlers(self.leases, self.oom, self.node, self.conns.send)
         self.metrics = NodeMetrics()
         self._next_sample = self._next_ready = 0.0
-        self._run_stats: dict[str, tuple[int, int]] = {}
+        # read now, not at the first sample: the HTTP thread may render this first view before
+        # the loop's first step has sampled (a scrape right after start saw no program series)
+        self._run_stats: dict[str, tuple[int, int]] = self.node.run_stats()
         self.view = self._view()
         self.health = _health.Health()
         self.ready_check = _health.ReadyCheck(self.node.beat_fd, config.socket_path)
