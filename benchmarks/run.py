@@ -329,7 +329,7 @@ def p6_goodput(duration: float) -> dict[str, Any]:
     import statistics as st
     import threading
 
-    from rtml_ebpf._ledger import read_totals
+    from rtml_ebpf.admission.ledger import read_totals
     from rtml_ebpf.demo.flood import Flood, gunicorn_server
 
     limit, threshold = 256 * MiB, 0.8

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from ._shed import Policy
+from .admission.policy import Policy
 from .errors import ConfigError, MemoryLimitReached
 from .limiter import Level, Limiter
 

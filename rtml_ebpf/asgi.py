@@ -4,9 +4,13 @@
     from rtml_ebpf.asgi import MemoryLimitMiddleware
     app = Starlette(routes=..., middleware=[Middleware(MemoryLimitMiddleware)])
 
-Requests are admitted by memory budget (rtml_ebpf.admission). On one event loop requests
-share a thread: the middleware drives each request's coroutine step by step and charges to
-it what the kernel charged to the thread during its steps (Admission.run_async).
+Requests are admitted by memory budget (rtml_ebpf.admission), their estimate scaled by the
+body's size (Content-Length, or the bytes read so far when it is chunked). On one event loop
+requests share a thread: the middleware drives each request's coroutine step by step and charges
+to it what the kernel charged to the thread during its steps (Admission.run_async), and what the
+threadpool charged while running its ``def`` endpoints and dependencies (rtml_ebpf.admission.follow). A
+request the enforcer ends (it overran its reservation while the cgroup neared the OOM killer) gets
+503 when its response has not started; after that, its connection is closed.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
-from ._estimator import route_key
-from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
-from .admission import Admission
+from .admission import Admission, Ticket
+from .admission.estimator import route_key
+from .admission.policy import DEFAULT_EXCLUDE_PATHS, ENDED_BODY, REJECTION_BODY, Policy, content_length, record_ended
+from .errors import RequestMemoryExceeded
 from .limiter import Limiter
 from .orca import HTTP_FORMATS, LoadReporter, check_format
 
@@ -47,11 +52,13 @@ class MemoryLimitMiddleware:
         admission: bool | Admission = True,
         request_bytes: int | None = None,
         route_costs: Mapping[str, int] | None = None,
+        cost_per_byte: float | Mapping[str, float] | None = None,
         load_report: bool | str | None = None,
     ) -> None:
         self.app = app
         self.policy = Policy("asgi", limiter, shed_at=shed_at, exclude=exclude_paths, retry_after=retry_after,
-                             admission=admission, request_bytes=request_bytes, route_costs=route_costs)
+                             admission=admission, request_bytes=request_bytes, route_costs=route_costs,
+                             cost_per_byte=cost_per_byte)
         self.report = LoadReporter(limiter, check_format(load_report, HTTP_FORMATS, "text"))
         self.status_code = status_code
 
@@ -66,7 +73,8 @@ class MemoryLimitMiddleware:
         path = scope.get("path", "")
         if self.report.fmt is not None:
             send = self._reporting(send)
-        shed, ticket = self.policy.admit(path, route_key(scope.get("method", "GET"), path), stepped=True)
+        size = content_length(_header(scope, b"content-length"))
+        shed, ticket = self.policy.admit(path, route_key(scope.get("method", "GET"), path), size=size, stepped=True)
         if shed:
             await self._reject(send)
             return
@@ -74,8 +82,23 @@ class MemoryLimitMiddleware:
         if ticket is None or admission is None:
             await self.app(scope, receive, send)
             return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        if size is None:
+            receive = _counting(receive, admission, ticket)
         try:
-            await admission.run_async(ticket, self.app(scope, receive, send))  # type: ignore[arg-type]
+            await admission.run_async(ticket, self.app(scope, receive, send_tracked))  # type: ignore[arg-type]
+        except RequestMemoryExceeded:
+            record_ended("asgi")
+            if started:
+                raise  # the response is under way: the server closes the connection
+            await self._reject(send, ENDED_BODY)
         finally:
             admission.finish(ticket)
 
@@ -94,12 +117,35 @@ class MemoryLimitMiddleware:
 
         return send_with_report
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, body: bytes = REJECTION_BODY) -> None:
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(REJECTION_BODY)).encode()),
+            (b"content-length", str(len(body)).encode()),
             (b"retry-after", str(self.report.retry_after(self.policy.retry_after_seconds)).encode()),
             (b"connection", b"close"),
         ]
         await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": REJECTION_BODY})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def _counting(receive: Receive, admission: Admission, ticket: Ticket) -> Receive:
+    """A chunked body: its bytes as they are read grow the request's reservation."""
+    read = 0
+
+    async def receive_counted() -> Message:
+        nonlocal read
+        message = await receive()
+        body = message.get("body") if message.get("type") == "http.request" else None
+        if body:
+            read += len(body)
+            admission.body_read(ticket, read)
+        return message
+
+    return receive_counted

@@ -12,6 +12,10 @@ OpenTelemetry collector does. Health checks are never shed.
 load report in its trailing metadata, the per-call metrics gRPC's weighted round robin
 reads (rtml_ebpf.orca); the delay of a rejection follows the measured drain rate where one
 is known.
+
+Each request message's bytes grow the call's reservation as it is decoded (its cost scales with
+its size), and a call the enforcer ends (it overran its reservation while the cgroup neared the
+OOM killer) ends with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from typing import Any
 
 import grpc  # the grpcio package (extra: rtml-ebpf[grpc])
 
-from ._shed import Policy
 from .admission import Admission, Ticket
-from .errors import ConfigError
+from .admission.policy import Policy, record_ended
+from .errors import ConfigError, RequestMemoryExceeded
 from .limiter import Limiter
 from .orca import GRPC_FORMATS, LoadReporter, check_format
 
 DEFAULT_EXCLUDE_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 DETAILS = "memory limit reached, retry later"
+ENDED_DETAILS = "memory limit reached: this call was ended to keep the server from being OOM-killed, retry later"
 CODES = {"unavailable": grpc.StatusCode.UNAVAILABLE, "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -136,12 +141,35 @@ def _kind(handler: Any) -> str:
     return "stream_stream"
 
 
-def _like(handler: Any, behaviour: Callable[..., Any], *, decode: bool = False) -> Any:
+def _like(handler: Any, behaviour: Callable[..., Any], *, decode: bool = False,
+          sized: tuple[Admission, Ticket] | None = None) -> Any:
     """A handler of the same shape as ``handler`` that runs ``behaviour``. Without ``decode``
-    requests are not deserialized: a rejected call never pays for decoding its payload."""
+    requests are not deserialized: a rejected call never pays for decoding its payload. With
+    ``sized``, each request message's bytes grow the call's reservation as it is decoded (its
+    size class, see rtml_ebpf.admission.estimator), before the handler allocates."""
     make = getattr(grpc, f"{_kind(handler)}_rpc_method_handler")
-    return make(behaviour, request_deserializer=handler.request_deserializer if decode else None,
-                response_serializer=handler.response_serializer)
+    deserializer = handler.request_deserializer if decode else None
+    if sized is not None:
+        deserializer = _sizing(deserializer, *sized)
+    return make(behaviour, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+def _sizing(decode: Callable[[bytes], Any] | None, admission: Admission, ticket: Ticket) -> Callable[[bytes], Any]:
+    seen = 0
+
+    def deserialize(raw: bytes) -> Any:
+        nonlocal seen
+        seen += len(raw)
+        admission.body_read(ticket, seen)
+        return raw if decode is None else decode(raw)
+
+    return deserialize
+
+
+def _ended(context: Any) -> None:
+    """The enforcer ended this call: RESOURCE_EXHAUSTED (abort raises)."""
+    record_ended("grpc")
+    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ENDED_DETAILS)
 
 
 def _with_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
@@ -155,6 +183,8 @@ def _with_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
             admission.bind(ticket)
             try:
                 yield from inner(request, context)
+            except RequestMemoryExceeded:
+                _ended(context)
             finally:
                 admission.finish(ticket)
 
@@ -164,11 +194,13 @@ def _with_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
             admission.bind(ticket)
             try:
                 return inner(request, context)
+            except RequestMemoryExceeded:
+                _ended(context)
             finally:
                 admission.finish(ticket)
 
         behaviour = unary
-    return _like(handler, behaviour, decode=True)
+    return _like(handler, behaviour, decode=True, sized=(admission, ticket))
 
 
 class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -283,6 +315,9 @@ def _with_async_ticket(handler: Any, admission: Admission, ticket: Ticket) -> An
             try:
                 async for item in inner(request, context):
                     yield item
+            except RequestMemoryExceeded:
+                record_ended("grpc_aio")
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ENDED_DETAILS)
             finally:
                 admission.finish(ticket)
 
@@ -294,8 +329,11 @@ def _with_async_ticket(handler: Any, admission: Admission, ticket: Ticket) -> An
                 if inspect.iscoroutine(result):
                     return await admission.run_async(ticket, result)
                 return result
+            except RequestMemoryExceeded:
+                record_ended("grpc_aio")
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ENDED_DETAILS)
             finally:
                 admission.finish(ticket)
 
         behaviour = unary
-    return _like(handler, behaviour, decode=True)
+    return _like(handler, behaviour, decode=True, sized=(admission, ticket))

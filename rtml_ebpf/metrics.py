@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from ._shed import rejections
+from .admission.policy import rejections
 from .errors import ConfigError
 from .limiter import Level, Limiter
 

@@ -3,19 +3,23 @@
     from rtml_ebpf.wsgi import MemoryLimitMiddleware
     app.wsgi_app = MemoryLimitMiddleware(app.wsgi_app)      # Flask
 
-Each request is admitted by memory budget (see rtml_ebpf.admission): its estimated cost
-plus what other requests of every worker reserved must fit below the threshold. The request
-ends (and its cost is learned) when the server closes the response iterable.
+Each request is admitted by memory budget (see rtml_ebpf.admission): its estimated cost (scaled
+by its body's Content-Length) plus what other requests of every worker reserved must fit below
+the threshold. The request ends (and its cost is learned) when the server closes the response
+iterable. A request the enforcer ends (it overran its reservation while the cgroup neared the OOM
+killer) gets 503 when it is ended before the app returns its response.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from ._estimator import route_key
-from ._shed import DEFAULT_EXCLUDE_PATHS, REJECTION_BODY, Policy
 from .admission import Admission, Ticket
+from .admission.estimator import route_key
+from .admission.policy import DEFAULT_EXCLUDE_PATHS, ENDED_BODY, REJECTION_BODY, Policy, content_length, record_ended
+from .errors import RequestMemoryExceeded
 from .limiter import Limiter
 from .orca import HTTP_FORMATS, LoadReporter, check_format
 
@@ -63,11 +67,13 @@ class MemoryLimitMiddleware:
         admission: bool | Admission = True,
         request_bytes: int | None = None,
         route_costs: Mapping[str, int] | None = None,
+        cost_per_byte: float | Mapping[str, float] | None = None,
         load_report: bool | str | None = None,
     ) -> None:
         self.app = app
         self.policy = Policy("wsgi", limiter, shed_at=shed_at, exclude=exclude_paths, retry_after=retry_after,
-                             admission=admission, request_bytes=request_bytes, route_costs=route_costs)
+                             admission=admission, request_bytes=request_bytes, route_costs=route_costs,
+                             cost_per_byte=cost_per_byte)
         self.report = LoadReporter(limiter, check_format(load_report, HTTP_FORMATS, "text"))
         self.status = f"{status_code} {REASONS.get(status_code, 'Rejected')}"
 
@@ -79,7 +85,8 @@ class MemoryLimitMiddleware:
         path = environ.get("PATH_INFO", "")
         if self.report.fmt is not None:
             start_response = self._reporting(start_response)
-        shed, ticket = self.policy.admit(path, route_key(environ.get("REQUEST_METHOD", "GET"), path))
+        shed, ticket = self.policy.admit(path, route_key(environ.get("REQUEST_METHOD", "GET"), path),
+                                         size=content_length(environ.get("CONTENT_LENGTH")))
         if shed:
             return self._reject(start_response)
         admission = self.policy.admission
@@ -87,6 +94,12 @@ class MemoryLimitMiddleware:
             return self.app(environ, start_response)
         try:
             body = self.app(environ, start_response)
+        except RequestMemoryExceeded:
+            admission.finish(ticket)
+            record_ended("wsgi")
+            # start_response may have been called by the app: with exc_info it is replaced (WSGI
+            # allows that until the headers are sent; after that the server drops the connection).
+            return self._reject(start_response, ENDED_BODY, sys.exc_info())
         except BaseException:
             admission.finish(ticket)
             raise
@@ -104,10 +117,15 @@ class MemoryLimitMiddleware:
 
         return start_response_with_report
 
-    def _reject(self, start_response: StartResponse) -> Iterable[bytes]:
-        start_response(self.status, [
+    def _reject(self, start_response: StartResponse, body: bytes = REJECTION_BODY,
+                exc_info: Any = None) -> Iterable[bytes]:
+        headers = [
             ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Length", str(len(REJECTION_BODY))),
+            ("Content-Length", str(len(body))),
             ("Retry-After", str(self.report.retry_after(self.policy.retry_after_seconds))),
-        ])
-        return [REJECTION_BODY]
+        ]
+        if exc_info is not None:
+            start_response(self.status, headers, exc_info)
+        else:
+            start_response(self.status, headers)
+        return [body]

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtml_ebpf import ConfigError
-from rtml_ebpf._estimator import SIZE_FLOOR, CostEstimator, size_class
 from rtml_ebpf.admission import decide
+from rtml_ebpf.admission.estimator import SIZE_FLOOR, CostEstimator, size_class
 
 MiB = 1 << 20
 KiB = 1 << 10

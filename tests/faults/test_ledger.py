@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from support.cgroups import IS_ROOT, MiB, wait_until
 
-from rtml_ebpf import _ledger, _private_dir
-from rtml_ebpf._ledger import CHECK_INTERVAL, Ledger
+from rtml_ebpf import _private_dir
+from rtml_ebpf.admission import ledger as _ledger
+from rtml_ebpf.admission.ledger import CHECK_INTERVAL, Ledger
 from rtml_ebpf.errors import ConfigError
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]

@@ -26,7 +26,7 @@ from support.cgroups import Cgroup, Holder, MiB, make_cgroup, needs_bpf, needs_c
 
 import rtml_ebpf
 from rtml_ebpf import Limiter, MemoryLimitReached
-from rtml_ebpf._shed import rejections
+from rtml_ebpf.admission.policy import rejections
 from rtml_ebpf.asgi import MemoryLimitMiddleware as AsgiLimit
 from rtml_ebpf.grpc import AsyncMemoryLimitInterceptor, MemoryLimitInterceptor
 from rtml_ebpf.metrics import MemoryLimiterCollector

@@ -32,19 +32,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import _follow
-from ._enforce import DEFAULT_BAND, Enforcer, finished
-from ._estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
-from ._ledger import Ledger
-from ._ledger_join import SharedLedger
-from ._meter import RUSAGE, Meter
-from .errors import ConfigError, RequestMemoryExceeded
-from .limiter import Limiter
-from .relief import set_mmap_threshold, trim_heap
+from .._meter import RUSAGE, Meter
+from ..errors import ConfigError
+from ..limiter import Limiter
+from ..relief import set_mmap_threshold, trim_heap
+from . import follow as _follow
+from .enforce import DEFAULT_BAND, Enforcer, finished
+from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
+from .ledger import Ledger
+from .ledger_join import SharedLedger
+from .rule import decide
+from .stepped import Stepped
+from .ticket import Ticket
 
 log = logging.getLogger("rtml_ebpf")
 T = TypeVar("T")
@@ -68,72 +71,6 @@ def _release_heap() -> None:
 
 PUBLISH_INTERVAL = 0.005  # seconds between re-publications of shrinking reservations
 TRIM_INTERVAL = 0.1  # at most this often per process: hand freed heap back under budget pressure
-
-
-def decide(
-    estimate: int | None,
-    reserved: int,
-    room: int | None,
-    limit_room: int | None,
-    inflight: int,
-    learning: int,
-    extrapolated: bool = False,
-) -> str | None:
-    """The admission rule, as arithmetic: None to admit, else why not ("learning", "budget").
-
-    ``estimate``: bytes the request is expected to reach (None while its route learns);
-    ``reserved``: reservations not yet charged, every process of the cgroup; ``room``: bytes
-    before the threshold by the metric (None: no limit); ``limit_room``: bytes before the OOM
-    killer acts; ``inflight``/``learning``: requests in flight / learning, every process;
-    ``extrapolated``: the estimate is a guess beyond every size measured (see _estimator).
-    """
-    if estimate is None:
-        return None if learning == 0 else "learning"
-    if room is None or estimate + reserved <= room:
-        return None
-    if inflight == 0 and (extrapolated or limit_room is None or estimate < limit_room):
-        # Alone it fits below the limit: let one through so the service progresses. A guess
-        # runs alone too, so it is measured instead of refused for ever (the enforcer ends it
-        # if it really does not fit).
-        return None
-    return "budget"
-
-
-class Ticket:
-    """One admitted request: what it reserved, how far its charges have come (on its own thread,
-    its asyncio steps, and every helper thread working for it), and whether it was ended."""
-
-    __slots__ = ("route", "estimate", "basis", "size", "tid", "ident", "net0", "stepped", "net", "peak", "meter",
-                 "account", "stepping", "finished", "ended")
-
-    def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool,
-                 meter: Meter = RUSAGE, size: int | None = None, basis: str = "route") -> None:
-        self.route = route
-        self.meter = meter  # the one it began with: a default limiter swapped meanwhile must not mix sources
-        self.estimate = estimate  # None: learning
-        self.basis = basis  # how the estimate was reached (Estimate.basis)
-        self.size = size  # the request's body bytes, when known
-        self.tid = tid
-        self.ident = threading.get_ident() if tid else 0  # the Python ident of that thread
-        self.net0 = net0
-        self.stepped = stepped  # asyncio: net/peak are kept by run_async, not read from the thread
-        self.net = 0  # bytes charged since admission (stepped mode)
-        self.peak = 0
-        self.account = _follow.Account(meter, owner=tid)  # helper threads' charges
-        self.stepping = 0  # asyncio: the loop thread's ident while a step of this request runs
-        self.finished = False
-        self.ended = False  # the enforcer ended it
-
-    def grown(self) -> int:
-        """Bytes charged to this request and still held: its own thread or steps, and helpers."""
-        if self.stepped:
-            own = self.net
-        elif self.tid == 0:
-            own = 0  # admitted, not yet running on a thread (Admission.bind)
-        else:
-            now = self.meter.net_of(self.tid)
-            own = 0 if now is None else now - self.net0
-        return own + self.account.grown()
 
 
 @dataclass(frozen=True)
@@ -222,7 +159,7 @@ class Admission:
     def limiter(self) -> Limiter | None:
         if self._fixed is not None:
             return self._fixed
-        from . import _default
+        from .. import _default
 
         return _default.current()
 
@@ -352,6 +289,17 @@ class Admission:
             trim_heap()
             self.trims += 1
 
+    def body_read(self, ticket: Ticket, nbytes: int) -> None:
+        """A body of unknown size (chunked) has reached ``nbytes``: the reservation grows to what a
+        request of that size is estimated to need (it never shrinks here), and the cost is learned
+        against the size read."""
+        if ticket.size is not None and nbytes <= ticket.size:
+            return
+        ticket.size = nbytes
+        guess = self.estimator.estimate_for(ticket.route, nbytes)
+        if guess is not None and (ticket.estimate is None or guess.bytes > ticket.estimate):
+            ticket.estimate = guess.bytes
+
     def bind(self, ticket: Ticket) -> None:
         """The thread that runs an admitted request (admitted elsewhere with ``bind=False``)."""
         if ticket.stepped or ticket.tid:
@@ -430,7 +378,7 @@ class Admission:
     # -- shapes of requests -------------------------------------------------------------------
     def run_async(self, ticket: Ticket, awaitable: Coroutine[Any, Any, T]) -> Awaitable[T]:
         """Wrap a request's coroutine so each of its steps is metered to ``ticket``."""
-        return _Stepped(awaitable, ticket, ticket.meter)
+        return Stepped(awaitable, ticket, ticket.meter)
 
     def stats(self) -> AdmissionStats:
         lim = self.limiter()
@@ -444,63 +392,3 @@ class Admission:
 
     def close(self) -> None:
         self._shared.close()
-
-
-class _Stepped:
-    """Drives a coroutine by hand, charging each step's meter movement to one ticket. The
-    request's account is in the context while it runs (its threadpool work is charged to it),
-    and an ended request gets RequestMemoryExceeded thrown in at its next step; a step running
-    when it is ended gets it in the loop's thread (the enforcer raises there while ``stepping``)."""
-
-    __slots__ = ("_coro", "_ticket", "_meter")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], ticket: Ticket, meter: Meter) -> None:
-        self._coro, self._ticket, self._meter = coro, ticket, meter
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, ticket, meter = self._coro, self._ticket, self._meter
-        acc = ticket.account
-        ident = threading.get_ident()
-        token = _follow.CURRENT.set(acc)
-        send: Any = None
-        error: BaseException | None = None
-        thrown = False
-        try:
-            while True:
-                meter.reset_peak()
-                net0, _ = meter.read()
-                with acc.lock:
-                    if ticket.ended and not thrown and error is None:
-                        error, thrown = RequestMemoryExceeded(), True
-                    ticket.stepping = ident
-                try:
-                    yielded = coro.send(send) if error is None else coro.throw(error)
-                except StopIteration as stop:
-                    _step(ticket, meter, net0, ident)
-                    return stop.value
-                except BaseException:
-                    _step(ticket, meter, net0, ident)
-                    raise
-                _step(ticket, meter, net0, ident)
-                try:
-                    send, error = (yield yielded), None
-                except BaseException as exc:  # noqa: BLE001 - thrown into us: pass it to the coroutine
-                    send, error = None, exc
-        finally:
-            try:
-                _follow.CURRENT.reset(token)
-            except ValueError:
-                pass  # closed from another context (collected): nothing of ours is set there
-
-
-def _step(ticket: Ticket, meter: Meter, net0: int, ident: int) -> None:
-    acc = ticket.account
-    with acc.lock:
-        ticket.stepping = 0
-        ended = ticket.ended
-    if ended:
-        _follow.clear_async_exception(ident)  # raised as the step ended: it is not the next task's
-    net1, peak1 = meter.read()
-    ticket.peak = max(ticket.peak, ticket.net + (peak1 - net0))
-    ticket.net += net1 - net0
-

@@ -10,17 +10,20 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError
-from .limiter import Level, Limiter
+from ..errors import ConfigError
+from ..limiter import Level, Limiter
 
 # Health, readiness and metrics endpoints must answer while the service sheds: an orchestrator
 # that sees them fail restarts the pod, and a scraper that sees them fail loses the spike.
 DEFAULT_EXCLUDE_PATHS = ("/health", "/healthz", "/ready", "/readyz", "/live", "/livez", "/metrics")
 SHED_AT = ("hard", "soft", "probabilistic")
 REJECTION_BODY = b"memory limit reached, retry later\n"
+ENDED_BODY = b"memory limit reached: this request was ended to keep the service from being OOM-killed, retry later\n"
+MAX_CONTENT_LENGTH_DIGITS = 18
 
 if TYPE_CHECKING:
-    from .admission import Admission, Ticket
+    from .budget import Admission
+    from .ticket import Ticket
 
 _rejections: Counter[str] = Counter()
 _rejections_lock = threading.Lock()
@@ -37,6 +40,32 @@ def record_rejection(integration: str) -> None:
         _rejections[integration] += 1
 
 
+_ended: Counter[str] = Counter()
+
+
+def ended() -> dict[str, int]:
+    """Requests the enforcer ended so far in this process, by integration name."""
+    with _rejections_lock:
+        return dict(_ended)
+
+
+def record_ended(integration: str) -> None:
+    with _rejections_lock:
+        _ended[integration] += 1
+
+
+def content_length(value: str | bytes | None) -> int | None:
+    """A Content-Length header's bytes, or None when absent or not a plain decimal number (a
+    hostile value must not become an estimate)."""
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    text = text.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > MAX_CONTENT_LENGTH_DIGITS:
+        return None
+    return int(text)
+
+
 class Policy:
     """Validated once at construction; per request it is a path lookup and one check."""
 
@@ -51,6 +80,7 @@ class Policy:
         admission: bool | Admission = True,
         request_bytes: int | None = None,
         route_costs: Mapping[str, int] | None = None,
+        cost_per_byte: float | Mapping[str, float] | None = None,
     ) -> None:
         if limiter is not None and not isinstance(limiter, Limiter):
             raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
@@ -68,16 +98,16 @@ class Policy:
         self.retry_after = (lo, hi)
         self.shed_at = shed_at
         self._decide = self._make_decider()
-        self.admission = make_admission(admission, limiter, request_bytes, route_costs)
+        self.admission = make_admission(admission, limiter, request_bytes, route_costs, cost_per_byte)
         if limiter is None and self.admission is not None:
-            from . import _default
+            from .. import _default
 
             _default.prepare()  # a server's middleware: load once here, workers forked after inherit it
 
     def _make_decider(self) -> Callable[[], bool]:
         lim = self.limiter
         if lim is None:
-            from . import _default
+            from .. import _default
 
             if self.shed_at == "hard":
                 return _default.is_mem_limit_reached  # builds the default lazily, never raises
@@ -105,10 +135,12 @@ class Policy:
             return False
         return self._decide()
 
-    def admit(self, path: str, route: str, *, stepped: bool = False, bind: bool = True) -> tuple[bool, Ticket | None]:
+    def admit(self, path: str, route: str, *, size: int | None = None, stepped: bool = False,
+              bind: bool = True) -> tuple[bool, Ticket | None]:
         """Every integration's decision for one request: (shed?, ticket). Excluded paths pass
         with no ticket; the door check and the budget (when admission is on) may shed, and a
-        shed request is counted. A ticket must be finished with ``self.admission.finish``."""
+        shed request is counted. ``size``: the body's bytes when known (the estimate scales
+        with it). A ticket must be finished with ``self.admission.finish``."""
         if self.excluded(path):
             return False, None
         if self.door():
@@ -116,7 +148,7 @@ class Policy:
             return True, None
         if self.admission is None:
             return False, None
-        ticket = self.admission.try_admit(route, stepped=stepped, bind=bind)
+        ticket = self.admission.try_admit(route, size=size, stepped=stepped, bind=bind)
         if ticket is None:
             record_rejection(self.integration)
             return True, None
@@ -140,20 +172,23 @@ class Policy:
 
 
 def make_admission(
-    admission: object, limiter: Limiter | None, request_bytes: int | None, route_costs: Mapping[str, int] | None
+    admission: object, limiter: Limiter | None, request_bytes: int | None, route_costs: Mapping[str, int] | None,
+    cost_per_byte: float | Mapping[str, float] | None = None,
 ) -> Admission | None:
     """The integrations' ``admission=`` argument: True (default) builds one for ``limiter``,
     False turns budgeting off (the check at the door only), or pass an Admission to share."""
-    from .admission import Admission
+    from .budget import Admission
 
+    declared = request_bytes is not None or route_costs is not None or cost_per_byte is not None
     if isinstance(admission, Admission):
-        if request_bytes is not None or route_costs is not None:
-            raise ConfigError("request_bytes/route_costs: set them on the Admission you pass, not beside it")
+        if declared:
+            raise ConfigError("request_bytes/route_costs/cost_per_byte: set them on the Admission you pass, "
+                              "not beside it")
         return admission
     if admission is False:
-        if request_bytes is not None or route_costs is not None:
-            raise ConfigError("request_bytes/route_costs need admission=True")
+        if declared:
+            raise ConfigError("request_bytes/route_costs/cost_per_byte need admission=True")
         return None
     if admission is True:
-        return Admission(limiter, request_bytes=request_bytes, route_costs=route_costs)
+        return Admission(limiter, request_bytes=request_bytes, route_costs=route_costs, cost_per_byte=cost_per_byte)
     raise ConfigError(f"admission={admission!r}: pass True (default), False or a rtml_ebpf.Admission")

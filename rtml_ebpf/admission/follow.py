@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._meter import Meter
+from .._meter import Meter
 
 log = logging.getLogger("rtml_ebpf")
 T = TypeVar("T")
@@ -54,7 +54,7 @@ class Account:
         tid = threading.get_native_id()
         if tid == self.owner or tid in self.running:
             return fn(*args, **kwargs)  # the request's own thread, or nested: already metered
-        from .errors import RequestMemoryExceeded
+        from ..errors import RequestMemoryExceeded
 
         if self.ended:
             raise RequestMemoryExceeded("the request was ended to keep its cgroup from the OOM killer")

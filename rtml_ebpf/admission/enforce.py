@@ -31,11 +31,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ._follow import Account, clear_async_exception, raise_in_thread
-from .errors import ConfigError, RequestMemoryExceeded
+from ..errors import ConfigError, RequestMemoryExceeded
+from .follow import Account, clear_async_exception, raise_in_thread
 
 if TYPE_CHECKING:
-    from .limiter import Limiter
+    from ..limiter import Limiter
 
 log = logging.getLogger("rtml_ebpf")
 

@@ -31,7 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 OVERFLOW_ROUTE = "*"
 SIZE_FLOOR = 4096  # bodies below this are one class with unsized requests: their cost does not scale

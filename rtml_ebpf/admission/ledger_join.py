@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
-from ._ledger import Ledger
-from .errors import ConfigError
+from ..errors import ConfigError
+from .ledger import Ledger
 
 log = logging.getLogger("rtml_ebpf")
 

@@ -46,8 +46,8 @@ import time
 import weakref
 from typing import NamedTuple
 
-from ._private_dir import open_place
-from .errors import ConfigError
+from .._private_dir import open_place
+from ..errors import ConfigError
 
 log = logging.getLogger("rtml_ebpf")
 

@@ -1,0 +1,33 @@
+"""The admission rule, as arithmetic: pure, so it is tested and reasoned about on its own
+(tests/test_admission.py checks it by property)."""
+
+from __future__ import annotations
+
+
+def decide(
+    estimate: int | None,
+    reserved: int,
+    room: int | None,
+    limit_room: int | None,
+    inflight: int,
+    learning: int,
+    extrapolated: bool = False,
+) -> str | None:
+    """The admission rule, as arithmetic: None to admit, else why not ("learning", "budget").
+
+    ``estimate``: bytes the request is expected to reach (None while its route learns);
+    ``reserved``: reservations not yet charged, every process of the cgroup; ``room``: bytes
+    before the threshold by the metric (None: no limit); ``limit_room``: bytes before the OOM
+    killer acts; ``inflight``/``learning``: requests in flight / learning, every process;
+    ``extrapolated``: the estimate is a guess beyond every size measured (see _estimator).
+    """
+    if estimate is None:
+        return None if learning == 0 else "learning"
+    if room is None or estimate + reserved <= room:
+        return None
+    if inflight == 0 and (extrapolated or limit_room is None or estimate < limit_room):
+        # Alone it fits below the limit: let one through so the service progresses. A guess
+        # runs alone too, so it is measured instead of refused for ever (the enforcer ends it
+        # if it really does not fit).
+        return None
+    return "budget"

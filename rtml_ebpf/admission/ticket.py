@@ -1,0 +1,46 @@
+"""One admitted request: what it reserved, how far its charges have come (on its own thread,
+its asyncio steps, and every helper thread working for it), and whether the enforcer ended it."""
+
+from __future__ import annotations
+
+import threading
+
+from .._meter import RUSAGE, Meter
+from . import follow as _follow
+
+
+class Ticket:
+    """One admitted request: what it reserved, how far its charges have come (on its own thread,
+    its asyncio steps, and every helper thread working for it), and whether it was ended."""
+
+    __slots__ = ("route", "estimate", "basis", "size", "tid", "ident", "net0", "stepped", "net", "peak", "meter",
+                 "account", "stepping", "finished", "ended")
+
+    def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool,
+                 meter: Meter = RUSAGE, size: int | None = None, basis: str = "route") -> None:
+        self.route = route
+        self.meter = meter  # the one it began with: a default limiter swapped meanwhile must not mix sources
+        self.estimate = estimate  # None: learning
+        self.basis = basis  # how the estimate was reached (Estimate.basis)
+        self.size = size  # the request's body bytes, when known
+        self.tid = tid
+        self.ident = threading.get_ident() if tid else 0  # the Python ident of that thread
+        self.net0 = net0
+        self.stepped = stepped  # asyncio: net/peak are kept by run_async, not read from the thread
+        self.net = 0  # bytes charged since admission (stepped mode)
+        self.peak = 0
+        self.account = _follow.Account(meter, owner=tid)  # helper threads' charges
+        self.stepping = 0  # asyncio: the loop thread's ident while a step of this request runs
+        self.finished = False
+        self.ended = False  # the enforcer ended it
+
+    def grown(self) -> int:
+        """Bytes charged to this request and still held: its own thread or steps, and helpers."""
+        if self.stepped:
+            own = self.net
+        elif self.tid == 0:
+            own = 0  # admitted, not yet running on a thread (Admission.bind)
+        else:
+            now = self.meter.net_of(self.tid)
+            own = 0 if now is None else now - self.net0
+        return own + self.account.grown()
