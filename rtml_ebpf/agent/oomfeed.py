@@ -13,7 +13,6 @@ import ctypes
 import json
 import logging
 from collections.abc import Iterable
-from typing import Final
 
 from .. import _cgroup
 from .. import oom as _oom
@@ -26,9 +25,6 @@ from .programs import NodePrograms
 
 log = logging.getLogger("rtml_ebpf.agent")
 
-# The name probes.HOOKS gives the mark_victim hook (probes.py has no constant of its own for it).
-OOM_HOOK: Final = "oom_victim"
-
 
 class OomFeed:
     """The agent's source of OOM kills, what it counted and what it could not deliver."""
@@ -40,7 +36,7 @@ class OomFeed:
         self.events: collections.Counter[str] = collections.Counter()  # by source
         self.dropped = 0  # records not sent to a subscriber whose socket was full
         self._next_count = 0.0
-        if OOM_HOOK in node.hooks:
+        if protocol.OOM_HOOK in node.hooks:
             self.ring = OomRing(node.loaded.fds["oom_events"])
         else:
             self.counted = _oom.CountedOoms()
