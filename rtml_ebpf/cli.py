@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._format import human
 from .config import BACKENDS, env_hooks, env_settings, parse_threshold_text, threshold_value
 from .ebpf import libbpf as _libbpf
 from .errors import CgroupNotFound, ConfigError, LoadError, NotSupported, RtmlError
@@ -25,18 +26,6 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (LoadError, 5),
     (RtmlError, 1),
 )
-
-
-def human(n: int | None) -> str:
-    if n is None:
-        return "unlimited"
-    sign = "-" if n < 0 else ""
-    v = float(abs(n))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if v < 1024 or unit == "TiB":
-            return f"{sign}{v:.0f} {unit}" if unit == "B" else f"{sign}{v:.1f} {unit}"
-        v /= 1024
-    return f"{n} B"
 
 
 def status_dict(s: Stats) -> dict[str, Any]:
@@ -240,15 +229,21 @@ def host_port(text: str) -> str:
 
 
 def metrics_url(text: str) -> str:
+    """An http(s) URL, or HOST:PORT (taken as http://HOST:PORT/metrics, as watch reads it)."""
     from urllib.parse import urlsplit
 
+    url = text if text.startswith(("http://", "https://")) else "http://" + text
+    if url is not text and (not text.isascii() or not text.rpartition(":")[2].isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: an http(s) URL such as http://127.0.0.1:9909/metrics, "
+                                         "or HOST:PORT")
     try:
-        parts = urlsplit(text)
+        parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not a URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"{text!r}: an http(s) URL such as http://127.0.0.1:9909/metrics")
+        raise argparse.ArgumentTypeError(f"{text!r}: an http(s) URL such as http://127.0.0.1:9909/metrics, "
+                                         "or HOST:PORT")
     return text
 
 

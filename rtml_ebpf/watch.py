@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .cli import human
+from ._format import human
 from .errors import AgentUnavailable, ConfigError
 
 DEFAULT_AGENT = "http://127.0.0.1:9909/metrics"
