@@ -436,7 +436,9 @@ static __always_inline struct page_counter *refresh_hit(struct page_counter *pc,
  * from this CPU's cache: events come in runs from one memcg, so a walk with a hash lookup
  * per level happens only on a miss. Both paths (memcg events and task hooks) share it.
  * The entry is copied, then its key checked again: an event in interrupt context (a socket
- * charge) may refill the cache for another memcg between our reads. Returns 0 when unusable.
+ * charge) may refill the cache for another memcg between our reads. Returns the number of
+ * watched cgroups found (0: none, or unusable). An unwatched memcg (nearly every event of a
+ * node) stops at its cache entry's hit count: no copy of the entry.
  */
 static __always_inline int watches_above(struct cgroup_subsys_state *css, struct rtml_ctl *c,
 					 struct watch_cache *out)
@@ -453,8 +455,10 @@ static __always_inline int watches_above(struct cgroup_subsys_state *css, struct
 	__u64 id = cg->kn->id;
 	__u32 gen = c->gen;
 	if (wc->id == id && wc->gen == gen) {
+		if (!wc->hits)
+			return 0;
 		*out = *wc;
-		return out->id == id && out->gen == gen;
+		return out->id == id && out->gen == gen ? out->hits : 0;
 	}
 	/* Miss: walk up, looking each level up in the watch map. */
 	__u32 min_level = c->min_level;
@@ -476,8 +480,10 @@ static __always_inline int watches_above(struct cgroup_subsys_state *css, struct
 	wc->id = id;
 	wc->gen = gen;
 	wc->hits = hits;
+	if (!hits)
+		return 0;
 	*out = *wc;
-	return out->id == id && out->gen == gen;
+	return out->id == id && out->gen == gen ? out->hits : 0;
 }
 
 /* Typed path: the memcg tracepoints hand us a struct mem_cgroup pointer. */
@@ -486,15 +492,18 @@ static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long va
 	struct rtml_ctl *c = active_ctl();
 
 	struct watch_cache w;
+	__u32 hits;
 
-	if (!c || !watches_above(&memcg->css, c, &w))
+	if (!c)
+		return;
+	hits = watches_above(&memcg->css, c, &w);
+	if (!hits)
 		return;
 	struct watch_cache *wc = &w;
-	__u32 hits = wc->hits;
 	struct page_counter *pc = &memcg->memory;
 	__u32 at = 0;
 
-	if (hits > 0 && kind >= EV_ANON && kind <= EV_SOCK)
+	if (kind >= EV_ANON && kind <= EV_SOCK)
 		meter_thread(val);
 
 	/*
@@ -543,10 +552,10 @@ static __always_inline void on_task(struct task_struct *task, int kind)
 	if (!c || !task)
 		return;
 	css = task->cgroups->subsys[bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id)];
-	if (!watches_above(css, c, &w))
+	__u32 hits = watches_above(css, c, &w);
+	if (!hits)
 		return;
 	struct watch_cache *wc = &w;
-	__u32 hits = wc->hits;
 	/* With memcg events live they keep the slot fresh: a fault is only counted. */
 	int refresh = kind == EV_OOM || (c->flags & RTML_CTL_FAULT_REFRESH);
 	/* Without memcg events a fault is the only charge we see: one page to the thread. */
