@@ -55,7 +55,7 @@ def main() -> None:
 
     with zipfile.ZipFile(os.path.join(dist, wheel)) as z:
         names = z.namelist()
-        hot = [n for n in names if n.startswith("rtml_ebpf/_hot")]
+        hot = [n for n in names if n.startswith("rtml_ebpf/_hot.")]
         if sorted(hot) != ["rtml_ebpf/_hot.abi3.so", "rtml_ebpf/_hot.pyi"]:
             fail(f"{wheel}: want rtml_ebpf/_hot.abi3.so and _hot.pyi, have {hot}")
         if [n for n in names if n.endswith(".so") and n != "rtml_ebpf/_hot.abi3.so"]:
