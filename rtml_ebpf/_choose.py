@@ -6,6 +6,9 @@ load (``ebpf/shared.py``: an agent this library starts on demand for root proces
 private socket and pin directory); else this process's own programs; else polling the cgroup
 files. ``backend="ebpf"`` always loads this process's own programs. Each step that was passed
 over says why in ``stats().backend_reason``.
+
+Imports are at module level on purpose: the default limiter builds in a background thread,
+and a fork while that thread holds a module's import lock would leave the child blocked on it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from . import _cgroup
 from ._backend import Backend
 from ._poll import PollBackend
 from ._rules import Rule
+from .agent.client import AgentBackend, socket_path
 from .config import env_hooks
+from .ebpf import shared
 from .errors import AgentUnavailable, CapacityError, CgroupNotFound, ConfigError, RtmlError
 
 log = logging.getLogger("rtml_ebpf")
@@ -75,8 +80,6 @@ def build(cg: _cgroup.MemoryCgroup, backend: str, interval: float, register: Reg
     if backend == "poll":
         return register(PollBackend(cg, "poll requested", min_interval=interval))
     if backend == "agent":
-        from .agent.client import AgentBackend
-
         return _registered(register, AgentBackend(cg, "agent requested"))
     env_hooks()  # a bad RTML_HOOKS is a ConfigError naming it, never eBPF quietly skipped
     if backend == "ebpf":
@@ -87,9 +90,6 @@ def build(cg: _cgroup.MemoryCgroup, backend: str, interval: float, register: Reg
 
 
 def _auto(cg: _cgroup.MemoryCgroup, interval: float, register: Register) -> Registered:
-    from .agent.client import AgentBackend, socket_path
-    from .ebpf import shared
-
     passed: list[str] = []
 
     def poll(why: str) -> Registered:
@@ -130,9 +130,7 @@ def _auto(cg: _cgroup.MemoryCgroup, interval: float, register: Register) -> Regi
     except AgentUnavailable as exc:
         return poll(f"eBPF unavailable; node agent unavailable ({exc}); polling the cgroup files")
     except (RtmlError, OSError) as exc:
-        from .agent.client import socket_path as _sp
-
-        return poll(f"eBPF unavailable ({exc}); no node agent at {_sp()}; polling the cgroup files")
+        return poll(f"eBPF unavailable ({exc}); no node agent at {socket_path()}; polling the cgroup files")
 
 
 class AgentFollow:
@@ -167,13 +165,9 @@ class AgentFollow:
         if now < self.retry_at:
             return None
         self.retry_at = now + AGENT_RETRY_INTERVAL
-        from .agent.client import AgentBackend, socket_path
-
         if os.path.exists(socket_path()):
             return AgentBackend(cg, "node agent back"), "node agent back"
         if self.requested == "auto":
-            from .ebpf import shared
-
             if shared.unusable(cg) is None and shared.answers():
                 return shared.backend(cg, "the node's shared load back"), "the node's shared load back"
         return None

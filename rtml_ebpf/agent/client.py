@@ -29,6 +29,7 @@ from .._cgroup import MemoryCgroup
 from .._rules import Rule
 from ..config import PAGE_SIZE
 from ..ebpf import abi
+from ..ebpf import libbpf as _libbpf
 from ..ebpf.loader import map_len
 from ..ebpf.slots import read_consistent, room_from_pages, slot_readings
 from ..errors import AgentUnavailable, RtmlError
@@ -463,7 +464,6 @@ def thread_meter_from_pins(pin_dir: str, beat_id: int) -> Any:
     if beat_id <= 0 or os.geteuid() != 0:
         return None
     from .._meter import EbpfThreadMeter
-    from ..ebpf import libbpf as _libbpf
 
     try:
         lib = _libbpf.lib()
@@ -493,8 +493,6 @@ def _map_id(fd: int) -> int:
     """The id of a map fd, for root (bpf() may be refused to others, who do not need it); else 0."""
     if os.geteuid() != 0:
         return 0
-    from ..ebpf import libbpf as _libbpf
-
     try:
         return _libbpf.map_info(fd)[1]
     except (OSError, RtmlError):

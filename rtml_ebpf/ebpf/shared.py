@@ -34,12 +34,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 from .. import _cgroup
 from .._backend import Backend
+from .._private_dir import private_dir
+from ..agent.client import AgentBackend
 from ..errors import AgentUnavailable, PermissionDenied, RtmlError
+from . import probes
 
 log = logging.getLogger("rtml_ebpf")
 
@@ -73,8 +77,6 @@ def unusable(cg: _cgroup.MemoryCgroup) -> str | None:
     """Why this process cannot use the shared load for ``cg``, or None when it can."""
     if os.environ.get(SHARED_ENV, "1") == "0":
         return f"the node's shared load is off ({SHARED_ENV}=0)"
-    from . import probes
-
     try:
         probes.check_privileges()
     except PermissionDenied as exc:
@@ -104,8 +106,6 @@ def answers(path: str | None = None) -> bool:
 
 
 def backend(cg: _cgroup.MemoryCgroup, why: str) -> Backend:
-    from ..agent.client import AgentBackend
-
     return AgentBackend(cg, why, path=socket_path(), pin_dir=pin_dir(), respawn=ensure)
 
 
@@ -131,11 +131,30 @@ def join(cg: _cgroup.MemoryCgroup, why: str, register: Callable[[Backend], Regis
         raise
 
 
+_thread_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _thread_lock
+    _thread_lock = threading.Lock()  # a fork while another thread started the agent
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
-    """The start lock: one process starts the shared agent, the others wait for it."""
-    from .._private_dir import private_dir
+    """The start lock: one process starts the shared agent, the others wait for it. A POSIX
+    record lock (lockf): owned by the process, so a child forked while we hold it does not
+    hold it too (a flock would be shared with the child through the inherited descriptor);
+    threads of one process take the thread lock first (record locks do not exclude them)."""
+    with _thread_lock:
+        with _file_locked():
+            yield
 
+
+@contextlib.contextmanager
+def _file_locked() -> Iterator[None]:
     where = shared_dir()
     dfd = private_dir(os.path.dirname(where) or "/", os.path.basename(where))
     try:
@@ -143,7 +162,7 @@ def _locked() -> Iterator[None]:
     finally:
         os.close(dfd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -174,20 +193,25 @@ def _tail(path: str, n: int = 600) -> str:
 
 
 def _spawn() -> int:
-    """Run ``python -m rtml_ebpf.ebpf.shared serve`` detached (it forks once more and prints
-    the pid of the process that stays)."""
+    """Run ``python -m rtml_ebpf.ebpf.shared serve`` detached (it forks once more and writes
+    the pid of the process that stays into ``agent.pid``). No pipe: another thread of ours
+    forking meanwhile would inherit its write end and hold our read open for ever."""
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [package_parent, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])}
     log_path = os.path.join(shared_dir(), "agent.log")
+    pid_path = os.path.join(shared_dir(), "agent.pid")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pid_path)
     with open(log_path, "ab") as out:
         os.fchmod(out.fileno(), 0o600)
-        proc = subprocess.run([sys.executable, "-m", "rtml_ebpf.ebpf.shared", "serve"], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=out, env=env, cwd="/", start_new_session=True,
-                              timeout=START_TIMEOUT, check=False)
+        proc = subprocess.Popen([sys.executable, "-m", "rtml_ebpf.ebpf.shared", "serve"], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, env=env, cwd="/", start_new_session=True)
     try:
-        return int(proc.stdout.decode().strip())
-    except ValueError:
+        proc.wait(timeout=START_TIMEOUT)
+        with open(pid_path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError, subprocess.TimeoutExpired):
         raise AgentUnavailable(f"the node's shared agent did not start: {_tail(log_path)}") from None
 
 
@@ -255,13 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     pid = os.fork()
     if pid:
-        print(pid, flush=True)  # the starter waits for this one's socket
+        tmp = os.path.join(shared_dir(), f"agent.pid.{pid}")
+        with open(tmp, "w") as f:
+            f.write(str(pid))
+        os.replace(tmp, os.path.join(shared_dir(), "agent.pid"))  # the starter waits for this one's socket
         return 0
     os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)  # stdout (the starter's pipe) joins the log
-    os.close(devnull)
     return serve()
 
 
