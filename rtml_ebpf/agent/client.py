@@ -173,14 +173,16 @@ class AgentBackend:
     needs_upkeep = True  # the monitor looks at the beat, the page and the connection
 
     def __init__(self, cgroup: MemoryCgroup, why: str, path: str | None = None, *, pin_dir: str | None = None,
-                 respawn: Callable[[], None] | None = None) -> None:
+                 respawn: Callable[[], None] | None = None, own_cgroup_id: int | None = None) -> None:
         self.cgroup = cgroup
         # Where the agent pins its maps (root clients open the threads array there), and how to
         # start the agent again when it is gone (the node's shared load, ebpf/shared.py).
         self._pin_dir = pin_dir or os.environ.get("RTML_AGENT_PIN_DIR") or DEFAULT_PIN_DIR
         self._respawn = respawn
         self._meter: Any = None
-        self._beat_id = 0  # the beat map's id (root only: names the agent whose pins we may open)
+        # root only: a duplicate of the beat map's fd, to name (by its id) the agent whose pins
+        # we may open for the thread meter; asked at the first thread_meter(), not at start
+        self._beat_fd = -1
         self._ancestors = cgroup.ancestors()  # to name the limit's source in readings
         self._sock_lock = threading.Lock()  # a lease socket: one user at a time (stats, liveness)
         self.path = path or socket_path()
@@ -196,10 +198,11 @@ class AgentBackend:
         self._fail_answer = False
         self._scope = "self"
         try:
-            from .._cgroup import find_process_cgroup
+            if own_cgroup_id is None:  # (the caller may know it: one reading of /proc less at start)
+                from .._cgroup import find_process_cgroup
 
-            own = find_process_cgroup()
-            if own.cgroup_id != self._cgid:
+                own_cgroup_id = find_process_cgroup().cgroup_id
+            if own_cgroup_id != self._cgid:
                 self._scope = "pod"  # the agent serves our own cgroup or our pod's, nothing else
         except Exception:  # noqa: BLE001 - the agent decides; a wrong guess is refused below
             pass
@@ -222,7 +225,8 @@ class AgentBackend:
                 except OSError as exc:
                     raise AgentUnavailable(f"cannot map the agent's beat page: {exc.strerror or exc}") from None
                 self._beat_mv = memoryview(self._beat)
-                self._beat_id = _map_id(beat_fd)
+                if os.geteuid() == 0:
+                    self._beat_fd = os.dup(beat_fd)
             index = _rule_index(reply)
             addr, page = _map_readonly(page_fd)
         except BaseException:
@@ -423,12 +427,15 @@ class AgentBackend:
         without pins: None, and admission uses getrusage (the array must be written to register
         a thread, and it holds every thread of the node: it is not lent to unprivileged clients)."""
         if self._meter is None:
-            self._meter = thread_meter_from_pins(self._pin_dir, self._beat_id) or False
+            self._meter = thread_meter_from_pins(self._pin_dir, _map_id(self._beat_fd)) or False
         return self._meter or None
 
     def close(self) -> None:
         for lease in list(self._leases):
             self.remove_rule(lease, self._fail_answer)
+        if self._beat_fd >= 0:
+            os.close(self._beat_fd)
+            self._beat_fd = -1
         if self._beat is not None:
             self._beat_mv = None
             try:
@@ -491,7 +498,7 @@ def thread_meter_from_pins(pin_dir: str, beat_id: int) -> Any:
 
 def _map_id(fd: int) -> int:
     """The id of a map fd, for root (bpf() may be refused to others, who do not need it); else 0."""
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or fd < 0:
         return 0
     try:
         return _libbpf.map_info(fd)[1]

@@ -74,7 +74,8 @@ def socket_path() -> str:
 
 
 def unusable(cg: _cgroup.MemoryCgroup) -> str | None:
-    """Why this process cannot use the shared load for ``cg``, or None when it can."""
+    """Why this process cannot use the shared load for ``cg``, or None when it can (then
+    ``cg`` is this process's own cgroup)."""
     if os.environ.get(SHARED_ENV, "1") == "0":
         return f"the node's shared load is off ({SHARED_ENV}=0)"
     try:
@@ -106,7 +107,8 @@ def answers(path: str | None = None) -> bool:
 
 
 def backend(cg: _cgroup.MemoryCgroup, why: str) -> Backend:
-    return AgentBackend(cg, why, path=socket_path(), pin_dir=pin_dir(), respawn=ensure)
+    # unusable() said cg is our own cgroup: the backend need not read /proc again to know it
+    return AgentBackend(cg, why, path=socket_path(), pin_dir=pin_dir(), respawn=ensure, own_cgroup_id=cg.cgroup_id)
 
 
 def join(cg: _cgroup.MemoryCgroup, why: str, register: Callable[[Backend], Registered]) -> Registered:
@@ -193,7 +195,7 @@ def _tail(path: str, n: int = 600) -> str:
 
 
 def _spawn() -> int:
-    """Run ``python -m rtml_ebpf.ebpf.shared serve`` detached (it forks once more and writes
+    """Run ``main(["serve"])`` of this module detached (it forks once more and writes
     the pid of the process that stays into ``agent.pid``). No pipe: another thread of ours
     forking meanwhile would inherit its write end and hold our read open for ever."""
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -205,7 +207,9 @@ def _spawn() -> int:
         os.unlink(pid_path)
     with open(log_path, "ab") as out:
         os.fchmod(out.fileno(), 0o600)
-        proc = subprocess.Popen([sys.executable, "-m", "rtml_ebpf.ebpf.shared", "serve"], stdin=subprocess.DEVNULL,
+        # -c, not -m: the package imports this module, and runpy warns when asked to run it again
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from rtml_ebpf.ebpf.shared import main; "
+                                 "sys.exit(main(['serve']))"], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out, env=env, cwd="/", start_new_session=True)
     try:
         proc.wait(timeout=START_TIMEOUT)

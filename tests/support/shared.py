@@ -43,7 +43,7 @@ class SharedPlace:
                 continue
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"rtml_ebpf.ebpf.shared" not in f.read():
+                    if b"rtml_ebpf.ebpf.shared import main" not in f.read():
                         continue
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     if f"{shared.DIR_ENV}={self.dir}".encode() not in f.read().split(b"\0"):
