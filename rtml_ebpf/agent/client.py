@@ -31,7 +31,7 @@ from ..config import PAGE_SIZE
 from ..ebpf import abi
 from ..ebpf import libbpf as _libbpf
 from ..ebpf.loader import map_len
-from ..ebpf.slots import read_consistent, room_from_pages, slot_readings
+from ..ebpf.words import read_consistent, room_from_pages, slot_readings
 from ..errors import AgentUnavailable, RtmlError
 from . import protocol
 
