@@ -82,11 +82,18 @@ class MemoryLimitMiddleware:
         if ticket is None or admission is None:
             await self.app(scope, receive, send)
             return
-        started = False
+        started = replaced = False
 
         async def send_tracked(message: Message) -> None:
-            nonlocal started
+            nonlocal started, replaced
+            if replaced:
+                return  # the app's own error response to the exception: ours was sent instead
             if message["type"] == "http.response.start":
+                if ticket.ended and not started and int(message.get("status", 200)) >= 500:
+                    replaced = True  # a framework turned the exception into its 500: say what happened
+                    record_ended("asgi")
+                    await self._reject(send, ENDED_BODY)
+                    return
                 started = True
             await send(message)
 
@@ -95,10 +102,11 @@ class MemoryLimitMiddleware:
         try:
             await admission.run_async(ticket, self.app(scope, receive, send_tracked))  # type: ignore[arg-type]
         except RequestMemoryExceeded:
-            record_ended("asgi")
             if started:
                 raise  # the response is under way: the server closes the connection
-            await self._reject(send, ENDED_BODY)
+            if not replaced:
+                record_ended("asgi")
+                await self._reject(send, ENDED_BODY)
         finally:
             admission.finish(ticket)
 

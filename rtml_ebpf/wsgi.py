@@ -92,8 +92,26 @@ class MemoryLimitMiddleware:
         admission = self.policy.admission
         if ticket is None or admission is None:
             return self.app(environ, start_response)
+        replaced: list[bool] = []
+
+        def start_response_guarded(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            # A framework that turns the exception into its own 500 (Flask, Django) still answers
+            # what happened: the request was ended, retry later.
+            if ticket.ended and status[:1] == "5":
+                replaced.append(True)
+                return start_response(self.status, self._headers(ENDED_BODY), exc_info)
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
         try:
-            body = self.app(environ, start_response)
+            body = self.app(environ, start_response_guarded)
+            if replaced:
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
+                del body, close  # the app's error response may hold the ended request's exception
+                admission.finish(ticket)
+                record_ended("wsgi")
+                return [ENDED_BODY]
         except RequestMemoryExceeded:
             admission.finish(ticket)
             record_ended("wsgi")
@@ -117,13 +135,16 @@ class MemoryLimitMiddleware:
 
         return start_response_with_report
 
-    def _reject(self, start_response: StartResponse, body: bytes = REJECTION_BODY,
-                exc_info: Any = None) -> Iterable[bytes]:
-        headers = [
+    def _headers(self, body: bytes) -> list[tuple[str, str]]:
+        return [
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Content-Length", str(len(body))),
             ("Retry-After", str(self.report.retry_after(self.policy.retry_after_seconds))),
         ]
+
+    def _reject(self, start_response: StartResponse, body: bytes = REJECTION_BODY,
+                exc_info: Any = None) -> Iterable[bytes]:
+        headers = self._headers(body)
         if exc_info is not None:
             start_response(self.status, headers, exc_info)
         else:

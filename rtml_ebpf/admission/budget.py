@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..limiter import Limiter
 from ..relief import set_mmap_threshold, trim_heap
 from . import follow as _follow
-from .enforce import DEFAULT_BAND, Enforcer, finished
+from .enforce import DEFAULT_BAND, GUESSES, Enforcer, finished
 from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
 from .ledger import Ledger
 from .ledger_join import SharedLedger
@@ -236,11 +236,23 @@ class Admission:
                 own, own_inflight, own_learning = self._own()
                 own_largest = self.estimator.largest()
                 largest = max(own_largest, others_largest)
-                if estimate is None and largest > 0:
-                    estimate = largest  # not learned here yet: reserve what the cgroup knows
-                room, limit_room = lim.room() if estimate is not None else (None, None)
-                why = decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
-                             own_learning + others_learning, guess is not None and guess.extrapolated)
+                guessed = False
+                if estimate is None:
+                    # Not learned here yet: reserve what the cgroup knows, scaled by the body's
+                    # size where other processes have learned how cost grows with it. A guess:
+                    # one such request of a route at a time in this process, until it has its own.
+                    scaled = self.estimator.scaled(size, max(self.estimator.per_kib(),
+                                                             ledger.per_kib() if ledger is not None else 0))
+                    if scaled is not None and scaled.bytes > largest:
+                        estimate, guessed = scaled.bytes, True
+                    elif largest > 0:
+                        estimate, guessed = largest, True
+                if guessed and any(t.route == route and t.basis in GUESSES for t in self._inflight.values()):
+                    why: str | None = "learning"
+                else:
+                    room, limit_room = lim.room() if estimate is not None else (None, None)
+                    why = decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
+                                 own_learning + others_learning, guessed or (guess is not None and guess.extrapolated))
                 if why == "learning":
                     self.rejected_learning += 1
                 elif why == "budget":
@@ -250,7 +262,7 @@ class Admission:
                     if self._want_trim:
                         self._wake.set()
                     return None
-                basis = "learning" if estimate is None else guess.basis if guess is not None else "cgroup"
+                basis = "learning" if estimate is None else "cgroup" if guessed or guess is None else guess.basis
                 if stepped or not bind:
                     ticket = Ticket(route, estimate, 0, 0, stepped, meter, size, basis)
                 else:
@@ -261,7 +273,7 @@ class Admission:
                 self.admitted += 1
                 if ledger is not None:
                     ledger.publish(own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None),
-                                   own_largest)
+                                   own_largest, self.estimator.per_kib())
             finally:
                 if ledger is not None:
                     ledger.unlock()
@@ -271,11 +283,13 @@ class Admission:
             self.enforcer.wake()
         return ticket
 
-    def _enforced(self) -> tuple[Limiter | None, list[Any]]:
-        """What the enforcer looks at: the limiter and the requests in flight in this process."""
+    def _enforced(self) -> tuple[Limiter | None, list[Any], int]:
+        """What the enforcer looks at: the limiter, the requests in flight in this process, and
+        the bytes reserved and not yet charged in the cgroup (every process, as last published)."""
         with self._mu:
             tickets = list(self._inflight.values())
-        return self.limiter(), tickets
+            reserved = self._own()[0] + self._others_reserved
+        return self.limiter(), tickets, reserved
 
     def _trim_if_wanted(self) -> None:
         """Budget pressure: a Python service keeps freed request memory in its malloc arenas
@@ -334,6 +348,8 @@ class Admission:
             log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
         with self._mu:
             self._inflight.pop(id(ticket), None)
+        if ticket.ended and self.enforcer is not None:
+            self.enforcer.collect_soon()
         # The row is re-published by the publisher thread within PUBLISH_INTERVAL: until then
         # the other processes see this reservation still held (the safe side), and the request
         # path saves a publication.
@@ -347,7 +363,7 @@ class Admission:
             return
         with self._mu:
             own, inflight, learning = self._own()
-            ledger.publish(own, inflight, learning, self.estimator.largest())
+            ledger.publish(own, inflight, learning, self.estimator.largest(), self.estimator.per_kib())
 
     def _ensure_publisher(self) -> None:
         # Wake it only from idle: a set() per request hands the GIL to another thread each time.

@@ -3,10 +3,18 @@
 Admission reserves what a request is expected to use; an estimate can still be wrong (a body far
 larger than any before, a loop that does not stop). Then the kernel OOM-kills the whole worker,
 and every request in it is lost, including the ones well within their budget. The enforcer
-watches the room left before the OOM killer while admitted requests run. When it falls below a
-guard band, it ends the requests that overran their reservation most, one after another, until
-what they hold (freed as they unwind) brings the room back above the band plus a buffer: Ray's
-rule for killing workers, applied to requests.
+watches the cgroup while admitted requests run, in two steps:
+
+- when the requests that overran their reservation have eaten the budget (the room to the
+  threshold is less than what the others still reserve: usage will pass the threshold as their
+  charges arrive), it ends the overrunners, most first, until the budget would balance again.
+  Within their reservations requests are left alone: the budget allowed them;
+- within ``band`` of the OOM limit, it also ends requests within their reservations, the largest
+  first, until the room would be back above the band plus a buffer: the process must live.
+
+What an ended request holds is counted as freed from then on (it unwinds within milliseconds), so
+the next look does not end another for the same bytes: Ray's rule for killing workers, applied to
+requests.
 
 Ending a request raises :class:`~rtml_ebpf.errors.RequestMemoryExceeded` where it runs:
 - in its own thread (WSGI, gRPC's pool) and in every helper thread working for it (``_follow``),
@@ -24,6 +32,7 @@ run it looks every ``FAR_INTERVAL`` and, once the room is within twice the band,
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -44,6 +53,7 @@ MIN_BAND = 8 << 20  # the kernel charges in per-CPU batches and a request alloca
 BUFFER = 0.5  # stop ending once the room is back above band * (1 + BUFFER)
 FAR_INTERVAL = 0.005
 NEAR_INTERVAL = 0.001
+GUESSES = ("learning", "cgroup")  # Ticket.basis of estimates that are not the request's route's own
 LIMIT_REFRESH = 1.0  # seconds between reads of the effective limit (for a fractional band)
 
 
@@ -52,6 +62,7 @@ class Enforced(Protocol):
 
     route: str
     estimate: int | None
+    basis: str  # how the estimate was reached: "learning" and "cgroup" (another route's) are guesses
     account: Account
     stepped: bool
     ident: int  # Python ident of the request's own thread, 0 when none (asyncio)
@@ -71,6 +82,13 @@ class Ending:
     estimate_bytes: int | None
     limit_room_bytes: int
     time: float
+
+
+def slack(estimate: int | None) -> int:
+    """How far past its reservation a request may go before it counts as overrunning: estimates
+    are quantiles of noisy measurements, and a request a little over its own is not the
+    surprise the enforcer is for."""
+    return max(1 << 20, (estimate or 0) // 4)
 
 
 def check_band(band: object) -> float | int:
@@ -120,6 +138,15 @@ class Enforcer:
         self._limit_read = 0.0
         self._thread: threading.Thread | None = None
         self._active = threading.Event()
+        self._collect = False
+
+    def collect_soon(self) -> None:
+        """An ended request has finished. What it held is often kept alive by its exception's
+        traceback (frames and their locals in a reference cycle: a framework that logs the
+        exception, or keeps it on its error response, makes one), so it would stay charged until
+        the garbage collector happens to run: run it now, off the request path."""
+        self._collect = True
+        self.wake()
 
     def band_bytes(self, limit: int | None) -> int | None:
         if limit is None:
@@ -137,14 +164,21 @@ class Enforcer:
                 self._limit = None
         return self._limit
 
-    def check(self, lim: Limiter, tickets: Iterable[Enforced], now: float | None = None) -> int | None:
-        """One look: end what must end. Returns the room before the OOM killer (None: unlimited
-        or unknown), so the caller can pace the next look."""
+    def check(self, lim: Limiter, tickets: Iterable[Enforced], reserved: int = 0, now: float | None = None) -> bool:
+        """One look: end what must end. ``reserved``: bytes admitted requests reserved and have
+        not charged yet, in the whole cgroup. Returns whether the cgroup is near its threshold or
+        its limit, so the caller looks again sooner."""
         now = time.monotonic() if now is None else now
-        _, limit_room = lim.room()
+        room, limit_room = lim.room()
+        if room is not None:
+            room -= reserved  # what is left once every reservation is charged
         band = self.band_bytes(self._effective_limit(lim, now))
-        if limit_room is None or band is None or limit_room >= band:
-            return limit_room
+        critical = limit_room is not None and band is not None and limit_room < band
+        over = room is not None and room < 0
+        near = critical or over or (room is not None and band is not None and room < band) or \
+            (limit_room is not None and band is not None and limit_room < 2 * band)
+        if not critical and not over:
+            return near
         live: list[tuple[int, int, Enforced]] = []
         pending = 0  # held by requests ended already and still unwinding: freed soon
         for t in tickets:
@@ -153,21 +187,26 @@ class Enforcer:
             grown = max(0, t.grown())
             if t.ended:
                 pending += grown
-            elif grown > 0:
-                live.append((grown - (t.estimate or 0), grown, t))
-        need = int(band * (1 + BUFFER)) - limit_room - pending
-        if need <= 0 or not live:
-            return limit_room
+            elif grown > 0 and (critical or t.basis not in GUESSES):
+                # Past the threshold only a request that overran an estimate of its own is ended:
+                # one that runs on a guess (learning, or another route's figure) is being measured.
+                live.append((grown - (t.estimate or 0) - slack(t.estimate), grown, t))
+        if critical:
+            assert band is not None and limit_room is not None
+            need = int(band * (1 + BUFFER)) - limit_room - pending
+        else:
+            assert room is not None
+            need = -room - pending  # the budget balances again
         live.sort(key=lambda x: (x[0], x[1]), reverse=True)
         for overrun, grown, t in live:
-            if overrun <= 0 and limit_room >= band // 2:
-                break  # within their reservations: the pressure is not theirs while the band holds
-            if end(t):
-                self._record(Ending(t.route, grown, t.estimate, limit_room, time.time()))
-                need -= grown
             if need <= 0:
                 break
-        return limit_room
+            if overrun <= 0 and not critical:
+                break  # within their reservations: the budget allowed them
+            if end(t):
+                self._record(Ending(t.route, grown, t.estimate, -1 if limit_room is None else limit_room, time.time()))
+                need -= grown
+        return True
 
     def _record(self, e: Ending) -> None:
         self.ended_total += 1
@@ -183,26 +222,27 @@ class Enforcer:
         if not self._active.is_set():
             self._active.set()
 
-    def ensure(self, source: Callable[[], tuple[Limiter | None, list[Enforced]]]) -> None:
+    def ensure(self, source: Callable[[], tuple[Limiter | None, list[Enforced], int]]) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, args=(source,), name="rtml-ebpf-enforcer",
                                             daemon=True)
             self._thread.start()
 
-    def _loop(self, source: Callable[[], tuple[Limiter | None, list[Enforced]]]) -> None:
+    def _loop(self, source: Callable[[], tuple[Limiter | None, list[Enforced], int]]) -> None:
         while True:
             self._active.wait()
-            lim, tickets = source()
+            if self._collect:
+                self._collect = False
+                gc.collect()
+            lim, tickets, reserved = source()
             if lim is None or not tickets:
                 self._active.clear()
-                lim, tickets = source()  # one more look: a request may have come in meanwhile
+                lim, tickets, reserved = source()  # one more look: a request may have come in meanwhile
                 if lim is None or not tickets:
                     continue
             try:
-                room = self.check(lim, tickets)
+                near = self.check(lim, tickets, reserved)
             except Exception as exc:  # noqa: BLE001 - the enforcer must outlive a bad reading
                 log.debug("rtml-ebpf: enforcer look failed: %s", exc)
-                room = None
-            band = self.band_bytes(self._limit)
-            near = room is not None and band is not None and room < 2 * band
+                near = False
             time.sleep(NEAR_INTERVAL if near else FAR_INTERVAL)

@@ -160,6 +160,7 @@ class CostEstimator:
         # The largest estimate known, kept current by observe(): admission reads it per request.
         self._declared_largest = max([*declared.values(), request_bytes or 0], default=0)
         self._largest = self._declared_largest
+        self._per_kib = 0
 
     @staticmethod
     def _check_per_byte(value: object) -> dict[str, float] | float | None:
@@ -238,6 +239,18 @@ class CostEstimator:
         """The largest estimate known for any route (declared or learned), 0 when none."""
         return self._largest
 
+    def per_kib(self) -> int:
+        """The largest learned cost per KiB of body of any size class (0: none learned): what a
+        process that has not learned a sized route yet scales a request's size by."""
+        return self._per_kib
+
+    def scaled(self, size: int | None, per_kib: int) -> Estimate | None:
+        """A sized request of a route not learned here, from the cgroup's per-KiB figure: a
+        guess, so marked extrapolated (it may run alone; the enforcer backs it)."""
+        if size is None or size < SIZE_FLOOR or per_kib <= 0:
+            return None
+        return Estimate(per_kib * size // 1024, "extrapolated")
+
     # -- learning ---------------------------------------------------------------------------
     def observe(self, route: str, cost: int, size: int | None = None) -> None:
         """One finished request's measured peak growth in bytes (and its body size, if known)."""
@@ -268,6 +281,7 @@ class CostEstimator:
                     new = nearest_rank(costs.ordered, self.q)
                     by_class[cls] = (sizes.ordered[-1], new)
                     changed.append((old, new))
+                    self._per_kib = max(self._per_kib, new * 1024 // max(sizes.ordered[0], SIZE_FLOOR))
             for old, new in changed:
                 if new >= self._largest:
                     self._largest = new

@@ -55,7 +55,9 @@ MAGIC = 0x52544D4C4C454447  # "RTMLLEDG"
 VERSION = 1
 ROWS = 128  # processes of one cgroup that can share a ledger
 FIELDS = 8  # int64 per row
-PID, START, RESERVED, INFLIGHT, LEARNING, UPDATED, LARGEST = range(7)  # LARGEST: largest known estimate
+# LARGEST: the largest estimate known; PER_KIB: the largest cost per KiB of body known (a process
+# that has not learned a sized route yet scales by it instead of guessing from a small request)
+PID, START, RESERVED, INFLIGHT, LEARNING, UPDATED, LARGEST, PER_KIB = range(8)
 HEADER = 8  # int64 of header: magic, version, rows, rows in use (high-water mark), ...
 H_USED = 3
 SIZE = (HEADER + ROWS * FIELDS) * 8
@@ -279,11 +281,12 @@ class Ledger:
         rows = self._rows
         assert rows is not None
         base = HEADER + self._row * FIELDS
-        mine = [rows[base + RESERVED], rows[base + INFLIGHT], rows[base + LEARNING], rows[base + LARGEST]]
+        mine = [rows[base + RESERVED], rows[base + INFLIGHT], rows[base + LEARNING], rows[base + LARGEST],
+                rows[base + PER_KIB]]
         old = self.path
         self._drop()
         self._open()
-        self.publish(mine[0], mine[1], mine[2], mine[3])
+        self.publish(mine[0], mine[1], mine[2], mine[3], mine[4])
         log.warning("rtml-ebpf: the admission ledger %s was deleted; joined %s again and re-published this "
                     "process's reservations (%d bytes, %d in flight)", old, self.path, mine[0], mine[1])
 
@@ -324,7 +327,14 @@ class Ledger:
         learning = sum(body[LEARNING::FIELDS]) - rows[own + LEARNING]
         return reserved, inflight, learning, max(body[LARGEST::FIELDS], default=0)
 
-    def publish(self, reserved: int, inflight: int, learning: int, largest: int | None = None) -> None:
+    def per_kib(self) -> int:
+        """The largest cost per KiB of body any process of the cgroup has learned (0: none).
+        Call with :meth:`lock` held."""
+        rows = self._ensure()
+        return max(rows[HEADER + PER_KIB : HEADER + rows[H_USED] * FIELDS : FIELDS], default=0)
+
+    def publish(self, reserved: int, inflight: int, learning: int, largest: int | None = None,
+                per_kib: int | None = None) -> None:
         """This process's row. Single writer: no file lock needed (aligned 8-byte stores)."""
         rows = self._ensure()
         if time.monotonic() >= self._next_check and self._lock.acquire(blocking=False):
@@ -337,6 +347,8 @@ class Ledger:
         base = HEADER + self._row * FIELDS
         if largest is not None:
             rows[base + LARGEST] = max(0, int(largest))
+        if per_kib is not None:
+            rows[base + PER_KIB] = max(0, int(per_kib))
         rows[base + RESERVED] = max(0, int(reserved))
         rows[base + INFLIGHT] = inflight
         rows[base + LEARNING] = learning
@@ -366,7 +378,7 @@ class Ledger:
         if self._pid == os.getpid() and self._rows is not None:
             try:
                 base = HEADER + self._row * FIELDS
-                for i in (RESERVED, INFLIGHT, LEARNING, LARGEST):
+                for i in (RESERVED, INFLIGHT, LEARNING, LARGEST, PER_KIB):
                     self._rows[base + i] = 0
                 self._rows[base + PID] = 0
             except (ValueError, OSError):

@@ -3,13 +3,16 @@ supervisor that restarts a server the OOM killer took down (as kubelet or system
 
 The server is any command that listens on ``127.0.0.1:{port}`` (the threaded demo service,
 gunicorn, uvicorn); readiness is a TCP connect. Clients send ``GET /work`` in a loop with a
-10 s timeout, honouring a short back-off after a 503.
+10 s timeout, honouring a short back-off after a 503; or, with ``mix``, requests drawn by weight
+(method, path, body bytes: uploads whose size varies). A 503 whose body says the request was
+ended (the enforcer's) is counted as ``ended``, apart from the rejections at the door.
 """
 
 from __future__ import annotations
 
 import http.client
 import os
+import random
 import socket
 import subprocess
 import threading
@@ -32,6 +35,7 @@ class RunResult:
     rejected: int = 0
     failed: int = 0
     restarts: int = 0
+    ended: int = 0  # admitted, then ended by the enforcer to keep the process alive (503)
     peak_bytes: int = 0
     time_to_first_oom_s: float | None = None
     backend: str | None = None  # the guard's backend as the service reported it (/rtml-stats)
@@ -87,15 +91,19 @@ def service_backend(port: int) -> str | None:
     return backend if isinstance(backend, str) else None
 
 
+Mix = tuple[tuple[float, str, str, int], ...]  # (weight, method, path, body bytes)
+ENDED_MARK = b"this request was ended"
+
+
 class Flood:
     def __init__(self, name: str, guard: str, server: Server, *, limit: int, duration: float, clients: int,
-                 path: str = "/work") -> None:
+                 path: str = "/work", mix: Mix | None = None) -> None:
         self.r = RunResult(name, guard)
         self.server = server
         self.limit = limit
         self.duration = duration
         self.clients = clients
-        self.path = path
+        self.mix = mix or ((1.0, "GET", path, 0),)
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.port = free_port()
@@ -144,14 +152,18 @@ class Flood:
             time.sleep(0.02)
 
     def client(self) -> None:
+        rng = random.Random()
+        weights = [m[0] for m in self.mix]
+        bodies = {size: b"x" * size for _, _, _, size in self.mix if size}
         while not self.stop.is_set():
             if not self.port_ready.wait(timeout=0.2):
                 continue
+            _, method, path, size = rng.choices(self.mix, weights)[0]
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("GET", self.path)
+                conn.request(method, path, body=bodies.get(size))
                 resp = conn.getresponse()
-                resp.read()
+                text = resp.read()
                 status = resp.status
                 conn.close()
             except (OSError, http.client.HTTPException):
@@ -162,6 +174,8 @@ class Flood:
             with self.lock:
                 if status == 200:
                     self.r.served += 1
+                elif status == 503 and ENDED_MARK in text:
+                    self.r.ended += 1
                 elif status == 503:
                     self.r.rejected += 1
                 else:
@@ -195,7 +209,8 @@ class Flood:
 
 
 def gunicorn_server(guard: str, *, workers: int = 4, threads: int = 8, worker_class: str = "gthread",
-                    preload: bool = True, env: dict[str, str] | None = None) -> Server:
+                    preload: bool = True, env: dict[str, str] | None = None,
+                    app: str = "rtml_ebpf.demo.app:wsgi") -> Server:
     """The deployment of the issue that found the gap: gunicorn pre-fork, gthread workers."""
     import sys
 
@@ -204,14 +219,15 @@ def gunicorn_server(guard: str, *, workers: int = 4, threads: int = 8, worker_cl
             "--log-level", "warning"]
     if preload:
         argv.append("--preload")
-    argv.append("rtml_ebpf.demo.app:wsgi")
+    argv.append(app)
     return Server(tuple(argv), tuple({**(env or {}), "RTML_DEMO_GUARD": guard,
                                       "PYTHONPATH": os.environ.get("PYTHONPATH", "")}.items()))
 
 
-def uvicorn_server(guard: str, *, workers: int = 2, env: dict[str, str] | None = None) -> Server:
+def uvicorn_server(guard: str, *, workers: int = 2, env: dict[str, str] | None = None,
+                   app: str = "rtml_ebpf.demo.app:asgi") -> Server:
     import sys
 
     argv = (sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--workers", str(workers),
-            "--log-level", "warning", "--no-access-log", "rtml_ebpf.demo.app:asgi")
+            "--log-level", "warning", "--no-access-log", app)
     return Server(argv, tuple({**(env or {}), "RTML_DEMO_GUARD": guard}.items()))
