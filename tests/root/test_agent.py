@@ -15,7 +15,7 @@ import pytest
 from support.agent import AgentProcess, client_argv, client_env, glob_for, run_client, start_client
 from support.cgroups import WORKLOADS, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
 
-pytestmark = [needs_bpf, needs_cgroups]
+pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from support.agent import NOBODY, REPO, AgentProcess, client_env, glob_for, nobody_python
 from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups
 
-pytestmark = [needs_bpf, needs_cgroups]
+pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
 
 FETCH = """
 import sys, urllib.request, urllib.error

@@ -22,7 +22,7 @@ from support.cgroups import Cgroup, MiB, make_cgroup, needs_bpf, needs_cgroups, 
 from rtml_ebpf import _cgroup
 from rtml_ebpf.ebpf import probes
 
-pytestmark = [needs_bpf, needs_cgroups]
+pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
 LIMIT = 48 * MiB
 ALLOCATE = "b = bytearray(160 << 20)"  # far over LIMIT: the kernel kills it
 HOOKED = probes.hook_unavailable(next(h for h in probes.HOOKS if h.name == "oom_victim")) is None

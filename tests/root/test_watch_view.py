@@ -12,12 +12,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 from support.agent import REPO, AgentProcess, glob_for
 from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups
 
 from rtml_ebpf import _cgroup
 
-pytestmark = [needs_bpf, needs_cgroups]
+pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
 BATCH = 64 * 4096 * (os.cpu_count() or 1)  # the page counter's per-CPU slack
 
 
