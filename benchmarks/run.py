@@ -3,8 +3,9 @@
 P1 check cost, P2 overshoot, P3 probe overhead per hook set, P4 start-up, P5 flood survival
 (the demo), P6 admission (overhead, cost error, goodput), P7 overhead a real service sees,
 P8 precision per hook set (time to clear after a free, working-set error), P9 the node agent
-at scale (1,000 watched cgroups: RSS, register latency, storm overhead, per-event run time).
-This machine is noisy: variants are interleaved, repeated, and reported as
+at scale (1,000 watched cgroups: RSS, register latency, storm overhead, per-event run time),
+P10 the node view, P11 node cost against the number of guarded processes (1, 8, 32; shared load,
+node agent, own loads). This machine is noisy: variants are interleaved, repeated, and reported as
 median and spread (min-max). Ratios are taken against baselines from the
 same run. Nothing here is asserted: the report states figures and targets.
 
@@ -30,6 +31,7 @@ import psutil
 
 from benchmarks.agent_scale import p9_agent_scale
 from benchmarks.faultstorm import PAGES, bpf_run_stats, bpf_stats_setting, compile_storm, set_bpf_stats, storm_seconds
+from benchmarks.node_cost import p11_node_cost
 from benchmarks.node_view import p10_node_view
 
 MiB = 1 << 20
@@ -702,6 +704,10 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
         from benchmarks.node_view import report_lines as p10_lines
 
         lines += p10_lines(res["P10"])
+    if "P11" in res:
+        from benchmarks.node_cost import report_lines as p11_lines
+
+        lines += p11_lines(res["P11"])
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -711,7 +717,7 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,P9,P10")
+    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,P9,P10,P11")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the sections of --out/results.json that this run does not measure (say which run "
@@ -735,6 +741,7 @@ def main() -> int:
         ("P8", lambda: p8_precision(2 if args.quick else 5, args.out)),
         ("P9", lambda: p9_agent_scale(2 if args.quick else 3, compile_storm(args.out))),
         ("P10", lambda: p10_node_view(5 if args.quick else 20, 10 if args.quick else 30)),
+        ("P11", lambda: p11_node_cost(2 if args.quick else 5, compile_storm(args.out))),
     ]
     for name, fn in steps:
         if name in only:
