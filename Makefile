@@ -1,5 +1,5 @@
 # The first two targets are the README's two commands.
-.PHONY: demo test setup bpf lint bench soak vmtest dist pymatrix clean
+.PHONY: demo test setup bpf lint bench soak soak-agent vmtest dist pymatrix clean
 
 VENV := .venv/bin
 PYTEST_ARGS ?=
@@ -26,8 +26,15 @@ bench: setup
 soak: setup
 	$(VENV)/python -m benchmarks.soak
 
+# The node agent under 100 hostile clients beside honest ones (lease latency, RSS, fds).
+soak-agent: setup
+	$(VENV)/python -m benchmarks.soak_agent --minutes 2
+
+# VMTEST_KERNEL=6.1 (default) | 6.12 | backports; VMTEST_ARGS: pytest arguments (default -m vm).
+VMTEST_KERNEL ?= 6.1
+VMTEST_ARGS ?=
 vmtest: setup
-	scripts/vmtest.sh
+	VMTEST_KERNEL=$(VMTEST_KERNEL) scripts/vmtest.sh $(VMTEST_ARGS)
 
 # The sdist and the one abi3 wheel, checked, and installed where no compiler is (as root;
 # docs/packaging.md). Output in dist/.

@@ -9,6 +9,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache \
          9pnet 9pnet_virtio 9p overlay; do
+    [ -f /lib/modules/$m.ko ] || continue  # built into this kernel
     insmod /lib/modules/$m.ko || echo "vm-init: insmod $m failed"
 done
 REPO=$(sed -n 's/.*rtml_repo=\([^ ]*\).*/\1/p' /proc/cmdline)

@@ -12,6 +12,9 @@ the last two again with a tight margin (threshold 0.95).
 Part 3, the pod users run: the same gunicorn, as uid 65534 with no capabilities (no bpf()),
 guarded through the node agent (``rtml-ebpf agent``, started for the row on a private socket).
 
+Part 4, the services users write next (rtml_ebpf.demo.requests): FastAPI ``def`` endpoints,
+uploads whose memory grows with their body, and a request that overruns its estimate ten times.
+
 Each run gets a fresh child cgroup with the same limit, the same service code and the same
 load from clients outside the cgroup; a service that dies is restarted, as kubelet would.
 """
@@ -33,7 +36,7 @@ from .witness import LEGEND, OomWitness, victims
 from .witness import summary as victims_summary
 
 MiB = 1 << 20
-PARTS = ("handler", "prefork", "agent")
+PARTS = ("handler", "prefork", "agent", "requests")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Scenario:
     name: str
     guard: str  # what the row's guard is: none, poll, ebpf (part 1); an app.GUARDS value (part 2)
     threshold: float
+    app: str = ""  # part 4: which of requests.APPS
 
 
 def scenarios(threshold: float, tight: float) -> list[Scenario]:
@@ -56,6 +60,12 @@ def scenarios(threshold: float, tight: float) -> list[Scenario]:
         Scenario("prefork", f"tight {tight}: admission", "admission", tight),
         Scenario("prefork", f"tight {tight}: admission, poll 10ms", "poll-admission", tight),
         Scenario("agent", "uid 65534: admission via the node agent", "admission", threshold),
+        Scenario("requests", "FastAPI def, uvicorn x2: unguarded", "none", threshold, "fastapi"),
+        Scenario("requests", "FastAPI def, uvicorn x2: middleware", "admission", threshold, "fastapi"),
+        Scenario("requests", "uploads, heavy tail: unguarded", "none", threshold, "upload"),
+        Scenario("requests", "uploads, heavy tail: middleware", "admission", threshold, "upload"),
+        Scenario("requests", "10x overrun: unguarded", "none", threshold, "overrun"),
+        Scenario("requests", "10x overrun: middleware", "admission", threshold, "overrun"),
     ]
 
 
@@ -67,9 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=48, help="concurrent clients (default 48)")
     p.add_argument("--payload-mib", type=int, default=24, help="MiB each request builds and holds")
     p.add_argument("--hold", type=float, default=0.3, help="seconds each request holds its payload")
-    p.add_argument("--parts", default="handler,prefork,agent",
+    p.add_argument("--parts", default="handler,prefork,agent,requests",
                    help="which parts to run: handler (check in the handler), prefork (middleware only), agent "
-                        "(the service unprivileged, through the node agent)")
+                        "(the service unprivileged, through the node agent), requests (FastAPI def endpoints, "
+                        "uploads of varying size, a 10x overrun)")
     p.add_argument("--out", default="demo-results", help="directory for flood.png and flood.json")
     p.add_argument("--json", action="store_true", help="print the results as JSON (no live display)")
 
@@ -104,6 +115,16 @@ def preflight(chosen: list[Scenario]) -> None:
 
         if importlib.util.find_spec("gunicorn") is None:
             raise NotSupported("the pre-fork demo", "gunicorn is not installed; pip install 'rtml-ebpf[demo]'")
+    for s in chosen:
+        if s.part == "requests":
+            import importlib.util
+
+            from .requests import MODULES
+
+            missing = [m for m in MODULES[s.app] if importlib.util.find_spec(m) is None]
+            if missing:
+                raise NotSupported("the requests part of the demo", f"{', '.join(missing)} not installed; "
+                                   "pip install 'rtml-ebpf[demo]'")
 
 
 
@@ -128,6 +149,10 @@ def drop_unrunnable(chosen: list[Scenario], console: Any) -> tuple[list[Scenario
 def server_for(s: Scenario, args: argparse.Namespace, agent_socket: str | None = None) -> Server:
     env = {"RTML_THRESHOLD": str(s.threshold), "RTML_METRIC": "usage",
            "RTML_DEMO_PAYLOAD_MIB": str(args.payload_mib), "RTML_DEMO_HOLD": str(args.hold)}
+    if s.part == "requests":
+        from . import requests
+
+        return requests.server(s.app, s.guard, env)
     if s.part == "agent":
         from .unprivileged import unprivileged_server
 
@@ -166,12 +191,12 @@ def plot(results: list[RunResult], limit: int, thresholds: list[float], path: st
     plt.close(fig)
 
 
-COLUMNS = ("run", "guard on", "OOM kills", "served", "rejected (503)", "failed", "peak / limit", "first OOM kill",
-           "victims (OOM hook)")
+COLUMNS = ("run", "guard on", "OOM kills", "served", "rejected (503)", "ended (503)", "failed", "peak / limit",
+           "first OOM kill", "victims (OOM hook)")
 
 
 def _cells(r: RunResult, limit: int) -> list[str]:
-    return [r.name, r.backend or "-", str(r.oom_kills), str(r.served), str(r.rejected), str(r.failed),
+    return [r.name, r.backend or "-", str(r.oom_kills), str(r.served), str(r.rejected), str(r.ended), str(r.failed),
             f"{r.peak_bytes / MiB:.0f} / {limit // MiB} MiB",
             f"{r.time_to_first_oom_s:.1f} s" if r.time_to_first_oom_s is not None else "-",
             victims_summary(r.oom_events, r.oom_kills) if r.oom_kills or r.oom_events else "-"]
@@ -204,8 +229,13 @@ def plain_table(results: list[RunResult], limit: int) -> str:
 
 
 def _flood(s: Scenario, args: argparse.Namespace, limit: int, console: Any, agent_socket: str | None) -> RunResult:
+    clients, mix = args.clients, None
+    if s.part == "requests":
+        from . import requests
+
+        clients, mix = requests.load(s.app, args.clients)
     flood = Flood(s.name, s.guard, server_for(s, args, agent_socket), limit=limit, duration=args.duration,
-                  clients=args.clients)
+                  clients=clients, mix=mix)
     if args.json:
         return flood.run()
     from rich.live import Live
