@@ -219,3 +219,24 @@ def test_the_shared_agent_never_holds_a_client_cgroup() -> None:
             client_cg = [line for line in f.read().splitlines() if ":memory:" in line or line.startswith("0::")]
         assert agent_cg != client_cg, (agent_cg, client_cg)
     time.sleep(0)
+
+
+FIVE_THRESHOLDS = """
+import json
+from rtml_ebpf import Limiter
+lims = [Limiter(threshold=t, relief=False) for t in (0.5, 0.6, 0.7, 0.8, 0.85, 0.95)]
+import os
+held = [fd for fd in os.listdir("/proc/self/fdinfo")
+        if "prog_id:" in open(f"/proc/self/fdinfo/{fd}").read()]
+print(json.dumps([[[lim.backend, lim.stats().backend_reason] for lim in lims], len(held)]))
+"""
+
+
+def test_the_fifth_distinct_threshold_on_a_cgroup_polls_rather_than_load_a_second_set() -> None:
+    with make_cgroup(limit=128 * MiB) as cg, shared_place() as place:
+        out, programs_held = cg.run_python(["-c", FIVE_THRESHOLDS], env=place.env)
+        assert programs_held == 0  # the process loaded nothing of its own
+        assert [b for b, _ in out[:4]] == ["agent"] * 4, out
+        for backend, reason in out[4:]:  # the 5th and the 6th
+            assert backend == "poll" and "has no room for this threshold" in reason, reason
+        assert len(place.agent_pids()) == 1  # one shared load
