@@ -226,8 +226,14 @@ import json
 from rtml_ebpf import Limiter
 lims = [Limiter(threshold=t, relief=False) for t in (0.5, 0.6, 0.7, 0.8, 0.85, 0.95)]
 import os
-held = [fd for fd in os.listdir("/proc/self/fdinfo")
-        if "prog_id:" in open(f"/proc/self/fdinfo/{fd}").read()]
+held = []
+for fd in os.listdir("/proc/self/fdinfo"):
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            if "prog_id:" in f.read():
+                held.append(fd)
+    except OSError:
+        pass  # the directory's own fd, closed by now
 print(json.dumps([[[lim.backend, lim.stats().backend_reason] for lim in lims], len(held)]))
 """
 
