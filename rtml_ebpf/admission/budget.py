@@ -3,9 +3,9 @@
 A check at the door is not enough under concurrency: 32 threads of a gthread server can all
 pass ``is_mem_limit_reached()`` in the same millisecond, then allocate together. Admission
 keeps a budget instead. Each request reserves its estimated cost (learned per route from
-what the kernel charged to past requests, see ``_meter`` and ``_estimator``); a request is
+what the kernel charged to past requests, see ``rtml_ebpf._meter`` and ``estimator``); a request is
 admitted only if its estimate plus every reservation not yet charged fits in the headroom to
-the threshold. Reservations are shared by all processes of the cgroup (``_ledger``), shrink
+the threshold. Reservations are shared by all processes of the cgroup (``ledger``), shrink
 as the request's own charges arrive (they are then in the kernel's usage), and are released
 when it ends.
 
@@ -31,20 +31,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .._meter import RUSAGE, Meter
 from ..errors import ConfigError
 from ..limiter import Limiter
-from ..relief import set_mmap_threshold, trim_heap
+from ..relief import set_mmap_threshold
 from . import follow as _follow
 from .enforce import DEFAULT_BAND, GUESSES, Enforcer, finished
 from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
 from .ledger import Ledger
 from .ledger_join import SharedLedger
+from .publisher import Publisher
 from .rule import decide
 from .stepped import Stepped
 from .ticket import Ticket
@@ -69,8 +69,6 @@ def _release_heap() -> None:
                      RELEASE_HEAP_THRESHOLD >> 10)
 
 
-PUBLISH_INTERVAL = 0.005  # seconds between re-publications of shrinking reservations
-TRIM_INTERVAL = 0.1  # at most this often per process: hand freed heap back under budget pressure
 
 
 @dataclass(frozen=True)
@@ -125,13 +123,7 @@ class Admission:
         enforce_band: float | int = DEFAULT_BAND,
         follow_threads: bool = True,
     ) -> None:
-        if limiter is not None and not isinstance(limiter, Limiter):
-            raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
-        if not isinstance(share, bool):
-            raise ConfigError(f"share={share!r}: pass True or False")
-        for name, flag in (("release_heap", release_heap), ("enforce", enforce), ("follow_threads", follow_threads)):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{name}={flag!r}: pass True or False")
+        _validate(limiter, share=share, release_heap=release_heap, enforce=enforce, follow_threads=follow_threads)
         self._release_heap = release_heap
         self.estimator = CostEstimator(request_bytes=request_bytes, route_costs=route_costs, quantile=quantile,
                                        window=window, min_samples=min_samples, cost_per_byte=cost_per_byte,
@@ -144,13 +136,9 @@ class Admission:
         self._inflight: dict[int, Ticket] = {}
         self._shared = SharedLedger()
         self._pid = os.getpid()
-        self._publisher: threading.Thread | None = None
-        self._wake = threading.Event()
+        self._publisher = Publisher(self._publish, lambda: bool(self._inflight))
         self.admitted = self.rejected_tripped = self.rejected_budget = self.rejected_learning = 0
         self._others_reserved = 0
-        self._want_trim = False
-        self._last_trim = 0.0
-        self.trims = 0
         if limiter is not None and share:
             with self._mu:
                 self._shared.get(limiter.cgroup_id)  # at start: a ledger that cannot be made is said now
@@ -166,10 +154,6 @@ class Admission:
     def _meter(self, lim: Limiter) -> Meter:
         return lim.thread_meter() or RUSAGE
 
-    @property
-    def _ledger(self) -> Ledger | None:
-        return self._shared.ledger
-
     def _after_fork(self) -> None:
         # A forked worker starts with no requests of its own: the parent's are the parent's.
         # Threads of a fresh worker arrive together: one resets, under the process-wide lock.
@@ -178,20 +162,12 @@ class Admission:
                 return
             self._mu = threading.Lock()
             self._inflight = {}
-            self._publisher = None
-            self._wake = threading.Event()
+            self._publisher.after_fork()
             self._pid = os.getpid()
 
     # -- the budget -------------------------------------------------------------------------
     def _own(self) -> tuple[int, int, int]:
-        """(reserved not yet charged, in flight, learning) of this process."""
-        reserved = learning = 0
-        for t in self._inflight.values():
-            if t.estimate is None:
-                learning += 1
-                continue
-            reserved += max(0, t.estimate - max(0, t.grown()))
-        return reserved, len(self._inflight), learning
+        return own_totals(self._inflight.values())
 
     def try_admit(self, route: str, *, size: int | None = None, stepped: bool = False,
                   bind: bool = True) -> Ticket | None:
@@ -238,15 +214,10 @@ class Admission:
                 largest = max(own_largest, others_largest)
                 guessed = False
                 if estimate is None:
-                    # Not learned here yet: reserve what the cgroup knows, scaled by the body's
-                    # size where other processes have learned how cost grows with it. A guess:
-                    # one such request of a route at a time in this process, until it has its own.
-                    scaled = self.estimator.scaled(size, max(self.estimator.per_kib(),
-                                                             ledger.per_kib() if ledger is not None else 0))
-                    if scaled is not None and scaled.bytes > largest:
-                        estimate, guessed = scaled.bytes, True
-                    elif largest > 0:
-                        estimate, guessed = largest, True
+                    # Not learned here yet: a guess from what the cgroup knows, one such request
+                    # of a route at a time in this process, until it has its own.
+                    estimate = _cgroup_guess(self.estimator, size, ledger, largest)
+                    guessed = estimate is not None
                 if guessed and any(t.route == route and t.basis in GUESSES for t in self._inflight.values()):
                     why: str | None = "learning"
                 else:
@@ -257,10 +228,10 @@ class Admission:
                     self.rejected_learning += 1
                 elif why == "budget":
                     self.rejected_budget += 1
-                    self._want_trim = True
+                    self._publisher.want_trim = True
                 if why is not None:
-                    if self._want_trim:
-                        self._wake.set()
+                    if self._publisher.want_trim:
+                        self._publisher.wake()
                     return None
                 basis = "learning" if estimate is None else "cgroup" if guessed or guess is None else guess.basis
                 if stepped or not bind:
@@ -277,7 +248,7 @@ class Admission:
             finally:
                 if ledger is not None:
                     ledger.unlock()
-        self._ensure_publisher()
+        self._publisher.wake()
         if self.enforcer is not None:
             self.enforcer.ensure(self._enforced)
             self.enforcer.wake()
@@ -291,28 +262,11 @@ class Admission:
             reserved = self._own()[0] + self._others_reserved
         return self.limiter(), tickets, reserved
 
-    def _trim_if_wanted(self) -> None:
-        """Budget pressure: a Python service keeps freed request memory in its malloc arenas
-        (glibc raises its mmap threshold after the first large free), so the kernel still
-        charges it and the budget stays short. Hand it back, off the request path, at most
-        every TRIM_INTERVAL."""
-        now = time.monotonic()
-        if self._want_trim and now - self._last_trim >= TRIM_INTERVAL:
-            self._want_trim = False
-            self._last_trim = now
-            trim_heap()
-            self.trims += 1
-
     def body_read(self, ticket: Ticket, nbytes: int) -> None:
         """A body of unknown size (chunked) has reached ``nbytes``: the reservation grows to what a
         request of that size is estimated to need (it never shrinks here), and the cost is learned
         against the size read."""
-        if ticket.size is not None and nbytes <= ticket.size:
-            return
-        ticket.size = nbytes
-        guess = self.estimator.estimate_for(ticket.route, nbytes)
-        if guess is not None and (ticket.estimate is None or guess.bytes > ticket.estimate):
-            ticket.estimate = guess.bytes
+        ticket.body_read(nbytes, self.estimator)
 
     def bind(self, ticket: Ticket) -> None:
         """The thread that runs an admitted request (admitted elsewhere with ``bind=False``)."""
@@ -353,43 +307,17 @@ class Admission:
         # The row is re-published by the publisher thread within PUBLISH_INTERVAL: until then
         # the other processes see this reservation still held (the safe side), and the request
         # path saves a publication.
-        self._ensure_publisher()
+        self._publisher.wake()
         return cost
 
     # -- sharing the shrinking reservations -----------------------------------------------------
     def _publish(self) -> None:
-        ledger = self._ledger
+        ledger = self._shared.ledger
         if ledger is None or self._pid != os.getpid():
             return
         with self._mu:
             own, inflight, learning = self._own()
             ledger.publish(own, inflight, learning, self.estimator.largest(), self.estimator.per_kib())
-
-    def _ensure_publisher(self) -> None:
-        # Wake it only from idle: a set() per request hands the GIL to another thread each time.
-        if not self._wake.is_set():
-            self._wake.set()
-        if self._publisher is None:
-            self._publisher = threading.Thread(target=self._publish_loop, name="rtml-ebpf-admission", daemon=True)
-            self._publisher.start()
-
-    def _publish_loop(self) -> None:
-        # While requests are in flight, their reservations shrink as their charges arrive;
-        # other processes read this row, so keep it current (every 5 ms) rather than only at
-        # this process's next admission.
-        while True:
-            self._wake.wait()
-            self._trim_if_wanted()
-            if not self._inflight:
-                self._wake.clear()
-                if not self._inflight:
-                    self._publish()
-                    continue
-            try:
-                self._publish()
-            except Exception as exc:  # noqa: BLE001 - keep publishing
-                log.debug("rtml-ebpf: publish failed: %s", exc)
-            time.sleep(PUBLISH_INTERVAL)
 
     # -- shapes of requests -------------------------------------------------------------------
     def run_async(self, ticket: Ticket, awaitable: Coroutine[Any, Any, T]) -> Awaitable[T]:
@@ -402,9 +330,38 @@ class Admission:
         with self._mu:
             own, inflight, _ = self._own()
         return AdmissionStats(self.admitted, self.rejected_tripped, self.rejected_budget, self.rejected_learning,
-                              inflight, own, self._others_reserved, meter.source, self.trims,
+                              inflight, own, self._others_reserved, meter.source, self._publisher.trims,
                               tuple(self.estimator.routes()),
                               self.enforcer.ended_total if self.enforcer is not None else 0, self.followed)
 
     def close(self) -> None:
         self._shared.close()
+
+
+def _validate(limiter: object, **flags: object) -> None:
+    if limiter is not None and not isinstance(limiter, Limiter):
+        raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name}={flag!r}: pass True or False")
+
+
+def _cgroup_guess(estimator: CostEstimator, size: int | None, ledger: Ledger | None, largest: int) -> int | None:
+    """What to reserve for a route this process has not learned: the largest estimate the cgroup
+    knows, or more for a sized request where processes learned how cost grows with the body."""
+    scaled = estimator.scaled(size, max(estimator.per_kib(), ledger.per_kib() if ledger is not None else 0))
+    if scaled is not None and scaled.bytes > largest:
+        return scaled.bytes
+    return largest if largest > 0 else None
+
+
+def own_totals(tickets: Iterable[Ticket]) -> tuple[int, int, int]:
+    """(reserved not yet charged, in flight, learning) of these requests."""
+    reserved = learning = inflight = 0
+    for t in tickets:
+        inflight += 1
+        if t.estimate is None:
+            learning += 1
+            continue
+        reserved += max(0, t.estimate - max(0, t.grown()))
+    return reserved, inflight, learning

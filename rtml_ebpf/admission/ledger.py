@@ -301,17 +301,7 @@ class Ledger:
 
     # -- rows -------------------------------------------------------------------------------
     def _reap(self, rows: memoryview) -> None:
-        """Clear rows of processes that are gone (killed workers leave theirs behind)."""
-        for r in range(ROWS):
-            base = HEADER + r * FIELDS
-            pid = rows[base + PID]
-            if pid == 0 or (pid == os.getpid() and r == self._row):
-                continue
-            start = process_start_time(pid)
-            if start is None or (rows[base + START] and start != rows[base + START]):
-                rows[base + PID] = 0
-                for i in range(1, FIELDS):
-                    rows[base + i] = 0
+        reap(rows, self._row)
         self._last_reap = time.monotonic()
 
     def totals(self) -> tuple[int, int, int, int]:
@@ -422,3 +412,17 @@ def _same_file(dfd: int, name: str, fd: int) -> bool:
         return False
     own = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def reap(rows: memoryview, own_row: int) -> None:
+    """Clear rows of processes that are gone (killed workers leave theirs behind)."""
+    for r in range(ROWS):
+        base = HEADER + r * FIELDS
+        pid = rows[base + PID]
+        if pid == 0 or (pid == os.getpid() and r == own_row):
+            continue
+        start = process_start_time(pid)
+        if start is None or (rows[base + START] and start != rows[base + START]):
+            rows[base + PID] = 0
+            for i in range(1, FIELDS):
+                rows[base + i] = 0

@@ -7,6 +7,7 @@ import threading
 
 from .._meter import RUSAGE, Meter
 from . import follow as _follow
+from .estimator import CostEstimator
 
 
 class Ticket:
@@ -44,3 +45,13 @@ class Ticket:
             now = self.meter.net_of(self.tid)
             own = 0 if now is None else now - self.net0
         return own + self.account.grown()
+
+    def body_read(self, nbytes: int, estimator: CostEstimator) -> None:
+        """A body of unknown size has reached ``nbytes``: the reservation grows to what a request
+        of that size is estimated to need (never shrinks)."""
+        if self.size is not None and nbytes <= self.size:
+            return
+        self.size = nbytes
+        guess = estimator.estimate_for(self.route, nbytes)
+        if guess is not None and (self.estimate is None or guess.bytes > self.estimate):
+            self.estimate = guess.bytes
