@@ -5,7 +5,8 @@ P1 check cost, P2 overshoot, P3 probe overhead per hook set, P4 start-up, P5 flo
 P8 precision per hook set (time to clear after a free, working-set error), P9 the node agent
 at scale (1,000 watched cgroups: RSS, register latency, storm overhead, per-event run time),
 P10 the node view, P11 node cost against the number of guarded processes (1, 8, 32; shared load,
-node agent, own loads). This machine is noisy: variants are interleaved, repeated, and reported as
+node agent, own loads), P12 request-level admission (time to end an overrunning request,
+goodput of a heavy-tail upload flood). This machine is noisy: variants are interleaved, repeated, and reported as
 median and spread (min-max). Ratios are taken against baselines from the
 same run. Nothing here is asserted: the report states figures and targets.
 
@@ -33,6 +34,7 @@ from benchmarks.agent_scale import p9_agent_scale
 from benchmarks.faultstorm import PAGES, bpf_run_stats, bpf_stats_setting, compile_storm, set_bpf_stats, storm_seconds
 from benchmarks.node_cost import p11_node_cost
 from benchmarks.node_view import p10_node_view
+from benchmarks.requests_bench import p12_requests
 
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -708,6 +710,10 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
         from benchmarks.node_cost import report_lines as p11_lines
 
         lines += p11_lines(res["P11"])
+    if "P12" in res:
+        from benchmarks.requests_bench import p12_lines
+
+        lines += p12_lines(res["P12"])
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -717,7 +723,7 @@ def write_report(res: dict[str, Any], out_dir: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,P9,P10,P11")
+    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,P9,P10,P11,P12")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the sections of --out/results.json that this run does not measure (say which run "
@@ -742,6 +748,7 @@ def main() -> int:
         ("P9", lambda: p9_agent_scale(2 if args.quick else 3, compile_storm(args.out))),
         ("P10", lambda: p10_node_view(5 if args.quick else 20, 10 if args.quick else 30)),
         ("P11", lambda: p11_node_cost(2 if args.quick else 5, compile_storm(args.out))),
+        ("P12", lambda: p12_requests(10 if args.quick else 40, 8 if args.quick else 20)),
     ]
     for name, fn in steps:
         if name in only:
