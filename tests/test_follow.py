@@ -150,3 +150,18 @@ def test_contexts_are_per_request() -> None:
 
     asyncio.run(both())
     assert a.peak == pytest.approx(8 * MiB, rel=0.15) and b.peak == pytest.approx(32 * MiB, rel=0.1)
+
+
+def test_asgiref_sync_to_async_is_charged_to_the_request() -> None:
+    """What Django's ASGI handler does with every sync view."""
+    from asgiref.sync import sync_to_async
+
+    assert "asgiref.sync.SyncToAsync" in _follow.install()
+    acc = _follow.Account(RUSAGE)
+
+    async def request() -> int:
+        _follow.CURRENT.set(acc)
+        return await sync_to_async(hold_and_free, thread_sensitive=False)(20 * MiB)
+
+    assert asyncio.run(request()) != threading.get_native_id()
+    assert acc.peak == pytest.approx(20 * MiB, rel=0.1)

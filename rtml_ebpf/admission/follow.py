@@ -20,6 +20,7 @@ in it, and the budget sees its growth while it runs (:meth:`Account.grown`).
 from __future__ import annotations
 
 import contextvars
+import copy
 import ctypes
 import functools
 import importlib
@@ -162,32 +163,31 @@ def _patch_anyio() -> bool:
 
 
 def _patch_asgiref() -> bool:
-    """asgiref copies the context and enters it in the worker, inside ``thread_handler``; the
-    account is read from that copied context (the ``context.run`` it is handed)."""
+    """asgiref (Django's sync views) runs ``self.func`` in a worker thread inside a copy of the
+    caller's context; the call is wrapped where the caller's context is still current (its
+    ``__call__``): a shallow copy of the wrapper whose ``func`` is charged to the request."""
     if "asgiref.sync" not in sys.modules:
         try:
             importlib.import_module("asgiref.sync")
         except ImportError:
             return False
     cls: Any = sys.modules["asgiref.sync"].SyncToAsync
-    original = cls.thread_handler
+    original = cls.__call__
     if getattr(original, "_rtml_follow", False):
         return True
 
     @functools.wraps(original)
-    def thread_handler(self: Any, loop: Any, *args: Any, **kwargs: Any) -> Any:
-        account = None
-        for a in args:
-            ctx = getattr(a, "__self__", None)
-            if isinstance(ctx, contextvars.Context):
-                account = ctx.get(CURRENT)
-                break
-        if account is None:
-            return original(self, loop, *args, **kwargs)
-        return account.run(original, self, loop, *args, **kwargs)
+    async def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        account = CURRENT.get()
+        func = getattr(self, "func", None)
+        if account is None or func is None:
+            return await original(self, *args, **kwargs)
+        charged = copy.copy(self)
+        charged.func = functools.partial(account.run, func)
+        return await original(charged, *args, **kwargs)
 
-    thread_handler._rtml_follow = True  # type: ignore[attr-defined]
-    cls.thread_handler = thread_handler
+    call._rtml_follow = True  # type: ignore[attr-defined]
+    cls.__call__ = call
     return True
 
 

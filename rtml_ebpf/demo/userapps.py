@@ -2,10 +2,13 @@
 nothing else (RTML_DEMO_GUARD=none leaves it out):
 
     uvicorn --workers 2 rtml_ebpf.demo.userapps:fastapi_def      # FastAPI, sync ``def`` endpoints
+    uvicorn --workers 2 rtml_ebpf.demo.userapps:django_sync      # Django ASGI, a sync view
     gunicorn --preload -w 4 -k gthread --threads 8 rtml_ebpf.demo.userapps:upload   # Flask uploads
 
 - ``fastapi_def``: ``GET /work`` is a plain ``def`` endpoint, so FastAPI runs it in anyio's
   threadpool: it builds RTML_DEMO_PAYLOAD_MIB (24) MiB and holds it RTML_DEMO_HOLD (0.3) s.
+- ``django_sync``: ``GET /work``, the same work in a plain (sync) Django view, which Django's ASGI
+  handler runs through asgiref's ``sync_to_async`` in a worker thread.
 - ``upload``: ``POST /upload`` decodes its body into 32 times its size (image, PDF or JSON work
   looks like this), holds it, answers. ``POST /overrun`` is declared to cost RTML_DEMO_OVERRUN_MIB
   (8) MiB and allocates ten times that, 1 MiB at a time: the estimate is wrong, on purpose.
@@ -135,13 +138,48 @@ def _make_flask() -> Any:
     return app
 
 
+def _make_django() -> Any:
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(DEBUG=False, ALLOWED_HOSTS=["*"], ROOT_URLCONF=__name__, SECRET_KEY="rtml-ebpf-demo",
+                           MIDDLEWARE=[], INSTALLED_APPS=[])
+    from django.core.asgi import get_asgi_application
+
+    app = get_asgi_application()
+    if GUARD == "none":
+        return app
+    from rtml_ebpf.asgi import MemoryLimitMiddleware
+
+    return MemoryLimitMiddleware(app)
+
+
+def _django_urls() -> list[Any]:
+    from django.http import HttpResponse
+    from django.urls import path
+
+    def work(request: Any) -> Any:  # a sync view: Django runs it in asgiref's worker thread
+        chunks = build_payload()
+        time.sleep(HOLD)
+        return HttpResponse(f"ok {len(chunks)}\n", content_type="text/plain")
+
+    def healthz(request: Any) -> Any:
+        return HttpResponse("ok\n", content_type="text/plain")
+
+    return [path("work", work), path("healthz", healthz)]
+
+
 @functools.cache
 def _app(name: str) -> Any:
+    if name == "django_sync":
+        return _make_django()
     return _make_fastapi() if name == "fastapi_def" else _make_flask()
 
 
 def __getattr__(name: str) -> Any:
     # Built on first use: a server imports only the app it serves (and its framework).
-    if name in ("fastapi_def", "upload"):
+    if name in ("fastapi_def", "upload", "django_sync"):
         return _app(name)
+    if name == "urlpatterns":  # Django's ROOT_URLCONF is this module
+        return _django_urls()
     raise AttributeError(name)

@@ -1,7 +1,8 @@
 """Request-level admission on the services users write next (issue 19), on real servers in real
 256 MiB cgroups under real floods, with the middleware added as the README shows and nothing else:
 
-- FastAPI ``def`` endpoints under ``uvicorn --workers 2`` (the memory lands on threadpool threads);
+- FastAPI ``def`` endpoints under ``uvicorn --workers 2`` (the memory lands on threadpool threads),
+  and a Django ASGI sync view (asgiref's worker thread);
 - a Flask upload route under gunicorn pre-fork whose memory is 32x its body, 8% of bodies 24x
   larger than the rest (a per-route quantile cannot see them);
 - a route that allocates 10x its declared cost in a loop (the estimate is wrong).
@@ -39,6 +40,18 @@ def assert_guarded_lives(r: RunResult, *, served: int = 10) -> None:
 @pytest.mark.parametrize("guard", ["none", "admission"])
 def test_fastapi_def_endpoints_under_uvicorn_workers(guard: str) -> None:
     server = uvicorn_server(guard, workers=2, env=ENV, app="rtml_ebpf.demo.userapps:fastapi_def")
+    r = Flood(guard, guard, server, limit=LIMIT, duration=DURATION, clients=48).run()
+    if guard == "none":
+        assert r.oom_kills >= 1, r
+    else:
+        assert_guarded_lives(r)
+        assert r.rejected > 0, r
+
+
+@pytest.mark.parametrize("guard", ["none", "admission"])
+def test_a_django_sync_view_under_uvicorn_workers(guard: str) -> None:
+    """Django's ASGI handler runs a sync view through asgiref's sync_to_async, in a worker thread."""
+    server = uvicorn_server(guard, workers=2, env=ENV, app="rtml_ebpf.demo.userapps:django_sync")
     r = Flood(guard, guard, server, limit=LIMIT, duration=DURATION, clients=48).run()
     if guard == "none":
         assert r.oom_kills >= 1, r
