@@ -95,7 +95,7 @@ def pinned_links(place: SharedPlace) -> list[str]:
 
 
 @pytest.mark.vm
-def test_n_processes_share_one_set_of_programs_and_adopters_build_in_20_ms() -> None:
+def test_n_processes_share_one_set_of_programs() -> None:
     n = 6
     with shared_place() as place, clients(n, place.env) as procs:
         hooks = procs[0].hello["hooks"]
@@ -112,16 +112,21 @@ def test_n_processes_share_one_set_of_programs_and_adopters_build_in_20_ms() -> 
         assert len(attached) == len(hooks) and attached <= prog_ids_held(agents[0]), place.log()
         for c in procs:
             assert prog_ids_held(c.hello["pid"]) == set(), c.hello
-        # Start-up: every process after the first adopted the running load. The path itself takes
-        # ~12 ms here (one round trip to the agent is ~7 of them, mostly its wake-up); on a busy
-        # 2-core machine the agent's scheduling adds more, so: the best of the five within 20 ms,
-        # and none past 100.
-        adopters = sorted(c.hello["build_ms"] for c in procs[1:])
-        assert adopters[0] <= 20 and adopters[-1] <= 100, adopters
         # Each one's verdict is its own cgroup's: one grows past its threshold, the others do not trip.
         assert procs[0].ask("grow 80")["held_mib"] == 80
         assert wait_until(lambda: procs[0].ask("check")["reached"], timeout=5)
         assert not any(c.ask("check")["reached"] for c in procs[1:])
+
+
+def test_a_process_adopting_the_shared_load_builds_its_first_limiter_in_20_ms() -> None:
+    # Not in the vmtest VM: software emulation there makes every start-up seconds long.
+    with shared_place() as place, clients(6, place.env) as procs:
+        # The path takes ~12 ms here (one round trip to the agent is ~7 of them, mostly its
+        # wake-up); on a busy 2-core machine the agent's scheduling adds more, so: the best of
+        # the five adopters within 20 ms, and none past 100.
+        adopters = sorted(c.hello["build_ms"] for c in procs[1:])
+        assert all(c.hello["backend"] == "agent" for c in procs)
+        assert adopters[0] <= 20 and adopters[-1] <= 100, adopters
 
 
 def test_the_control_without_sharing_each_process_loads_its_own() -> None:
@@ -147,12 +152,14 @@ def test_a_sigkilled_loader_leaves_the_others_a_fresh_verdict() -> None:
         before = c.ask("check")
         assert before["reached"] is False and before["backend"] == "agent", before
         assert c.ask("grow 40")["held_mib"] == 40  # 40 of 64 MiB: over 0.5
-        assert wait_until(lambda: c.ask("check")["reached"], timeout=3), c.ask("check")
+        assert wait_until(lambda: c.ask("check")["reached"], timeout=10), c.ask("check")
         after = c.ask("check")
         assert after["backend"] == "agent" and after["updated_ns"] > before["updated_ns"], after
         assert after["now_ns"] - after["updated_ns"] < 2_000_000_000, after
         assert c.ask("shrink 40")["held_mib"] == 0
-        assert wait_until(lambda: not c.ask("check")["reached"], timeout=3)
+        # (kernels before 6.13: frees are seen by the agent's upkeep, which waits for the
+        # restarted shared agent: seconds under the VM's software emulation)
+        assert wait_until(lambda: not c.ask("check")["reached"], timeout=60)
         assert rest[1].ask("check")["reached"] is False
         # A client's reconnect started another shared agent, which adopted the pins.
         assert wait_until(lambda: "adopting the pinned programs" in place.log(), timeout=30), place.log()
