@@ -56,6 +56,7 @@ DEFAULT_PIN_DIR = "/sys/fs/bpf/rtml-ebpf-shared"
 IDLE_EXIT = 10.0  # seconds with no client before the shared agent unloads and exits
 CAPACITY = 1024  # cgroups the shared load can watch (the node agent's --max-cgroups)
 START_TIMEOUT = 60.0  # the load takes ~250 ms here; software-emulated VMs take seconds
+LOG_KEEP = 1 << 20  # bytes of agent.log kept before it is rotated (at a start)
 NEVER = "\x00"  # a --watch glob no cgroup path matches: the shared agent watches its clients' cgroups only
 
 Registered = tuple[Backend, object, object | None]
@@ -203,6 +204,9 @@ def _spawn() -> int:
         [package_parent, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])}
     log_path = os.path.join(shared_dir(), "agent.log")
     pid_path = os.path.join(shared_dir(), "agent.pid")
+    with contextlib.suppress(OSError):  # /run is memory: keep one previous log, not every one
+        if os.stat(log_path).st_size > LOG_KEEP:
+            os.replace(log_path, log_path + ".1")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pid_path)
     with open(log_path, "ab") as out:
