@@ -24,6 +24,7 @@ from .errors import (
     MemoryLimitReached,
     NotSupported,
     PermissionDenied,
+    RequestMemoryExceeded,
     RtmlError,
 )
 from .limiter import Level, Limiter, Stats
@@ -39,6 +40,7 @@ __all__ = [
     "MemoryLimitReached",
     "NotSupported",
     "PermissionDenied",
+    "RequestMemoryExceeded",
     "RtmlError",
     "Stats",
     "configure",
@@ -46,20 +48,25 @@ __all__ = [
     "guard",
     "is_mem_limit_reached",
     "parse_threshold",
+    "charged_to_request",
     "parse_threshold_text",
     "wait_for_headroom",
 ]
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:
-    from .admission import Admission
+    from .admission import Admission, charged_to_request
 
 
 def __getattr__(name: str) -> Any:
-    # Admission (ledger, estimator, meters) is imported on first use: a process that only
-    # checks never pays for it at import.
+    # Admission (ledger, estimator, meters, enforcer) is imported on first use: a process that
+    # only checks never pays for it at import.
     if name == "Admission":
         from .admission import Admission
 
         return Admission
+    if name == "charged_to_request":
+        from .admission import charged_to_request
+
+        return charged_to_request
     raise AttributeError(f"module 'rtml_ebpf' has no attribute {name!r}")
