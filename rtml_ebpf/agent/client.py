@@ -11,11 +11,9 @@ the Limiter moves to polling (see Limiter._observe).
 from __future__ import annotations
 
 import array
-import ctypes
 import logging
 import mmap
 import os
-import select
 import socket
 import struct
 import threading
@@ -29,82 +27,30 @@ from .._cgroup import MemoryCgroup
 from .._rules import Rule
 from ..config import PAGE_SIZE
 from ..ebpf import abi
-from ..ebpf import libbpf as _libbpf
-from ..ebpf.loader import map_len
 from ..ebpf.words import read_consistent, room_from_pages, slot_readings
-from ..errors import AgentUnavailable, RtmlError
+from ..errors import AgentUnavailable
 from . import protocol
+from .client_maps import (  # noqa: F401 - _address: tests/support maps pages with it
+    _address,
+    _map_id,
+    _map_readonly,
+    _retire_mapping,
+    ask_stats,
+    byte_writer,
+    thread_meter_from_pins,
+)
 
 log = logging.getLogger("rtml_ebpf")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/rtml-ebpf"  # the node agent's (agent/programs.py)
 
-PROT_READ, PROT_WRITE = 1, 2
-MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 CONNECT_TIMEOUT = 1.0
 BEAT_STALE_NS = 600_000_000  # six missed beats: the programs are gone
 CHECK_INTERVAL = 0.2  # seconds between looks at the beat, the page and the connection
 _U64 = struct.Struct("=Q")
 W_INACTIVE_BASE = abi.Slot.inactive_file_base.offset // 8  # a page-only word (the config's copy)
 
-_libc: Any = None
-
-
-def libc() -> Any:
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mmap.restype = ctypes.c_void_p
-        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                             ctypes.c_long]
-        _libc = lib
-    return _libc
-
-
 def socket_path() -> str:
     return os.environ.get("RTML_AGENT_SOCKET") or protocol.DEFAULT_SOCKET
-
-
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-def _address(obj: object) -> int:
-    """The address of a (read-only) buffer: ctypes.from_buffer refuses read-only memory."""
-    get, release = ctypes.pythonapi.PyObject_GetBuffer, ctypes.pythonapi.PyBuffer_Release
-    get.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-    release.argtypes = [ctypes.POINTER(_PyBuffer)]
-    pb = _PyBuffer()
-    if get(obj, ctypes.byref(pb), 0) != 0:
-        raise AgentUnavailable("cannot address the agent's page")
-    try:
-        return int(pb.buf)
-    finally:
-        release(ctypes.byref(pb))
-
-
-def _map_readonly(fd: int) -> tuple[int, mmap.mmap]:
-    """The page, mapped read-only by a Python mmap object: the views handed out (the hot path's,
-    kept checks') keep it mapped, and the last one gone unmaps it."""
-    try:
-        mm = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
-    except OSError as exc:
-        raise AgentUnavailable(f"cannot map the agent's page: {exc.strerror or exc}") from None
-    return _address(mm), mm
-
-
-def _retire_mapping(addr: int, fail_answer: bool) -> bool:
-    """Replace the page at ``addr``, in place, with a private one whose verdict bytes hold the
-    fail answer: every view of it (kept checks) answers that until the Limiter writes its
-    current answer there (see :meth:`AgentBackend.kept_writer`). The mmap object that owns
-    the address unmaps it when its last view goes. False when the page could not be replaced."""
-    new = libc().mmap(addr, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS, -1, 0)
-    if new != addr:
-        return False
-    ctypes.memmove(addr + abi.TRIPPED_OFFSET, bytes([int(fail_answer)] * abi.MAX_RULES), abi.MAX_RULES)
-    return True
 
 
 @dataclass
@@ -349,13 +295,7 @@ class AgentBackend:
         function holds the lease, so the page stays mapped while it is kept."""
         if not isinstance(flag, Lease) or not flag.writable:
             return None
-        lease, at = flag, flag.addr + abi.TRIPPED_OFFSET + flag.index
-
-        def write(answer: bool) -> None:
-            if lease.writable:
-                ctypes.c_ubyte.from_address(at).value = int(answer)
-
-        return write
+        return byte_writer(flag, flag.addr + abi.TRIPPED_OFFSET + flag.index)
 
     def set_fail_answer(self, fail_answer: bool) -> None:
         self._fail_answer = fail_answer
@@ -384,30 +324,8 @@ class AgentBackend:
                         faults=faults, events=events, growth=growth)
 
     def _stats(self, sock: socket.socket) -> dict[str, Any] | None:
-        """The counters, by a round trip on the lease's connection. Under the socket lock and
-        without ever putting the socket in timeout mode: the monitor thread peeks at the same
-        socket (_closed), and a peek on a socket in timeout mode waits, times out, and reads as
-        a closed connection (the lease was then dropped under this very request)."""
-        # A timed acquire: a child forked while another thread held the lock skips, never hangs.
-        if not self._sock_lock.acquire(timeout=2 * CONNECT_TIMEOUT):
-            return None
-        try:
-            try:
-                while True:  # drop anything unread (nothing is expected); b"": the agent closed it
-                    try:
-                        if not sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT):
-                            return None
-                    except BlockingIOError:
-                        break
-                sock.send(protocol.encode({"v": protocol.VERSION, "op": "stats"}))
-                if not select.select([sock], [], [], CONNECT_TIMEOUT)[0]:
-                    return None
-                reply = protocol.decode(sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT))
-                return reply if reply.get("ok") else None
-            except Exception:  # noqa: BLE001 - counters are optional in a reading
-                return None
-        finally:
-            self._sock_lock.release()
+        """The counters, by a round trip on the lease's connection (see client_maps.ask_stats)."""
+        return ask_stats(sock, self._sock_lock, CONNECT_TIMEOUT)
 
     def room(self, flag: object) -> tuple[int | None, int | None]:
         """Word reads of the page (admission calls it on every request)."""
@@ -463,44 +381,3 @@ def _closed(sock: socket.socket) -> bool:
     except OSError:
         return True
     return bool(data == b"")
-
-
-def thread_meter_from_pins(pin_dir: str, beat_id: int) -> Any:
-    """An EbpfThreadMeter over ``<pin_dir>/maps/threads`` when this process may open pins (root)
-    and they belong to the agent whose beat map has id ``beat_id``; else None."""
-    if beat_id <= 0 or os.geteuid() != 0:
-        return None
-    from .._meter import EbpfThreadMeter
-
-    try:
-        lib = _libbpf.lib()
-        fds = [lib.bpf_obj_get(os.path.join(pin_dir, "maps", name).encode()) for name in ("beat", "threads")]
-    except (OSError, RtmlError):
-        return None
-    try:
-        if min(fds) < 0:
-            return None
-        pinned_beat_id = _libbpf.map_info(fds[0])[1]
-        mm = mmap.mmap(fds[1], map_len(ctypes.sizeof(abi.Thread), abi.MAX_THREADS), mmap.MAP_SHARED,
-                       mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, RtmlError):
-        return None
-    finally:
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
-    if pinned_beat_id != beat_id:
-        mm.close()
-        return None  # pins of another agent: its threads array is not the one our programs write
-    return EbpfThreadMeter(memoryview(mm).cast("q"), abi.MAX_THREADS, mm)
-
-
-
-def _map_id(fd: int) -> int:
-    """The id of a map fd, for root (bpf() may be refused to others, who do not need it); else 0."""
-    if os.geteuid() != 0 or fd < 0:
-        return 0
-    try:
-        return _libbpf.map_info(fd)[1]
-    except (OSError, RtmlError):
-        return 0
