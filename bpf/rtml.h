@@ -39,6 +39,7 @@ enum rtml_metric {
 /* ctl.flags */
 #define RTML_CTL_TRACK_INACTIVE 1	/* lruvec events are live: inactive_file_delta is exact */
 #define RTML_CTL_FAULT_REFRESH 2	/* no memcg events: the fault hook refreshes the slot */
+#define RTML_CTL_METER_OFF 4		/* nobody asked for the per-thread meter yet: skip its lookup */
 
 /* One threshold. A rule trips when metric >= trip and clears when metric < clear. */
 struct rtml_rule {

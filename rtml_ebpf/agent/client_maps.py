@@ -16,7 +16,7 @@ from typing import Any
 from ..config import PAGE_SIZE
 from ..ebpf import abi
 from ..ebpf import libbpf as _libbpf
-from ..ebpf.loader import map_len
+from ..ebpf.loader import map_len, meter_on
 from ..errors import AgentUnavailable, RtmlError
 from . import protocol
 
@@ -127,26 +127,24 @@ def thread_meter_from_pins(pin_dir: str, beat_id: int) -> Any:
 
     try:
         lib = _libbpf.lib()
-        fds = [lib.bpf_obj_get(os.path.join(pin_dir, "maps", name).encode()) for name in ("beat", "threads")]
+        fds = [lib.bpf_obj_get(os.path.join(pin_dir, "maps", name).encode()) for name in ("beat", "threads", "ctl")]
     except (OSError, RtmlError):
         return None
     try:
-        if min(fds) < 0:
-            return None
-        pinned_beat_id = _libbpf.map_info(fds[0])[1]
+        if min(fds) < 0 or _libbpf.map_info(fds[0])[1] != beat_id:
+            return None  # no pins, or another agent's: its threads array is not the one our programs write
         mm = mmap.mmap(fds[1], map_len(ctypes.sizeof(abi.Thread), abi.MAX_THREADS), mmap.MAP_SHARED,
                        mmap.PROT_READ | mmap.PROT_WRITE)
+        with mmap.mmap(fds[2], map_len(ctypes.sizeof(abi.Ctl), 1), mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE) as ctl:
+            meter_on(ctl)  # the programs charge registered threads from now on
     except (OSError, RtmlError):
         return None
     finally:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-    if pinned_beat_id != beat_id:
-        mm.close()
-        return None  # pins of another agent: its threads array is not the one our programs write
     return EbpfThreadMeter(memoryview(mm).cast("q"), abi.MAX_THREADS, mm)
-
 
 
 def _map_id(fd: int) -> int:

@@ -17,6 +17,7 @@ RULE_OFF, RULE_FRACTION, RULE_PAGES = 0, 1, 2
 METRIC_USAGE, METRIC_WORKING_SET = 0, 1
 CTL_TRACK_INACTIVE = 1
 CTL_FAULT_REFRESH = 2
+CTL_METER_OFF = 4  # set at load; cleared for good by the first thread_meter() (runtime, agent clients)
 
 u8, u32, u64, s64 = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
 

@@ -102,7 +102,11 @@ class EbpfBackend:
         return self.runtime.trips(flag) if isinstance(flag, Watch) else 0
 
     def thread_meter(self) -> EbpfThreadMeter | None:
-        return None if self._runtime is None else self._runtime.thread_meter
+        rt = self._runtime
+        if rt is None:
+            return None
+        rt.want_thread_meter()
+        return rt.thread_meter
 
     def close(self) -> None:
         for watch in list(self._watches):

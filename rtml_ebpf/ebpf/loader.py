@@ -161,7 +161,16 @@ def set_ctl_flags(out: Loaded) -> None:
     ctl = abi.Ctl.from_buffer(out.maps["ctl"])
     ctl.abi_version = abi.ABI_VERSION
     ctl.flags = (abi.CTL_TRACK_INACTIVE if "memcg_lruvec" in out.links else 0) | (
-        0 if out.memcg_events else abi.CTL_FAULT_REFRESH)
+        0 if out.memcg_events else abi.CTL_FAULT_REFRESH) | abi.CTL_METER_OFF
+    del ctl
+
+
+def meter_on(ctl_map: mmap.mmap) -> None:
+    """The per-thread meter is wanted: the programs charge registered threads from now on (for
+    good: a store that only clears a bit, so concurrent callers agree)."""
+    ctl = abi.Ctl.from_buffer(ctl_map)
+    if ctl.flags & abi.CTL_METER_OFF:
+        ctl.flags &= ~abi.CTL_METER_OFF
     del ctl
 
 

@@ -20,7 +20,7 @@ from .._rules import Rule
 from ..config import env_hooks
 from ..errors import RtmlError
 from . import abi
-from .loader import Loaded, load
+from .loader import Loaded, load, meter_on
 from .slots import Slots
 
 
@@ -252,6 +252,13 @@ class Runtime:
             state = slots.state(watch.slot, watch.cgroup_id)
             return slots.snapshot(state, full=full,
                                   refresh_from_files=full and self.needs_upkeep and not self.inherited)
+
+    def want_thread_meter(self) -> None:
+        """A Limiter's thread_meter() was asked for: the programs start charging threads."""
+        with self._locked():
+            # a forked child too: the mapping is its parent's, and the meter is wanted there
+            if not self._closed and "ctl" in self._loaded.maps:
+                meter_on(self._loaded.maps["ctl"])
 
     # -- teardown --------------------------------------------------------------------------------
     def close(self) -> None:

@@ -69,3 +69,49 @@ def test_the_kernel_fed_check_is_the_c_verdict() -> None:
         assert isinstance(check, Verdict)
         assert check() is False and lim.level().name == "OK"
     assert lim.is_mem_limit_reached() is False  # closed: the fail answer, not the dropped view
+
+
+METER_GATE = textwrap.dedent("""
+    import ctypes, json, mmap, rtml_ebpf
+    from rtml_ebpf.ebpf import abi
+    from rtml_ebpf.ebpf.runtime import Runtime
+
+    def touch(n_mib):
+        bufs = [mmap.mmap(-1, 1 << 20) for _ in range(n_mib)]
+        for b in bufs:
+            for off in range(0, len(b), 4096):
+                b[off] = 1
+        return bufs
+
+    def meter_off(rt):
+        ctl = abi.Ctl.from_buffer_copy(rt._loaded.maps["ctl"][: ctypes.sizeof(abi.Ctl)])
+        return bool(ctl.flags & abi.CTL_METER_OFF)
+
+    lim = rtml_ebpf.Limiter(backend="ebpf", relief=False)
+    rt = Runtime.current()
+    out = {"off_at_load": meter_off(rt)}
+    raw = rt.thread_meter  # registered without asking the Limiter: the programs skip it
+    base = raw.begin()
+    held = touch(16)
+    out["before"] = raw.read()[1] - base
+    meter = lim.thread_meter()
+    out["off_after"] = meter_off(rt)
+    base = meter.begin()
+    held += touch(16)
+    out["after"] = meter.read()[1] - base
+    print(json.dumps(out))
+""")
+
+
+@needs_bpf
+def test_the_per_thread_meter_costs_nothing_until_asked_for() -> None:
+    """The programs skip the thread meter's lookup (ctl flag METER_OFF, set at load) until a
+    Limiter's thread_meter() is asked for (admission does); then they charge registered threads."""
+    import json
+
+    p = subprocess.run([sys.executable, "-c", METER_GATE], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    assert out["off_at_load"] is True and out["before"] == 0, out
+    assert out["off_after"] is False, out
+    assert abs(out["after"] - (16 << 20)) <= 0.1 * (16 << 20), out
