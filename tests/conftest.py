@@ -16,3 +16,27 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if os.environ.get("RTML_NO_SKIP") == "1" and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped where every test must run (RTML_NO_SKIP=1): {report.longrepr}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_shared_load() -> Iterator[None]:
+    """Root processes the tests start find no node agent and start the node's shared load on
+    demand (rtml_ebpf/ebpf/shared.py): give this session a private socket directory and pin
+    directory, inherited by every child, and remove the agents and pins it made at the end."""
+    if os.geteuid() != 0 or os.environ.get("RTML_SHARED_DIR"):
+        yield
+        return
+    from support.shared import SharedPlace
+
+    place = SharedPlace(idle=5.0)
+    saved = {k: os.environ.get(k) for k in place.env}
+    os.environ.update(place.env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        place.close()
