@@ -18,6 +18,7 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks.common import spread
 from benchmarks.faultstorm import PAGES, bpf_run_stats, bpf_stats_setting, set_bpf_stats, storm_seconds
 
 MiB = 1 << 20
@@ -77,7 +78,7 @@ def _rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def _agent_prog_ids(agent: _Agent) -> dict[str, int]:
+def _agent_prog_ids(agent: AgentProcess) -> dict[str, int]:
     """The agent's attached programs, from its start-up log line (hook=id)."""
     import re
 
@@ -88,7 +89,7 @@ def _agent_prog_ids(agent: _Agent) -> dict[str, int]:
     return {k: int(v) for k, v in (pair.split("=") for pair in ids[-1].split(","))} if ids else {}
 
 
-class _Agent:
+class AgentProcess:
     def __init__(self, glob: str, hooks: str, tmp: str) -> None:
         self.socket = os.path.join(tmp, "agent.sock")
         self.log = open(os.path.join(tmp, "agent.log"), "w")
@@ -120,8 +121,7 @@ class _Agent:
 
 def p9_agent_scale(reps: int, storm: str, cgroups: int = 1000,
                    hook_sets: tuple[str, ...] = ("auto", "lean")) -> dict[str, Any]:
-    from rtml_ebpf import _cgroup
-    from rtml_ebpf._sandbox import ChildCgroup
+    from benchmarks.cgroups import ChildCgroup, children_glob
 
     run_storm = functools.partial(storm_seconds, storm)
     stats_before = bpf_stats_setting()
@@ -130,7 +130,7 @@ def p9_agent_scale(reps: int, storm: str, cgroups: int = 1000,
     os.chmod(tmp, 0o755)  # uid 65534 connects to the socket in it
     try:
         with ChildCgroup(None, prefix="rtml-bench-agents") as parent:
-            glob = _cgroup.cgroup_from_directory(parent.directory).path.rstrip("/") + "/*"
+            glob = children_glob(parent.directory)
             with ChildCgroup(512 * MiB, prefix="storm", parent=parent.directory) as cg:
                 run_storm(cg)  # warm-up
                 for hooks in hook_sets:
@@ -144,12 +144,12 @@ def p9_agent_scale(reps: int, storm: str, cgroups: int = 1000,
                         if not check:
                             raise RuntimeError("P9: no check-cost figures")
                     res["sets"][hooks] = _summarize(rows, per_event)
-                    res["sets"][hooks]["check_ns"] = {k: {"median": statistics.median(v), "spread": _spread(v)}
+                    res["sets"][hooks]["check_ns"] = {k: {"median": statistics.median(v), "spread": spread(v)}
                                                       for k, v in check.items()}
                     ratios = [a / e for a, e in zip(check["agent check (uid 65534)"], check["empty method call"],
                                                     strict=True)]
                     res["sets"][hooks]["check_over_empty"] = {"median": statistics.median(ratios),
-                                                              "spread": _spread(ratios)}
+                                                              "spread": spread(ratios)}
     finally:
         set_bpf_stats(stats_before)
     return res
@@ -161,12 +161,12 @@ def _one_rep(rows: dict[str, list[float]], per_event: dict[str, dict[str, list[f
     """One repeat: the storm with no program, then under the agent with 1 cgroup watched, then
     with all watched, then with the same cgroups present and no agent (the baseline of the
     second figure: a thousand memcgs cost the kernel something of their own)."""
-    from rtml_ebpf._sandbox import ChildCgroup
+    from benchmarks.cgroups import ChildCgroup
 
     set_bpf_stats("0")
     rows["base"].append(run_storm(cg))
     extra: list[ChildCgroup] = []
-    agent = _Agent(glob, hooks, tmp)
+    agent = AgentProcess(glob, hooks, tmp)
     try:
         deadline = time.monotonic() + 10
         while agent.watched() < 1 and time.monotonic() < deadline:
@@ -211,7 +211,7 @@ def _one_rep(rows: dict[str, list[float]], per_event: dict[str, dict[str, list[f
             c.close()
 
 
-def _scrape_ms(agent: _Agent, n: int = 5) -> float:
+def _scrape_ms(agent: AgentProcess, n: int = 5) -> float:
     """Median time of a full GET /metrics (render and transfer), in ms."""
     import re
     import urllib.request
@@ -226,10 +226,6 @@ def _scrape_ms(agent: _Agent, n: int = 5) -> float:
             r.read()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
-
-
-def _spread(xs: list[float]) -> str:
-    return f"{min(xs):.4g}–{max(xs):.4g}" if xs else "-"
 
 
 def _check_cost(cg: Any, socket_path: str) -> dict[str, list[float]]:
@@ -266,9 +262,6 @@ def _summarize(rows: dict[str, list[float]], per_event: dict[str, dict[str, list
 
     def med(xs: list[float]) -> float:
         return statistics.median(xs) if xs else float("nan")
-
-    def spread(xs: list[float]) -> str:
-        return f"{min(xs):.4g}–{max(xs):.4g}" if xs else "-"
 
     def pct(xs: list[float], base: list[float]) -> tuple[float, str]:
         ratios = [(x / b - 1) * 100 for x, b in zip(xs, base, strict=True)]

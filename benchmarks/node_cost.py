@@ -146,8 +146,7 @@ def _guarded(cgs: list[Any], n: int, env: dict[str, str], want: str) -> Iterator
 
 
 def p11_node_cost(reps: int, storm: str, counts: tuple[int, ...] = COUNTS) -> dict[str, Any]:
-    from rtml_ebpf import _cgroup
-    from rtml_ebpf._sandbox import ChildCgroup
+    from benchmarks.cgroups import ChildCgroup, children_glob
 
     run_storm = functools.partial(storm_seconds, storm)
     stats_before = bpf_stats_setting()
@@ -167,7 +166,7 @@ def p11_node_cost(reps: int, storm: str, counts: tuple[int, ...] = COUNTS) -> di
         with ChildCgroup(None, prefix="rtml-bench-p11") as parent, \
                 ChildCgroup(None, prefix="guarded", parent=parent.directory) as guarded_parent, \
                 ChildCgroup(512 * MiB, prefix="neighbour", parent=parent.directory) as neighbour:
-            glob = _cgroup.cgroup_from_directory(guarded_parent.directory).path.rstrip("/") + "/*"
+            glob = children_glob(guarded_parent.directory)
             cgs = [ChildCgroup(256 * MiB, prefix="g", parent=guarded_parent.directory) for _ in range(max(counts))]
             try:
                 set_bpf_stats("0")

@@ -21,22 +21,22 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.agent_scale import _Agent, _spread
+from benchmarks.agent_scale import AgentProcess
+from benchmarks.common import spread
 
 MiB = 1 << 20
 KILL = "b = bytearray(256 << 20)"
 
 
 def p10_node_view(kills: int, frames: int, cgroups: int = 1000) -> dict[str, Any]:
-    from rtml_ebpf import _cgroup
-    from rtml_ebpf._sandbox import ChildCgroup
+    from benchmarks.cgroups import ChildCgroup, children_glob
 
     res: dict[str, Any] = {"kills": kills, "cgroups": cgroups}
     tmp = tempfile.mkdtemp(prefix="rtml-bench-view-")
     with ChildCgroup(None, prefix="rtml-bench-view") as parent:
-        glob = _cgroup.cgroup_from_directory(parent.directory).path.rstrip("/") + "/*"
+        glob = children_glob(parent.directory)
         with ChildCgroup(32 * MiB, prefix="victims", parent=parent.directory) as victims:
-            agent = _Agent(glob, "auto", tmp)
+            agent = AgentProcess(glob, "auto", tmp)
             try:
                 res["latency_ms"], res["source"] = _event_latency(agent, victims, kills)
                 extra = [ChildCgroup(64 * MiB, prefix="c", parent=parent.directory) for _ in range(cgroups - 1)]
@@ -55,11 +55,11 @@ def p10_node_view(kills: int, frames: int, cgroups: int = 1000) -> dict[str, Any
     for key in ("latency_ms", "frame_ms"):
         xs = res[key]
         res[key] = {"median": statistics.median(xs), "p99": sorted(xs)[max(0, int(len(xs) * 0.99) - 1)],
-                    "spread": _spread(xs)}
+                    "spread": spread(xs)}
     return res
 
 
-def _event_latency(agent: _Agent, victims: Any, kills: int) -> tuple[list[float], str]:
+def _event_latency(agent: AgentProcess, victims: Any, kills: int) -> tuple[list[float], str]:
     reader = subprocess.Popen([sys.executable, "-m", "rtml_ebpf.cli", "events", "--source", "agent", "--socket",
                                agent.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     assert reader.stdout is not None and reader.stderr is not None
@@ -86,7 +86,7 @@ def _event_latency(agent: _Agent, victims: Any, kills: int) -> tuple[list[float]
         reader.wait()
 
 
-def _metrics_url(agent: _Agent) -> str:
+def _metrics_url(agent: AgentProcess) -> str:
     import re
 
     agent.log.flush()
@@ -94,7 +94,7 @@ def _metrics_url(agent: _Agent) -> str:
         return str(re.findall(r"metrics at (http://\S+/metrics)", f.read())[-1])
 
 
-def _live_hz(agent: _Agent, seconds: float) -> dict[str, float]:
+def _live_hz(agent: AgentProcess, seconds: float) -> dict[str, float]:
     """The live view as `watch` runs it (fetch on its thread, draw every 0.25 s): frames drawn
     and fresh readings per second."""
     from rich.console import Console
@@ -115,7 +115,7 @@ def _live_hz(agent: _Agent, seconds: float) -> dict[str, float]:
     return {"frames_hz": frames / elapsed, "fresh_hz": fetched / elapsed}
 
 
-def _frame_ms(agent: _Agent, frames: int) -> list[float]:
+def _frame_ms(agent: AgentProcess, frames: int) -> list[float]:
     from rich.console import Console
 
     from rtml_ebpf import watch

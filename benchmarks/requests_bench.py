@@ -86,7 +86,7 @@ print(json.dumps(out))
 
 
 def p12_ending_latency(reps: int) -> dict[str, Any]:
-    from rtml_ebpf._sandbox import ChildCgroup
+    from benchmarks.cgroups import ChildCgroup
 
     with ChildCgroup(256 * MiB, prefix="rtml-bench") as cg:
         p = cg.popen([sys.executable, "-c", _ENDING_CHILD, str(reps)], stdout=subprocess.PIPE,

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from rtml_ebpf._sandbox import ChildCgroup, stop_process
+from benchmarks.cgroups import ChildCgroup, stop_process
 
 MiB = 1 << 20
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]

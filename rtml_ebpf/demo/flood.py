@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._sandbox import ChildCgroup
+from .cgroups import ChildCgroup
 
 MiB = 1 << 20
 

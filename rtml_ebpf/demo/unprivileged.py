@@ -12,8 +12,8 @@ import tempfile
 import time
 from types import TracebackType
 
-from .._sandbox import stop_process
 from ..errors import NotSupported
+from .cgroups import stop_process
 from .flood import Server
 
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")

@@ -64,7 +64,7 @@ def test_uvicorn_two_workers(guard: str) -> None:
 def test_threaded_grpc_server(guard: str) -> None:
     import grpc
 
-    from rtml_ebpf._sandbox import ChildCgroup
+    from rtml_ebpf.demo.cgroups import ChildCgroup
     from rtml_ebpf.demo.flood import wait_listening
 
     port = free_port()

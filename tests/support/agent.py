@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rtml_ebpf._sandbox import stop_process
+from rtml_ebpf.demo.cgroups import stop_process
 
 from .cgroups import Cgroup, interpreter_for_nobody, wait_until
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 from rtml_ebpf import _cgroup
-from rtml_ebpf._sandbox import ChildCgroup
+from rtml_ebpf.demo.cgroups import ChildCgroup
 
 MiB = 1 << 20
 IS_ROOT = os.geteuid() == 0
@@ -48,7 +48,7 @@ needs_cgroups = pytest.mark.skipif(cgroups_unavailable() is not None, reason=str
 
 
 class Cgroup(ChildCgroup):
-    """A real memory cgroup the test made (see rtml_ebpf._sandbox), with test helpers."""
+    """A real memory cgroup the test made (see rtml_ebpf.demo.cgroups), with test helpers."""
 
     def popen(self, argv: list[str], env: dict[str, str] | None = None,  # type: ignore[override]
               **kwargs: object) -> subprocess.Popen[str]:

@@ -1,8 +1,10 @@
-"""Child memory cgroups with a limit, for the demo and the benchmarks (and the tests).
+"""The demo's child memory cgroups: one per row, with a limit, removed afterwards.
 
-A child is made under the calling process's own memory cgroup, so it never
-touches cgroups that belong to anything else, and it is removed on close:
-the processes we started in it are killed by pid first.
+``rtml-ebpf demo`` runs each service in a fresh child of the calling process's own memory
+cgroup, so it never touches cgroups that belong to anything else; on close the processes it
+started there are killed by pid (by membership of the cgroup, never by name) and the cgroup is
+removed. The tests (tests/support/cgroups.py) and the benchmarks (benchmarks/cgroups.py) build
+on this module rather than keep a second copy; what only they need lives there, not here.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import uuid
 from types import TracebackType
 from typing import Any
 
-from . import _cgroup
-from .errors import RtmlError
+from .. import _cgroup
+from ..errors import RtmlError
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 15) -> int:
