@@ -61,6 +61,7 @@ typedef struct {
 
 struct page_counter {
 	atomic_long_t usage;
+	unsigned long high;	/* memory.high (v2); PAGE_COUNTER_MAX where unset and on v1 (5.8+) */
 	unsigned long max;
 	struct page_counter *parent;
 };

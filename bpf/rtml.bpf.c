@@ -157,7 +157,24 @@ struct reading {
 	__u64 limit;
 	__s64 headroom;
 	__u64 depth;
+	__u64 high;		/* lowest memory.high on the path */
+	__s64 high_room;	/* min(high - usage) over the ancestors with one */
+	__u64 high_depth;
 };
+
+/* One level's memory.high into the reading (usage: that level's counter). */
+static __always_inline void high_step(struct reading *r, __u64 high, __u64 usage, __u32 i)
+{
+	if (high >= RTML_UNLIMITED_PAGES)
+		return;
+	__s64 room = (__s64)high - (__s64)usage;
+	if (high < r->high) {
+		r->high = high;
+		r->high_depth = i;
+	}
+	if (room < r->high_room)
+		r->high_room = room;
+}
 
 struct walk {
 	struct page_counter *pc;
@@ -175,8 +192,12 @@ static long limit_step(__u32 i, struct walk *w)
 	if (!pc)
 		return 1;
 	__u64 max = pc->max;
+	__u64 used = pc->usage.counter;
+	/* page_counter.high exists since 5.8; v1 leaves it at PAGE_COUNTER_MAX */
+	if (bpf_core_field_exists(pc->high))
+		high_step(&w->r, pc->high, used, i);
 	if (max < RTML_UNLIMITED_PAGES) {
-		__s64 room = (__s64)max - pc->usage.counter;
+		__s64 room = (__s64)max - used;
 		if (max < w->r.limit) {
 			w->r.limit = max;
 			w->r.depth = i;
@@ -199,8 +220,11 @@ static long limit_step_probe(__u32 i, struct walk *w)
 	if (!pc)
 		return 1;
 	__u64 max = BPF_CORE_READ(pc, max);
+	__u64 used = BPF_CORE_READ(pc, usage.counter);
+	if (bpf_core_field_exists(pc->high))
+		high_step(&w->r, BPF_CORE_READ(pc, high), used, i);
 	if (max < RTML_UNLIMITED_PAGES) {
-		__s64 room = (__s64)max - BPF_CORE_READ(pc, usage.counter);
+		__s64 room = (__s64)max - used;
 		if (max < w->r.limit) {
 			w->r.limit = max;
 			w->r.depth = i;
@@ -219,6 +243,9 @@ static __always_inline void walk_init(struct walk *w, struct page_counter *pc, _
 	w->r.limit = RTML_UNLIMITED_PAGES;
 	w->r.headroom = (__s64)RTML_UNLIMITED_PAGES;
 	w->r.depth = 0;
+	w->r.high = RTML_UNLIMITED_PAGES;
+	w->r.high_room = (__s64)RTML_UNLIMITED_PAGES;
+	w->r.high_depth = 0;
 }
 
 static __always_inline __u64 rule_pages(const struct rtml_rule *rule, __u64 value, __u64 limit)
@@ -253,6 +280,10 @@ static __always_inline void publish_page(__u32 idx, const struct rtml_slot *s, c
 	p->limit_pages = s->limit_pages;
 	p->headroom_pages = s->headroom_pages;
 	p->limit_depth = s->limit_depth;
+	p->high_pages = s->high_pages;
+	p->high_room_pages = s->high_room_pages;
+	p->high_depth = s->high_depth;
+	p->flags = s->flags;
 	p->inactive_file_delta = s->inactive_file_delta;
 	p->inactive_file_base = cfg->inactive_file_base;
 	p->oom_kills = s->oom_kills;
@@ -284,16 +315,26 @@ __noinline int update_slot(__u32 idx, struct reading *r)
 	s->limit_pages = r->limit;
 	s->headroom_pages = r->headroom;
 	s->limit_depth = r->depth;
+	s->high_pages = r->high;
+	s->high_room_pages = r->high_room;
+	s->high_depth = r->high_depth;
 	s->updated_ns = bpf_ktime_get_ns();
 	s->refreshes++;
 
 	/*
+	 * The ceiling fractions apply to: the lower of max and memory.high, so a rule
+	 * trips before the kernel throttles the cgroup in reclaim, not after.
+	 */
+	__u64 ceiling = r->limit < r->high ? r->limit : r->high;
+	__s64 room = r->headroom < r->high_room ? r->headroom : r->high_room;
+
+	/*
 	 * Usage as the tightest ancestor sees it: with no siblings it is our own
-	 * usage, with busy siblings it is what is left of the shared limit.
+	 * usage, with busy siblings it is what is left of the shared ceiling.
 	 */
 	__s64 used = r->usage;
-	if (r->limit < RTML_UNLIMITED_PAGES)
-		used = (__s64)r->limit - r->headroom;
+	if (ceiling < RTML_UNLIMITED_PAGES)
+		used = (__s64)ceiling - room;
 	if (used < 0)
 		used = 0;
 	__s64 ws = used - (cfg->inactive_file_base + s->inactive_file_delta);
@@ -305,19 +346,19 @@ __noinline int update_slot(__u32 idx, struct reading *r)
 		const struct rtml_rule *rule = &cfg->rules[i];
 		if (rule->kind == RTML_RULE_OFF)
 			continue;
-		if (rule->kind == RTML_RULE_FRACTION && r->limit >= RTML_UNLIMITED_PAGES) {
+		if (rule->kind == RTML_RULE_FRACTION && ceiling >= RTML_UNLIMITED_PAGES) {
 			s->tripped[i] = 0;
 			continue;
 		}
 		__u64 metric = rule->metric == RTML_METRIC_WORKING_SET ? ws : used;
-		__u64 trip = rule_pages(rule, rule->trip, r->limit);
+		__u64 trip = rule_pages(rule, rule->trip, ceiling);
 		s->trip_pages[i] = trip;
 		if (metric >= trip) {
 			if (!s->tripped[i]) {
 				s->tripped[i] = 1;
 				__sync_fetch_and_add(&s->trips[i], 1);
 			}
-		} else if (s->tripped[i] && metric < rule_pages(rule, rule->clear, r->limit)) {
+		} else if (s->tripped[i] && metric < rule_pages(rule, rule->clear, ceiling)) {
 			s->tripped[i] = 0;
 		}
 	}

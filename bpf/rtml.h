@@ -9,7 +9,7 @@
 #ifndef __RTML_H
 #define __RTML_H
 
-#define RTML_ABI_VERSION 4
+#define RTML_ABI_VERSION 5	/* 5: memory.high in the walk (high_*), slot flags */
 
 #define RTML_MAX_SLOTS 64	/* watched cgroups per in-process object (the agent sets its own at load) */
 #define RTML_NESTED_WATCHES 4	/* watched cgroups on one path refreshed per event */
@@ -40,6 +40,9 @@ enum rtml_metric {
 #define RTML_CTL_TRACK_INACTIVE 1	/* lruvec events are live: inactive_file_delta is exact */
 #define RTML_CTL_FAULT_REFRESH 2	/* no memcg events: the fault hook refreshes the slot */
 #define RTML_CTL_METER_OFF 4		/* nobody asked for the per-thread meter yet: skip its lookup */
+
+/* rtml_slot.flags, written by the node agent into its slots and copied to the pages by rtml_publish */
+#define RTML_SLOT_STALLING 1		/* a PSI trigger on the cgroup's memory.pressure fired within its window */
 
 /* One threshold. A rule trips when metric >= trip and clears when metric < clear. */
 struct rtml_rule {
@@ -74,6 +77,9 @@ struct rtml_ctl {
  * trip counts, without the sequence pair (a user-space add would race the
  * programs' atomic ones and leave the pair unequal): a stats() reading taken
  * at that moment can mix two readings; the verdict bytes are single bytes.
+ * Fractional rules are fractions of the ceiling: the lower of limit_pages (max) and
+ * high_pages (memory.high, where the kernel starts throttling in reclaim), so a
+ * service trips before it is throttled. headroom_pages stays the room to max.
  * The hot path reads one byte, tripped[r]; the other fields are
  * for stats(). Multi-field reads are consistent when seq_begin read after
  * them equals seq_end read before them (writers on several CPUs bump begin,
@@ -98,7 +104,11 @@ struct rtml_slot {
 	__u64 trips[RTML_MAX_RULES];	/* clear -> tripped transitions per rule */
 	__u64 trip_pages[RTML_MAX_RULES]; /* each rule's trip point under the current limit */
 	__s64 inactive_file_base;	/* pages; in a client page only (a copy of the config's) */
-	__u64 _reserved[11];		/* pads the slot to 256 bytes */
+	__u64 high_pages;		/* lowest memory.high on the path (>= RTML_UNLIMITED_PAGES: none) */
+	__s64 high_room_pages;		/* min(high - usage) over ancestors with a memory.high */
+	__u64 high_depth;		/* levels above the watched cgroup where that high sits */
+	__u64 flags;			/* RTML_SLOT_*: the agent's, never the programs' */
+	__u64 _reserved[7];		/* pads the slot to 256 bytes */
 };
 
 /*

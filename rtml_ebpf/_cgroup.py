@@ -26,6 +26,8 @@ FILES = {
     "peak": ("memory.max_usage_in_bytes", "memory.peak"),
     "events": ("memory.oom_control", "memory.events"),  # both carry oom_kill
     "stat": ("memory.stat", "memory.stat"),
+    "high": ("", "memory.high"),  # v2 only: v1 has no throttling boundary below the limit
+    "pressure": ("", "memory.pressure"),  # v2 only (PSI per cgroup); see _psi.py
 }
 INACTIVE_FILE_KEY = ("total_inactive_file", "inactive_file")  # in memory.stat, v1 / v2
 
@@ -112,6 +114,30 @@ class MemoryCgroup:
         except FileNotFoundError:
             return None  # the v2 root cgroup has no memory.max: no limit there
         return parse_limit(text)
+
+    def read_high(self, directory: str | None = None) -> int | None:
+        """memory.high in bytes (v2); None where unset ("max"), absent (the root) and on v1."""
+        if self.version == 1:
+            return None
+        try:
+            text = read_text(self.file(file_name("high", 2), directory))
+        except FileNotFoundError:
+            return None
+        return parse_limit(text)
+
+    def effective_high(self) -> LimitInfo:
+        """The lowest memory.high on the visible path (v2). v1 has no memory.high: always none."""
+        best: int | None = None
+        source: str | None = None
+        limited: list[tuple[str, int]] = []
+        for directory in self.ancestors() if self.version == 2 else []:
+            high = self.read_high(directory)
+            if high is None:
+                continue
+            limited.append((directory, high))
+            if best is None or high < best:
+                best, source = high, directory
+        return LimitInfo(best, source, tuple(limited))
 
     def ancestors(self) -> list[str]:
         """This directory and each parent up to the mount point, nearest first."""

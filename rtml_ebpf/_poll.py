@@ -20,9 +20,10 @@ import os
 import threading
 import time
 
-from ._backend import Snapshot, room_from_snapshot
+from ._backend import Snapshot
 from ._cgroup import LimitInfo, MemoryCgroup
-from ._rules import Rule, Usage, effective_used, evaluate
+from ._high import HighSnapshot, ceiling_used, snapshot_ceiling
+from ._rules import Rule, Usage, evaluate
 from .errors import CgroupNotFound
 
 DEFAULT_MIN_INTERVAL = 0.010
@@ -70,6 +71,7 @@ class PollBackend:
         self._next_index = 0
         self._lock = threading.Lock()
         self._limits: LimitInfo | None = None
+        self._highs: LimitInfo = LimitInfo(None, None, ())  # memory.high on the path, read with the limits
         self._limits_ns = 0
         self._last_ns = 0
         self._snapshot: Snapshot | None = None
@@ -124,6 +126,7 @@ class PollBackend:
     # -- readings -----------------------------------------------------------------------
     def _read_limits(self, now: int) -> LimitInfo:
         if self._limits is None or now - self._limits_ns >= self._limit_interval_ns:
+            self._highs = self.cgroup.effective_high()
             self._limits = self.cgroup.effective_limit()
             self._limits_ns = now
         return self._limits
@@ -158,15 +161,23 @@ class PollBackend:
         self._check_identity()
         return snap
 
-    def _read(self) -> Snapshot:
+    def _read(self) -> HighSnapshot:
         now = time.monotonic_ns()
         limits = self._read_limits(now)
+        highs = self._highs
         own = self.cgroup.read_usage()
-        headroom: int | None = None
-        for directory, limit in limits.limited:
-            usage = own if directory == self.cgroup.directory else self.cgroup.read_usage(directory)
-            room = limit - usage
-            headroom = room if headroom is None else min(headroom, room)
+        usages = {self.cgroup.directory: own}
+
+        def least_room(bounds: tuple[tuple[str, int], ...]) -> int | None:
+            out: int | None = None
+            for directory, bound in bounds:
+                if directory not in usages:
+                    usages[directory] = self.cgroup.read_usage(directory)
+                out = bound - usages[directory] if out is None else min(out, bound - usages[directory])
+            return out
+
+        headroom = least_room(limits.limited)
+        high_room = least_room(highs.limited)
         if limits.limit_bytes is not None and (
             headroom is None or limits.limit_bytes - own < headroom
         ):
@@ -175,15 +186,18 @@ class PollBackend:
         rules = list(self._rules.values())  # one C-level copy: safe against a concurrent add_rule
         needs_ws = any(r.metric == "working_set" for r in rules) or not rules
         inactive = self.cgroup.read_inactive_file() if needs_ws else 0
-        return Snapshot(
+        return HighSnapshot(
             usage=own,
-            used=effective_used(own, limits.limit_bytes, headroom),
+            used=ceiling_used(own, limits.limit_bytes, headroom, highs.limit_bytes, high_room),
             inactive_file=inactive,
             limit=limits.limit_bytes,
             limit_source=limits.source,
             headroom=headroom,
             updated_ns=now,
             oom_kills=0,
+            high=highs.limit_bytes,
+            high_source=highs.source,
+            high_room=high_room,
         )
 
     def _refresh(self) -> None:
@@ -194,7 +208,7 @@ class PollBackend:
         if self._closed:
             return
         snap = self.read()
-        usage = Usage(snap.used, snap.working_set, snap.limit)
+        usage = Usage(snap.used, snap.working_set, snapshot_ceiling(snap))  # fractions of max or high
         with self._lock:
             if snap.updated_ns < self._last_ns:
                 return  # a newer reading was published meanwhile
@@ -220,7 +234,10 @@ class PollBackend:
         rule = self._rules.get(flag.index) if isinstance(flag, PollFlag) else None
         if rule is None:
             return None, None
-        return room_from_snapshot(self.snapshot(flag, full=False), rule)
+        snap = self.snapshot(flag, full=False)
+        value = snap.working_set if rule.metric == "working_set" else snap.used
+        trip = rule.trip.resolve(snapshot_ceiling(snap))
+        return (None if trip is None else trip - value), snap.headroom
 
     def maintain(self, flag: object) -> None:
         pass
@@ -241,7 +258,7 @@ class PollBackend:
             oom = self.cgroup.oom_kills()
         except OSError:
             oom = 0
-        return Snapshot(**{**snap.__dict__, "oom_kills": oom})
+        return HighSnapshot(**{**snap.__dict__, "oom_kills": oom})
 
     def close(self) -> None:
         self._closed = True

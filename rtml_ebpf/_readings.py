@@ -11,7 +11,10 @@ import time
 from ._backend import Backend
 from ._cgroup import MemoryCgroup
 from ._growth import Sampler, seconds_to
+from ._high import HighSnapshot, snapshot_ceiling
+from ._psi import read_pressure
 from ._rules import Threshold
+from ._stall import StallMeter
 from ._stats import Stats, build_stats
 from .errors import CgroupNotFound, RtmlError
 from .levels import Level
@@ -58,13 +61,22 @@ class LimiterReadings:
         try:
             snap = self._backend.snapshot(self._handle, full=False)
             value = snap.working_set if self._metric == "working_set" else snap.used
-            lo = self._soft.resolve(snap.limit)
-            hi = self._trip.resolve(snap.limit)
+            top = snapshot_ceiling(snap)
+            lo = self._soft.resolve(top)
+            hi = self._trip.resolve(top)
             if lo is None or hi is None or hi <= lo:
                 return 1.0
             return min(1.0, max(0.0, (value - lo) / (hi - lo)))
         except Exception as exc:  # noqa: BLE001
             return 1.0 if self._failed(exc) else 0.0
+
+    def stalling(self) -> bool:
+        """True while the cgroup stalls on memory: PSI ``some`` over 15% of the last second
+        (cgroup v2; read at most every 100 ms, never raises; False where there is no PSI)."""
+        meter: StallMeter | None = getattr(self, "_stall_meter", None)
+        if meter is None:
+            meter = self._stall_meter = StallMeter(self._cgroup)
+        return meter.stalling()
 
     # -- introspection ------------------------------------------------------------------
     @property
@@ -127,6 +139,12 @@ class LimiterReadings:
             snap = backend.snapshot(handle)
         except FileNotFoundError as exc:
             raise CgroupNotFound(f"cgroup {self._cgroup.directory} was removed while being read: {exc}") from None
+        if not isinstance(snap, HighSnapshot):
+            # a backend whose reading lacks memory.high (an agent client's page before ABI 5's
+            # fields are read there): the files say it; the verdict itself is the kernel's
+            highs = self._cgroup.effective_high()
+            snap = HighSnapshot(**snap.__dict__, high=highs.limit_bytes, high_source=highs.source)
+        psi, psi_reason = read_pressure(self._cgroup)
         now_ns = time.monotonic_ns()
         growth = self._sampler.growth
         growth.add(now_ns, snap.used)
@@ -140,7 +158,10 @@ class LimiterReadings:
             relief_runs=self._relief.stats.runs if self._relief else 0,
             relief_bytes=self._relief.stats.bytes_returned if self._relief else 0, growth_bytes_per_s=rate,
             seconds_to_limit=seconds_to(snap.headroom, rate),
-            tripped_ahead=self._ahead is not None and bool(self._ahead[0])))
+            tripped_ahead=self._ahead is not None and bool(self._ahead[0]),
+            pressure_some_avg10=psi and psi.some_avg10, pressure_some_total_us=psi and psi.some_total_us,
+            pressure_full_avg10=psi and psi.full_avg10, pressure_full_total_us=psi and psi.full_total_us,
+            pressure_reason=psi_reason, stalling=None if psi is None else self.stalling()))
 
     def __repr__(self) -> str:
         soft = f", soft_threshold={self._soft.describe()!r}" if self._soft else ""

@@ -75,6 +75,7 @@ def test_enum_values_match_the_header() -> None:
         assert m and int(m.group(1)) == value, name
     for name, value in (("RTML_CTL_TRACK_INACTIVE", _abi.CTL_TRACK_INACTIVE),
                         ("RTML_CTL_FAULT_REFRESH", _abi.CTL_FAULT_REFRESH),
-                        ("RTML_CTL_METER_OFF", _abi.CTL_METER_OFF)):
+                        ("RTML_CTL_METER_OFF", _abi.CTL_METER_OFF),
+                        ("RTML_SLOT_STALLING", _abi.SLOT_STALLING)):
         m = re.search(rf"#define {name} (\d+)", text)
         assert m and int(m.group(1)) == value, name

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 4
+ABI_VERSION = 5  # 5: memory.high in the walk (high_*), slot flags
 MAX_SLOTS = 64
 NESTED_WATCHES = 4
 BEAT_MS = 100
@@ -18,6 +18,7 @@ METRIC_USAGE, METRIC_WORKING_SET = 0, 1
 CTL_TRACK_INACTIVE = 1
 CTL_FAULT_REFRESH = 2
 CTL_METER_OFF = 4  # set at load; cleared for good by the first thread_meter() (runtime, agent clients)
+SLOT_STALLING = 1  # Slot.flags: the agent's PSI trigger on the cgroup fired within its window
 
 u8, u32, u64, s64 = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
 
@@ -53,7 +54,11 @@ class Slot(ctypes.Structure):
         ("trips", u64 * MAX_RULES),
         ("trip_pages", u64 * MAX_RULES),
         ("inactive_file_base", s64),
-        ("_reserved", u64 * 11),
+        ("high_pages", u64),
+        ("high_room_pages", s64),
+        ("high_depth", u64),
+        ("flags", u64),
+        ("_reserved", u64 * 7),
     ]
 
 
@@ -124,6 +129,9 @@ W_USAGE = Slot.usage_pages.offset // 8
 W_LIMIT = Slot.limit_pages.offset // 8
 W_HEADROOM = Slot.headroom_pages.offset // 8
 W_INACTIVE_DELTA = Slot.inactive_file_delta.offset // 8
+W_HIGH = Slot.high_pages.offset // 8
+W_HIGH_ROOM = Slot.high_room_pages.offset // 8
+W_FLAGS = Slot.flags.offset // 8
 TRIPPED_OFFSET = Slot.tripped.offset
 SEQ_BEGIN_OFFSET = Slot.seq_begin.offset
 SEQ_END_OFFSET = Slot.seq_end.offset

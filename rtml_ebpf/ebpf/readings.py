@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .._backend import Snapshot
 from .._cgroup import MemoryCgroup
+from .._high import HighSnapshot, snapshot_ceiling
 from .._poll import PollBackend
 from .._rules import Rule, Usage, evaluate
 from ..config import PAGE_SIZE
@@ -19,7 +20,15 @@ from ..errors import CgroupNotFound, RtmlError
 from . import abi
 from . import libbpf as _libbpf
 from .loader import Loaded
-from .words import _file_oom_kills, possible_cpus, read_consistent, room_from_pages, slot_readings
+from .words import (
+    _file_oom_kills,
+    possible_cpus,
+    read_consistent,
+    room_from_pages,
+    slot_high,
+    slot_readings,
+    write_high,
+)
 
 SLOT_SIZE = ctypes.sizeof(abi.Slot)
 CONFIG_SIZE = ctypes.sizeof(abi.Config)
@@ -68,8 +77,11 @@ class SlotReadings:
         if state is None or state.index != slot or not state.watched or self.words is None:
             return False
         limits = state.reader.limits_now()  # CgroupNotFound once the path is not this cgroup any more
+        highs = state.cgroup.effective_high()
         pages = limits.limit_bytes // PAGE_SIZE if limits.limit_bytes is not None else abi.UNLIMITED_PAGES
-        if pages == self.words[state.index * abi.SLOT_WORDS + abi.W_LIMIT]:
+        high = highs.limit_bytes // PAGE_SIZE if highs.limit_bytes is not None else abi.UNLIMITED_PAGES
+        base = state.index * abi.SLOT_WORDS
+        if pages == self.words[base + abi.W_LIMIT] and high == self.words[base + abi.W_HIGH]:
             return False
         self.write_reading(state, state.reader.read_now())
         return True
@@ -84,8 +96,9 @@ class SlotReadings:
         slot.usage_pages = snap.usage // PAGE_SIZE
         slot.limit_pages = snap.limit // PAGE_SIZE if snap.limit is not None else abi.UNLIMITED_PAGES
         slot.headroom_pages = snap.headroom // PAGE_SIZE if snap.headroom is not None else abi.UNLIMITED_PAGES
+        write_high(slot, snap, state.ancestors)
         slot.updated_ns = time.monotonic_ns()
-        usage = Usage(snap.used, snap.working_set, snap.limit)
+        usage = Usage(snap.used, snap.working_set, snapshot_ceiling(snap))
         for index, rule in state.rules.items():
             was = bool(slot.tripped[index])
             now = evaluate(rule, usage, was)
@@ -108,9 +121,11 @@ class SlotReadings:
             raise RtmlError("the eBPF runtime is closed")
         base = slot * abi.SLOT_WORDS
         usage, limit, headroom = w[base + abi.W_USAGE], w[base + abi.W_LIMIT], w[base + abi.W_HEADROOM]
+        top, room = min(limit, w[base + abi.W_HIGH]), min(headroom, w[base + abi.W_HIGH_ROOM])
+        used = usage if top >= abi.UNLIMITED_PAGES else top - room  # as the ceiling sees it (_high.py)
         if limit >= abi.UNLIMITED_PAGES:
-            return usage, None, None
-        return limit - headroom, limit * PAGE_SIZE, headroom * PAGE_SIZE
+            return used, None, None
+        return used, limit * PAGE_SIZE, headroom * PAGE_SIZE
 
     def used_bytes(self, slot: int) -> int:
         """Usage as the tightest ancestor sees it, in bytes (the growth rate's reading)."""
@@ -125,7 +140,7 @@ class SlotReadings:
         base = slot * abi.SLOT_WORDS
         inactive = cw[slot * abi.CONFIG_WORDS + 1] + w[base + abi.W_INACTIVE_DELTA]
         return room_from_pages(w[base + abi.W_USAGE], w[base + abi.W_LIMIT], w[base + abi.W_HEADROOM], inactive,
-                               rule)
+                               rule, w[base + abi.W_HIGH], w[base + abi.W_HIGH_ROOM])
 
     def read_counters(self, index: int) -> abi.Counters:
         """The per-CPU counters of one slot, summed."""
@@ -150,8 +165,8 @@ class SlotReadings:
         cfg = abi.Config.from_buffer_copy(
             self._configs_mm[state.index * CONFIG_SIZE : (state.index + 1) * CONFIG_SIZE])
         links = self.loaded.links
-        return Snapshot(
-            **slot_readings(s, cfg.inactive_file_base, state.ancestors),
+        return HighSnapshot(
+            **slot_readings(s, cfg.inactive_file_base, state.ancestors), **slot_high(s, state.ancestors),
             oom_kills=int(s.oom_kills) if "oom_victim" in links else _file_oom_kills(state.cgroup),
             faults=c.faults if "page_fault_user" in links else None,
             events=c.events,

@@ -14,6 +14,7 @@ import time
 
 from .._backend import Snapshot
 from .._cgroup import MemoryCgroup
+from .._high import snapshot_ceiling
 from .._poll import PollBackend
 from .._rules import Rule, Usage, evaluate
 from ..config import PAGE_SIZE
@@ -29,6 +30,7 @@ from .words import (  # re-exported (__all__): the agent imports them from here
     read_consistent,
     room_from_pages,
     slot_readings,
+    write_high,
 )
 
 __all__ = ["Slots", "SlotState", "decode_rule", "encode_rule", "possible_cpus", "read_consistent",
@@ -69,7 +71,7 @@ class Slots(SlotReadings):
                 "process; share a Limiter instead of creating more"
             )
         snap = state.reader.read()
-        tripped = evaluate(rule, Usage(snap.used, snap.working_set, snap.limit), False)
+        tripped = evaluate(rule, Usage(snap.used, snap.working_set, snapshot_ceiling(snap)), False)
         if fresh:
             self._init_slot(state, cgroup, snap)
         self._slots_mm[state.index * SLOT_SIZE + abi.TRIPPED_OFFSET + rule_index] = int(tripped)
@@ -165,7 +167,7 @@ class Slots(SlotReadings):
             self._slots_mm[state.index * SLOT_SIZE + abi.TRIPPED_OFFSET + rule_index] = 0
             return
         snap = state.reader.read()
-        tripped = evaluate(rule, Usage(snap.used, snap.working_set, snap.limit), False)
+        tripped = evaluate(rule, Usage(snap.used, snap.working_set, snapshot_ceiling(snap)), False)
         self._slots_mm[state.index * SLOT_SIZE + abi.TRIPPED_OFFSET + rule_index] = int(tripped)
         self._write_rule(state.index, rule_index, rule)
         state.rules[rule_index] = rule
@@ -233,6 +235,7 @@ class Slots(SlotReadings):
         slot.usage_pages = snap.usage // PAGE_SIZE
         slot.limit_pages = (snap.limit // PAGE_SIZE) if snap.limit is not None else abi.UNLIMITED_PAGES
         slot.headroom_pages = (snap.headroom // PAGE_SIZE) if snap.headroom is not None else abi.UNLIMITED_PAGES
+        write_high(slot, snap, state.ancestors)
         slot.updated_ns = time.monotonic_ns()
         for rule, fail_answer in state.quarantined.items():
             slot.tripped[rule] = int(fail_answer)  # kept checks of closed Limiters keep their answer

@@ -10,8 +10,10 @@ import os
 import struct
 from typing import Any
 
+from .._backend import Snapshot
 from .._cgroup import MemoryCgroup
-from .._rules import Rule, Threshold, effective_used
+from .._high import ceiling_used
+from .._rules import Rule, Threshold
 from ..config import PAGE_SIZE
 from . import abi
 
@@ -70,18 +72,40 @@ def read_consistent(buf: Any, base: int = 0) -> abi.Slot:
     return abi.Slot.from_buffer_copy(raw)
 
 
-def room_from_pages(usage: int, limit: int, headroom: int, inactive: int,
-                    rule: Rule) -> tuple[int | None, int | None]:
+def room_from_pages(usage: int, limit: int, headroom: int, inactive: int, rule: Rule,
+                    high: int = abi.UNLIMITED_PAGES, high_room: int = abi.UNLIMITED_PAGES,
+                    ) -> tuple[int | None, int | None]:
     """(bytes before ``rule`` trips, bytes before the OOM killer acts) from a slot's words (pages);
-    None: unlimited."""
-    if limit >= abi.UNLIMITED_PAGES:
-        used, limit_bytes, limit_room = usage, None, None
-    else:
-        used, limit_bytes, limit_room = limit - headroom, limit * PAGE_SIZE, headroom * PAGE_SIZE
+    None: unlimited. Fractions apply to the ceiling, the lower of max and memory.high (_high.py)."""
+    top, room = min(limit, high), min(headroom, high_room)
+    used = usage if top >= abi.UNLIMITED_PAGES else top - room
+    limit_room = None if limit >= abi.UNLIMITED_PAGES else headroom * PAGE_SIZE
     if rule.metric == "working_set":
         used = max(0, used - inactive)
-    trip = rule.trip.resolve(limit_bytes)
+    trip = rule.trip.resolve(None if top >= abi.UNLIMITED_PAGES else top * PAGE_SIZE)
     return (None if trip is None else trip - used * PAGE_SIZE), limit_room
+
+
+def _named(depth: int, ancestors: list[str]) -> str:
+    if depth < len(ancestors):
+        return ancestors[depth]
+    return f"(an ancestor {depth} levels up, above the cgroup mount root)"
+
+
+def write_high(slot: abi.Slot, snap: Snapshot, ancestors: list[str]) -> None:
+    """A file reading's memory.high into a slot (user space's writes: the first reading, the upkeep)."""
+    high, room = getattr(snap, "high", None), getattr(snap, "high_room", None)
+    source = getattr(snap, "high_source", None)
+    slot.high_pages = abi.UNLIMITED_PAGES if high is None else high // PAGE_SIZE
+    slot.high_room_pages = abi.UNLIMITED_PAGES if room is None else room // PAGE_SIZE
+    slot.high_depth = ancestors.index(source) if source in ancestors else 0
+
+
+def slot_high(s: abi.Slot, ancestors: list[str]) -> dict[str, Any]:
+    """The memory.high fields of a slot in bytes, for a HighSnapshot (high, high_source)."""
+    if s.high_pages >= abi.UNLIMITED_PAGES:
+        return {"high": None, "high_source": None}
+    return {"high": s.high_pages * PAGE_SIZE, "high_source": _named(int(s.high_depth), ancestors)}
 
 
 def slot_readings(s: abi.Slot, inactive_base: int, ancestors: list[str]) -> dict[str, Any]:
@@ -90,11 +114,9 @@ def slot_readings(s: abi.Slot, inactive_base: int, ancestors: list[str]) -> dict
     limit = s.limit_pages * PAGE_SIZE if s.limit_pages < abi.UNLIMITED_PAGES else None
     headroom = s.headroom_pages * PAGE_SIZE if limit is not None else None
     usage = s.usage_pages * PAGE_SIZE
-    depth = int(s.limit_depth)
-    source = None
-    if limit is not None:
-        source = ancestors[depth] if depth < len(ancestors) else (
-            f"(an ancestor {depth} levels up, above the cgroup mount root)")
-    return {"usage": usage, "used": effective_used(usage, limit, headroom),
+    source = None if limit is None else _named(int(s.limit_depth), ancestors)
+    high = s.high_pages * PAGE_SIZE if s.high_pages < abi.UNLIMITED_PAGES else None
+    high_room = s.high_room_pages * PAGE_SIZE if high is not None else None
+    return {"usage": usage, "used": ceiling_used(usage, limit, headroom, high, high_room),
             "inactive_file": max(0, (inactive_base + s.inactive_file_delta) * PAGE_SIZE), "limit": limit,
             "limit_source": source, "headroom": headroom, "updated_ns": int(s.updated_ns)}
