@@ -53,6 +53,15 @@ def status_dict(s: Stats) -> dict[str, Any]:
         "growth_bytes_per_s": s.growth_bytes_per_s,
         "seconds_to_limit": s.seconds_to_limit,
         "tripped_ahead": s.tripped_ahead,
+        "high_bytes": s.high_bytes,
+        "high_source": s.high_source,
+        "binding": s.binding,
+        "pressure_some_avg10": s.pressure_some_avg10,
+        "pressure_some_total_us": s.pressure_some_total_us,
+        "pressure_full_avg10": s.pressure_full_avg10,
+        "pressure_full_total_us": s.pressure_full_total_us,
+        "pressure_reason": s.pressure_reason,
+        "stalling": s.stalling,
     }
 
 
@@ -71,6 +80,10 @@ def print_status(s: Stats) -> None:
         ("cgroup", f"{s.cgroup_path}  (v{s.cgroup_version}, id {s.cgroup_id})"),
         ("directory", s.cgroup_dir),
         ("effective limit", human(s.limit_bytes) + (f"  set by {s.limit_source}" if s.limit_source else "")),
+        ("memory.high", "none (cgroup v1 has no memory.high)" if s.cgroup_version == 1 else
+         "none set" if s.high_bytes is None else human(s.high_bytes) + f"  set by {s.high_source}"),
+        ("fractions of", {"high": "memory.high (below the limit: the kernel throttles there first)",
+                          "max": "the limit"}.get(s.binding or "", "n/a (no limit)")),
         ("usage", human(s.usage_bytes)),
         ("working set", human(s.working_set_bytes) + "  (usage - inactive_file)"),
         ("metric", s.metric + pct),
@@ -84,6 +97,9 @@ def print_status(s: Stats) -> None:
     ]
     if s.faults is not None:
         rows.append(("user faults seen", str(s.faults)))
+    rows.append(("memory pressure", f"some {s.pressure_some_avg10:.2f}% full {s.pressure_full_avg10:.2f}% (avg10)"
+                 + ("  [red]stalling[/red]" if s.stalling else "") if s.pressure_some_avg10 is not None
+                 and s.pressure_full_avg10 is not None else f"n/a: {s.pressure_reason}"))
     if s.growth_bytes_per_s is not None:
         rows.append(("growth", f"{human(int(s.growth_bytes_per_s))}/s" + (
             f", limit in {s.seconds_to_limit:.1f} s at this rate" if s.seconds_to_limit is not None else "")))

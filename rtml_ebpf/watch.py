@@ -49,6 +49,10 @@ class Row:
     pod_uid: str | None = None
     container_id: str | None = None
     qos: str | None = None
+    high_bytes: int | None = None  # lowest memory.high on the path (v2)
+    binding: str | None = None  # "max" or "high": what the threshold's fraction applies to
+    pressure_some_avg10: float | None = None  # PSI some avg10, percent (None: no per-cgroup PSI)
+    stalling: bool | None = None  # the agent's PSI trigger fired (agent) / some over 15% of 1 s (local)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,8 +74,10 @@ _FIELDS = {"rtml_cgroup_usage_bytes": "usage_bytes", "rtml_cgroup_working_set_by
            "rtml_cgroup_threshold_bytes": "threshold_bytes",
            "rtml_cgroup_growth_bytes_per_second": "growth_bytes_per_s",
            "rtml_cgroup_seconds_to_limit": "seconds_to_limit", "rtml_cgroup_oom_kills_total": "oom_kills",
-           "rtml_cgroup_trips_total": "trips"}
-_FLOATS = ("growth_bytes_per_s", "seconds_to_limit")
+           "rtml_cgroup_trips_total": "trips", "rtml_cgroup_high_bytes": "high_bytes",
+           "rtml_cgroup_ceiling_bytes": "binding", "rtml_cgroup_pressure_avg10": "pressure_some_avg10",
+           "rtml_cgroup_stalling": "stalling"}
+_FLOATS = ("growth_bytes_per_s", "seconds_to_limit", "pressure_some_avg10")
 
 
 def _unescape(value: str) -> str:
@@ -103,7 +109,15 @@ def parse_metrics(text: str) -> list[Row]:
                                    "container_id": labels.get("container_id") or None,
                                    "qos": labels.get("qos") or None}
         value = float(line[close + 2:])
-        row[field] = value if field in _FLOATS else int(value)
+        if field == "binding":
+            row[field] = labels.get("binding")
+        elif field == "pressure_some_avg10":
+            if labels.get("stall") == "some":
+                row[field] = value
+        elif field == "stalling":
+            row[field] = bool(value)
+        else:
+            row[field] = value if field in _FLOATS else int(value)
     rows = []
     for r in found.values():
         if "usage_bytes" not in r:
@@ -112,7 +126,9 @@ def parse_metrics(text: str) -> list[Row]:
                         limit_bytes=r.get("limit_bytes"), threshold_bytes=r.get("threshold_bytes"),
                         headroom_bytes=r.get("headroom_bytes"), growth_bytes_per_s=r.get("growth_bytes_per_s"),
                         seconds_to_limit=r.get("seconds_to_limit"), oom_kills=r.get("oom_kills", 0),
-                        trips=r.get("trips", 0), pod_uid=r["pod_uid"], container_id=r["container_id"], qos=r["qos"]))
+                        trips=r.get("trips", 0), pod_uid=r["pod_uid"], container_id=r["container_id"], qos=r["qos"],
+                        high_bytes=r.get("high_bytes"), binding=r.get("binding"),
+                        pressure_some_avg10=r.get("pressure_some_avg10"), stalling=r.get("stalling")))
     return rows
 
 
@@ -172,7 +188,8 @@ class LocalSource:
                            headroom_bytes=s.limit_headroom_bytes, growth_bytes_per_s=s.growth_bytes_per_s,
                            seconds_to_limit=s.seconds_to_limit, oom_kills=s.oom_kills, trips=s.trips,
                            pod_uid=pod.pod_uid if pod else None, container_id=pod.container_id if pod else None,
-                           qos=pod.qos if pod else None))
+                           qos=pod.qos if pod else None, high_bytes=s.high_bytes, binding=s.binding,
+                           pressure_some_avg10=s.pressure_some_avg10, stalling=s.stalling))
         return out
 
     def close(self) -> None:
@@ -210,6 +227,14 @@ def _seconds(value: float | None) -> str:
     return f"{value:.1f} s" if value < 600 else f"{value / 60:.0f} min"
 
 
+def _stall(row: Row) -> str:
+    """PSI some avg10 in percent, red while stalling; "-" without per-cgroup PSI (cgroup v1)."""
+    if row.pressure_some_avg10 is None:
+        return "-"
+    text = f"{row.pressure_some_avg10:.1f}%"
+    return f"[red]{text}[/red]" if row.stalling else text
+
+
 def common_parent(paths: list[str]) -> str:
     """The deepest cgroup above every path ("/" when none is shared), for shorter rows."""
     if len(paths) < 2:
@@ -240,10 +265,11 @@ def table(rows: list[Row], what: str, max_rows: int | None = None) -> Any:
     top = common_parent([r.cgroup for r in rows])
     under = f" · under {top}" if top != "/" else ""
     t = Table(title=f"rtml-ebpf watch · {what}{under} · {time.strftime('%H:%M:%S')}", title_justify="left",
-              caption="█ working set  ▒ rest of usage  | threshold · sorted by least headroom", caption_justify="left")
+              caption="█ working set  ▒ rest of usage  | threshold · * the ceiling (max or memory.high) · stall: PSI "
+                      "some avg10 · sorted by least headroom", caption_justify="left")
     for name, justify in (("cgroup", "left"), ("usage / limit", "left"), ("usage", "right"), ("working set", "right"),
-                          ("limit", "right"), ("headroom", "right"), ("growth/s", "right"),
-                          ("to limit", "right"), ("OOM", "right"), ("trips", "right")):
+                          ("limit", "right"), ("high", "right"), ("headroom", "right"), ("growth/s", "right"),
+                          ("to limit", "right"), ("stall", "right"), ("OOM", "right"), ("trips", "right")):
         t.add_column(name, justify=justify, no_wrap=name != "cgroup", overflow="fold")  # type: ignore[arg-type]
     shown = rows if max_rows is None else rows[:max_rows]
     names = [short_name(r.cgroup[len(top):] if top != "/" else r.cgroup) for r in shown]
@@ -254,11 +280,14 @@ def table(rows: list[Row], what: str, max_rows: int | None = None) -> Any:
         growth = "-" if r.growth_bytes_per_s is None else f"{human(int(r.growth_bytes_per_s))}"
         t.add_row(name, bar(r), human(r.usage_bytes),
                   human(r.working_set_bytes) if r.working_set_bytes is not None else "-",
-                  human(r.limit_bytes), human(r.headroom_bytes) if r.headroom_bytes is not None else "-", growth,
-                  _seconds(r.seconds_to_limit), f"[red]{r.oom_kills}[/red]" if r.oom_kills else "0", str(r.trips))
+                  human(r.limit_bytes) + ("*" if r.binding == "max" and r.high_bytes is not None else ""),
+                  "-" if r.high_bytes is None else human(r.high_bytes) + ("*" if r.binding == "high" else ""),
+                  human(r.headroom_bytes) if r.headroom_bytes is not None else "-", growth,
+                  _seconds(r.seconds_to_limit), _stall(r), f"[red]{r.oom_kills}[/red]" if r.oom_kills else "0",
+                  str(r.trips))
     if max_rows is not None and len(rows) > max_rows:
         t.add_row(f"[dim]... {len(rows) - max_rows} more (filter with --filter)[/dim]", "", "", "", "", "", "", "",
-                  "", "")
+                  "", "", "", "")
     return t
 
 

@@ -10,13 +10,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from .. import _cgroup
+from ..errors import ConfigError, RtmlError
 from ..limiter import Level, Limiter
 
 # Health, readiness and metrics endpoints must answer while the service sheds: an orchestrator
 # that sees them fail restarts the pod, and a scraper that sees them fail loses the spike.
 DEFAULT_EXCLUDE_PATHS = ("/health", "/healthz", "/ready", "/readyz", "/live", "/livez", "/metrics")
-SHED_AT = ("hard", "soft", "probabilistic")
+SHED_AT = ("hard", "soft", "probabilistic", "stall")
 REJECTION_BODY = b"memory limit reached, retry later\n"
 ENDED_BODY = b"memory limit reached: this request was ended to keep the service from being OOM-killed, retry later\n"
 MAX_CONTENT_LENGTH_DIGITS = 18
@@ -66,6 +67,21 @@ def content_length(value: str | bytes | None) -> int | None:
     return int(text)
 
 
+def _check_stall(limiter: Limiter | None) -> None:
+    """shed_at="stall" needs the cgroup's memory.pressure (cgroup v2 with PSI): refuse it where
+    the signal does not exist rather than never shed on it."""
+    from .._psi import read_pressure
+
+    try:
+        cgroup = limiter.cgroup if limiter is not None else _cgroup.find_process_cgroup()
+    except RtmlError as exc:
+        raise ConfigError(f"shed_at='stall': {exc}") from None
+    psi, why = read_pressure(cgroup)
+    if psi is None:
+        raise ConfigError(f"shed_at='stall' needs memory pressure (PSI) of {cgroup.directory}: {why}; "
+                          "use shed_at='hard' or 'soft' here")
+
+
 class Policy:
     """Validated once at construction; per request it is a path lookup and one check."""
 
@@ -86,6 +102,8 @@ class Policy:
             raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
         if shed_at not in SHED_AT:
             raise ConfigError(f"shed_at={shed_at!r}: use one of {', '.join(map(repr, SHED_AT))}")
+        if shed_at == "stall":
+            _check_stall(limiter)
         if isinstance(exclude, str):
             raise ConfigError(f"exclude={exclude!r}: pass a list of paths, not one string")
         lo, hi = retry_after
@@ -111,6 +129,11 @@ class Policy:
 
             if self.shed_at == "hard":
                 return _default.is_mem_limit_reached  # builds the default lazily, never raises
+            stall_meter = None
+            if self.shed_at == "stall":
+                from .._stall import StallMeter
+
+                stall_meter = StallMeter(_cgroup.find_process_cgroup())
 
             def default_decider() -> bool:
                 if _default.is_mem_limit_reached():
@@ -119,11 +142,16 @@ class Policy:
                     d = _default.default_limiter()
                 except Exception:  # noqa: BLE001 - the module check already logged and failed open
                     return False
+                if stall_meter is not None:
+                    return stall_meter.stalling()
                 return d.level() >= Level.SOFT if self.shed_at == "soft" else d.should_shed()
 
             return default_decider
         if self.shed_at == "hard":
             return lim.is_mem_limit_reached
+        if self.shed_at == "stall":
+            hard, stalling = lim.is_mem_limit_reached, lim.stalling
+            return lambda: hard() or stalling()
         if self.shed_at == "soft":
             return lambda: lim.level() >= Level.SOFT
         return lim.should_shed

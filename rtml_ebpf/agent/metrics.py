@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .._growth import RateEwma, seconds_to
+from .._high import binding, ceiling
 from .._kube import pod_labels
+from .._psi import read_pressure
 from ..config import PAGE_SIZE
 from ..ebpf import abi
 
@@ -30,6 +32,9 @@ CGROUP_FAMILIES = (
     ("rtml_cgroup_usage_bytes", "gauge", "The cgroup's own page counter (memory.current / usage_in_bytes)."),
     ("rtml_cgroup_working_set_bytes", "gauge", "Usage as the tightest ancestor sees it, minus inactive file cache."),
     ("rtml_cgroup_limit_bytes", "gauge", "The tightest memory limit on the path to the root (absent: unlimited)."),
+    ("rtml_cgroup_high_bytes", "gauge", "The lowest memory.high on the path (cgroup v2; absent: none set, and on v1)."),
+    ("rtml_cgroup_ceiling_bytes", "gauge", "What fractional thresholds apply to: the lower of limit and high; the "
+     "binding label says which (max or high)."),
     ("rtml_cgroup_headroom_bytes", "gauge", "Bytes left before the OOM killer acts (least over limited ancestors)."),
     ("rtml_cgroup_threshold_bytes", "gauge", "The lowest trip point of the clients' thresholds (absent: no client)."),
     ("rtml_cgroup_charged_bytes_total", "counter", "Pages charged to the cgroup's subtree since watched, by kind."),
@@ -39,6 +44,12 @@ CGROUP_FAMILIES = (
     ("rtml_cgroup_trips_total", "counter", "Clear-to-tripped transitions of the clients' thresholds."),
     ("rtml_cgroup_growth_bytes_per_second", "gauge", "Growth of usage, smoothed over about a second of readings."),
     ("rtml_cgroup_seconds_to_limit", "gauge", "At that growth, seconds until the limit (absent: not growing)."),
+    ("rtml_cgroup_pressure_avg10", "gauge", "memory.pressure (PSI, cgroup v2): percent of the last 10 s in which "
+     "some (or all: stall=\"full\") tasks of the cgroup stalled on memory (absent: no PSI, as on cgroup v1)."),
+    ("rtml_cgroup_pressure_stalled_seconds_total", "counter", "memory.pressure total: time some (or all) tasks "
+     "stalled on memory."),
+    ("rtml_cgroup_stalling", "gauge", "1 while the agent's PSI trigger on the cgroup fired within its window "
+     "(agent/psi.py)."),
 )
 
 
@@ -126,7 +137,14 @@ class NodeMetrics:
             if snap.limit is not None:
                 rows["rtml_cgroup_limit_bytes"].append(f"rtml_cgroup_limit_bytes{{{lab}}} {snap.limit}")
                 rows["rtml_cgroup_headroom_bytes"].append(f"rtml_cgroup_headroom_bytes{{{lab}}} {snap.headroom}")
-            if points and snap.limit is not None:
+            high = getattr(snap, "high", None)
+            if high is not None:
+                rows["rtml_cgroup_high_bytes"].append(f"rtml_cgroup_high_bytes{{{lab}}} {high}")
+            top, bound = ceiling(snap.limit, high), binding(snap.limit, high)
+            if top is not None:
+                rows["rtml_cgroup_ceiling_bytes"].append(f'rtml_cgroup_ceiling_bytes{{{lab},binding="{bound}"}} {top}')
+            _pressure_rows(rows, lab, state, w)
+            if points and top is not None:
                 rows["rtml_cgroup_threshold_bytes"].append(
                     f"rtml_cgroup_threshold_bytes{{{lab}}} {min(points) * PAGE_SIZE}")
             for kind, (charged, uncharged) in snap.growth.items():
@@ -152,6 +170,19 @@ class NodeMetrics:
         self.scrapes += 1
         self.last_scrape_seconds = time.perf_counter() - t0
         return ("\n".join(out) + "\n").encode()
+
+
+def _pressure_rows(rows: dict[str, list[str]], lab: str, state: SlotState, w: memoryview | None) -> None:
+    """A cgroup's memory.pressure (a file read on the HTTP thread) and the slot's stalling bit."""
+    psi, _ = read_pressure(state.cgroup)
+    if psi is not None:
+        for stall, avg, total in (("some", psi.some_avg10, psi.some_total_us), ("full", psi.full_avg10,
+                                                                                psi.full_total_us)):
+            rows["rtml_cgroup_pressure_avg10"].append(f'rtml_cgroup_pressure_avg10{{{lab},stall="{stall}"}} {avg}')
+            rows["rtml_cgroup_pressure_stalled_seconds_total"].append(
+                f'rtml_cgroup_pressure_stalled_seconds_total{{{lab},stall="{stall}"}} {total / 1e6:.6f}')
+        flags = w[state.index * abi.SLOT_WORDS + abi.W_FLAGS] if w is not None else 0
+        rows["rtml_cgroup_stalling"].append(f"rtml_cgroup_stalling{{{lab}}} {int(bool(flags & abi.SLOT_STALLING))}")
 
 
 def _bpf_stats_enabled() -> bool:

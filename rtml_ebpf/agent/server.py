@@ -32,6 +32,7 @@ from .metrics import AgentView, NodeMetrics
 from .notify import Notifier
 from .oomfeed import OomFeed
 from .programs import NodePrograms, load_node
+from .psi import PsiTriggers
 from .reattach import Reattacher
 from .scan import Scanner, memory_mount
 from .startup import DEFAULT_METRICS_ADDR, enter_host_cgroup_namespace, listen_http, listen_unix, raise_fd_limit
@@ -46,6 +47,7 @@ READY_INTERVAL = 0.5  # programs, beat and socket looked at for /readyz
 
 INOTIFY = "inotify"  # the selector key of the scanner's fd
 OOM = "oom"  # the selector key of the OOM event ring
+PSI = "psi"  # the selector key of the PSI triggers' epoll (psi.py)
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Agent:
         ring_fd = self.oom.fileno()
         if ring_fd is not None:
             self.selector.register(ring_fd, selectors.EVENT_READ, OOM)
+        self.psi = PsiTriggers(self.slots, self.node)
+        self.selector.register(self.psi.fileno(), selectors.EVENT_READ, PSI)
         self.conns = Connections(self.selector, self.listener, self._handle, self.leases.release)
         self.handlers = Handlers(self.leases, self.oom, self.node, self.conns.send)
         self.metrics = NodeMetrics()
@@ -142,6 +146,8 @@ class Agent:
                 self.conns.accept()
             elif key.data == OOM:
                 self.oom.read_ring(self.conns)
+            elif key.data == PSI:
+                self.psi.read(time.monotonic())
             elif key.data == INOTIFY:
                 self.scanner.on_events()
                 self._apply_scan()
@@ -160,6 +166,8 @@ class Agent:
             self.scanner.tick()
             self._apply_scan()
             self.leases.expire_orphans(now)
+            self.psi.sync(self.slots.by_cgid)
+        self.psi.expire(now)
         self.oom.count(now, ((cgid, st.cgroup) for cgid, st in list(self.slots.by_cgid.items())), self.conns)
         if now >= self._next_sample:
             self._next_sample = now + SAMPLE_INTERVAL
@@ -211,6 +219,7 @@ class Agent:
                 os.unlink(self.config.socket_path)
         except OSError:
             pass
+        self.psi.close()
         self.slots.release_views()
         self.oom.close()
         self.scanner.close()

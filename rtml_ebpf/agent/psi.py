@@ -1,0 +1,126 @@
+"""The agent's PSI triggers: one per watched cgroup on cgroup v2, ``some 150000 1000000``
+written to its memory.pressure (wake when tasks of the cgroup stalled on memory for 150 ms
+within any 1 s window). Only a privileged process may arm a window under 2 s, which is why
+the agent does it for its clients.
+
+A trigger's fd reports POLLPRI, which a selector's EVENT_READ never asks for; so the triggers
+sit in an epoll of their own, and that epoll's fd (readable when a trigger fired) sits in the
+agent's selector. A fired trigger sets RTML_SLOT_STALLING in the cgroup's slot (the agent's
+word: the programs never write it) and copies the slot into the clients' page (rtml_publish);
+the bit clears once no trigger fired for two windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+from typing import TYPE_CHECKING
+
+from .._psi import pressure_file
+from ..ebpf import abi
+from ..errors import RtmlError
+
+if TYPE_CHECKING:
+    from ..ebpf.slots import Slots, SlotState
+    from .programs import NodePrograms
+
+log = logging.getLogger("rtml_ebpf.agent")
+
+STALL_US = 150_000
+WINDOW_US = 1_000_000
+TRIGGER = f"some {STALL_US} {WINDOW_US}".encode()
+HOLD_S = 2 * WINDOW_US / 1e6  # stalling stays set this long after the last firing
+
+
+class PsiTriggers:
+    def __init__(self, slots: Slots, node: NodePrograms) -> None:
+        self.slots = slots
+        self.node = node
+        self.epoll = select.epoll()
+        self.fds: dict[int, int] = {}  # cgroup id -> its trigger's fd
+        self.by_fd: dict[int, int] = {}
+        self.until: dict[int, float] = {}  # cgroup id -> when its stalling bit clears
+        self.fired = 0
+        self.failed: set[int] = set()  # cgroups whose trigger could not be armed (logged once)
+
+    def fileno(self) -> int:
+        return self.epoll.fileno()
+
+    def sync(self, watched: dict[int, SlotState]) -> None:
+        """Arm a trigger for every watched v2 cgroup without one; close those of unwatched ones."""
+        for cgid in [c for c in self.fds if c not in watched]:
+            self._disarm(cgid)
+        for cgid, state in watched.items():
+            if cgid in self.fds or cgid in self.failed or state.cgroup.version != 2:
+                continue
+            path = pressure_file(state.cgroup)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                self._refuse(cgid, path, exc)
+                continue
+            try:
+                os.write(fd, TRIGGER + b"\0")
+                self.epoll.register(fd, select.EPOLLPRI)
+            except OSError as exc:
+                os.close(fd)
+                self._refuse(cgid, path, exc)
+                continue
+            self.fds[cgid] = fd
+            self.by_fd[fd] = cgid
+
+    def _refuse(self, cgid: int, path: str, exc: OSError) -> None:
+        self.failed.add(cgid)
+        log.info("rtml-ebpf agent: no PSI trigger on %s: %s", path, exc.strerror or exc)
+
+    def _disarm(self, cgid: int) -> None:
+        fd = self.fds.pop(cgid)
+        self.by_fd.pop(fd, None)
+        self.until.pop(cgid, None)
+        self.failed.discard(cgid)
+        try:
+            self.epoll.unregister(fd)
+        except OSError:
+            pass
+        os.close(fd)
+
+    def read(self, now: float) -> None:
+        """From the loop when the epoll is readable: mark the cgroups whose trigger fired."""
+        for fd, events in self.epoll.poll(0):
+            cgid = self.by_fd.get(fd)
+            if cgid is None:
+                continue
+            if events & (select.EPOLLERR | select.EPOLLHUP):
+                self._disarm(cgid)  # the cgroup went away: the scan unwatches it
+                continue
+            self.fired += 1
+            first = cgid not in self.until
+            self.until[cgid] = now + HOLD_S
+            if first:
+                self._set(cgid, True)
+
+    def expire(self, now: float) -> None:
+        for cgid in [c for c, t in self.until.items() if t <= now]:
+            del self.until[cgid]
+            self._set(cgid, False)
+
+    def stalling(self, cgid: int) -> bool:
+        return cgid in self.until
+
+    def _set(self, cgid: int, on: bool) -> None:
+        state = self.slots.by_cgid.get(cgid)
+        w = self.slots.words
+        if state is None or w is None:
+            return
+        at = state.index * abi.SLOT_WORDS + abi.W_FLAGS
+        w[at] = (w[at] | abi.SLOT_STALLING) if on else (w[at] & ~abi.SLOT_STALLING)
+        try:
+            self.node.publish(state.index)  # copy into the clients' page
+        except (OSError, RtmlError):
+            pass  # the bit stays in the slot (metrics read it there); the next rewrite copies it
+
+    def close(self) -> None:
+        for cgid in list(self.fds):
+            self._disarm(cgid)
+        self.epoll.close()
