@@ -22,7 +22,8 @@ import sys
 import time
 
 from rtml_ebpf import Limiter
-from rtml_ebpf.agent.client import _address, socket_path
+from rtml_ebpf.agent.client import socket_path
+from rtml_ebpf.agent.client_maps import _address
 
 MiB = 1 << 20
 
