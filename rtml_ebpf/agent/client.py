@@ -70,6 +70,16 @@ class Lease:
     writable: bool = False  # retired into a private page of ours: its verdict byte may be written
 
 
+def _queued_refusal(sock: socket.socket) -> str | None:
+    """The agent's error reply still queued on a connection it closed, if any."""
+    try:
+        data = sock.recv(protocol.MAX_MESSAGE, socket.MSG_DONTWAIT)
+        reply = protocol.decode(data) if data else None
+    except Exception:  # noqa: BLE001 - nothing readable: the caller says what it saw
+        return None
+    return str(reply.get("error")) if isinstance(reply, dict) and reply.get("error") else None
+
+
 def _request(rule: Rule, scope: str, path: str) -> tuple[socket.socket, dict[str, Any], list[int]]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
@@ -87,9 +97,14 @@ def _request(rule: Rule, scope: str, path: str) -> tuple[socket.socket, dict[str
             sock.sendall(protocol.encode({"v": protocol.VERSION, "op": "watch", "scope": scope,
                                           "rules": [protocol.rule_to_wire(rule)]}))
         except OSError as exc:
-            raise AgentUnavailable(f"the agent at {path} refused the request: {exc.strerror or exc}") from None
+            raise AgentUnavailable(f"the agent at {path} refused the request: "
+                                   f"{_queued_refusal(sock) or exc.strerror or exc}") from None
         try:
             data, anc, _, _ = sock.recvmsg(protocol.MAX_MESSAGE, socket.CMSG_SPACE(2 * 4))
+        except ConnectionResetError as exc:
+            # A reset is reported before a reply queued ahead of it: read that, it says why.
+            raise AgentUnavailable(f"the agent at {path} refused: "
+                                   f"{_queued_refusal(sock) or exc.strerror or exc}") from None
         except OSError as exc:
             raise AgentUnavailable(f"the agent at {path} did not answer: {exc.strerror or exc}") from None
         fds: list[int] = []

@@ -2,7 +2,10 @@
 
 A connection is a lease (leases.py). Caps, checked at accept from the kernel's word on who
 the peer is (never from anything it sends): the whole agent, each uid, each memory cgroup and
-each pid. A refused connection gets an error reply saying which cap and what to do.
+each pid. A refused connection gets an error reply saying which cap and what to do: it is held
+(not counted, at most MAX_REFUSING at once) until its request arrives or REFUSE_GRACE passes, and
+answered after its request is read, so the close does not reset the connection under the reply
+(a Unix socket closed with unread data reports ECONNRESET before the queued reply).
 
 :class:`Connections` runs them on the loop's selector: accept, read one whole SEQPACKET message
 non-blocking, rate-limit, decode, hand it to the ops (handlers.py), reply, fail, close. Every
@@ -36,6 +39,9 @@ MAX_CONNECTIONS = 4096
 MAX_PER_UID = 1024  # one uid (a pod's root, or every pod of one user) cannot take every connection
 MAX_PER_CGROUP = 256  # one container cannot either, whatever its uids
 MAX_PER_PID = 32
+MAX_REFUSING = 256  # refused connections held for their request before the reply; beyond: answered at once
+REFUSE_GRACE = 0.5
+REFUSING = "refusing"  # the selector data of a held refused connection: (REFUSING, fd)
 
 RuleKey = tuple[int, int, int, int]
 _K = TypeVar("_K", int, str)
@@ -115,6 +121,7 @@ class Connections:
         self.release = release
         self.by_fd: dict[int, Conn] = {}
         self.limits = ConnLimits()
+        self.refusing: dict[int, tuple[socket.socket, str, float]] = {}  # fd -> (socket, reason, deadline)
         self.errors = 0  # requests refused or failed
         self.failures = 0  # requests that tripped something unexpected (logged, the connection failed)
 
@@ -140,21 +147,43 @@ class Connections:
             except OSError as exc:
                 # Not "no pidfd here": the peer is gone (its pid may be reused) or unknowable.
                 self.errors += 1
-                _refuse(sock, f"the agent cannot identify this connection's process ({exc.strerror or exc}); "
-                              "connect again from a live process")
+                self._hold_refused(sock, f"the agent cannot identify this connection's process "
+                                         f"({exc.strerror or exc}); connect again from a live process")
                 continue
             conn = Conn(sock, peer, time.monotonic() + REQUEST_TIMEOUT, _peer.cgroup_key(peer))
             why = self.limits.admit(conn)
             if why is not None:
                 self.errors += 1
-                _refuse(sock, why)
+                self._hold_refused(sock, why)
                 peer.close()
                 continue
             fd = sock.fileno()
             self.by_fd[fd] = conn
             self.selector.register(sock, selectors.EVENT_READ, fd)
 
-    def readable(self, fd: int) -> None:
+    def _hold_refused(self, sock: socket.socket, why: str) -> None:
+        if len(self.refusing) >= MAX_REFUSING:
+            _refuse(sock, why)
+            return
+        fd = sock.fileno()
+        self.refusing[fd] = (sock, why, time.monotonic() + REFUSE_GRACE)
+        self.selector.register(sock, selectors.EVENT_READ, (REFUSING, fd))
+
+    def _answer_refused(self, fd: int) -> None:
+        entry = self.refusing.pop(fd, None)
+        if entry is None:
+            return
+        sock, why, _ = entry
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        _refuse(sock, why)
+
+    def readable(self, fd: int | tuple[str, int]) -> None:
+        if isinstance(fd, tuple):
+            self._answer_refused(fd[1])
+            return
         conn = self.by_fd.get(fd)
         if conn is None:
             return
@@ -195,7 +224,11 @@ class Connections:
             self.fail(fd, f"the agent could not serve this request ({type(exc).__name__}); it was logged")
 
     def expire(self, now: float) -> None:
-        """Connections that asked nothing within REQUEST_TIMEOUT fail."""
+        """Connections that asked nothing within REQUEST_TIMEOUT fail; refused ones that sent
+        nothing within REFUSE_GRACE get their answer."""
+        for fd, (_, _, deadline) in list(self.refusing.items()):
+            if now > deadline:
+                self._answer_refused(fd)
         for fd, conn in list(self.by_fd.items()):
             if not conn.keys and conn.events_scope is None and now > conn.deadline:
                 self.fail(fd, f"no request within {REQUEST_TIMEOUT:g} s")
@@ -232,10 +265,19 @@ class Connections:
     def close_all(self) -> None:
         for fd in list(self.by_fd):
             self.close(fd)
+        for fd in list(self.refusing):
+            self._answer_refused(fd)
 
 
 def _refuse(sock: socket.socket, why: str) -> None:
-    """An error reply on a connection that was never admitted, then close it."""
+    """An error reply on a connection that was never admitted, then close it. What the client
+    sent is read first (at most a few messages, without waiting)."""
+    for _ in range(4):
+        try:
+            if not sock.recv(protocol.MAX_MESSAGE + 1, socket.MSG_DONTWAIT):
+                break
+        except OSError:
+            break
     try:
         sock.sendmsg([protocol.encode({"ok": False, "error": why})])
     except OSError:
