@@ -23,8 +23,11 @@ lint: setup
 bench: setup
 	$(VENV)/python -m benchmarks.run
 
+# A guarded service flooded for 10 minutes, then the node agent under 100 hostile clients beside
+# honest ones for 2 (lease latency p99, the agent's RSS and fds over time). Not in CI.
 soak: setup
 	$(VENV)/python -m benchmarks.soak
+	$(VENV)/python -m benchmarks.soak_agent --minutes 2
 
 # The node agent under 100 hostile clients beside honest ones (lease latency, RSS, fds).
 soak-agent: setup
