@@ -1,7 +1,7 @@
 """The agent's PSI triggers: one per watched cgroup on cgroup v2, ``some 150000 1000000``
 written to its memory.pressure (wake when tasks of the cgroup stalled on memory for 150 ms
-within any 1 s window). Only a privileged process may arm a window under 2 s, which is why
-the agent does it for its clients.
+within any 1 s window). Only a process with CAP_SYS_RESOURCE may arm a window that is not a
+multiple of 2 s, which is why the agent does it for its clients (without it: 300 ms in 2 s).
 
 A trigger's fd reports POLLPRI, which a selector's EVENT_READ never asks for; so the triggers
 sit in an epoll of their own, and that epoll's fd (readable when a trigger fired) sits in the
@@ -27,10 +27,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rtml_ebpf.agent")
 
-STALL_US = 150_000
-WINDOW_US = 1_000_000
-TRIGGER = f"some {STALL_US} {WINDOW_US}".encode()
-HOLD_S = 2 * WINDOW_US / 1e6  # stalling stays set this long after the last firing
+STALL_SHARE = 0.15
+# 1 s windows need CAP_SYS_RESOURCE; without it (a container's root) the kernel takes multiples
+# of 2 s only: the same share over 2 s then
+WINDOWS_US = (1_000_000, 2_000_000)
+HOLD_WINDOWS = 2  # stalling stays set this many windows after the last firing
+
+
+def trigger(window_us: int) -> bytes:
+    """A memory.pressure trigger: some stall over STALL_SHARE of ``window_us`` (NUL-ended: the
+    kernel overwrites the last byte written with one)."""
+    return f"some {int(window_us * STALL_SHARE)} {window_us}".encode() + b"\0"
 
 
 class PsiTriggers:
@@ -39,6 +46,7 @@ class PsiTriggers:
         self.node = node
         self.epoll = select.epoll()
         self.fds: dict[int, int] = {}  # cgroup id -> its trigger's fd
+        self.hold: dict[int, float] = {}  # cgroup id -> seconds its bit stays set after a firing
         self.by_fd: dict[int, int] = {}
         self.until: dict[int, float] = {}  # cgroup id -> when its stalling bit clears
         self.fired = 0
@@ -60,15 +68,30 @@ class PsiTriggers:
             except OSError as exc:
                 self._refuse(cgid, path, exc)
                 continue
-            try:
-                os.write(fd, TRIGGER + b"\0")
-                self.epoll.register(fd, select.EPOLLPRI)
-            except OSError as exc:
+            window = self._arm(fd)
+            if isinstance(window, OSError):
                 os.close(fd)
-                self._refuse(cgid, path, exc)
+                self._refuse(cgid, path, window)
                 continue
             self.fds[cgid] = fd
             self.by_fd[fd] = cgid
+            self.hold[cgid] = HOLD_WINDOWS * window / 1e6
+
+    def _arm(self, fd: int) -> int | OSError:
+        """The trigger written and the fd in the epoll: its window, or why not."""
+        error = OSError("no window accepted")
+        for window in WINDOWS_US:
+            try:
+                os.write(fd, trigger(window))
+            except OSError as exc:
+                error = exc  # EINVAL: a window this process may not arm; try the next
+                continue
+            try:
+                self.epoll.register(fd, select.EPOLLPRI)
+            except OSError as exc:
+                return exc
+            return window
+        return error
 
     def _refuse(self, cgid: int, path: str, exc: OSError) -> None:
         self.failed.add(cgid)
@@ -77,6 +100,7 @@ class PsiTriggers:
     def _disarm(self, cgid: int) -> None:
         fd = self.fds.pop(cgid)
         self.by_fd.pop(fd, None)
+        self.hold.pop(cgid, None)
         self.until.pop(cgid, None)
         self.failed.discard(cgid)
         try:
@@ -96,7 +120,7 @@ class PsiTriggers:
                 continue
             self.fired += 1
             first = cgid not in self.until
-            self.until[cgid] = now + HOLD_S
+            self.until[cgid] = now + self.hold.get(cgid, 2.0)
             if first:
                 self._set(cgid, True)
 

@@ -1,0 +1,210 @@
+"""memory.high as the ceiling of fractional thresholds, and memory pressure (PSI), in real cgroups.
+
+Both exist per cgroup on cgroup v2 only: the v2 tests run in the VM (scripts/vmtest.sh, where a
+skip fails the run) and skip here, on the v1 host, with that reason; the v1 test shows that the
+host reports both as absent, with the reason, instead of a figure."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from support.cgroups import Cgroup, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
+
+from rtml_ebpf import Limiter, _cgroup
+from rtml_ebpf.admission.policy import Policy
+from rtml_ebpf.errors import ConfigError
+
+pytestmark = [pytest.mark.root, needs_cgroups]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _version() -> int | None:
+    try:
+        return _cgroup.find_process_cgroup(require_accounting=False).version
+    except Exception:  # noqa: BLE001 - needs_cgroups says why
+        return None
+
+
+VERSION = _version()
+needs_v2 = pytest.mark.skipif(VERSION != 2, reason="cgroup v1 here: memory.high and a per-cgroup memory.pressure "
+                              "exist on cgroup v2 only; the VM run (scripts/vmtest.sh -m vm) runs this")
+needs_v1 = pytest.mark.skipif(VERSION != 1, reason="cgroup v2 here: the v1 readings are tested on a v1 host")
+
+
+def _write(cg: Cgroup, name: str, value: str) -> None:
+    with open(os.path.join(cg.directory, name), "w") as f:
+        f.write(value)
+
+
+def _events(cg: Cgroup) -> dict[str, int]:
+    return _cgroup.parse_flat_keyed(_cgroup.read_text(os.path.join(cg.directory, "memory.events")))
+
+
+# -- cgroup v1: absent, with the reason -------------------------------------------------------------
+@needs_v1
+@pytest.mark.parametrize("backend", ["poll", pytest.param("ebpf", marks=needs_bpf)])
+def test_v1_reports_memory_high_and_pressure_as_absent(backend: str) -> None:
+    with make_cgroup(limit=128 * MiB) as cg:
+        with Limiter(cg.directory, backend=backend, threshold=0.5, relief=False) as lim:
+            assert lim.cgroup.read_high() is None and lim.cgroup.effective_high().limit_bytes is None
+            s = lim.stats()
+            assert (s.high_bytes, s.high_source, s.binding) == (None, None, "max")
+            assert s.threshold_bytes == 64 * MiB  # half of memory.max: nothing lower binds
+            assert s.pressure_some_avg10 is None and s.pressure_full_total_us is None and s.stalling is None
+            assert s.pressure_reason is not None and "cgroup v1 has no per-cgroup memory.pressure" in s.pressure_reason
+            assert not lim.stalling()
+            with pytest.raises(ConfigError, match="cgroup v1"):
+                Policy("test", lim, shed_at="stall", admission=False)
+            out = subprocess.run([sys.executable, "-m", "rtml_ebpf.cli", "status", "--cgroup", cg.directory],
+                                 capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+            assert "cgroup v1 has no memory.high" in out.stdout, out.stdout + out.stderr
+
+
+def test_shed_at_is_checked() -> None:
+    with make_cgroup(limit=128 * MiB) as cg, Limiter(cg.directory, backend="poll", relief=False) as lim:
+        with pytest.raises(ConfigError, match="shed_at='stalled'"):
+            Policy("test", lim, shed_at="stalled", admission=False)
+
+
+# -- memory.high: the ceiling ------------------------------------------------------------------------
+@pytest.mark.vm
+@needs_v2
+@pytest.mark.parametrize("where", ["own", "parent"])
+@pytest.mark.parametrize("backend", ["poll", pytest.param("ebpf", marks=needs_bpf)])
+def test_memory_high_below_the_threshold_trips_before_usage_reaches_it(backend: str, where: str) -> None:
+    high = 96 * MiB
+    with make_cgroup(limit=256 * MiB) as parent, contextlib.ExitStack() as stack:
+        # v2 keeps processes out of a cgroup that hands the controller to children: a child only for "parent"
+        cg = parent if where == "own" else stack.enter_context(make_cgroup(parent=parent))
+        _write(parent, "memory.high", str(high))
+        holder = cg.hold()
+        with Limiter(cg.directory, backend=backend, threshold=0.9, metric="usage", relief=False) as lim:
+            s = lim.stats()
+            assert (s.limit_bytes, s.high_bytes, s.binding, s.high_source) == (256 * MiB, high, "high",
+                                                                               parent.directory)
+            assert s.threshold_bytes == high * 9 // 10  # of memory.max it would be 230 MiB
+            assert not lim.is_mem_limit_reached()
+            tripped_at = None
+            for _ in range(80):
+                holder.change(2)
+                if wait_until(lim.is_mem_limit_reached, timeout=0.05):
+                    tripped_at = cg.usage()
+                    break
+            assert tripped_at is not None, f"never tripped; usage {cg.usage() // MiB} MiB"
+            assert tripped_at < high, (tripped_at // MiB, high // MiB)
+            assert _events(parent)["high"] == 0  # tripped before the kernel ever throttled the cgroup
+            s = lim.stats()
+            assert s.tripped and s.binding == "high" and s.limit_headroom_bytes is not None
+            assert s.limit_headroom_bytes > 256 * MiB - high  # the OOM room stays the room to memory.max
+            _write(parent, "memory.high", "max")  # the ceiling goes back to memory.max: clears
+            assert wait_until(lambda: not lim.is_mem_limit_reached(), timeout=5)
+            s = lim.stats()
+            assert (s.high_bytes, s.binding, s.threshold_bytes) == (None, "max", 256 * MiB * 9 // 10)
+
+
+# -- memory pressure ---------------------------------------------------------------------------------
+# Writes a file of ``mib`` MiB at ``path`` (so its page cache is charged to this cgroup), holds
+# 16 MiB of anonymous memory, says "ready", then reads the file over and over until killed. In a
+# cgroup whose room for page cache is smaller than the file (and larger than half of it) each
+# pass evicts the pages the next one reads again, and the kernel counts those refaults of the
+# working set as stalls; where the file fits, every pass is served from the cache: no stall.
+READER = """
+import mmap, os, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+chunk = os.urandom(1 << 20)
+with open(path, "wb") as f:
+    for _ in range(mib):
+        f.write(chunk)
+    f.flush()
+    os.fsync(f.fileno())
+held = mmap.mmap(-1, 16 << 20)
+held[::4096] = b"\x01" * (len(held) // 4096)
+buf = bytearray(1 << 20)
+print("ready", flush=True)
+while True:
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+"""
+THRASH_SECONDS = 13.0  # avg10 is a 10 s average renewed every 2 s: most of the way there
+
+
+def _scratch_dir() -> str:
+    # A disk-backed filesystem (in the VM: the repository's 9p share, cached there): tmpfs pages
+    # are shmem, which without swap cannot be evicted and so cannot thrash.
+    base = os.path.join(REPO, "build")
+    return tempfile.mkdtemp(prefix="rtml-psi-", dir=base if os.path.isdir(base) else REPO)
+
+
+def _metric(text: str, name: str, directory: str) -> list[tuple[str, float]]:
+    path = _cgroup.cgroup_from_directory(directory).path
+    return [(labels, float(value)) for labels, value in re.findall(rf'^{name}{{([^}}]*)}} (\S+)$', text, re.M)
+            if f'cgroup="{path}"' in labels]
+
+
+@pytest.mark.vm
+@needs_v2
+@needs_bpf
+def test_a_thrashing_cgroup_stalls_and_a_cache_heavy_one_does_not() -> None:
+    from support.agent import AgentProcess
+
+    scratch = _scratch_dir()
+    try:
+        with make_cgroup() as top, make_cgroup(limit=160 * MiB, parent=top) as cache, \
+                make_cgroup(limit=64 * MiB, parent=top) as thrash:
+            _write(cache, "memory.high", str(150 * MiB))  # set, binding nothing here: /metrics shows it
+            agent = AgentProcess(_cgroup.cgroup_from_directory(top.directory).path.rstrip("/") + "/*")
+            try:
+                readers = [cg.popen([sys.executable, "-c", READER, os.path.join(scratch, name), "56"])
+                           for cg, name in ((cache, "cache"), (thrash, "thrash"))]
+                for r in readers:
+                    assert r.stdout is not None and r.stdout.readline().strip() == "ready", r.stderr
+                lims = [Limiter(cg.directory, backend="poll", threshold=0.99, relief=False) for cg in (cache, thrash)]
+                time.sleep(THRASH_SECONDS)
+                seen = [False, False]
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 2.0:  # the Limiter's own reading: a second of totals
+                    seen = [was or lim.stalling() for was, lim in zip(seen, lims, strict=True)]
+                    time.sleep(0.05)
+                cache_s, thrash_s = (lim.stats() for lim in lims)
+                policy = Policy("test", lims[1], shed_at="stall", admission=False)
+                shed = wait_until(policy.door, timeout=3)
+                text = agent.scrape()
+                for lim in lims:
+                    lim.close()
+            finally:
+                agent.stop()
+            events = _events(thrash)
+            assert events.get("oom_kill", 0) == 0, events
+            report = (f"cache: {cache_s.pressure_some_avg10}% some avg10, {cache_s.pressure_some_total_us} us, "
+                      f"usage {cache_s.usage_bytes // MiB} MiB; thrash: {thrash_s.pressure_some_avg10}%, "
+                      f"{thrash_s.pressure_some_total_us} us, usage {thrash_s.usage_bytes // MiB} MiB")
+            assert cache_s.pressure_reason is None and thrash_s.pressure_reason is None, report
+            assert cache_s.pressure_some_avg10 is not None and thrash_s.pressure_some_avg10 is not None, report
+            assert cache_s.pressure_some_total_us is not None and thrash_s.pressure_some_total_us is not None
+            assert cache_s.pressure_some_avg10 < 2.0, report  # a full cache of a file that fits: no stall
+            assert thrash_s.pressure_some_avg10 >= 10.0, report  # refaults every pass
+            assert thrash_s.pressure_some_total_us > 10 * max(cache_s.pressure_some_total_us, 100_000), report
+            assert seen == [False, True] and thrash_s.stalling and not cache_s.stalling, (seen, report)
+            assert shed, "shed_at='stall' did not shed while the cgroup thrashed"
+            # the agent: its PSI trigger fired for the thrashing cgroup only; high and the ceiling shown
+            assert [v for _, v in _metric(text, "rtml_cgroup_stalling", thrash.directory)] == [1.0], text
+            assert [v for _, v in _metric(text, "rtml_cgroup_stalling", cache.directory)] == [0.0], text
+            some = [v for lab, v in _metric(text, "rtml_cgroup_pressure_avg10", thrash.directory)
+                    if 'stall="some"' in lab]
+            assert some and some[0] >= 10.0, text
+            assert [v for _, v in _metric(text, "rtml_cgroup_high_bytes", cache.directory)] == [150 * MiB], text
+            assert [lab.rpartition(",")[2] for lab, _ in _metric(text, "rtml_cgroup_ceiling_bytes",
+                                                                 cache.directory)] == ['binding="high"'], text
+            assert _metric(text, "rtml_cgroup_high_bytes", thrash.directory) == [], text
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
