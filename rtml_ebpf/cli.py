@@ -53,15 +53,6 @@ def status_dict(s: Stats) -> dict[str, Any]:
         "growth_bytes_per_s": s.growth_bytes_per_s,
         "seconds_to_limit": s.seconds_to_limit,
         "tripped_ahead": s.tripped_ahead,
-        "high_bytes": s.high_bytes,
-        "high_source": s.high_source,
-        "binding": s.binding,
-        "pressure_some_avg10": s.pressure_some_avg10,
-        "pressure_some_total_us": s.pressure_some_total_us,
-        "pressure_full_avg10": s.pressure_full_avg10,
-        "pressure_full_total_us": s.pressure_full_total_us,
-        "pressure_reason": s.pressure_reason,
-        "stalling": s.stalling,
     }
 
 

@@ -144,3 +144,32 @@ def test_shed_at_lists_stall() -> None:
     from rtml_ebpf.admission.policy import SHED_AT
 
     assert "stall" in SHED_AT
+
+
+def test_the_poll_backend_trips_at_a_fraction_of_high_on_a_fixture_tree(tmp_path: Path) -> None:
+    from rtml_ebpf._poll import PollBackend
+
+    parent = tmp_path / "parent"
+    child = parent / "child"
+    child.mkdir(parents=True)
+    for d, files in ((parent, {"memory.max": str(256 * MiB), "memory.high": str(96 * MiB),
+                               "memory.current": str(80 * MiB)}),
+                     (child, {"memory.max": "max", "memory.high": "max", "memory.current": str(70 * MiB),
+                              "memory.stat": "inactive_file 0\n", "memory.events": "oom_kill 0\n"})):
+        for name, text in files.items():
+            (d / name).write_text(text)
+    mount = _cgroup.Mount(2, "/", str(tmp_path), frozenset())
+    cg = _cgroup.MemoryCgroup(2, "/parent/child", str(child), mount)
+    backend = PollBackend(cg, "test", min_interval=0.0, limit_interval=0.0)
+    flag = backend.add_rule(Rule("usage", Threshold(ppm=900_000), Threshold(ppm=900_000)))
+    snap = backend.snapshot(flag)
+    assert (snap.limit, getattr(snap, "high", None), getattr(snap, "high_source", None)) == (
+        256 * MiB, 96 * MiB, str(parent))
+    assert snap.used == 80 * MiB  # the parent's usage: the sibling's share counts under a shared high
+    assert snap.headroom == 176 * MiB  # the room to memory.max, where the OOM killer acts
+    assert not backend.hot(flag)[0]  # 80 MiB < 0.9 of 96 MiB
+    assert backend.room(flag) == (96 * MiB * 9 // 10 - 80 * MiB, 176 * MiB)
+    (parent / "memory.current").write_text(str(87 * MiB))
+    assert backend.hot(flag)[0]  # 87 MiB >= 86.4 MiB: tripped, 9 MiB before the kernel throttles
+    (parent / "memory.high").write_text("max")
+    assert not backend.hot(flag)[0]  # the ceiling is memory.max again
