@@ -109,7 +109,7 @@ class Limiter(LimiterReadings):
         self._last_level = Level.OK
         self._closed = False
         self._last_level = self.level()
-        self._upkeep = self._backend.needs_upkeep
+        self._upkeep = self._backend.needs_upkeep or self._backend.name == "ebpf"  # + limits set while idle
         if backend in ("agent", "auto") and self._backend.name == "poll":
             self._follow.arm()  # the agent may start later
         if self._relief is not None or on_trip is not None or on_clear is not None or self._upkeep or \

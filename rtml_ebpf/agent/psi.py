@@ -4,8 +4,11 @@ within any 1 s window). Only a process with CAP_SYS_RESOURCE may arm a window th
 multiple of 2 s, which is why the agent does it for its clients (without it: 300 ms in 2 s).
 
 A trigger's fd reports POLLPRI, which a selector's EVENT_READ never asks for; so the triggers
-sit in an epoll of their own, and that epoll's fd (readable when a trigger fired) sits in the
-agent's selector. A fired trigger sets RTML_SLOT_STALLING in the cgroup's slot (the agent's
+sit in an epoll of their own, which the loop reads without waiting at every step (at least ten
+times a second, against windows of a second or two). That epoll is not nested in the loop's
+selector: the kernel's poll of a trigger clears the event it reports (psi_trigger_poll), so an
+outer epoll checking the inner one for readiness would consume the event and the inner read
+would find nothing. A fired trigger sets RTML_SLOT_STALLING in the cgroup's slot (the agent's
 word: the programs never write it) and copies the slot into the clients' page (rtml_publish);
 the bit clears once no trigger fired for two windows.
 """
@@ -51,9 +54,6 @@ class PsiTriggers:
         self.until: dict[int, float] = {}  # cgroup id -> when its stalling bit clears
         self.fired = 0
         self.failed: set[int] = set()  # cgroups whose trigger could not be armed (logged once)
-
-    def fileno(self) -> int:
-        return self.epoll.fileno()
 
     def sync(self, watched: dict[int, SlotState]) -> None:
         """Arm a trigger for every watched v2 cgroup without one; close those of unwatched ones."""
@@ -110,7 +110,7 @@ class PsiTriggers:
         os.close(fd)
 
     def read(self, now: float) -> None:
-        """From the loop when the epoll is readable: mark the cgroups whose trigger fired."""
+        """From the loop, every step: mark the cgroups whose trigger fired (no wait)."""
         for fd, events in self.epoll.poll(0):
             cgid = self.by_fd.get(fd)
             if cgid is None:

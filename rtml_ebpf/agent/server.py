@@ -47,7 +47,6 @@ READY_INTERVAL = 0.5  # programs, beat and socket looked at for /readyz
 
 INOTIFY = "inotify"  # the selector key of the scanner's fd
 OOM = "oom"  # the selector key of the OOM event ring
-PSI = "psi"  # the selector key of the PSI triggers' epoll (psi.py)
 
 
 @dataclass
@@ -92,8 +91,7 @@ class Agent:
         ring_fd = self.oom.fileno()
         if ring_fd is not None:
             self.selector.register(ring_fd, selectors.EVENT_READ, OOM)
-        self.psi = PsiTriggers(self.slots, self.node)
-        self.selector.register(self.psi.fileno(), selectors.EVENT_READ, PSI)
+        self.psi = PsiTriggers(self.slots, self.node)  # read every step: see psi.py for why not in the selector
         self.conns = Connections(self.selector, self.listener, self._handle, self.leases.release)
         self.handlers = Handlers(self.leases, self.oom, self.node, self.conns.send)
         self.metrics = NodeMetrics()
@@ -146,8 +144,6 @@ class Agent:
                 self.conns.accept()
             elif key.data == OOM:
                 self.oom.read_ring(self.conns)
-            elif key.data == PSI:
-                self.psi.read(time.monotonic())
             elif key.data == INOTIFY:
                 self.scanner.on_events()
                 self._apply_scan()
@@ -167,6 +163,7 @@ class Agent:
             self._apply_scan()
             self.leases.expire_orphans(now)
             self.psi.sync(self.slots.by_cgid)
+        self.psi.read(now)
         self.psi.expire(now)
         self.oom.count(now, ((cgid, st.cgroup) for cgid, st in list(self.slots.by_cgid.items())), self.conns)
         if now >= self._next_sample:
