@@ -54,6 +54,7 @@ BUFFER = 0.5  # stop ending once the room is back above band * (1 + BUFFER)
 FAR_INTERVAL = 0.005
 NEAR_INTERVAL = 0.001
 GUESSES = ("learning", "cgroup")  # Ticket.basis of estimates that are not the request's route's own
+COLLECT_DELAY = 0.05  # after an ended request finished: its handler has let go of the exception by then
 LIMIT_REFRESH = 1.0  # seconds between reads of the effective limit (for a fractional band)
 
 
@@ -138,14 +139,15 @@ class Enforcer:
         self._limit_read = 0.0
         self._thread: threading.Thread | None = None
         self._active = threading.Event()
-        self._collect = False
+        self._collect_at = 0.0  # when to collect the garbage of ended requests (0: nothing to collect)
 
     def collect_soon(self) -> None:
         """An ended request has finished. What it held is often kept alive by its exception's
         traceback (frames and their locals in a reference cycle: a framework that logs the
         exception, or keeps it on its error response, makes one), so it would stay charged until
-        the garbage collector happens to run: run it now, off the request path."""
-        self._collect = True
+        the garbage collector happens to run, which an idle process may never do. Collect it off
+        the request path, a moment later: the request's own handler may still hold the exception."""
+        self._collect_at = time.monotonic() + COLLECT_DELAY
         self.wake()
 
     def band_bytes(self, limit: int | None) -> int | None:
@@ -230,9 +232,9 @@ class Enforcer:
 
     def _loop(self, source: Callable[[], tuple[Limiter | None, list[Enforced], int]]) -> None:
         while True:
-            self._active.wait()
-            if self._collect:
-                self._collect = False
+            self._active.wait(None if not self._collect_at else max(0.0, self._collect_at - time.monotonic()))
+            if self._collect_at and time.monotonic() >= self._collect_at:
+                self._collect_at = 0.0
                 gc.collect()
             lim, tickets, reserved = source()
             if lim is None or not tickets:
