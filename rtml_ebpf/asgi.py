@@ -35,8 +35,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class MemoryLimitMiddleware:
     """Rejects HTTP requests with ``status_code`` (503) and a jittered Retry-After while the
     limiter says the memory limit is reached. Paths in ``exclude_paths`` are never shed;
-    other scope types (websocket, lifespan) pass through. ``shed_at``: ``"hard"``, ``"soft"``
-    or ``"probabilistic"`` (rising from the soft to the hard level). ``load_report``: True or
+    other scope types (websocket, lifespan) pass through. ``shed_at``: ``"hard"``, ``"soft"``,
+    ``"probabilistic"`` (rising from the soft to the hard level) or ``"stall"`` (the hard level, or
+    the cgroup stalling on memory by PSI; cgroup v2). ``load_report``: True or
     ``"text"`` / ``"json"`` adds the ORCA header ``endpoint-load-metrics`` to every response
     (rtml_ebpf.orca); Retry-After follows the measured drain rate where one is known."""
 

@@ -12,6 +12,7 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
     [ -f /lib/modules/$m.ko ] || continue  # built into this kernel
     insmod /lib/modules/$m.ko || echo "vm-init: insmod $m failed"
 done
+ip link set lo up 2>/dev/null || echo "vm-init: no loopback"  # tests talk to the agent's HTTP on 127.0.0.1
 REPO=$(sed -n 's/.*rtml_repo=\([^ ]*\).*/\1/p' /proc/cmdline)
 
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose hostroot /host

@@ -8,6 +8,39 @@ from collections.abc import Iterator
 import pytest
 
 
+def _memory_cgroup_version() -> int | None:
+    try:
+        from rtml_ebpf import _cgroup
+
+        return _cgroup.find_process_cgroup(require_accounting=False).version
+    except Exception:  # noqa: BLE001 - no memory cgroup: the tests that need one say why
+        return None
+
+
+_DESELECTED: list[str] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of one cgroup version's files (markers cgroup_v1 / cgroup_v2) run where the memory
+    controller is that version and are deselected elsewhere: cgroup v2 ones run in the VM
+    (make vmtest), v1 ones on the v1 host. Deselected, not skipped, and counted in the summary."""
+    version = _memory_cgroup_version()
+    keep, drop = [], []
+    for item in items:
+        wants = 2 if item.get_closest_marker("cgroup_v2") else 1 if item.get_closest_marker("cgroup_v1") else None
+        (drop if wants is not None and wants != version else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+        _DESELECTED.extend(item.nodeid for item in drop)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _DESELECTED:
+        terminalreporter.write_line(f"{len(_DESELECTED)} tests of the other cgroup version's files deselected here "
+                                    "(cgroup v2 ones run in make vmtest): " + ", ".join(_DESELECTED))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """RTML_NO_SKIP=1 (set inside the vmtest VM): a skipped test is a failure there."""

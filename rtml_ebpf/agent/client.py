@@ -347,7 +347,8 @@ class AgentBackend:
         assert isinstance(flag, Lease)
         w = flag.words
         return room_from_pages(w[abi.W_USAGE], w[abi.W_LIMIT], w[abi.W_HEADROOM],
-                               w[W_INACTIVE_BASE] + w[abi.W_INACTIVE_DELTA], flag.rule)
+                               w[W_INACTIVE_BASE] + w[abi.W_INACTIVE_DELTA], flag.rule,
+                               w[abi.W_HIGH], w[abi.W_HIGH_ROOM])
 
     def trips(self, flag: object) -> int:
         if not isinstance(flag, Lease) or flag.retired:
