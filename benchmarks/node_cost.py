@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from benchmarks.faultstorm import PAGES, bpf_stats_setting, set_bpf_stats, storm_seconds
+from rtml_ebpf.ebpf import shared
 
 MiB = 1 << 20
 HOLD = ("import sys, rtml_ebpf; lim = rtml_ebpf.Limiter(relief=False); "
@@ -98,25 +99,6 @@ class _NodeAgent:
         self.log.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
-
-
-def _shared_pids(shared_dir: str) -> list[int]:
-    """The node's shared agent serving ``shared_dir`` (by its environment)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"rtml_ebpf.ebpf.shared import main" not in f.read():
-                    continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"RTML_SHARED_DIR={shared_dir}".encode() not in f.read().split(b"\0"):
-                    continue
-        except OSError:
-            continue
-        found.append(int(pid))
-    return found
 
 
 @contextlib.contextmanager
@@ -188,9 +170,9 @@ def p11_node_cost(reps: int, storm: str, counts: tuple[int, ...] = COUNTS) -> di
                                 agent.stop()
                         elif kind == "shared":
                             with _guarded(cgs, n, base_env, "agent") as pids:
-                                measure([*pids, *_shared_pids(shared_dir)])
+                                measure([*pids, *shared.agent_pids(shared_dir)])
                             deadline = time.monotonic() + 30  # the last one out: it unloads
-                            while _shared_pids(shared_dir) and time.monotonic() < deadline:
+                            while shared.agent_pids(shared_dir) and time.monotonic() < deadline:
                                 time.sleep(0.1)
                         else:
                             with _guarded(cgs, n, {**base_env, "RTML_SHARED": "0"}, "ebpf") as pids:
@@ -200,7 +182,7 @@ def p11_node_cost(reps: int, storm: str, counts: tuple[int, ...] = COUNTS) -> di
                     cg.close()
     finally:
         set_bpf_stats(stats_before)
-        for pid in _shared_pids(shared_dir):
+        for pid in shared.agent_pids(shared_dir):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(pin_dir, ignore_errors=True)

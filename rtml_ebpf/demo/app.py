@@ -60,12 +60,10 @@ def _limiter() -> Any:
                    **{k: v for k, v in s.items() if k in ("threshold", "metric")})  # type: ignore[arg-type]
 
 
-def stats_json() -> bytes:
-    """/rtml-stats: this worker's admission and limiter figures, for the demo and its tests."""
-    import json
-
+def admission_stats(adm: Any) -> dict[str, Any]:
+    """/rtml-stats: this worker's admission and limiter figures (``adm``: an Admission or None),
+    for the demo, its benchmarks and its tests."""
     out: dict[str, Any] = {"pid": os.getpid()}
-    adm = getattr(wsgi, "admission", None) or getattr(asgi, "admission", None)
     if adm is not None:
         st = adm.stats()
         out["admission"] = {k: v for k, v in st.__dict__.items() if k != "routes"}
@@ -73,7 +71,13 @@ def stats_json() -> bytes:
         lim = adm.limiter()
         if lim is not None:
             out["backend"], out["room"] = lim.backend, lim.room()
-    return json.dumps(out).encode()
+    return out
+
+
+def stats_json() -> bytes:
+    import json
+
+    return json.dumps(admission_stats(getattr(wsgi, "admission", None) or getattr(asgi, "admission", None))).encode()
 
 
 def _wsgi_work(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -20,7 +20,7 @@ import functools
 import time
 from typing import Any
 
-from .app import CHUNK, GUARD, HOLD, PAGE, build_payload
+from .app import CHUNK, GUARD, HOLD, PAGE, admission_stats, build_payload
 
 DECODE_FACTOR = 32
 _ONES = b"\x01" * (CHUNK // PAGE)
@@ -84,21 +84,10 @@ def _make_fastapi() -> Any:
 
 
 def _stats(stack: Any) -> dict[str, Any]:
-    """/rtml-stats: this worker's admission figures (the guard's middleware found in the stack)."""
-    import os
-
-    out: dict[str, Any] = {"pid": os.getpid()}
+    """/rtml-stats: the guard's middleware found in the app's stack, then its figures."""
     while stack is not None and getattr(stack, "admission", None) is None:
         stack = getattr(stack, "app", None)
-    adm = getattr(stack, "admission", None)
-    if adm is not None:
-        st = adm.stats()
-        out["admission"] = {k: v for k, v in st.__dict__.items() if k != "routes"}
-        out["routes"] = [r.__dict__ for r in st.routes]
-        lim = adm.limiter()
-        if lim is not None:
-            out["backend"], out["room"] = lim.backend, lim.room()
-    return out
+    return admission_stats(getattr(stack, "admission", None))
 
 
 def _make_flask() -> Any:

@@ -298,3 +298,23 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def agent_pids(directory: str) -> list[int]:
+    """Pids of shared agents serving ``directory`` (their environment names it): for the tests and
+    benchmarks that start one on a private place and must stop it by pid."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"rtml_ebpf.ebpf.shared import main" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"{DIR_ENV}={directory}".encode() not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        found.append(int(pid))
+    return found

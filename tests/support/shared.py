@@ -36,22 +36,8 @@ class SharedPlace:
             return ""
 
     def agent_pids(self) -> list[int]:
-        """Pids of shared agents serving this place (their environment names our directory)."""
-        found = []
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"rtml_ebpf.ebpf.shared import main" not in f.read():
-                        continue
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    if f"{shared.DIR_ENV}={self.dir}".encode() not in f.read().split(b"\0"):
-                        continue
-            except OSError:
-                continue
-            found.append(int(pid))
-        return found
+        """Pids of shared agents serving this place."""
+        return shared.agent_pids(self.dir)
 
     def close(self) -> None:
         for pid in self.agent_pids():
