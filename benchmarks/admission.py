@@ -4,10 +4,8 @@ the measured per-request cost (workloads.py cost), and the goodput of the guarde
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 from benchmarks.common import WORKLOADS, MiB, child, med, spread
@@ -43,63 +41,23 @@ def p6_admission(reps: int, tmp: str, duration: float) -> dict[str, Any]:
 
 
 def p6_goodput(duration: float) -> dict[str, Any]:
-    import http.client
     import statistics as st
-    import threading
 
-    from rtml_ebpf.admission.ledger import read_totals
+    from benchmarks.goodput import measured_flood
     from rtml_ebpf.demo.flood import Flood, gunicorn_server
 
     limit, threshold = 256 * MiB, 0.8
     flood = Flood("admission", "admission", gunicorn_server(
         "admission", env={"RTML_THRESHOLD": str(threshold), "RTML_METRIC": "usage"}),
         limit=limit, duration=duration, clients=48)
-    inflight: list[int] = []
-    idle: list[int] = []
-    est: list[int] = []
-    start = flood.start_service
-
-    def warm_start(cg: Any) -> None:
-        start(cg)
-        if idle:
-            return
-        for _ in range(12):  # each worker loads its programs and learns the route, one at a time
-            conn = http.client.HTTPConnection("127.0.0.1", flood.port, timeout=10)
-            conn.request("GET", "/work")
-            conn.getresponse().read()
-            conn.close()
-        time.sleep(1.0)
-        idle.append(cg.usage())
-        flood.cgdir = cg.directory  # type: ignore[attr-defined]
-
-    def sample() -> None:
-        while not flood.stop.is_set() and not hasattr(flood, "cgdir"):
-            time.sleep(0.05)
-        while not flood.stop.is_set():
-            # the service runs as root with this environment: its ledger is where ours would be
-            totals = read_totals(os.stat(flood.cgdir).st_ino)  # type: ignore[attr-defined]
-            if totals is None:
-                time.sleep(0.02)
-                continue
-            inflight.append(totals.inflight)
-            time.sleep(0.02)
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", flood.port, timeout=5)
-            conn.request("GET", "/rtml-stats")
-            routes = json.loads(conn.getresponse().read()).get("routes", [])
-            est.extend(r["estimate"] for r in routes if r.get("estimate"))
-        except (OSError, ValueError):
-            pass
-
-    flood.start_service = warm_start  # type: ignore[method-assign]
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    r = flood.run()
-    sampler.join(timeout=10)
+    # each worker loads its programs and learns the route, one request at a time
+    m = measured_flood(flood, [("GET", "/work", 0)] * 12)
+    r = m.result
+    est = [x["estimate"] for x in m.routes if x.get("estimate") and x.get("route") == "GET /work"]
     cost = est[0] if est else 24 * MiB
-    ideal = (threshold * limit - idle[0]) / cost if idle else 0.0
-    mean_inflight = st.fmean(inflight) if inflight else 0.0
+    ideal = (threshold * limit - m.idle_bytes) / cost if m.idle_bytes is not None else 0.0
+    mean_inflight = st.fmean(m.inflight) if m.inflight else 0.0
     return {"oom_kills": r.oom_kills, "served": r.served, "rejected": r.rejected, "failed": r.failed,
-            "peak_bytes": r.peak_bytes, "idle_bytes": idle[0] if idle else None, "cost_bytes": cost,
+            "peak_bytes": r.peak_bytes, "idle_bytes": m.idle_bytes, "cost_bytes": cost,
             "ideal_concurrency": ideal, "mean_inflight": mean_inflight,
             "share": mean_inflight / ideal if ideal else 0.0}

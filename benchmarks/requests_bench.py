@@ -14,14 +14,10 @@ much of the ideal a heavy-tail upload flood gets through.
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import statistics
 import subprocess
 import sys
-import threading
-import time
 from typing import Any
 
 MiB = 1 << 20
@@ -106,7 +102,7 @@ def p12_ending_latency(reps: int) -> dict[str, Any]:
 
 
 def p12_heavy_tail_goodput(duration: float) -> dict[str, Any]:
-    from rtml_ebpf.admission.ledger import read_totals
+    from benchmarks.goodput import measured_flood
     from rtml_ebpf.demo.flood import Flood, gunicorn_server
     from rtml_ebpf.demo.requests import HEAVY_TAIL
 
@@ -114,54 +110,20 @@ def p12_heavy_tail_goodput(duration: float) -> dict[str, Any]:
     flood = Flood("heavy tail", "admission", gunicorn_server(
         "admission", env={"RTML_THRESHOLD": str(threshold), "RTML_METRIC": "usage"},
         app="rtml_ebpf.demo.userapps:upload"), limit=limit, duration=duration, clients=48, mix=HEAVY_TAIL)
-    inflight: list[int] = []
-    idle: list[int] = []
+    # each worker learns both sizes, one request at a time
+    m = measured_flood(flood, [("POST", "/upload", 64 << 10), ("POST", "/upload", 1536 << 10)] * 6)
+    r = m.result
     classes: dict[int, int] = {}
-    start = flood.start_service
-
-    def warm_start(cg: Any) -> None:
-        start(cg)
-        if idle:
-            return
-        for size in (64 << 10, 1536 << 10) * 6:  # each worker learns both sizes, one at a time
-            conn = http.client.HTTPConnection("127.0.0.1", flood.port, timeout=10)
-            conn.request("POST", "/upload", body=b"x" * size)
-            conn.getresponse().read()
-            conn.close()
-        time.sleep(1.0)
-        idle.append(cg.usage())
-        flood.cgdir = cg.directory  # type: ignore[attr-defined]
-
-    def sample() -> None:
-        while not flood.stop.is_set() and not hasattr(flood, "cgdir"):
-            time.sleep(0.05)
-        while not flood.stop.is_set():
-            totals = read_totals(os.stat(flood.cgdir).st_ino)  # type: ignore[attr-defined]
-            if totals is not None:
-                inflight.append(totals.inflight)
-            time.sleep(0.02)
-        for _ in range(8):  # the workers' learned per-size estimates
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", flood.port, timeout=5)
-                conn.request("GET", "/rtml-stats")
-                for r in json.loads(conn.getresponse().read()).get("routes", []):
-                    for size, est in r.get("by_size") or ():
-                        classes[size] = max(classes.get(size, 0), est)
-            except (OSError, ValueError):
-                pass
-
-    flood.start_service = warm_start  # type: ignore[method-assign]
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    r = flood.run()
-    sampler.join(timeout=15)
+    for route in m.routes:
+        for size, est in route.get("by_size") or ():
+            classes[size] = max(classes.get(size, 0), est)
     small = max((e for s, e in classes.items() if s <= 64 << 10), default=2 * MiB)
     large = max((e for s, e in classes.items() if s >= 1 << 20), default=48 * MiB)
     mean_cost = sum(w * (small if size <= 64 << 10 else large) for w, _, _, size in HEAVY_TAIL)
-    ideal = (threshold * limit - idle[0]) / mean_cost if idle else 0.0
-    mean_inflight = statistics.fmean(inflight) if inflight else 0.0
+    ideal = (threshold * limit - m.idle_bytes) / mean_cost if m.idle_bytes is not None else 0.0
+    mean_inflight = statistics.fmean(m.inflight) if m.inflight else 0.0
     return {"oom_kills": r.oom_kills, "served": r.served, "rejected": r.rejected, "ended": r.ended,
-            "failed": r.failed, "idle_bytes": idle[0] if idle else None, "mean_cost_bytes": mean_cost,
+            "failed": r.failed, "idle_bytes": m.idle_bytes, "mean_cost_bytes": mean_cost,
             "ideal_concurrency": ideal, "mean_inflight": mean_inflight,
             "share": mean_inflight / ideal if ideal else 0.0}
 
