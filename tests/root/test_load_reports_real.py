@@ -110,7 +110,11 @@ def test_retry_after_follows_the_drain_rate(served: tuple[Cgroup, Holder, Limite
         stop.set()
         asker.join(timeout=10)
     derived = [s for s in seen if s != DEFAULT_RETRY]
-    assert derived, f"no Retry-After from the drain rate among {seen}"
-    # At ~20 MiB/s at most 28 MiB over: back under within a couple of seconds (+20% jitter).
-    assert all(1 <= s <= 4 for s in derived), seen
+    assert len(derived) >= 4, f"no Retry-After from the drain rate among {seen}"
+    # The rate is a slope over the last second of readings: as the drain starts it still holds
+    # the flat second before, and the first answers are longer. Once it holds only the drain,
+    # ~20 MiB/s with at most 28 MiB over: back under within a couple of seconds (+20% jitter).
+    settled = derived[len(derived) // 2:]
+    assert all(1 <= s <= 4 for s in settled), seen
+    assert all(1 <= s <= RETRY_AFTER_MAX_S for s in derived), seen
     assert max(seen) <= max(DEFAULT_RETRY, RETRY_AFTER_MAX_S)
