@@ -14,6 +14,7 @@ import uuid
 import pytest
 from support.agent import AgentProcess, client_argv, client_env, glob_for, run_client, start_client
 from support.cgroups import WORKLOADS, MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
+from support.strace import marker_lines, syscalls_between
 
 pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
 
@@ -238,10 +239,10 @@ def test_hot_path_makes_no_syscall_as_uid_65534(cg, tmp_path) -> None:
     finally:
         agent.stop()
     lines = trace.read_text().splitlines()
-    marks = [i for i, line in enumerate(lines) if "getppid()" in line]
+    marks = marker_lines(lines)
     assert len(marks) >= 2, "markers not found in the trace"
     main_pid = lines[marks[-2]].split()[0]
-    between = [line for line in lines[marks[-2] + 1 : marks[-1]] if line.split()[0] == main_pid]
+    between = syscalls_between(lines, marks[-2], marks[-1], main_pid)
     assert between == [], f"200000 checks made syscalls: {between[:5]}"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from support.cgroups import needs_bpf
+from support.strace import marker_lines, syscalls_between
 
 pytestmark = pytest.mark.root
 
@@ -39,12 +40,12 @@ def syscalls_between_markers(backend: str, n: int, tmp_path: Path) -> list[str]:
     subprocess.run(["strace", "-f", "-qq", "-o", str(log), sys.executable, "-c", CHILD, backend, str(n)],
                    check=True, timeout=300)
     lines = log.read_text().splitlines()
-    marks = [i for i, line in enumerate(lines) if "getppid()" in line]
+    marks = marker_lines(lines)
     assert len(marks) == 2, f"markers not found in strace output ({len(marks)})"
     # Only the checking thread counts: the limiter's monitor thread sleeps in syscalls by design.
     tid = lines[marks[0]].split()[0]
     assert lines[marks[1]].split()[0] == tid
-    return [line for line in lines[marks[0] + 1 : marks[1]] if line.split()[0] == tid]
+    return syscalls_between(lines, marks[0], marks[1], tid)
 
 
 @needs_bpf
