@@ -48,8 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rtml_ebpf")
 
-DEFAULT_BAND = 0.04  # of the effective limit
-MIN_BAND = 8 << 20  # the kernel charges in per-CPU batches and a request allocates between looks
+DEFAULT_BAND = 0.1  # of the effective limit: at 500 MiB/s a 256 MiB cgroup's band is 50 ms of growth
+MIN_BAND = 16 << 20  # the kernel charges in per-CPU batches and a request allocates between looks
 BUFFER = 0.5  # stop ending once the room is back above band * (1 + BUFFER)
 FAR_INTERVAL = 0.005
 NEAR_INTERVAL = 0.001
@@ -96,7 +96,7 @@ def check_band(band: object) -> float | int:
     if isinstance(band, bool) or not isinstance(band, (int, float)):
         raise ConfigError(f"enforce_band={band!r}: pass a fraction of the limit in (0, 0.5] or bytes (int > 0)")
     if isinstance(band, float) and not 0 < band <= 0.5:
-        raise ConfigError(f"enforce_band={band!r}: a fraction of the limit must be in (0, 0.5], e.g. 0.04")
+        raise ConfigError(f"enforce_band={band!r}: a fraction of the limit must be in (0, 0.5], e.g. 0.1")
     if isinstance(band, int) and band <= 0:
         raise ConfigError(f"enforce_band={band!r}: bytes must be > 0")
     return band
