@@ -172,7 +172,7 @@ def _build_locked() -> Limiter | None:
             _default = Limiter(**{**kwargs, "backend": "poll"})  # type: ignore[arg-type]
             # Import here, not in the loading thread: a fork while that thread held a module's
             # import lock would leave the child blocked on it for ever (not reset at fork).
-            from .ebpf import backend  # noqa: F401
+            from .backends import ebpf  # noqa: F401
 
             _upgrade_done.clear()
             threading.Thread(target=_upgrade, args=(kwargs, _generation), name="rtml-ebpf-load",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._backend import Snapshot
+from .backends.base import Snapshot
 
 
 @dataclass(frozen=True)

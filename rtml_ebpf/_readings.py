@@ -8,7 +8,6 @@ import os
 import threading
 import time
 
-from ._backend import Backend
 from ._cgroup import MemoryCgroup
 from ._growth import Sampler, seconds_to
 from ._high import HighSnapshot, snapshot_ceiling
@@ -16,6 +15,7 @@ from ._psi import read_pressure
 from ._rules import Threshold
 from ._stall import StallMeter
 from ._stats import Stats, build_stats
+from .backends.base import Backend
 from .errors import CgroupNotFound, RtmlError
 from .levels import Level
 from .relief import Relief

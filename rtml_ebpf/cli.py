@@ -146,7 +146,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     from . import events
-    from .agent.client import socket_path
+    from .backends.agent import socket_path
 
     return events.run(args.source, args.socket or socket_path(), args.scope, tuple(args.cgroup or ()), args.count,
                       args.timeout)

@@ -11,17 +11,17 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._backend import Backend
-from ._choose import AGENT_RETRY_INTERVAL, AgentFollow, build, register_rules, resolve_cgroup  # noqa: F401 - re-exported
 from ._growth import Sampler
 from ._hotcheck import hot_check
-from ._kept import KeptChecks
 from ._monitor import log_transition, monitor
-from ._poll import DEFAULT_MIN_INTERVAL
 from ._readings import LimiterReadings
 from ._rules import Rule
 from ._settings import MAX_AHEAD_MS, parse_settings  # noqa: F401 - MAX_AHEAD_MS re-exported
 from ._stats import Stats
+from .backends.base import Backend
+from .backends.choose import AGENT_RETRY_INTERVAL, AgentFollow, build, register_rules, resolve_cgroup  # noqa: F401 - re-exported
+from .backends.kept import KeptChecks
+from .backends.poll import DEFAULT_MIN_INTERVAL
 from .config import (  # noqa: F401 - parse_threshold_text, check_backend re-exported for callers
     BACKENDS,
     check_backend,
@@ -36,7 +36,7 @@ from .levels import Level, make_clear
 from .relief import Relief
 
 if TYPE_CHECKING:
-    from ._meter import Meter
+    from .backends.meter import Meter
 
 __all__ = ["Level", "Limiter", "Stats", "make_clear"]
 
@@ -59,7 +59,7 @@ class Limiter(LimiterReadings):
     an int is bytes. Default 0.02.
     ``metric``: ``"working_set"`` (usage minus inactive file cache, default) or ``"usage"``.
     ``backend``: ``"auto"`` (the node agent when one answers, else the node's shared load (root),
-    else this process's own eBPF programs, else poll: see rtml_ebpf/_choose.py), ``"ebpf"`` (own
+    else this process's own eBPF programs, else poll: see rtml_ebpf/backends/choose.py), ``"ebpf"`` (own
     programs), ``"agent"`` (the node agent's page) or ``"poll"``.
     ``fail_closed``: what the check answers if the backend breaks (default False: let work in).
     ``poll_interval``: poll backend only, seconds a file reading is reused (default 0.01).
@@ -160,7 +160,7 @@ class Limiter(LimiterReadings):
 
     def _follow_agent(self) -> None:
         """The agent backend lost its programs: poll now. A poll limiter that wanted the agent
-        tries it again every AGENT_RETRY_INTERVAL (see _choose.AgentFollow)."""
+        tries it again every AGENT_RETRY_INTERVAL (see backends.choose.AgentFollow)."""
         step = self._follow.next(self._cgroup, self._cgroup_id, self._backend, self._interval)
         if step is None:
             return
@@ -228,7 +228,7 @@ class Limiter(LimiterReadings):
             return (0, 0) if self._failed(exc) else (None, None)
 
     def thread_meter(self) -> Meter | None:
-        """The kernel-fed per-thread charge meter (eBPF), or None (see rtml_ebpf._meter)."""
+        """The kernel-fed per-thread charge meter (eBPF), or None (see rtml_ebpf.backends.meter)."""
         return None if self._closed else self._backend.thread_meter()
 
     def _failed(self, exc: BaseException) -> bool:

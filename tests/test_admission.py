@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtml_ebpf import Admission, ConfigError, Limiter
-from rtml_ebpf._meter import RUSAGE
 from rtml_ebpf.admission import Ticket, decide
 from rtml_ebpf.admission.estimator import OVERFLOW_ROUTE, CostEstimator, quantile, route_key
 from rtml_ebpf.admission.ledger import REAP_INTERVAL, Ledger
+from rtml_ebpf.backends.meter import RUSAGE
 
 MiB = 1 << 20
 sizes = st.integers(min_value=0, max_value=1 << 40)

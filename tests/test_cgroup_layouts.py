@@ -21,8 +21,8 @@ from support.fixture_trees import (
 )
 
 from rtml_ebpf import _cgroup
-from rtml_ebpf._poll import PollBackend
 from rtml_ebpf._rules import Rule, Threshold
+from rtml_ebpf.backends.poll import PollBackend
 
 
 def test_v2_kubernetes_host_view(tmp_path: Path) -> None:

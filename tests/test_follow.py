@@ -13,8 +13,8 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from rtml_ebpf._meter import RUSAGE
 from rtml_ebpf.admission import follow as _follow
+from rtml_ebpf.backends.meter import RUSAGE
 from rtml_ebpf.errors import MemoryLimitReached, RequestMemoryExceeded
 from rtml_ebpf.relief import set_mmap_threshold
 

@@ -147,7 +147,7 @@ def test_shed_at_lists_stall() -> None:
 
 
 def test_the_poll_backend_trips_at_a_fraction_of_high_on_a_fixture_tree(tmp_path: Path) -> None:
-    from rtml_ebpf._poll import PollBackend
+    from rtml_ebpf.backends.poll import PollBackend
 
     parent = tmp_path / "parent"
     child = parent / "child"

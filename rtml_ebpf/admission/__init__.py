@@ -16,7 +16,7 @@ One module, one job:
   the room before the OOM killer falls below a guard band;
 - ``policy.py``: the shedding decision every integration (ASGI, WSGI, gRPC, guard) shares.
 
-The per-thread meters themselves come from the backends (``rtml_ebpf._meter``).
+The per-thread meters themselves come from the backends (``rtml_ebpf.backends.meter``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A check at the door is not enough under concurrency: 32 threads of a gthread server can all
 pass ``is_mem_limit_reached()`` in the same millisecond, then allocate together. Admission
 keeps a budget instead. Each request reserves its estimated cost (learned per route from
-what the kernel charged to past requests, see ``rtml_ebpf._meter`` and ``estimator``); a request is
+what the kernel charged to past requests, see ``rtml_ebpf.backends.meter`` and ``estimator``); a request is
 admitted only if its estimate plus every reservation not yet charged fits in the headroom to
 the threshold. Reservations are shared by all processes of the cgroup (``ledger``), shrink
 as the request's own charges arrive (they are then in the kernel's usage), and are released
@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .._meter import RUSAGE, Meter
+from ..backends.meter import RUSAGE, Meter
 from ..errors import ConfigError
 from ..limiter import Limiter
 from ..relief import set_mmap_threshold

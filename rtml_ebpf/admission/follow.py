@@ -1,6 +1,6 @@
 """A request's memory, charged for every thread that works for it.
 
-The kernel meters threads (``_meter``): a request admitted on one thread and served on another is
+The kernel meters threads (``rtml_ebpf.backends.meter``): a request admitted on one thread and served on another is
 measured on the wrong one. That is the common case, not an edge: FastAPI and Starlette run every
 ``def`` endpoint and ``def`` dependency in anyio's threadpool, Django runs its sync views through
 asgiref, and services hand work to ``asyncio.to_thread``. Each of these copies the caller's
@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .._meter import Meter
+from ..backends.meter import Meter
 
 log = logging.getLogger("rtml_ebpf")
 T = TypeVar("T")

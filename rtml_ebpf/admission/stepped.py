@@ -10,7 +10,7 @@ import threading
 from collections.abc import Coroutine, Generator
 from typing import Any
 
-from .._meter import Meter
+from ..backends.meter import Meter
 from ..errors import RequestMemoryExceeded
 from . import follow as _follow
 from .ticket import Ticket

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from .._meter import RUSAGE, Meter
+from ..backends.meter import RUSAGE, Meter
 from . import follow as _follow
 from .estimator import CostEstimator
 

@@ -24,7 +24,5 @@ The agent process (root), by job:
 - ``health.py``: liveness and readiness, as the probes ask them
 - ``notify.py``: systemd's notify protocol (READY, WATCHDOG, STOPPING)
 
-In the client's process:
-
-- ``client.py``: ``Limiter(backend="agent")``
+The client's side, ``Limiter(backend="agent")``, is a backend: :mod:`rtml_ebpf.backends.agent`.
 """

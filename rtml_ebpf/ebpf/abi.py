@@ -135,7 +135,7 @@ W_FLAGS = Slot.flags.offset // 8
 TRIPPED_OFFSET = Slot.tripped.offset
 SEQ_BEGIN_OFFSET = Slot.seq_begin.offset
 SEQ_END_OFFSET = Slot.seq_end.offset
-# struct rtml_thread as int64 words, for the per-thread meter (rtml_ebpf/_meter.py)
+# struct rtml_thread as int64 words, for the per-thread meter (rtml_ebpf/backends/meter.py)
 THREAD_WORDS = ctypes.sizeof(Thread) // 8
 T_TID = Thread.tid.offset // 8
 T_NET = Thread.net_pages.offset // 8

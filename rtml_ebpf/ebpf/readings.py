@@ -10,11 +10,11 @@ import mmap
 import time
 from dataclasses import dataclass, field
 
-from .._backend import Snapshot
 from .._cgroup import MemoryCgroup
 from .._high import HighSnapshot, snapshot_ceiling
-from .._poll import PollBackend
 from .._rules import Rule, Usage, evaluate
+from ..backends.base import Snapshot
+from ..backends.poll import PollBackend
 from ..config import PAGE_SIZE
 from ..errors import CgroupNotFound, RtmlError
 from . import abi

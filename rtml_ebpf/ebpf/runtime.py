@@ -13,10 +13,10 @@ import os
 import threading
 from typing import Any
 
-from .._backend import Snapshot
 from .._cgroup import MemoryCgroup
-from .._meter import EbpfThreadMeter
 from .._rules import Rule
+from ..backends.base import Snapshot
+from ..backends.meter import EbpfThreadMeter
 from ..config import env_hooks
 from ..errors import RtmlError
 from . import abi

@@ -39,9 +39,9 @@ import time
 from collections.abc import Callable, Iterator
 
 from .. import _cgroup
-from .._backend import Backend
 from .._private_dir import private_dir
-from ..agent.client import AgentBackend
+from ..backends.agent import AgentBackend
+from ..backends.base import Backend
 from ..errors import AgentUnavailable, PermissionDenied, RtmlError
 from . import probes
 

@@ -12,11 +12,11 @@ import ctypes
 import os
 import time
 
-from .._backend import Snapshot
 from .._cgroup import MemoryCgroup
 from .._high import snapshot_ceiling
-from .._poll import PollBackend
 from .._rules import Rule, Usage, evaluate
+from ..backends.base import Snapshot
+from ..backends.poll import PollBackend
 from ..config import PAGE_SIZE
 from ..errors import CapacityError, RtmlError
 from . import abi

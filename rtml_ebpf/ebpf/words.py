@@ -10,10 +10,10 @@ import os
 import struct
 from typing import Any
 
-from .._backend import Snapshot
 from .._cgroup import MemoryCgroup
 from .._high import ceiling_used
 from .._rules import Rule, Threshold
+from ..backends.base import Snapshot
 from ..config import PAGE_SIZE
 from . import abi
 

@@ -17,7 +17,7 @@ import pytest
 from support.shared import shared_place
 
 from rtml_ebpf import Limiter
-from rtml_ebpf.agent.client import AgentBackend
+from rtml_ebpf.backends.agent import AgentBackend
 from rtml_ebpf.ebpf import abi
 from rtml_ebpf.errors import AgentUnavailable
 

@@ -22,8 +22,8 @@ import sys
 import time
 
 from rtml_ebpf import Limiter
-from rtml_ebpf.agent.client import socket_path
-from rtml_ebpf.agent.client_maps import _address
+from rtml_ebpf.backends.agent import socket_path
+from rtml_ebpf.backends.agent_maps import _address
 
 MiB = 1 << 20
 

@@ -21,9 +21,9 @@ import resource
 import threading
 from typing import Protocol
 
-from .config import PAGE_SIZE
-from .ebpf.abi import T_CHARGED, T_NET, T_PEAK, T_TID
-from .ebpf.abi import THREAD_WORDS as T_WORDS
+from ..config import PAGE_SIZE
+from ..ebpf.abi import T_CHARGED, T_NET, T_PEAK, T_TID
+from ..ebpf.abi import THREAD_WORDS as T_WORDS
 
 
 class Meter(Protocol):

@@ -13,12 +13,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ..agent import protocol
 from ..config import PAGE_SIZE
 from ..ebpf import abi
 from ..ebpf import libbpf as _libbpf
 from ..ebpf.loader import map_len, meter_on
 from ..errors import AgentUnavailable, RtmlError
-from . import protocol
 
 PROT_READ, PROT_WRITE = 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
@@ -123,7 +123,7 @@ def thread_meter_from_pins(pin_dir: str, beat_id: int) -> Any:
     and they belong to the agent whose beat map has id ``beat_id``; else None."""
     if beat_id <= 0 or os.geteuid() != 0:
         return None
-    from .._meter import EbpfThreadMeter
+    from .meter import EbpfThreadMeter
 
     try:
         lib = _libbpf.lib()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from ._rules import Rule
+from .._rules import Rule
 
 if TYPE_CHECKING:
-    from ._meter import Meter
+    from .meter import Meter
 
 
 class Flag(Protocol):

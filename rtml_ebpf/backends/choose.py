@@ -18,14 +18,14 @@ import os
 import time
 from collections.abc import Callable
 
-from . import _cgroup
-from ._backend import Backend
-from ._poll import PollBackend
-from ._rules import Rule
-from .agent.client import AgentBackend, socket_path
-from .config import env_hooks
-from .ebpf import shared
-from .errors import AgentUnavailable, CapacityError, CgroupNotFound, ConfigError, RtmlError
+from .. import _cgroup
+from .._rules import Rule
+from ..config import env_hooks
+from ..ebpf import shared
+from ..errors import AgentUnavailable, CapacityError, CgroupNotFound, ConfigError, RtmlError
+from .agent import AgentBackend, socket_path
+from .base import Backend
+from .poll import PollBackend
 
 log = logging.getLogger("rtml_ebpf")
 
@@ -83,7 +83,7 @@ def build(cg: _cgroup.MemoryCgroup, backend: str, interval: float, register: Reg
         return _registered(register, AgentBackend(cg, "agent requested"))
     env_hooks()  # a bad RTML_HOOKS is a ConfigError naming it, never eBPF quietly skipped
     if backend == "ebpf":
-        from .ebpf.backend import EbpfBackend
+        from .ebpf import EbpfBackend
 
         return _registered(register, EbpfBackend(cg, "ebpf requested"))
     return _auto(cg, interval, register)
@@ -120,7 +120,7 @@ def _auto(cg: _cgroup.MemoryCgroup, interval: float, register: Register) -> Regi
     else:
         passed.append(why_not)
     try:
-        from .ebpf.backend import EbpfBackend
+        from .ebpf import EbpfBackend
 
         return _registered(register, EbpfBackend(cg, "auto: " + "; ".join(passed) + "; own eBPF programs"))
     except ConfigError:

@@ -22,15 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .._backend import Flag, Snapshot
 from .._cgroup import MemoryCgroup
 from .._rules import Rule
+from ..agent import protocol
 from ..config import PAGE_SIZE
 from ..ebpf import abi
 from ..ebpf.words import read_consistent, room_from_pages, slot_readings
 from ..errors import AgentUnavailable
-from . import protocol
-from .client_maps import (  # noqa: F401 - _address: tests/support maps pages with it
+from .agent_maps import (  # noqa: F401 - _address: tests/support maps pages with it
     _address,
     _map_id,
     _map_readonly,
@@ -39,6 +38,7 @@ from .client_maps import (  # noqa: F401 - _address: tests/support maps pages wi
     byte_writer,
     thread_meter_from_pins,
 )
+from .base import Flag, Snapshot
 
 log = logging.getLogger("rtml_ebpf")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/rtml-ebpf"  # the node agent's (agent/programs.py)
@@ -339,7 +339,7 @@ class AgentBackend:
                         faults=faults, events=events, growth=growth)
 
     def _stats(self, sock: socket.socket) -> dict[str, Any] | None:
-        """The counters, by a round trip on the lease's connection (see client_maps.ask_stats)."""
+        """The counters, by a round trip on the lease's connection (see agent_maps.ask_stats)."""
         return ask_stats(sock, self._sock_lock, CONNECT_TIMEOUT)
 
     def room(self, flag: object) -> tuple[int | None, int | None]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from typing import cast
 
-from .._backend import Flag, Snapshot
 from .._cgroup import MemoryCgroup
-from .._meter import EbpfThreadMeter
 from .._rules import Rule
+from ..ebpf.runtime import Runtime, Watch
 from ..errors import CgroupNotFound, RtmlError
-from .runtime import Runtime, Watch
+from .base import Flag, Snapshot
+from .meter import EbpfThreadMeter
 
 
 class EbpfBackend:

@@ -20,11 +20,11 @@ import os
 import threading
 import time
 
-from ._backend import Snapshot
-from ._cgroup import LimitInfo, MemoryCgroup
-from ._high import HighSnapshot, ceiling_used, snapshot_ceiling
-from ._rules import Rule, Usage, evaluate
-from .errors import CgroupNotFound
+from .._cgroup import LimitInfo, MemoryCgroup
+from .._high import HighSnapshot, ceiling_used, snapshot_ceiling
+from .._rules import Rule, Usage, evaluate
+from ..errors import CgroupNotFound
+from .base import Snapshot
 
 DEFAULT_MIN_INTERVAL = 0.010
 DEFAULT_LIMIT_INTERVAL = 1.0
