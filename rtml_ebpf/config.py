@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ._rules import METRICS, PPM, Threshold
+from .ebpf import hooks
 from .errors import ConfigError
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -143,16 +144,8 @@ def check_seconds(value: object, *, name: str, low: float = 0.0, high: float = 3
 
 
 # -- hooks ------------------------------------------------------------------------------
-HOOK_NAMES = ("memcg_lruvec", "memcg_state", "page_fault_user", "oom_victim")
-HOOK_SETS = {
-    # One cheap event per fault (the BTF raw page_fault_user) plus OOM kills; frees,
-    # inactive_file and limit changes come from the upkeep. The set kernels before 6.13 get.
-    "lean": ("page_fault_user", "oom_victim"),
-    "fault": ("page_fault_user", "oom_victim"),  # the earlier name of the same set
-    # Every memcg stat event (6.13+): charges, frees and LRU moves seen as they happen.
-    "memcg": ("memcg_lruvec", "memcg_state", "oom_victim"),
-    "all": HOOK_NAMES,
-}
+HOOK_NAMES = hooks.NAMES
+HOOK_SETS = hooks.SETS
 
 
 def parse_hooks(value: str | None, *, name: str = "RTML_HOOKS") -> tuple[str, ...] | None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import oom as _oom
+from .ebpf import hooks
 from .errors import AgentUnavailable, ConfigError, PermissionDenied
 
 log = logging.getLogger("rtml_ebpf")
@@ -67,7 +68,7 @@ def standalone(globs: tuple[str, ...] = (), note: Note | None = None) -> Iterato
     memory.events source reads on kernels without the hook (default: every limited one)."""
     from .ebpf import probes
 
-    hook = next(h for h in probes.HOOKS if h.name == "oom_victim")
+    hook = probes.BY_NAME[hooks.OOM_VICTIM]
     probes.check_privileges()
     probes.check_btf()
     why = probes.hook_unavailable(hook)
@@ -83,7 +84,7 @@ def _from_ring(note: Note | None) -> Iterator[dict[str, Any]]:
     from .ebpf import loader
     from .ebpf.ring import OomRing
 
-    loaded = loader.load(("oom_victim",), ring_bytes=STANDALONE_RING_BYTES)
+    loaded = loader.load((hooks.OOM_VICTIM,), ring_bytes=STANDALONE_RING_BYTES)
     ring = None
     sel = selectors.DefaultSelector()
     try:

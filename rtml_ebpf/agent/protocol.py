@@ -33,13 +33,13 @@ import json
 from typing import Any, Final
 
 from .._rules import METRICS, PPM, Rule, Threshold
+from ..ebpf import hooks
 from ..errors import ConfigError
 
 VERSION = 1
-# Hooks a watch reply's "hooks" may list that change what a client can read: by these names in
-# ebpf/probes.py's HOOKS (which has no constant of its own for them), compared only through these.
-OOM_HOOK: Final = "oom_victim"  # mark_victim: OOM kills counted by the programs (else memory.events)
-FAULT_HOOK: Final = "page_fault_user"  # user page faults: the fault counter is live
+# Hooks a watch reply's "hooks" may list that change what a client can read (ebpf/hooks.py).
+OOM_HOOK: Final = hooks.OOM_VICTIM  # OOM kills counted by the programs (else memory.events)
+FAULT_HOOK: Final = hooks.PAGE_FAULT_USER  # user page faults: the fault counter is live
 DEFAULT_SOCKET = "/run/rtml-ebpf/agent.sock"
 MAX_MESSAGE = 4096
 MAX_RULES_PER_REQUEST = 2  # a Limiter's hard and soft levels

@@ -328,9 +328,9 @@ class AgentBackend:
             if counters:
                 growth = {k: (int(v[0]) * PAGE_SIZE, int(v[1]) * PAGE_SIZE) for k, v in counters["growth"].items()}
                 events = int(counters["events"])
-                faults = int(counters["faults"]) if "page_fault_user" in self.hooks else None
+                faults = int(counters["faults"]) if protocol.FAULT_HOOK in self.hooks else None
         oom_kills = int(s.oom_kills)
-        if "oom_victim" not in self.hooks:
+        if protocol.OOM_HOOK not in self.hooks:
             try:
                 oom_kills = self.cgroup.oom_kills()
             except OSError:

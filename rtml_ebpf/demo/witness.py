@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import _cgroup
 from .. import oom as _oom
+from ..ebpf import hooks
 from ..errors import RtmlError
 
 RING_BYTES = 1 << 20  # a row's kills (tens) wait here until the row ends
@@ -21,13 +22,13 @@ class OomWitness:
             from ..ebpf import loader, probes
             from ..ebpf.ring import OomRing
 
-            hook = next(h for h in probes.HOOKS if h.name == "oom_victim")
+            hook = probes.BY_NAME[hooks.OOM_VICTIM]
             missing = probes.hook_unavailable(hook)
             if missing is not None:
                 self.why = f"{missing}; the OOM kills are counted from memory.events only"
                 return
             self.under = _cgroup.find_process_cgroup(require_accounting=False).path
-            self._loaded = loader.load(("oom_victim",), ring_bytes=RING_BYTES)
+            self._loaded = loader.load((hooks.OOM_VICTIM,), ring_bytes=RING_BYTES)
             self._ring = OomRing(self._loaded.fds["oom_events"])
         except (RtmlError, OSError) as exc:
             self.why = f"no OOM events: {exc}"

@@ -14,6 +14,7 @@ import platform
 from dataclasses import dataclass
 
 from ..errors import NotSupported, PermissionDenied
+from . import hooks
 from . import libbpf as _libbpf
 
 CAP_SYS_ADMIN = 21
@@ -32,19 +33,20 @@ class Hook:
 
 
 HOOKS: tuple[Hook, ...] = (
-    Hook("memcg_lruvec", "handle_memcg_lruvec", "mod_memcg_lruvec_state", 3, "6.13",
+    Hook(hooks.MEMCG_LRUVEC, "handle_memcg_lruvec", "mod_memcg_lruvec_state", 3, "6.13",
          "per-memcg LRU/anon/file stat deltas (charges, frees, inactive_file)"),
-    Hook("memcg_state", "handle_memcg_state", "mod_memcg_state", 3, "6.13",
+    Hook(hooks.MEMCG_STATE, "handle_memcg_state", "mod_memcg_state", 3, "6.13",
          "per-memcg kernel-memory and socket stat deltas"),
-    Hook("page_fault_user", "handle_page_fault", "page_fault_user", 3, "x86 (any kernel with BTF)",
+    Hook(hooks.PAGE_FAULT_USER, "handle_page_fault", "page_fault_user", 3, "x86 (any kernel with BTF)",
          "every user page fault, before it is charged (BTF raw tracepoint)"),
-    Hook("oom_victim", "handle_oom_victim", "mark_victim", 2, "6.8",
+    Hook(hooks.OOM_VICTIM, "handle_oom_victim", "mark_victim", 2, "6.8",
          "OOM victims, with the task they kill"),
 )
 HOOK_NAMES = tuple(h.name for h in HOOKS)
-MEMCG_HOOKS = ("memcg_lruvec", "memcg_state")
-# The hook set a kernel before 6.13 gets: no memcg stat tracepoints.
-FAULT_HOOKS = ("page_fault_user", "oom_victim")
+assert HOOK_NAMES == hooks.NAMES, "a hook without its probe (or the other way)"
+MEMCG_HOOKS = hooks.MEMCG
+FAULT_HOOKS = hooks.LEAN
+BY_NAME = {h.name: h for h in HOOKS}
 
 
 def cap_effective() -> int:
@@ -125,7 +127,7 @@ def tracepoint_nargs(tracepoint: str) -> int | None:
 
 def hook_unavailable(hook: Hook) -> str | None:
     """Why this kernel cannot take ``hook``, or None when it can."""
-    if hook.name == "page_fault_user" and platform.machine() not in ("x86_64", "i686", "i386"):
+    if hook.name == hooks.PAGE_FAULT_USER and platform.machine() not in ("x86_64", "i686", "i386"):
         return "exceptions:page_fault_user exists on x86 only"
     nargs = tracepoint_nargs(hook.tracepoint)
     if nargs is None:

@@ -17,7 +17,7 @@ from ..backends.base import Snapshot
 from ..backends.poll import PollBackend
 from ..config import PAGE_SIZE
 from ..errors import CgroupNotFound, RtmlError
-from . import abi
+from . import abi, hooks
 from . import libbpf as _libbpf
 from .loader import Loaded
 from .words import (
@@ -167,8 +167,8 @@ class SlotReadings:
         links = self.loaded.links
         return HighSnapshot(
             **slot_readings(s, cfg.inactive_file_base, state.ancestors), **slot_high(s, state.ancestors),
-            oom_kills=int(s.oom_kills) if "oom_victim" in links else _file_oom_kills(state.cgroup),
-            faults=c.faults if "page_fault_user" in links else None,
+            oom_kills=int(s.oom_kills) if hooks.OOM_VICTIM in links else _file_oom_kills(state.cgroup),
+            faults=c.faults if hooks.PAGE_FAULT_USER in links else None,
             events=c.events,
             growth={k: (int(getattr(c, f"{k}_charged")) * PAGE_SIZE, int(getattr(c, f"{k}_uncharged")) * PAGE_SIZE)
                     for k in abi.GROWTH_KINDS},
