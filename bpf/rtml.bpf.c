@@ -120,6 +120,13 @@ struct {
 	__uint(max_entries, RTML_OOM_RING_LIBRARY);
 } oom_events SEC(".maps");
 
+/* The enforcer's wake records (see rtml.h): read by the loading process or the node agent. */
+#define RB_FORCE_WAKEUP 2	/* BPF_RB_FORCE_WAKEUP of uapi bpf.h (kernel_types.h does not carry it) */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, RTML_WAKE_RING);
+} wake_events SEC(".maps");
+
 /*
  * The last memcg this CPU saw and which watched cgroups sit above it. Stat
  * events come in runs from one memcg (about four per fault), so this spares
@@ -299,6 +306,39 @@ static __always_inline void publish_page(__u32 idx, const struct rtml_slot *s, c
 }
 
 /*
+ * The slot's used pages reached the enforcer's level: one record, and a forced wake-up of
+ * whoever blocks on the ring. On a new level at once; then at most every RTML_WAKE_EVERY_NS
+ * while usage stays at or above it (the enforcer looks again, and may end another request).
+ * Racing CPUs may both write one: a spare record costs the enforcer one look.
+ */
+static __always_inline void wake_enforcer(__u32 idx, struct rtml_slot *s, __u64 level, __u64 used)
+{
+	__u64 now = s->updated_ns;
+	struct rtml_wake *e;
+
+	if (used < level || (s->woken_pages == level && now - s->woken_ns < RTML_WAKE_EVERY_NS))
+		return;
+	s->woken_pages = level;
+	s->woken_ns = now;
+	e = bpf_ringbuf_reserve(&wake_events, sizeof(*e), 0);
+	if (!e) {
+		__sync_fetch_and_add(&s->wakes_lost, 1);
+		return;
+	}
+	__u64 id = bpf_get_current_pid_tgid();
+	e->time_ns = now;
+	e->cgroup_id = s->cgroup_id;
+	e->used_pages = used;
+	e->wake_pages = level;
+	e->slot = idx;
+	e->tid = (__u32)id;
+	e->pid = id >> 32;
+	e->_pad = 0;
+	bpf_ringbuf_submit(e, RB_FORCE_WAKEUP);
+	__sync_fetch_and_add(&s->wakes, 1);
+}
+
+/*
  * Rewrites the snapshot and re-evaluates every rule of one slot. Global (not
  * static): the verifier checks it once, not at every call site.
  */
@@ -363,6 +403,10 @@ __noinline int update_slot(__u32 idx, struct reading *r)
 		}
 	}
 	__sync_fetch_and_add(&s->seq_end, 1);
+	/* the enforcer's wake: a compare while nobody set a level */
+	__u64 wake_pages = cfg->wake_pages;
+	if (wake_pages)
+		wake_enforcer(idx, s, wake_pages, used);
 	publish_page(idx, s, cfg);
 	return 0;
 }

@@ -9,7 +9,7 @@
 #ifndef __RTML_H
 #define __RTML_H
 
-#define RTML_ABI_VERSION 5	/* 5: memory.high in the walk (high_*), slot flags */
+#define RTML_ABI_VERSION 6	/* 6: the enforcer's wake (config wake_pages, slot woken_*, wake ring) */
 
 #define RTML_MAX_SLOTS 64	/* watched cgroups per in-process object (the agent sets its own at load) */
 #define RTML_NESTED_WATCHES 4	/* watched cgroups on one path refreshed per event */
@@ -57,6 +57,8 @@ struct rtml_config {
 	__u64 cgroup_id;
 	__s64 inactive_file_base;	/* pages, read from memory.stat at registration */
 	struct rtml_rule rules[RTML_MAX_RULES];
+	__u64 wake_pages;		/* 0: off. Used pages (as the rules see them) at which the
+					 * programs wake the enforcer through the `wake_events` ring */
 };
 
 /* Process-wide knobs, element 0 of the `ctl` array (mmapped read-write). */
@@ -108,7 +110,11 @@ struct rtml_slot {
 	__s64 high_room_pages;		/* min(high - usage) over ancestors with a memory.high */
 	__u64 high_depth;		/* levels above the watched cgroup where that high sits */
 	__u64 flags;			/* RTML_SLOT_*: the agent's, never the programs' */
-	__u64 _reserved[7];		/* pads the slot to 256 bytes */
+	__u64 woken_ns;			/* when the programs last woke the enforcer for this slot */
+	__u64 woken_pages;		/* the wake level they woke it at (a new level wakes at once) */
+	__u64 wakes;			/* wake records written */
+	__u64 wakes_lost;		/* wake records the ring had no room for */
+	__u64 _reserved[3];		/* pads the slot to 256 bytes */
 };
 
 /*
@@ -199,6 +205,30 @@ struct rtml_oom_event {
 	__u32 _pad;
 	char comm[16];
 	char names[RTML_EVENT_DEPTH][RTML_EVENT_NAME];
+};
+
+/*
+ * The enforcer's wake (admission, rtml_ebpf/admission/enforce.py). User space writes a level,
+ * config.wake_pages, the lowest usage at which its next look could end a request; on the charge
+ * path, when a slot's used pages (the rules' "used": as the tightest ancestor sees them) reach it,
+ * the programs write one record to the `wake_events` ring with BPF_RB_FORCE_WAKEUP, so a consumer
+ * blocked on the ring wakes at once instead of at its next poll: on a new level at once, then at
+ * most every RTML_WAKE_EVERY_NS per slot while usage stays at or above it. Level 0 costs a compare.
+ * One consumer per ring: the process that loaded the programs, or the node agent (which forwards
+ * each record to the clients of that cgroup that asked).
+ */
+#define RTML_WAKE_EVERY_NS 1000000ULL
+#define RTML_WAKE_RING 16384		/* bytes of the wake ring (about 290 records) */
+
+struct rtml_wake {
+	__u64 time_ns;			/* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 cgroup_id;		/* the watched cgroup whose level was reached */
+	__u64 used_pages;		/* its used pages then */
+	__u64 wake_pages;		/* the level reached */
+	__u32 slot;
+	__u32 tid;			/* the charging thread (kernel pid), as the process sees it on the host */
+	__u32 pid;			/* its thread group */
+	__u32 _pad;
 };
 
 #endif /* __RTML_H */

@@ -26,19 +26,30 @@ The honest limit: one C call that allocates everything at once (``bytearray(2 <<
 the exception only when it returns, if the kernel has not killed the process by then.
 
 The enforcer is one thread per process and sleeps while nothing is in flight. While requests
-run it looks every ``FAR_INTERVAL`` and, once the room is within twice the band, every
-``NEAR_INTERVAL``: a look is a few reads of the kernel-fed mapping.
+run, the kernel wakes it: after each look it sets the lowest usage at which its next look could
+end something (the budget step: the threshold less what admitted requests still reserve; the
+critical step: the effective limit less the band), and blocks on the programs' wake ring; the
+charge that reaches that usage writes a record naming the charging thread and wakes it at once
+(rtml_ebpf/ebpf/wake.py, rtml.h ``struct rtml_wake``). While usage stays at or past the level the
+programs wake it at most every millisecond; once the room is back above the band the level rises
+and the wakes stop; with nothing in flight the level is 0. A backstop look every ``BACKSTOP``
+covers what the level cannot see (reservations that grew since, a limit written while idle).
+Where no ring is to be had (the poll backend, a node agent's client, a forked child of the
+loading process, a kernel without the hooks) it polls as before: every ``FAR_INTERVAL`` and, once
+the room is within twice the band, every ``NEAR_INTERVAL``; a look is a few reads of the
+kernel-fed mapping.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError, RequestMemoryExceeded
 from .follow import Account, clear_async_exception, raise_in_thread
@@ -56,6 +67,21 @@ NEAR_INTERVAL = 0.001
 GUESSES = ("learning", "cgroup")  # Ticket.basis of estimates that are not the request's route's own
 COLLECT_DELAY = 0.05  # after an ended request finished: its handler has let go of the exception by then
 LIMIT_REFRESH = 1.0  # seconds between reads of the effective limit (for a fractional band)
+BACKSTOP = 0.05  # seconds between looks while the kernel wakes the enforcer (tests make it long)
+IDLE_SLICE = 0.05  # while waiting for the kernel: how often to ask whether anything is still in flight
+WAKER_RETRY = 1.0  # seconds between attempts to get the kernel's wake for a cgroup that had none
+
+
+class Waker(Protocol):
+    """The kernel's wake for one cgroup (rtml_ebpf.ebpf.wake.Waker)."""
+
+    level_bytes: int
+
+    def set_margin(self, margin: int | None) -> None: ...
+
+    def wait(self, timeout: float) -> list[Any] | None: ...  # records ([] at the timeout); None: polled
+
+    def close(self) -> None: ...
 
 
 class Enforced(Protocol):
@@ -140,6 +166,13 @@ class Enforcer:
         self._thread: threading.Thread | None = None
         self._active = threading.Event()
         self._collect_at = 0.0  # when to collect the garbage of ended requests (0: nothing to collect)
+        self.wake_margin: int | None = None  # bytes of growth before the next look could end something
+        self.woken = 0  # looks the kernel's wake started
+        self.wake_tids: list[int] = []  # the charging threads the last few wake records named
+        self._waker: Waker | None = None
+        self._waker_cgroup = 0
+        self._waker_tried = -WAKER_RETRY
+        self._charging: Collection[int] = ()  # threads the last wake records named
 
     def collect_soon(self) -> None:
         """An ended request has finished. What it held is often kept alive by its exception's
@@ -166,22 +199,27 @@ class Enforcer:
                 self._limit = None
         return self._limit
 
-    def check(self, lim: Limiter, tickets: Iterable[Enforced], reserved: int = 0, now: float | None = None) -> bool:
+    def check(self, lim: Limiter, tickets: Iterable[Enforced], reserved: int = 0, now: float | None = None,
+              charging: Collection[int] = ()) -> bool:
         """One look: end what must end. ``reserved``: bytes admitted requests reserved and have
-        not charged yet, in the whole cgroup. Returns whether the cgroup is near its threshold or
-        its limit, so the caller looks again sooner."""
+        not charged yet, in the whole cgroup. ``charging``: native ids of the threads the
+        kernel's wake named: among the overrunners, theirs end first. Returns whether the cgroup
+        is near its threshold or its limit, so the caller looks again sooner; sets
+        ``wake_margin``, the growth after which a look could end something (<= 0: now)."""
         now = time.monotonic() if now is None else now
         room, limit_room = lim.room()
         if room is not None:
             room -= reserved  # what is left once every reservation is charged
         band = self.band_bytes(self._effective_limit(lim, now))
+        steps = [m for m in (room, None if limit_room is None or band is None else limit_room - band) if m is not None]
+        self.wake_margin = min(steps) if steps else None
         critical = limit_room is not None and band is not None and limit_room < band
         over = room is not None and room < 0
         near = critical or over or (room is not None and band is not None and room < band) or \
             (limit_room is not None and band is not None and limit_room < 2 * band)
         if not critical and not over:
             return near
-        live: list[tuple[int, int, Enforced]] = []
+        live: list[tuple[int, int, bool, Enforced]] = []
         pending = 0  # held by requests ended already and still unwinding: freed soon
         for t in tickets:
             if t.finished:
@@ -192,15 +230,19 @@ class Enforcer:
             elif grown > 0 and (critical or t.basis not in GUESSES):
                 # Past the threshold only a request that overran an estimate of its own is ended:
                 # one that runs on a guess (learning, or another route's figure) is being measured.
-                live.append((grown - (t.estimate or 0) - slack(t.estimate), grown, t))
+                overrun = grown - (t.estimate or 0) - slack(t.estimate)
+                acc = t.account
+                named = bool(charging) and (acc.owner in charging or any(tid in charging for tid in acc.running))
+                live.append((overrun, grown, named and overrun > 0, t))
         if critical:
             assert band is not None and limit_room is not None
             need = int(band * (1 + BUFFER)) - limit_room - pending
         else:
             assert room is not None
             need = -room - pending  # the budget balances again
-        live.sort(key=lambda x: (x[0], x[1]), reverse=True)
-        for overrun, grown, t in live:
+        # An overrunner the kernel caught charging first: it is the one growing now.
+        live.sort(key=lambda x: (x[2], x[0], x[1]), reverse=True)
+        for overrun, grown, _, t in live:
             if need <= 0:
                 break
             if overrun <= 0 and not critical:
@@ -230,6 +272,40 @@ class Enforcer:
                                             daemon=True)
             self._thread.start()
 
+    def waker_for(self, lim: Limiter) -> Waker | None:
+        """The kernel's wake for the limiter's cgroup, where this process loaded the programs
+        that watch it (none otherwise: the enforcer polls). Asked again at most every
+        ``WAKER_RETRY`` while there is none."""
+        cgid = lim.cgroup_id
+        if self._waker is not None and self._waker_cgroup == cgid:
+            return self._waker
+        now = time.monotonic()
+        if self._waker_cgroup == cgid and now - self._waker_tried < WAKER_RETRY:
+            return None
+        self.drop_waker()
+        self._waker_cgroup, self._waker_tried = cgid, now
+        runtime = sys.modules.get("rtml_ebpf.ebpf.runtime")  # not loaded: no program of ours to wake us
+        rt = runtime.Runtime.current() if runtime is not None else None
+        try:
+            self._waker = rt.waker(cgid, NEAR_INTERVAL) if rt is not None else None
+        except Exception as exc:  # noqa: BLE001 - no ring (an old object, no memory for it): poll
+            log.debug("rtml-ebpf: enforcer polls, no kernel wake: %s", exc)
+            self._waker = None
+        return self._waker
+
+    def drop_waker(self) -> None:
+        if self._waker is not None:
+            self._waker.close()
+            self._waker = None
+
+    def _settle(self) -> None:
+        """Nothing in flight: the programs need not wake us (level 0)."""
+        if self._waker is not None:
+            try:
+                self._waker.set_margin(None)
+            except Exception:  # noqa: BLE001
+                self.drop_waker()
+
     def _loop(self, source: Callable[[], tuple[Limiter | None, list[Enforced], int]]) -> None:
         while True:
             self._active.wait(None if not self._collect_at else max(0.0, self._collect_at - time.monotonic()))
@@ -238,13 +314,46 @@ class Enforcer:
                 gc.collect()
             lim, tickets, reserved = source()
             if lim is None or not tickets:
+                self._settle()
                 self._active.clear()
                 lim, tickets, reserved = source()  # one more look: a request may have come in meanwhile
                 if lim is None or not tickets:
                     continue
             try:
-                near = self.check(lim, tickets, reserved)
+                near = self.check(lim, tickets, reserved, charging=self._charging)
+                waker = self.waker_for(lim)
             except Exception as exc:  # noqa: BLE001 - the enforcer must outlive a bad reading
                 log.debug("rtml-ebpf: enforcer look failed: %s", exc)
-                near = False
-            time.sleep(NEAR_INTERVAL if near else FAR_INTERVAL)
+                near, waker = False, None
+            self._charging = ()
+            if waker is None or not self._woken(waker, source):
+                time.sleep(NEAR_INTERVAL if near else FAR_INTERVAL)
+
+    def _woken(self, waker: Waker, source: Callable[[], tuple[Limiter | None, list[Enforced], int]]) -> bool:
+        """Set the level and block on the kernel's wake until a record, the backstop, or nothing
+        in flight. False: the wake could not be had this time (the caller polls)."""
+        try:
+            waker.set_margin(self.wake_margin)
+            # At or past a step already: the programs wake us at most every millisecond while it
+            # grows, and we look at least that often (as the poll did) while it unwinds.
+            deadline = time.monotonic() + (NEAR_INTERVAL if self.wake_margin is not None and self.wake_margin <= 0
+                                           else BACKSTOP)
+            while (left := deadline - time.monotonic()) > 0:
+                got = waker.wait(min(left, IDLE_SLICE))
+                if got is None:
+                    return True  # another enforcer reads the ring: that wait was our poll
+                if got:
+                    self.woken += 1
+                    self._charging = {r.tid for r in got}
+                    self.wake_tids = [*self.wake_tids[-15:], *(r.tid for r in got[-16:])][-16:]
+                    return True
+                if self._collect_at and time.monotonic() >= self._collect_at:
+                    return True
+                lim, tickets, _ = source()  # a cheap question, not a look: still anything in flight?
+                if lim is None or not tickets:
+                    return True
+        except Exception as exc:  # noqa: BLE001 - the ring failed: poll from now on
+            log.debug("rtml-ebpf: enforcer's kernel wake failed, polling: %s", exc)
+            self.drop_waker()
+            return False
+        return True

@@ -40,8 +40,8 @@ BPF_F_MMAPABLE = 1 << 10
 BPF_FS_MAGIC_NAME = "bpf"
 # Every map of the object, pinned under <pin dir>/maps; links under <pin dir>/links.
 ALL_MAPS = ("watch", "slots", "configs", "counters", "ctl", "threads", "pages", "beat", "ticker", "wcache",
-            "oom_events")
-FD_ONLY = ("watch", "counters", "pages", "beat", "ticker", "oom_events")
+            "oom_events", "wake_events")
+FD_ONLY = ("watch", "counters", "pages", "beat", "ticker", "oom_events", "wake_events")
 OOM_RING_BYTES = 256 * 1024  # about 190 victims waiting: the agent reads them as they come
 
 

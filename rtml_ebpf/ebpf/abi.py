@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 5  # 5: memory.high in the walk (high_*), slot flags
+ABI_VERSION = 6  # 6: the enforcer's wake (config wake_pages, slot woken_*, wake ring)
 MAX_SLOTS = 64
 NESTED_WATCHES = 4
 BEAT_MS = 100
@@ -28,7 +28,7 @@ class Rule(ctypes.Structure):
 
 
 class Config(ctypes.Structure):
-    _fields_ = [("cgroup_id", u64), ("inactive_file_base", s64), ("rules", Rule * MAX_RULES)]
+    _fields_ = [("cgroup_id", u64), ("inactive_file_base", s64), ("rules", Rule * MAX_RULES), ("wake_pages", u64)]
 
 
 class Ctl(ctypes.Structure):
@@ -58,7 +58,11 @@ class Slot(ctypes.Structure):
         ("high_room_pages", s64),
         ("high_depth", u64),
         ("flags", u64),
-        ("_reserved", u64 * 7),
+        ("woken_ns", u64),
+        ("woken_pages", u64),
+        ("wakes", u64),
+        ("wakes_lost", u64),
+        ("_reserved", u64 * 3),
     ]
 
 
@@ -121,6 +125,25 @@ class OomEvent(ctypes.Structure):
     ]
 
 
+WAKE_EVERY_NS = 1_000_000
+WAKE_RING = 16384
+
+
+class Wake(ctypes.Structure):
+    """One wake record (struct rtml_wake): the slot's used pages reached the enforcer's level."""
+
+    _fields_ = [
+        ("time_ns", u64),
+        ("cgroup_id", u64),
+        ("used_pages", u64),
+        ("wake_pages", u64),
+        ("slot", u32),
+        ("tid", u32),
+        ("pid", u32),
+        ("_pad", u32),
+    ]
+
+
 GROWTH_KINDS = ("anon", "file", "kernel", "sock")
 # The slot and config as int64 words, for the lock-free fast readings (Runtime.room).
 SLOT_WORDS = ctypes.sizeof(Slot) // 8
@@ -132,6 +155,7 @@ W_INACTIVE_DELTA = Slot.inactive_file_delta.offset // 8
 W_HIGH = Slot.high_pages.offset // 8
 W_HIGH_ROOM = Slot.high_room_pages.offset // 8
 W_FLAGS = Slot.flags.offset // 8
+C_WAKE = Config.wake_pages.offset // 8  # config word of the enforcer's wake level
 TRIPPED_OFFSET = Slot.tripped.offset
 SEQ_BEGIN_OFFSET = Slot.seq_begin.offset
 SEQ_END_OFFSET = Slot.seq_end.offset

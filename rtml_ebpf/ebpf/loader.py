@@ -27,7 +27,7 @@ OBJECT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # Maps mapped into this process, with their value struct and entries.
 MAPPED = {"slots": (abi.Slot, abi.MAX_SLOTS), "configs": (abi.Config, abi.MAX_SLOTS), "ctl": (abi.Ctl, 1),
           "threads": (abi.Thread, abi.MAX_THREADS)}
-FD_ONLY = ("watch", "counters", "oom_events")
+FD_ONLY = ("watch", "counters", "oom_events", "wake_events")
 # Maps sized by the watched-cgroup capacity (the node agent sets it at load).
 PER_SLOT_MAPS = ("watch", "slots", "configs", "counters", "pages")
 # Programs a library process never loads: the agent's page publisher and beat.

@@ -20,8 +20,10 @@ from ..backends.meter import EbpfThreadMeter
 from ..config import env_hooks
 from ..errors import RtmlError
 from . import abi
+from .hooks import MEMCG_LRUVEC
 from .loader import Loaded, load, meter_on
 from .slots import Slots
+from .wake import WakeHub, Waker, WakeRing
 
 
 class Watch:
@@ -124,6 +126,7 @@ class Runtime:
         # negative cgroup id: a reference to give back too.
         self._pending: list[tuple[int, int, int]] = []
         self._loaded: Loaded = load(hooks)
+        self._wake: WakeHub | None = None  # made for the first enforcer that asks
         try:
             self._slots = Slots(self._loaded)
             self.thread_meter: EbpfThreadMeter | None = EbpfThreadMeter(
@@ -146,7 +149,7 @@ class Runtime:
 
     @property
     def tracks_inactive_file(self) -> bool:
-        return "memcg_lruvec" in self._loaded.links
+        return MEMCG_LRUVEC in self._loaded.links
 
     @property
     def needs_upkeep(self) -> bool:
@@ -260,6 +263,28 @@ class Runtime:
             if not self._closed and "ctl" in self._loaded.maps:
                 meter_on(self._loaded.maps["ctl"])
 
+    # -- the enforcer's wake (wake.py) ---------------------------------------------------------
+    def waker(self, cgroup_id: int, poll: float) -> Waker | None:
+        """A handle on the kernel's wake for a cgroup this process watches, None where it cannot
+        have one (not watched here, closed, or inherited from a parent: the level is one word
+        per slot, which the parent and every sibling would overwrite)."""
+        with self._locked():
+            if self._closed or self.inherited or self.slot_of(cgroup_id) is None:
+                return None
+            if self._wake is None:
+                assert self._slots.config_words is not None
+                self._wake = WakeHub(WakeRing(self._loaded.fds["wake_events"]), self._slots.config_words)
+            return Waker(self, self._wake, cgroup_id, poll)
+
+    def slot_of(self, cgroup_id: int) -> int | None:
+        """The slot watching ``cgroup_id`` now (lock-free: one dict read)."""
+        state = self._slots.by_cgid.get(cgroup_id)
+        return state.index if state is not None and state.watched and not self._closed else None
+
+    def used_pages(self, slot: int) -> int:
+        """Used pages as the rules see them, from the slot's words (no syscall)."""
+        return int(self._open_slots()._used(slot)[0])
+
     # -- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
         with self._lock:
@@ -271,6 +296,9 @@ class Runtime:
             return
         self._closed = True
         self.thread_meter = None
+        if self._wake is not None and not self.inherited:
+            self._wake.close()
+        self._wake = None
         self._slots.release_views()
         self._loaded.close(inherited=self.inherited)
 
