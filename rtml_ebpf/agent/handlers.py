@@ -3,15 +3,18 @@ and the beat passed back), ``events`` (a subscription to OOM kills) and ``stats`
 cgroup's counters). The message format is protocol.py's.
 
 A client's cgroup, and so what it may hold or see, comes from its connection's credentials
-(peer.py), never from anything it sends. Whatever is wrong raises ConfigError (or
+(peer.py), never from anything it sends; a root peer (uid 0 by the kernel's credentials) may name
+another cgroup by its directory, as it may read any cgroup's files. Whatever is wrong raises ConfigError (or
 CgroupNotFound, CapacityError) with what to do; conns.py turns it into the error reply.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
+from .. import _cgroup
 from ..ebpf import abi
 from ..ebpf.slots import encode_rule
 from ..errors import CgroupNotFound, ConfigError
@@ -53,9 +56,12 @@ class Handlers:
 
     def watch(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
         extra = set(message) - {"v", "op", "scope", "rules"}
+        named = message.get("cgroup") if conn.peer.uid == 0 else None  # root may name any cgroup
+        if named is not None:
+            extra.discard("cgroup")
         if extra & {"cgroup", "pid", "cgroup_id", "path"}:
             raise ConfigError("the agent decides your cgroup from your connection's credentials; "
-                              "send no cgroup, path or pid")
+                              "send no cgroup, path or pid (root may send \"cgroup\": a directory)")
         if extra:
             raise ConfigError(f"unknown request fields {sorted(extra)}")
         scope = message.get("scope", "self")
@@ -65,9 +71,12 @@ class Handlers:
         if not isinstance(raw_rules, list) or not 1 <= len(raw_rules) <= protocol.MAX_RULES_PER_REQUEST:
             raise ConfigError(f"rules: a list of 1 to {protocol.MAX_RULES_PER_REQUEST} rules")
         rules = [protocol.rule_from_wire(r) for r in raw_rules]
-        cg = _peer.cgroup_of(conn.peer)
-        if scope == "pod":
-            cg = _peer.pod_ancestor(cg)
+        if named is not None:
+            cg = _named_cgroup(named, conn.peer)
+        else:
+            cg = _peer.cgroup_of(conn.peer)
+            if scope == "pod":
+                cg = _peer.pod_ancestor(cg)
         cgid = cg.cgroup_id
         state = self.leases.slot_for(cg, cgid, conn.peer.pid)
         conn.cgid = cgid
@@ -115,3 +124,22 @@ class Handlers:
         return {"ok": True, "faults": int(c.faults), "events": int(c.events),
                 "growth": {k: [int(getattr(c, f"{k}_charged")), int(getattr(c, f"{k}_uncharged"))]
                            for k in abi.GROWTH_KINDS}}
+
+
+def _named_cgroup(value: object, peer: _peer.Peer) -> _cgroup.MemoryCgroup:
+    """A cgroup a root client named: a directory under a memory cgroup mount, the same cgroup in
+    the agent's mount namespace and in the client's. So the name reaches only what the client
+    could read itself: a pod's root (uid 0 without a user namespace) sees its own cgroup
+    namespace's files, where another pod's directory is absent or another cgroup."""
+    if not isinstance(value, str) or not value.startswith("/") or len(value) > protocol.MAX_PATH or "\0" in value:
+        raise ConfigError(f"cgroup={str(value)[:80]!r}: an absolute directory path of a memory cgroup, "
+                          f"at most {protocol.MAX_PATH} characters")
+    cg = _cgroup.cgroup_from_directory(value)
+    try:
+        theirs = os.stat(f"/proc/{peer.pid}/root{os.path.normpath(value)}").st_ino if peer.pid > 0 else -1
+    except OSError:
+        theirs = -1
+    if theirs != cg.cgroup_id or (peer.pidfd >= 0 and not _peer.alive(peer.pidfd)):
+        raise CgroupNotFound(f"cgroup={value!r}: not the same cgroup where your process sees it; name a memory "
+                             "cgroup directory as your mount namespace shows it (the host's, for a host service)")
+    return cg

@@ -60,7 +60,7 @@ def cgroup_key(peer: Peer) -> str:
     return chosen[0].split(":", 2)[2] if chosen else text
 
 
-def _alive(pidfd: int) -> bool:
+def alive(pidfd: int) -> bool:
     """The process behind the pidfd still runs (so its pid was not reused). Signal 0 checks
     existence; EPERM (an agent without CAP_KILL asking about another user) also means it runs."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -76,7 +76,7 @@ def cgroup_of(peer: Peer) -> _cgroup.MemoryCgroup:
         raise CgroupNotFound("the client's pid is not visible to the agent: run the agent in the host pid "
                              "namespace (hostPID: true)")
     cg = _cgroup.find_process_cgroup(peer.pid)
-    if peer.pidfd >= 0 and not _alive(peer.pidfd):
+    if peer.pidfd >= 0 and not alive(peer.pidfd):
         raise CgroupNotFound(f"pid {peer.pid} exited while it was being identified")
     return cg
 

@@ -7,6 +7,8 @@ node's beat page. The connection is the lease: the agent holds the client's rule
 is open. Messages are at most MAX_MESSAGE bytes.
 
 Request:  {"v": 1, "op": "watch", "scope": "self"|"pod", "rules": [RULE, ...]}
+          {"v": 1, "op": "watch", "cgroup": DIRECTORY, "rules": [...]}   (root peers only: any
+          memory cgroup, named by its directory as the agent sees it; refused for anyone else)
           {"v": 1, "op": "stats"}   (on a watching connection: the growth counters)
           {"v": 1, "op": "events", "scope": "self"|"pod"}   (a new connection: OOM kills)
 RULE:     {"metric": "working_set"|"usage", "trip_ppm": N, "clear_ppm": N}
@@ -42,6 +44,7 @@ OOM_HOOK: Final = hooks.OOM_VICTIM  # OOM kills counted by the programs (else me
 FAULT_HOOK: Final = hooks.PAGE_FAULT_USER  # user page faults: the fault counter is live
 DEFAULT_SOCKET = "/run/rtml-ebpf/agent.sock"
 MAX_MESSAGE = 4096
+MAX_PATH = 1024  # a cgroup directory a root client names (watch "cgroup")
 MAX_RULES_PER_REQUEST = 2  # a Limiter's hard and soft levels
 MAX_BYTES = 1 << 50
 SCOPES = ("self", "pod")

@@ -80,7 +80,8 @@ def _queued_refusal(sock: socket.socket) -> str | None:
     return str(reply.get("error")) if isinstance(reply, dict) and reply.get("error") else None
 
 
-def _request(rule: Rule, scope: str, path: str) -> tuple[socket.socket, dict[str, Any], list[int]]:
+def _request(rule: Rule, scope: str, path: str, cgroup: str | None = None
+             ) -> tuple[socket.socket, dict[str, Any], list[int]]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
@@ -94,8 +95,11 @@ def _request(rule: Rule, scope: str, path: str) -> tuple[socket.socket, dict[str
         try:
             # The agent may close an accepted connection at once (full, or its caps per uid):
             # the send then fails with EPIPE or ECONNRESET, which is "unavailable", not a crash.
-            sock.sendall(protocol.encode({"v": protocol.VERSION, "op": "watch", "scope": scope,
-                                          "rules": [protocol.rule_to_wire(rule)]}))
+            request: dict[str, Any] = {"v": protocol.VERSION, "op": "watch", "scope": scope,
+                                       "rules": [protocol.rule_to_wire(rule)]}
+            if cgroup is not None:
+                request["cgroup"] = cgroup  # root only: the agent checks our uid from the kernel
+            sock.sendall(protocol.encode(request))
         except OSError as exc:
             raise AgentUnavailable(f"the agent at {path} refused the request: "
                                    f"{_queued_refusal(sock) or exc.strerror or exc}") from None
@@ -158,19 +162,23 @@ class AgentBackend:
         self._next_check = 0.0
         self._fail_answer = False
         self._scope = "self"
+        self._other: str | None = None  # a cgroup not ours, by directory (root clients only)
         try:
             if own_cgroup_id is None:  # (the caller may know it: one reading of /proc less at start)
                 from .._cgroup import find_process_cgroup
 
                 own_cgroup_id = find_process_cgroup().cgroup_id
             if own_cgroup_id != self._cgid:
-                self._scope = "pod"  # the agent serves our own cgroup or our pod's, nothing else
+                if os.geteuid() == 0:
+                    self._other = cgroup.directory  # root may watch any cgroup, as its files allow
+                else:
+                    self._scope = "pod"  # the agent serves our own cgroup or our pod's, nothing else
         except Exception:  # noqa: BLE001 - the agent decides; a wrong guess is refused below
             pass
 
     # -- rules --------------------------------------------------------------------------------
     def add_rule(self, rule: Rule) -> Lease:
-        sock, reply, fds = _request(rule, self._scope, self.path)
+        sock, reply, fds = _request(rule, self._scope, self.path, self._other)
         page_fd, beat_fd = fds
         try:
             if reply.get("abi") != abi.ABI_VERSION:
@@ -179,7 +187,7 @@ class AgentBackend:
             if reply.get("cgroup_id") != self._cgid:
                 raise AgentUnavailable(
                     f"the agent serves this process's cgroup ({reply.get('cgroup')}), not {self.cgroup.directory}; "
-                    "build the Limiter for this process's own cgroup (or its pod)")
+                    "build the Limiter for this process's own cgroup (or its pod; root may name any)")
             if self._beat is None:
                 try:
                     self._beat = mmap.mmap(beat_fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)

@@ -75,22 +75,14 @@ def socket_path() -> str:
 
 
 def unusable(cg: _cgroup.MemoryCgroup) -> str | None:
-    """Why this process cannot use the shared load for ``cg``, or None when it can (then
-    ``cg`` is this process's own cgroup)."""
+    """Why this process cannot use the shared load for ``cg``, or None when it can. Its clients
+    are root, and root may watch any cgroup there (the agent checks the uid from the kernel)."""
     if os.environ.get(SHARED_ENV, "1") == "0":
         return f"the node's shared load is off ({SHARED_ENV}=0)"
     try:
         probes.check_privileges()
     except PermissionDenied as exc:
         return f"the node's shared load is for root processes ({exc})"
-    try:
-        own = _cgroup.find_process_cgroup()
-    except RtmlError as exc:
-        return f"the node's shared load needs this process's cgroup ({exc})"
-    if own.cgroup_id != cg.cgroup_id:
-        # The agent serves a client its own cgroup, decided from its credentials.
-        return (f"the node's shared load serves a process its own cgroup ({own.directory}), not "
-                f"{cg.directory}")
     return None
 
 
@@ -108,8 +100,8 @@ def answers(path: str | None = None) -> bool:
 
 
 def backend(cg: _cgroup.MemoryCgroup, why: str) -> Backend:
-    # unusable() said cg is our own cgroup: the backend need not read /proc again to know it
-    return AgentBackend(cg, why, path=socket_path(), pin_dir=pin_dir(), respawn=ensure, own_cgroup_id=cg.cgroup_id)
+    # (the backend reads /proc once to know whether cg is ours: root may guard another cgroup)
+    return AgentBackend(cg, why, path=socket_path(), pin_dir=pin_dir(), respawn=ensure)
 
 
 def join(cg: _cgroup.MemoryCgroup, why: str, register: Callable[[Backend], Registered]) -> Registered:

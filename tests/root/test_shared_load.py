@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -253,3 +254,55 @@ def test_the_fifth_distinct_threshold_on_a_cgroup_polls_rather_than_load_a_secon
         for backend, reason in out[4:]:  # the 5th and the 6th
             assert backend == "poll" and "has no room for this threshold" in reason, reason
         assert len(place.agent_pids()) == 1  # one shared load
+
+
+@pytest.mark.vm
+def test_a_root_service_guarding_another_cgroup_joins_the_shared_load() -> None:
+    # A host agent guarding a pod (Limiter(cgroup=<pod's directory>)) is the node's other root
+    # client: it joins the one set of programs instead of loading its own.
+    with make_cgroup(limit=128 * MiB) as home, make_cgroup(limit=64 * MiB) as guarded, \
+            shared_place() as place:
+        c = Client(home, {**place.env, "SHARED_CLIENT_CGROUP": guarded.directory})
+        assert c.hello["backend"] == "agent" and "the node's shared load" in c.hello["reason"], (c.hello, place.log())
+        assert prog_ids_held(c.hello["pid"]) == set(), c.hello
+        assert c.ask("check")["reached"] is False
+        holder = guarded.hold()
+        try:
+            holder.change(40)  # 40 of the guarded cgroup's 64 MiB: over 0.5; the client's own cgroup is idle
+            assert wait_until(lambda: c.ask("check")["reached"], timeout=10), c.ask("check")
+            holder.change(-40)
+            assert wait_until(lambda: not c.ask("check")["reached"], timeout=60), c.ask("check")
+        finally:
+            holder.proc.kill()
+            holder.proc.wait()
+
+
+def test_only_root_may_name_a_cgroup_and_a_bad_name_is_a_clear_error() -> None:
+    with make_cgroup(limit=64 * MiB) as cg, shared_place() as place:
+        agent = AgentProcess(None)
+        try:
+            rule = {"metric": "usage", "trip_ppm": 500_000, "clear_ppm": 450_000}
+            asked = {"v": 1, "op": "watch", "rules": [rule], "cgroup": cg.directory}
+            script = ("import json, socket, sys\n"
+                      "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+                      "s.connect(sys.argv[1]); s.send(sys.argv[2].encode())\n"
+                      "print(s.recv(4096).decode())\n")
+            def ask(message: dict[str, Any], *prefix: str) -> dict[str, Any]:
+                out = subprocess.run([*prefix, sys.executable, "-c", script, agent.socket, json.dumps(message)],
+                                     capture_output=True, text=True, timeout=30, check=True).stdout
+                return dict(json.loads(out))
+            nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")
+            refused = ask(asked, *nobody)
+            assert refused["ok"] is False and "send no cgroup" in refused["error"], refused
+            for bad in ("relative/dir", "/etc", "/" + "x" * 2000, 7):
+                reply = ask({**asked, "cgroup": bad})
+                assert reply["ok"] is False and "cgroup" in reply["error"], (bad, reply)
+            assert ask(asked)["ok"] is True  # root, a real memory cgroup
+            # root in a mount namespace of its own where that path is another directory (a pod's
+            # root sees its own cgroup namespace's files): refused, it names what it could not read
+            unshared = ask(asked, "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           f'mount -t tmpfs none {shlex.quote(os.path.dirname(cg.directory))} && exec "$0" "$@"')
+            assert unshared["ok"] is False and "not the same cgroup" in unshared["error"], unshared
+        finally:
+            agent.stop()
+        assert place.pin_dir  # (the shared place only keeps this test off the default paths)

@@ -1,5 +1,5 @@
 """A client of the node's shared load (or of any backend) for the tests: builds ``Limiter()`` on
-its own cgroup (``auto`` unless argv[2] names a backend), prints what it got and how long the
+its own cgroup (or SHARED_CLIENT_CGROUP's; ``auto`` unless argv[2] names a backend), prints what it got and how long the
 build took, then answers one JSON line per command read on stdin:
 
     grow N    allocate and touch N MiB more          -> {"held_mib": ...}
@@ -56,7 +56,9 @@ def main() -> int:
     threshold = float(sys.argv[1]) if len(sys.argv) > 1 else 0.5
     backend = sys.argv[2] if len(sys.argv) > 2 else "auto"
     t0 = time.perf_counter()
-    lim = Limiter(threshold=threshold, metric="usage", relief=False, backend=backend)
+    # SHARED_CLIENT_CGROUP: watch that cgroup (a root service guarding another), not our own
+    lim = Limiter(threshold=threshold, metric="usage", relief=False, backend=backend,
+                  cgroup=os.environ.get("SHARED_CLIENT_CGROUP") or None)
     build_ms = (time.perf_counter() - t0) * 1000
     print(json.dumps({"backend": lim.backend, "reason": lim.stats().backend_reason, "build_ms": build_ms,
                       "pid": os.getpid(), "hooks": list(lim.stats().hooks)}), flush=True)
