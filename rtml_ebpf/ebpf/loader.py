@@ -20,6 +20,7 @@ from ..errors import LoadError, NotSupported
 from ..relief import trim_heap
 from . import abi, probes
 from . import libbpf as _libbpf
+from .hooks import MEMCG, MEMCG_LRUVEC, PAGE_FAULT_USER
 
 log = logging.getLogger("rtml_ebpf")
 
@@ -58,7 +59,7 @@ class Loaded:
     @property
     def memcg_events(self) -> bool:
         """True when the memcg stat events feed the slots (not only the fault hook)."""
-        return "memcg_lruvec" in self.links or "memcg_state" in self.links
+        return any(h in self.links for h in MEMCG)
 
     def close(self, *, inherited: bool = False) -> None:
         """Undo in reverse: mappings, links, the object. A forked child that inherited all this
@@ -88,7 +89,7 @@ def choose_hooks(wanted: tuple[str, ...] | None) -> tuple[list[probes.Hook], dic
     for hook in probes.HOOKS:
         if wanted is not None and hook.name not in wanted:
             skipped[hook.name] = "not requested (RTML_HOOKS)"
-        elif wanted is None and hook.name == "page_fault_user" and memcg_events:
+        elif wanted is None and hook.name == PAGE_FAULT_USER and memcg_events:
             skipped[hook.name] = "not needed: memcg events are live (RTML_HOOKS=all adds it to count faults)"
         elif (why := probes.hook_unavailable(hook)) is not None:
             skipped[hook.name] = why
@@ -160,7 +161,7 @@ def set_ctl_flags(out: Loaded) -> None:
     """What the attached hooks mean for the programs (ctl.flags), and the ABI version."""
     ctl = abi.Ctl.from_buffer(out.maps["ctl"])
     ctl.abi_version = abi.ABI_VERSION
-    ctl.flags = (abi.CTL_TRACK_INACTIVE if "memcg_lruvec" in out.links else 0) | (
+    ctl.flags = (abi.CTL_TRACK_INACTIVE if MEMCG_LRUVEC in out.links else 0) | (
         0 if out.memcg_events else abi.CTL_FAULT_REFRESH) | abi.CTL_METER_OFF
     del ctl
 
