@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from .admission.policy import rejections
+from .admission.policy import ended, rejections
 from .errors import ConfigError
 from .limiter import Level, Limiter
 
@@ -29,8 +29,9 @@ class MemoryLimiterCollector:
     Names (prefix ``rtml_`` by default): memory_usage_bytes, memory_working_set_bytes,
     memory_limit_bytes (absent when unlimited), memory_threshold_bytes{level},
     memory_level (0 OK, 1 SOFT, 2 HARD), memory_trips_total{level}, rejections_total{integration},
-    relief_runs_total, relief_bytes_total, oom_kills_total, backend_info.
-    Every family but rejections_total carries a ``cgroup`` label.
+    requests_ended_total{integration}, relief_runs_total, relief_bytes_total, oom_kills_total,
+    backend_info. Every family but rejections_total and requests_ended_total carries a ``cgroup``
+    label.
     """
 
     def __init__(
@@ -95,6 +96,13 @@ class MemoryLimiterCollector:
             for integration, count in sorted(rejections().items()):
                 rej.add_metric([integration], count)
         fams.append(rej)
+        ended_family = CounterMetricFamily(
+            f"{n}_requests_ended", "Admitted requests ended for memory (they overran), by integration.",
+            labels=["integration"])
+        if with_values:
+            for integration, count in sorted(ended().items()):
+                ended_family.add_metric([integration], count)
+        fams.append(ended_family)
         for name, doc, key in (
             ("relief_runs", "gc.collect + malloc_trim runs after a trip.", "relief_runs"),
             ("relief_bytes", "Resident bytes the relief runs handed back.", "relief_bytes"),

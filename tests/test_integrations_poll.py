@@ -126,3 +126,10 @@ def test_metrics_on_a_poll_limiter() -> None:
                      if line.startswith("rtml_memory_usage_bytes{"))
         assert usage > 0
         assert 'level="hard"' in text
+        # a request the enforcer ended, as the integrations record it, is counted by integration
+        from rtml_ebpf.admission.policy import ended, record_ended
+
+        before = ended().get("wsgi", 0)
+        record_ended("wsgi")
+        text = generate_latest(registry).decode()
+        assert f'rtml_requests_ended_total{{integration="wsgi"}} {before + 1:.1f}' in text, text
