@@ -273,9 +273,10 @@ class Enforcer:
             self._thread.start()
 
     def waker_for(self, lim: Limiter) -> Waker | None:
-        """The kernel's wake for the limiter's cgroup, where this process loaded the programs
-        that watch it (none otherwise: the enforcer polls). Asked again at most every
-        ``WAKER_RETRY`` while there is none."""
+        """The kernel's wake for the limiter's cgroup: the limiter's backend's (``Limiter.waker``:
+        this process's programs, or the node agent's forwarding), else this process's own
+        programs if they watch the cgroup; None otherwise (the enforcer polls). Asked again at
+        most every ``WAKER_RETRY`` while there is none."""
         cgid = lim.cgroup_id
         if self._waker is not None and self._waker_cgroup == cgid:
             return self._waker
@@ -284,10 +285,14 @@ class Enforcer:
             return None
         self.drop_waker()
         self._waker_cgroup, self._waker_tried = cgid, now
+        make: Callable[[float], Waker | None] | None = getattr(lim, "waker", None)
         runtime = sys.modules.get("rtml_ebpf.ebpf.runtime")  # not loaded: no program of ours to wake us
         rt = runtime.Runtime.current() if runtime is not None else None
         try:
-            self._waker = rt.waker(cgid, NEAR_INTERVAL) if rt is not None else None
+            if callable(make):
+                self._waker = make(NEAR_INTERVAL)
+            else:
+                self._waker = rt.waker(cgid, NEAR_INTERVAL) if rt is not None else None
         except Exception as exc:  # noqa: BLE001 - no ring (an old object, no memory for it): poll
             log.debug("rtml-ebpf: enforcer polls, no kernel wake: %s", exc)
             self._waker = None

@@ -33,6 +33,7 @@ log = logging.getLogger("rtml_ebpf.agent")
 
 REQUEST_TIMEOUT = 1.0  # a connection must ask within this
 MAX_REQUESTS_PER_SECOND = 20  # per connection, after its watch
+MAX_WAKE_LEVELS_PER_SECOND = 200  # per wake connection: its enforcer moves the level as requests come and go
 LOGGED_FAILURES = 20  # unexpected request failures logged with their traceback; then counted only
 
 MAX_CONNECTIONS = 4096
@@ -58,6 +59,7 @@ class Conn:
     window_start: float = 0.0
     window_count: int = 0
     events_scope: str | None = None  # an events subscriber: "" every cgroup (root), else its own path
+    wake_cgid: int = 0  # a wake connection: the cgroup whose wake records it gets (wakes.py)
 
 
 class ConnLimits:
@@ -204,8 +206,9 @@ class Connections:
         if now - conn.window_start >= 1.0:
             conn.window_start, conn.window_count = now, 0
         conn.window_count += 1
-        if conn.window_count > MAX_REQUESTS_PER_SECOND:
-            self.fail(fd, f"over {MAX_REQUESTS_PER_SECOND} requests per second")
+        cap = MAX_WAKE_LEVELS_PER_SECOND if conn.wake_cgid else MAX_REQUESTS_PER_SECOND
+        if conn.window_count > cap:
+            self.fail(fd, f"over {cap} requests per second")
             return
         try:
             self.handle(fd, conn, protocol.decode(data))
@@ -230,7 +233,7 @@ class Connections:
             if now > deadline:
                 self._answer_refused(fd)
         for fd, conn in list(self.by_fd.items()):
-            if not conn.keys and conn.events_scope is None and now > conn.deadline:
+            if not conn.keys and conn.events_scope is None and not conn.wake_cgid and now > conn.deadline:
                 self.fail(fd, f"no request within {REQUEST_TIMEOUT:g} s")
 
     def send(self, fd: int, message: dict[str, Any], fds: list[int] | None = None) -> None:

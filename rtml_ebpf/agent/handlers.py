@@ -1,6 +1,6 @@
 """The socket's ops, validated and answered: ``watch`` (rules on the client's cgroup, its page
-and the beat passed back), ``events`` (a subscription to OOM kills) and ``stats`` (the
-cgroup's counters). The message format is protocol.py's.
+and the beat passed back), ``events`` (a subscription to OOM kills), ``wake`` (the enforcer's
+wake records, wakes.py) and ``stats`` (the cgroup's counters). The message format is protocol.py's.
 
 A client's cgroup, and so what it may hold or see, comes from its connection's credentials
 (peer.py), never from anything it sends; a root peer (uid 0 by the kernel's credentials) may name
@@ -24,6 +24,7 @@ from .conns import Conn
 from .leases import Leases
 from .oomfeed import OomFeed
 from .programs import NodePrograms
+from .wakes import WakeFeed
 
 Send = Callable[[int, dict[str, Any], "list[int] | None"], None]  # (connection id, reply, fds to pass)
 
@@ -31,9 +32,11 @@ Send = Callable[[int, dict[str, Any], "list[int] | None"], None]  # (connection 
 class Handlers:
     """One decoded request of one connection, answered through ``send``."""
 
-    def __init__(self, leases: Leases, oom: OomFeed, node: NodePrograms, send: Send) -> None:
+    def __init__(self, leases: Leases, oom: OomFeed, node: NodePrograms, send: Send,
+                 wakes: WakeFeed | None = None) -> None:
         self.leases = leases
         self.oom = oom
+        self.wakes = wakes
         self.node = node
         self.send = send
         self.served = 0  # watch requests answered
@@ -44,15 +47,22 @@ class Handlers:
         op = message.get("op")
         if conn.events_scope is not None:
             raise ConfigError("an events connection only listens; open another to ask anything else")
-        if op == "watch" and not conn.keys:
+        if conn.wake_cgid:
+            if op != "wake":
+                raise ConfigError(f"op={op!r}: a wake connection only moves its level (\"wake\"); open another "
+                                  "to ask anything else")
+            self.move_wake(fd, conn, message)
+        elif op == "wake" and not conn.keys:
+            self.wake(fd, conn, message)
+        elif op == "watch" and not conn.keys:
             self.watch(fd, conn, message)
         elif op == "events" and not conn.keys:
             self.events(fd, conn, message)
         elif op == "stats" and conn.keys:
             self.send(fd, self.stats(conn), None)
         else:
-            raise ConfigError(f"op={op!r}: a new connection asks \"watch\" or \"events\" once; then a "
-                              "watching one only \"stats\"")
+            raise ConfigError(f"op={op!r}: a new connection asks \"watch\", \"events\" or \"wake\" once; "
+                              "then a watching one only \"stats\"")
 
     def watch(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
         extra = set(message) - {"v", "op", "scope", "rules"}
@@ -94,6 +104,45 @@ class Handlers:
                  "abi": abi.ABI_VERSION, "upkeep": not self.node.memcg_events}
         self.send(fd, reply, [page_fd, self.node.beat_fd])
         self.served += 1
+
+    def wake(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
+        """Wake this connection when its cgroup's use reaches ``level``: the cgroup as ``watch``
+        decides it (credentials; root may name one), and watched already."""
+        if self.wakes is None or self.wakes.ring is None:
+            raise ConfigError("this agent's programs have no wake ring (an older object or kernel): poll instead")
+        extra = set(message) - {"v", "op", "scope", "level"}
+        named = message.get("cgroup") if conn.peer.uid == 0 else None
+        if named is not None:
+            extra.discard("cgroup")
+        if extra & {"cgroup", "pid", "cgroup_id", "path"}:
+            raise ConfigError("the agent decides your cgroup from your connection's credentials; "
+                              "send no cgroup, path or pid (root may send \"cgroup\": a directory)")
+        if extra:
+            raise ConfigError(f"unknown request fields {sorted(extra)}")
+        level = protocol.wake_level(message.get("level"))
+        scope = message.get("scope", "self")
+        if scope not in protocol.SCOPES:
+            raise ConfigError(f"scope={scope!r}: one of {', '.join(protocol.SCOPES)}")
+        if named is not None:
+            cg = _named_cgroup(named, conn.peer)
+        else:
+            cg = _peer.cgroup_of(conn.peer)
+            if scope == "pod":
+                cg = _peer.pod_ancestor(cg)
+        cgid = cg.cgroup_id
+        if cgid not in self.leases.slots.by_cgid:
+            raise CgroupNotFound(f"cgroup {cg.path} is not watched by the agent: watch it first (a Limiter on it)")
+        conn.wake_cgid = cgid
+        self.wakes.ask(fd, cgid, level)
+        self.send(fd, {"ok": True, "cgroup_id": cgid}, None)
+
+    def move_wake(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
+        """A new level on a wake connection (no reply: the client's enforcer does not wait)."""
+        extra = set(message) - {"v", "op", "level"}
+        if extra:
+            raise ConfigError(f"unknown fields {sorted(extra)}: a wake connection sends only its level")
+        assert self.wakes is not None
+        self.wakes.ask(fd, conn.wake_cgid, protocol.wake_level(message.get("level")))
 
     def events(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
         """Subscribe this connection to OOM kills: root sees the node, anyone else the cgroup it

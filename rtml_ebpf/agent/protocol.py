@@ -11,6 +11,9 @@ Request:  {"v": 1, "op": "watch", "scope": "self"|"pod", "rules": [RULE, ...]}
           memory cgroup, named by its directory as the agent sees it; refused for anyone else)
           {"v": 1, "op": "stats"}   (on a watching connection: the growth counters)
           {"v": 1, "op": "events", "scope": "self"|"pod"}   (a new connection: OOM kills)
+          {"v": 1, "op": "wake", "level": N, "scope": "self"|"pod"}   (a new connection: the
+          enforcer's wake; root may add "cgroup": DIRECTORY as in watch; then {"v": 1, "op":
+          "wake", "level": N} on it moves the level; N bytes of use, 0 off)
 RULE:     {"metric": "working_set"|"usage", "trip_ppm": N, "clear_ppm": N}
           or {"metric": ..., "trip_bytes": N, "clear_bytes": N}
 Reply:    {"ok": true, "cgroup": path, "cgroup_id": N, "rules": [index, ...], "hooks": [...],
@@ -22,6 +25,12 @@ then one message per OOM kill seen in the scope (the fields of ``rtml_ebpf.oom.O
 as long as the connection is open; root sees the node, anyone else its own cgroup (or pod).
 An events connection only listens: any request on it is refused. A subscriber that does not
 read loses records (counted in /metrics), never the agent's time.
+
+Wake: the reply {"ok": true, "cgroup_id": N}, then one message per wake record of that cgroup
+for as long as the connection is open: {"cgroup_id", "tid", "used", "level", "ns"}: its used
+bytes reached the lowest level its clients asked for; "tid" is the charging thread in the
+client's own pid namespace when it is one of the client's threads, else 0. The cgroup must be
+watched (a watch connection first). A client that does not read loses records.
 
 Every byte a client sends is hostile (the agent is root on every node): :func:`decode` takes
 only a JSON object nested at most MAX_DEPTH deep, with no duplicate keys, whole numbers of at
@@ -152,6 +161,14 @@ def decode(data: bytes) -> dict[str, Any]:
         raise ConfigError("message must be a JSON object")
     _check_strings(message)
     return message
+
+
+def wake_level(raw: object) -> int:
+    """A wake op's level: whole bytes from 0 (off) to MAX_BYTES."""
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_BYTES:
+        raise ConfigError(f"level={str(raw)[:40]!r}: the bytes of use at which to be woken, a whole number "
+                          f"from 0 (off) to {MAX_BYTES}")
+    return raw
 
 
 def rule_to_wire(rule: Rule) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from .psi import PsiTriggers
 from .reattach import Reattacher
 from .scan import Scanner, memory_mount
 from .startup import DEFAULT_METRICS_ADDR, enter_host_cgroup_namespace, listen_http, listen_unix, raise_fd_limit
+from .wakes import WakeFeed
 
 log = logging.getLogger("rtml_ebpf.agent")
 
@@ -47,6 +48,7 @@ READY_INTERVAL = 0.5  # programs, beat and socket looked at for /readyz
 
 INOTIFY = "inotify"  # the selector key of the scanner's fd
 OOM = "oom"  # the selector key of the OOM event ring
+WAKE = "wake"  # the selector key of the enforcers' wake ring (wakes.py)
 
 
 @dataclass
@@ -92,8 +94,12 @@ class Agent:
         if ring_fd is not None:
             self.selector.register(ring_fd, selectors.EVENT_READ, OOM)
         self.psi = PsiTriggers(self.slots, self.node)  # read every step: see psi.py for why not in the selector
-        self.conns = Connections(self.selector, self.listener, self._handle, self.leases.release)
-        self.handlers = Handlers(self.leases, self.oom, self.node, self.conns.send)
+        self.wakes = WakeFeed(self.node, self.slots)
+        wake_fd = self.wakes.fileno()
+        if wake_fd is not None:
+            self.selector.register(wake_fd, selectors.EVENT_READ, WAKE)
+        self.conns = Connections(self.selector, self.listener, self._handle, self._release)
+        self.handlers = Handlers(self.leases, self.oom, self.node, self.conns.send, self.wakes)
         self.metrics = NodeMetrics()
         self._next_sample = self._next_ready = 0.0
         # read now, not at the first sample: the HTTP thread may render this first view before
@@ -116,6 +122,11 @@ class Agent:
 
     def _handle(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
         self.handlers.handle(fd, conn, message)
+
+    def _release(self, fd: int, conn: Conn) -> None:
+        """A connection closed: its leases, and its wake level."""
+        self.wakes.release(fd)
+        self.leases.release(fd, conn)
 
     # -- the loop -----------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -144,6 +155,8 @@ class Agent:
                 self.conns.accept()
             elif key.data == OOM:
                 self.oom.read_ring(self.conns)
+            elif key.data == WAKE:
+                self.wakes.read_ring(self.conns)
             elif key.data == INOTIFY:
                 self.scanner.on_events()
                 self._apply_scan()
@@ -219,6 +232,7 @@ class Agent:
         self.psi.close()
         self.slots.release_views()
         self.oom.close()
+        self.wakes.close()
         self.scanner.close()
         self.node.close(unpin=unpin)
         log.info("rtml-ebpf agent: stopped (%s)", "programs unloaded" if unpin or not self.config.pin_dir

@@ -15,6 +15,7 @@ from typing import cast
 from .._cgroup import MemoryCgroup
 from .._rules import Rule
 from ..ebpf.runtime import Runtime, Watch
+from ..ebpf.wake import Waker
 from ..errors import CgroupNotFound, RtmlError
 from .base import Flag, Snapshot
 from .meter import EbpfThreadMeter
@@ -107,6 +108,11 @@ class EbpfBackend:
             return None
         rt.want_thread_meter()
         return rt.thread_meter
+
+    def waker(self, flag: object, poll: float) -> Waker | None:
+        """The enforcer's wake from this process's programs (rtml_ebpf/ebpf/wake.py)."""
+        rt = self._runtime
+        return rt.waker(flag.cgroup_id, poll) if rt is not None and isinstance(flag, Watch) else None
 
     def close(self) -> None:
         for watch in list(self._watches):

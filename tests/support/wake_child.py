@@ -4,15 +4,24 @@ reservation at ~500 MiB/s, with the enforcer's backstop look made longer than th
 only the kernel's wake can end the overrun before the OOM killer ends the process. Prints one
 JSON line: what happened, the wake's records, and the wake level once nothing is in flight.
 
-    python wake_child.py wake|nowake
+    python wake_child.py wake|nowake|agent
+
+``agent``: the Limiter is a client of the node's shared load (the environment names a private
+place, tests/support/shared.py), whose agent consumes the ring and forwards this cgroup's
+records on a wake connection (rtml_ebpf/backends/agent_wake.py); the level is read from the
+agent's pinned ``configs`` map.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from rtml_ebpf import Limiter
 from rtml_ebpf.admission import Admission, enforce
@@ -24,12 +33,45 @@ MiB = 1 << 20
 LONG = 60.0  # longer than the run: a backstop look never comes
 
 
+def own_level(lim: Limiter) -> Callable[[], int]:
+    """The wake level of this process's own load, as its programs read it."""
+    rt = Runtime.current()
+    assert rt is not None
+    slot = rt.slot_of(lim.cgroup_id)
+    assert slot is not None
+    words = memoryview(rt._loaded.maps["configs"]).cast("q")  # noqa: SLF001 - the level the programs read
+    return lambda: int(words[slot * abi.CONFIG_WORDS + abi.C_WAKE])
+
+
+def agent_level(lim: Limiter) -> Callable[[], int]:
+    """The wake level the shared agent wrote for this cgroup, from its pinned maps (root)."""
+    from rtml_ebpf.ebpf import libbpf
+    from rtml_ebpf.ebpf.loader import map_len
+    from rtml_ebpf.ebpf.shared import pin_dir
+
+    fds = {n: libbpf.lib().bpf_obj_get(os.path.join(pin_dir(), "maps", n).encode()) for n in ("slots", "configs")}
+    assert min(fds.values()) >= 0, fds
+    entries = libbpf.map_info(fds["slots"])[4]
+    slots = mmap.mmap(fds["slots"], map_len(ctypes.sizeof(abi.Slot), entries), mmap.MAP_SHARED, mmap.PROT_READ)
+    cfgs = mmap.mmap(fds["configs"], map_len(ctypes.sizeof(abi.Config), entries), mmap.MAP_SHARED, mmap.PROT_READ)
+    sw, cw = memoryview(slots).cast("q"), memoryview(cfgs).cast("q")
+    slot = next(i for i in range(entries) if sw[i * abi.SLOT_WORDS + abi.Slot.cgroup_id.offset // 8] == lim.cgroup_id)
+    return lambda: int(cw[slot * abi.CONFIG_WORDS + abi.C_WAKE])
+
+
 def main(mode: str) -> None:
     enforce.BACKSTOP = LONG
     if mode == "nowake":  # the control: no kernel wake and polls as rare as the backstop
         Runtime.waker = lambda self, cgroup_id, poll: None  # type: ignore[method-assign]
         enforce.FAR_INTERVAL = enforce.NEAR_INTERVAL = LONG
-    lim = Limiter(threshold=0.8, metric="usage", backend="ebpf")
+    lim = Limiter(threshold=0.8, metric="usage", backend="auto" if mode == "agent" else "ebpf")
+    if mode == "agent" and not hasattr(Limiter, "waker"):
+        # Until Limiter.waker(poll) hands out its backend's (AgentBackend.waker): the same
+        # AgentWaker, made from the backend's connection path, scope and page.
+        from rtml_ebpf.backends.agent_wake import AgentWaker
+
+        b = lim._backend  # noqa: SLF001
+        lim.waker = lambda poll: AgentWaker(b.path, b._leases[0].words, b._scope, b._other)  # type: ignore[attr-defined]  # noqa: SLF001
     adm = Admission(lim, route_costs={"GET /small": 8 * MiB, "POST /overrun": 8 * MiB}, share=False)
     assert adm.enforcer is not None
     outcomes: dict[str, str] = {}
@@ -61,22 +103,17 @@ def main(mode: str) -> None:
     for t in threads:
         t.start()
     time.sleep(0.2)  # every request admitted, the enforcer's first look done: the level is set
-    rt = Runtime.current()
-    assert rt is not None
-    slot = rt.slot_of(lim.cgroup_id)
-    assert slot is not None
-    words = memoryview(rt._loaded.maps["configs"]).cast("q")  # noqa: SLF001 - the level as the programs read it
-    level_in_flight = int(words[slot * abi.CONFIG_WORDS + abi.C_WAKE])
+    level = agent_level(lim) if mode == "agent" else own_level(lim)
+    level_in_flight = level()
+    waker = type(adm.enforcer._waker).__name__  # noqa: SLF001 - which wake the enforcer got
     go.set()
     for t in threads:
         t.join(30)
     time.sleep(enforce.IDLE_SLICE * 4)  # the enforcer notices nothing is in flight
-    level_idle = int(words[slot * abi.CONFIG_WORDS + abi.C_WAKE])
-    s = rt.read_slot(slot)
     print(json.dumps({"outcomes": outcomes, "tids": tids, "woken": adm.enforcer.woken,
                       "wake_tids": adm.enforcer.wake_tids, "ended_total": adm.enforcer.ended_total,
-                      "level_in_flight": level_in_flight, "level_idle": level_idle, "wakes": int(s.wakes),
-                      "wakes_lost": int(s.wakes_lost), "limit_pages": int(s.limit_pages)}))
+                      "level_in_flight": level_in_flight, "level_idle": level(), "waker": waker,
+                      "limit_bytes": lim.stats().limit_bytes, "backend": lim.stats().backend}))
 
 
 if __name__ == "__main__":
