@@ -139,3 +139,11 @@ class AgentWaker:
             self.sock.close()
             self.sock = None
         self.level_bytes = 0
+
+
+def waker_of(backend: Any, flag: Any, poll: float) -> AgentWaker | None:
+    """The wake for an AgentBackend's rule ``flag`` (a Lease): a connection of its own to the same
+    agent, naming the cgroup as the watch did. None when the lease is retired (the agent lost)."""
+    if getattr(flag, "retired", True) or backend.lost is not None:
+        return None
+    return AgentWaker(backend.path, flag.words, backend._scope, backend._other)  # noqa: SLF001 - its own wing

@@ -66,12 +66,11 @@ def main(mode: str) -> None:
         enforce.FAR_INTERVAL = enforce.NEAR_INTERVAL = LONG
     lim = Limiter(threshold=0.8, metric="usage", backend="auto" if mode == "agent" else "ebpf")
     if mode == "agent" and not hasattr(Limiter, "waker"):
-        # Until Limiter.waker(poll) hands out its backend's (AgentBackend.waker): the same
-        # AgentWaker, made from the backend's connection path, scope and page.
-        from rtml_ebpf.backends.agent_wake import AgentWaker
+        # Until Limiter.waker(poll) hands out its backend's: the agent client's wake for its rule.
+        from rtml_ebpf.backends.agent_wake import waker_of
 
-        b = lim._backend  # noqa: SLF001
-        lim.waker = lambda poll: AgentWaker(b.path, b._leases[0].words, b._scope, b._other)  # type: ignore[attr-defined]  # noqa: SLF001
+        b, h = lim._backend, lim._handle  # noqa: SLF001
+        lim.waker = lambda poll: waker_of(b, h, poll)  # type: ignore[attr-defined]
     adm = Admission(lim, route_costs={"GET /small": 8 * MiB, "POST /overrun": 8 * MiB}, share=False)
     assert adm.enforcer is not None
     outcomes: dict[str, str] = {}
