@@ -185,8 +185,71 @@ static PyType_Spec verdict_spec = {
 	.slots = verdict_slots,
 };
 
+/*
+ * ledger_others(buffer, own_row) - the admission ledger's sums (rtml_ebpf/admission/ledger.py)
+ * for one decision: (reserved, inflight, learning) of every row but ``own_row``, and the
+ * (largest, per_kib) of every row, own included. The layout is ledger.py's: a header of 8 int64
+ * (word 3: rows in use), then rows of 8 int64 (2 reserved, 3 inflight, 4 learning, 6 largest,
+ * 7 per_kib). A full fence first: the caller has just written its own row (its claim), and the
+ * claim is safe only if no load below is ordered before that store (x86 lets a load pass an
+ * earlier store; see ledger.py, "claim, then look"). Rows are single-writer and every word is an
+ * aligned 8-byte store, so each load sees one whole value.
+ */
+#define LEDGER_HEADER 8
+#define LEDGER_FIELDS 8
+#define LEDGER_USED 3
+#define LEDGER_ROWS 128
+
+static PyObject *ledger_others(PyObject *module, PyObject *args)
+{
+	PyObject *buffer;
+	Py_ssize_t own;
+	Py_buffer view;
+	long long reserved = 0, inflight = 0, learning = 0, largest = 0, per_kib = 0;
+
+	(void)module;
+	if (!PyArg_ParseTuple(args, "On", &buffer, &own))
+		return NULL;
+	if (PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE) < 0)
+		return NULL;
+	if (view.len < (Py_ssize_t)((LEDGER_HEADER + LEDGER_ROWS * LEDGER_FIELDS) * sizeof(long long))) {
+		PyBuffer_Release(&view);
+		PyErr_SetString(PyExc_ValueError, "a ledger buffer is smaller than the ledger");
+		return NULL;
+	}
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	const long long *q = (const long long *)view.buf;
+	long long used = __atomic_load_n(&q[LEDGER_USED], __ATOMIC_RELAXED);
+	if (used < 0 || used > LEDGER_ROWS)
+		used = LEDGER_ROWS;
+	for (long long r = 0; r < used; r++) {
+		const long long *row = q + LEDGER_HEADER + r * LEDGER_FIELDS;
+		long long big = __atomic_load_n(&row[6], __ATOMIC_RELAXED);
+		long long kib = __atomic_load_n(&row[7], __ATOMIC_RELAXED);
+		if (big > largest)
+			largest = big;
+		if (kib > per_kib)
+			per_kib = kib;
+		if (r == own)
+			continue;
+		reserved += __atomic_load_n(&row[2], __ATOMIC_RELAXED);
+		inflight += __atomic_load_n(&row[3], __ATOMIC_RELAXED);
+		learning += __atomic_load_n(&row[4], __ATOMIC_RELAXED);
+	}
+	PyBuffer_Release(&view);
+	return Py_BuildValue("(LLLLL)", reserved, inflight, learning, largest, per_kib);
+}
+
+static PyMethodDef hot_methods[] = {
+	{"ledger_others", ledger_others, METH_VARARGS,
+	 "ledger_others(buffer, own_row) -> (reserved, inflight, learning, largest, per_kib): the admission "
+	 "ledger's sums after a full fence (others' rows; largest and per_kib of every row)."},
+	{NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef hot_module = {
-	PyModuleDef_HEAD_INIT, "_hot", "The hot-path check as a C callable.", -1, NULL,
+	PyModuleDef_HEAD_INIT, "_hot", "The hot-path check as a C callable, and the admission ledger's sums.", -1,
+	hot_methods,
 };
 
 PyMODINIT_FUNC PyInit__hot(void)

@@ -40,10 +40,11 @@ from ..errors import ConfigError
 from ..limiter import Limiter
 from ..relief import set_mmap_threshold
 from . import follow as _follow
+from . import forks
 from .enforce import DEFAULT_BAND, GUESSES, Enforcer, finished
 from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
-from .ledger import Ledger
 from .ledger_join import SharedLedger
+from .meter_of import MeterOf
 from .publisher import Publisher
 from .rule import decide
 from .stepped import Stepped
@@ -60,9 +61,9 @@ RELEASE_HEAP_THRESHOLD = 128 << 10
 def _release_heap() -> None:
     global _heap_released_in
     with _fork_lock:
-        if _heap_released_in == os.getpid():
+        if _heap_released_in == forks.pid:
             return
-        _heap_released_in = os.getpid()
+        _heap_released_in = forks.pid
         if set_mmap_threshold(RELEASE_HEAP_THRESHOLD):
             log.info("rtml-ebpf: admission: malloc maps buffers of %d KiB and more, so freed request memory "
                      "leaves the cgroup at once (Admission(release_heap=False) to keep malloc as it is)",
@@ -135,7 +136,9 @@ class Admission:
         self._mu = threading.Lock()
         self._inflight: dict[int, Ticket] = {}
         self._shared = SharedLedger()
-        self._pid = os.getpid()
+        self._pid = forks.pid
+        self._meters = MeterOf()
+        self._enforcer_in = 0  # the pid whose enforcer thread was started
         self._publisher = Publisher(self._publish, lambda: bool(self._inflight))
         self.admitted = self.rejected_tripped = self.rejected_budget = self.rejected_learning = 0
         self._others_reserved = 0
@@ -152,18 +155,18 @@ class Admission:
         return _default.current()
 
     def _meter(self, lim: Limiter) -> Meter:
-        return lim.thread_meter() or RUSAGE
+        return self._meters.of(lim)
 
     def _after_fork(self) -> None:
         # A forked worker starts with no requests of its own: the parent's are the parent's.
         # Threads of a fresh worker arrive together: one resets, under the process-wide lock.
         with _fork_lock:
-            if self._pid == os.getpid():
+            if self._pid == forks.pid:
                 return
             self._mu = threading.Lock()
             self._inflight = {}
             self._publisher.after_fork()
-            self._pid = os.getpid()
+            self._pid = forks.pid
 
     # -- the budget -------------------------------------------------------------------------
     def _own(self) -> tuple[int, int, int]:
@@ -186,16 +189,18 @@ class Admission:
             lim = self.limiter()
             if lim is not None and lim.is_mem_limit_reached():
                 return None
-            return Ticket(route, 0, threading.get_native_id(), 0, stepped)
+            return Ticket(route, 0, forks.native_id(), 0, stepped)
 
     def _try_admit(self, route: str, size: int | None, stepped: bool, bind: bool) -> Ticket | None:
-        if self._pid != os.getpid():
+        # No system call, no file lock (tests/root/test_admission_syscalls.py): the ledger is
+        # claimed, then looked at (ledger_fast); its upkeep is the publisher thread's.
+        if self._pid != forks.pid:
             self._after_fork()
-        if self._release_heap and _heap_released_in != os.getpid():
+        if self._release_heap and _heap_released_in != forks.pid:
             _release_heap()
         lim = self.limiter()
         if lim is None:
-            return Ticket(route, 0, threading.get_native_id(), 0, stepped)  # no limiter: fail open
+            return Ticket(route, 0, forks.native_id(), 0, stepped)  # no limiter: fail open
         if lim.is_mem_limit_reached():
             self.rejected_tripped += 1
             return None
@@ -203,54 +208,47 @@ class Admission:
         estimate = None if guess is None else guess.bytes
         meter = self._meter(lim)
         with self._mu:
-            # Under the lock: one row per process, never two. None: this process budgets alone.
-            ledger = self._shared.lock(lim.cgroup_id) if self._share else None
-            try:
-                others, others_inflight, others_learning, others_largest = (
-                    ledger.totals() if ledger is not None else (0, 0, 0, 0))
-                self._others_reserved = others
-                own, own_inflight, own_learning = self._own()
-                own_largest = self.estimator.largest()
-                largest = max(own_largest, others_largest)
-                guessed = False
-                if estimate is None:
-                    # Not learned here yet: a guess from what the cgroup knows, one such request
-                    # of a route at a time in this process, until it has its own.
-                    estimate = _cgroup_guess(self.estimator, size, ledger, largest)
-                    guessed = estimate is not None
-                if guessed and any(t.route == route and t.basis in GUESSES for t in self._inflight.values()):
-                    why: str | None = "learning"
-                else:
-                    room, limit_room = lim.room() if estimate is not None else (None, None)
-                    why = decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
-                                 own_learning + others_learning, guessed or (guess is not None and guess.extrapolated))
+            # One row per process, written under this lock only (single writer).
+            ledger = self._shared.get(lim.cgroup_id) if self._share else None
+            own, own_inflight, own_learning = self._own()
+            own_largest, per_kib = self.estimator.largest(), self.estimator.per_kib()
+            guessed = False
+            if estimate is None:
+                # Not learned here: a guess from the cgroup's figures, one at a time per route
+                seen = self._shared.sums(ledger, None)
+                estimate = _cgroup_guess(self.estimator, size, seen[4], max(own_largest, seen[3]))
+                guessed = estimate is not None
+            claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None), own_largest, per_kib)
+            others, others_inflight, others_learning, _, _ = self._shared.sums(ledger, claim)
+            self._others_reserved = others
+            if guessed and any(t.route == route and t.basis in GUESSES for t in self._inflight.values()):
+                why: str | None = "learning"
+            else:
+                room, limit_room = lim.room() if estimate is not None else (None, None)
+                why = decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
+                             own_learning + others_learning, guessed or (guess is not None and guess.extrapolated))
+            if why is not None:
+                if self._shared.ledger is not None:  # give the claim back
+                    self._shared.sums(self._shared.ledger, (own, own_inflight, own_learning, own_largest, per_kib))
                 if why == "learning":
                     self.rejected_learning += 1
-                elif why == "budget":
-                    self.rejected_budget += 1
-                    self._publisher.want_trim = True
-                if why is not None:
-                    if self._publisher.want_trim:
-                        self._publisher.wake()
-                    return None
-                basis = "learning" if estimate is None else "cgroup" if guessed or guess is None else guess.basis
-                if stepped or not bind:
-                    ticket = Ticket(route, estimate, 0, 0, stepped, meter, size, basis)
                 else:
-                    ticket = Ticket(route, estimate, threading.get_native_id(), meter.begin(), stepped, meter, size,
-                                    basis)
-                    _follow.CURRENT.set(ticket.account)
-                self._inflight[id(ticket)] = ticket
-                self.admitted += 1
-                if ledger is not None:
-                    ledger.publish(own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None),
-                                   own_largest, self.estimator.per_kib())
-            finally:
-                if ledger is not None:
-                    ledger.unlock()
+                    self.rejected_budget += 1
+                    self._publisher.trim_soon()
+                return None
+            basis = "learning" if estimate is None else "cgroup" if guessed or guess is None else guess.basis
+            if stepped or not bind:
+                ticket = Ticket(route, estimate, 0, 0, stepped, meter, size, basis)
+            else:
+                ticket = Ticket(route, estimate, forks.native_id(), meter.begin(), stepped, meter, size, basis)
+                _follow.CURRENT.set(ticket.account)
+            self._inflight[id(ticket)] = ticket
+            self.admitted += 1
         self._publisher.wake()
         if self.enforcer is not None:
-            self.enforcer.ensure(self._enforced)
+            if self._enforcer_in != forks.pid:  # its thread, once per process (a forked child has none)
+                self._enforcer_in = forks.pid
+                self.enforcer.ensure(self._enforced)
             self.enforcer.wake()
         return ticket
 
@@ -274,7 +272,7 @@ class Admission:
             return
         ticket.net0 = ticket.meter.begin()
         with ticket.account.lock:  # the enforcer reads tid/ident under it
-            ticket.tid = ticket.account.owner = threading.get_native_id()
+            ticket.tid = ticket.account.owner = forks.native_id()
             ticket.ident = threading.get_ident()
         _follow.CURRENT.set(ticket.account)
 
@@ -282,7 +280,7 @@ class Admission:
         """The request ended (answered, failed or cancelled): learn its cost, free its reservation.
         Returns the measured cost in bytes (its peak growth), None when it could not be measured."""
         cost: int | None = None
-        own_thread = not ticket.stepped and ticket.tid == threading.get_native_id()
+        own_thread = not ticket.stepped and ticket.tid == forks.native_id()
         try:
             finished(ticket, own_thread)
             if own_thread:
@@ -313,11 +311,15 @@ class Admission:
     # -- sharing the shrinking reservations -----------------------------------------------------
     def _publish(self) -> None:
         ledger = self._shared.ledger
-        if ledger is None or self._pid != os.getpid():
+        if ledger is None or self._pid != forks.pid:
             return
         with self._mu:
             own, inflight, learning = self._own()
             ledger.publish(own, inflight, learning, self.estimator.largest(), self.estimator.per_kib())
+            try:
+                ledger.upkeep()  # reaping dead processes' rows: off the request path
+            except (ConfigError, OSError) as exc:
+                self._shared.failed(exc)
 
     # -- shapes of requests -------------------------------------------------------------------
     def run_async(self, ticket: Ticket, awaitable: Coroutine[Any, Any, T]) -> Awaitable[T]:
@@ -346,10 +348,10 @@ def _validate(limiter: object, **flags: object) -> None:
             raise ConfigError(f"{name}={flag!r}: pass True or False")
 
 
-def _cgroup_guess(estimator: CostEstimator, size: int | None, ledger: Ledger | None, largest: int) -> int | None:
+def _cgroup_guess(estimator: CostEstimator, size: int | None, per_kib: int, largest: int) -> int | None:
     """What to reserve for a route this process has not learned: the largest estimate the cgroup
     knows, or more for a sized request where processes learned how cost grows with the body."""
-    scaled = estimator.scaled(size, max(estimator.per_kib(), ledger.per_kib() if ledger is not None else 0))
+    scaled = estimator.scaled(size, max(estimator.per_kib(), per_kib))
     if scaled is not None and scaled.bytes > largest:
         return scaled.bytes
     return largest if largest > 0 else None

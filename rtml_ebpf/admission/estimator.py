@@ -30,6 +30,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ConfigError
 
@@ -85,9 +86,9 @@ class _Window:
         return len(self.values)
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """Bytes to reserve for one request, and how that figure was reached."""
+class Estimate(NamedTuple):
+    """Bytes to reserve for one request, and how that figure was reached (a tuple: made per
+    request where not cached, and a frozen dataclass costs three times as much to make)."""
 
     bytes: int
     basis: str  # "declared", "route", "size" (its size class), "interpolated", "extrapolated"
@@ -155,6 +156,12 @@ class CostEstimator:
         self.max_routes = max_routes
         self._routes: OrderedDict[str, _Route] = OrderedDict()
         self._estimates: dict[str, int] = {}  # route -> learned estimate for a request of unknown size
+        self._learned: dict[str, Estimate] = {}  # the same, made once per change (read per request)
+        # Declared costs that do not depend on the size: made once, not per request.
+        self._fixed: dict[str, Estimate] | None = None
+        if cost is None and self.per_byte is None:
+            self._fixed = {r: Estimate(c, "declared") for r, c in declared.items()}
+        self._default = None if request_bytes is None else Estimate(request_bytes, "declared")
         self._class_estimates: dict[str, dict[int, tuple[int, int]]] = {}  # route -> class -> (size, bytes)
         self._lock = threading.Lock()
         # The largest estimate known, kept current by observe(): admission reads it per request.
@@ -193,6 +200,14 @@ class CostEstimator:
         return None if e is None else e.bytes
 
     def estimate_for(self, route: str, size: int | None = None) -> Estimate | None:
+        fixed = self._fixed
+        if fixed is not None:
+            e = fixed.get(route, self._default)
+            if e is not None:
+                return e
+            if size is None or size < SIZE_FLOOR:  # a learned route, by its size-free figure
+                return self._learned.get(route if route in self._routes or len(self._routes) < self.max_routes
+                                         else OVERFLOW_ROUTE)
         if self.cost_function is not None:
             declared = self.cost_function(route, size)
             if declared is not None:
@@ -266,7 +281,9 @@ class CostEstimator:
             if len(r.costs) >= self.min_samples:
                 old = self._estimates.get(bucket, 0)
                 new = self._estimates[bucket] = nearest_rank(r.costs.ordered, self.q)
-                changed.append((old, new))
+                if new != old or bucket not in self._learned:
+                    self._learned[bucket] = Estimate(new, "route")
+                    changed.append((old, new))
             if cls:
                 costs = r.classes.get(cls)
                 if costs is None:

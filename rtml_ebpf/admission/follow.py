@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..backends.meter import Meter
+from .forks import native_id
 
 log = logging.getLogger("rtml_ebpf")
 T = TypeVar("T")
@@ -52,7 +53,7 @@ class Account:
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn`` on this thread, charging what it allocates to the request."""
-        tid = threading.get_native_id()
+        tid = native_id()
         if tid == self.owner or tid in self.running:
             return fn(*args, **kwargs)  # the request's own thread, or nested: already metered
         from ..errors import RequestMemoryExceeded
@@ -68,9 +69,10 @@ class Account:
         finally:
             net1, peak1 = meter.read()
             with self.lock:
-                self.running.pop(tid, None)
+                # net before the pop: grown() reads net without the lock once running is empty
                 self.peak = max(self.peak, self.net + (peak1 - net0))
                 self.net += net1 - net0
+                self.running.pop(tid, None)
             # The enforcer raises only in threads listed in running, under the lock; one raised
             # just before we left would fire in anyio's or asyncio's worker loop, not in the
             # request's code: drop it here, where it is still ours.
@@ -78,6 +80,8 @@ class Account:
 
     def grown(self) -> int:
         """Bytes the helpers hold now: finished runs plus the growth of those still running."""
+        if not self.running:
+            return self.net  # most requests hand nothing to a thread: no lock per look
         with self.lock:
             running = list(self.running.items())
             total = self.net

@@ -4,8 +4,9 @@ Workers of one service (gunicorn/uWSGI pre-fork, ``uvicorn --workers``, multipro
 live in one memory cgroup and share its headroom, so each must see what the others have
 admitted but not yet allocated. The ledger is a small file named by the cgroup id, mapped by
 every process: one row per process, written only by that process (its reservations, requests
-in flight, requests still learning their cost). An admission decision reads every row under an
-exclusive ``flock`` so two processes never spend the same headroom.
+in flight, requests still learning their cost). An admission decision claims its request in its
+own row, then reads the others' (``ledger_fast``: no lock, no system call), so two processes
+never spend the same headroom. The ``flock`` is for joining, reaping and tools (:meth:`lock`).
 
 Where: a directory private to the uid (0700, owner checked, every component opened with
 O_NOFOLLOW: see ``_private_dir``), never a predictable name in a world-writable place, where
@@ -27,8 +28,8 @@ exclusive one and removes the file.
 
 A process that dies (SIGKILL, OOM kill, crash) cannot clear its row: every process reaps
 rows whose pid is gone, a zombie, or reused (start time differs) at most every
-``REAP_INTERVAL`` seconds, so a killed worker's reservations never outlive it by more than
-that.
+``REAP_INTERVAL`` seconds while it has requests in flight (its publisher thread, off the request
+path, ``ledger_reap``), so a killed worker's reservations never outlive it by much more than that.
 """
 
 from __future__ import annotations
@@ -48,19 +49,26 @@ from typing import NamedTuple
 
 from .._private_dir import open_place
 from ..errors import ConfigError
+from . import forks
+from .ledger_fast import Others, others
+from .ledger_layout import (
+    FIELDS,
+    H_USED,
+    HEADER,
+    INFLIGHT,
+    LARGEST,
+    LEARNING,
+    PER_KIB,
+    PID,
+    RESERVED,
+    ROWS,
+    SIZE,
+    UPDATED,
+)
+from .ledger_reap import reap, take_row
 
 log = logging.getLogger("rtml_ebpf")
 
-MAGIC = 0x52544D4C4C454447  # "RTMLLEDG"
-VERSION = 1
-ROWS = 128  # processes of one cgroup that can share a ledger
-FIELDS = 8  # int64 per row
-# LARGEST: the largest estimate known; PER_KIB: the largest cost per KiB of body known (a process
-# that has not learned a sized route yet scales by it instead of guessing from a small request)
-PID, START, RESERVED, INFLIGHT, LEARNING, UPDATED, LARGEST, PER_KIB = range(8)
-HEADER = 8  # int64 of header: magic, version, rows, rows in use (high-water mark), ...
-H_USED = 3
-SIZE = (HEADER + ROWS * FIELDS) * 8
 REAP_INTERVAL = 0.5
 CHECK_INTERVAL = 0.5  # how often a process looks whether its ledger file was deleted
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: type, whence, start, len, pid
@@ -107,19 +115,6 @@ def read_totals(cgroup_id: int, directory: str | None = None) -> Totals | None:
     live = [HEADER + r * FIELDS for r in range(ROWS) if q[HEADER + r * FIELDS + PID]]
     return Totals(sum(q[b + RESERVED] for b in live), sum(q[b + INFLIGHT] for b in live),
                   sum(q[b + LEARNING] for b in live), max((q[b + LARGEST] for b in live), default=0))
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (clock ticks since boot), None when gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rfind(b")") + 2 :].split()
-    if not fields or fields[0] == b"Z":
-        return None
-    return int(fields[19])
 
 
 def _ofd_lock(fd: int, kind: int, wait: bool) -> bool:
@@ -226,7 +221,8 @@ class Ledger:
                 mm = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 rows = memoryview(mm).cast("q")
                 try:
-                    row, start = self._take_row(rows, path)
+                    row, start = take_row(rows, path)
+                    self._last_reap = time.monotonic()
                 except BaseException:
                     rows.release()
                     mm.close()
@@ -238,36 +234,18 @@ class Ledger:
             os.close(dfd)
             raise
         self._fd, self._dfd, self._mm, self._rows, self._row, self._start = fd, dfd, mm, rows, row, start
-        self._pid = os.getpid()
+        self._pid = forks.pid
         self.path = path
         self._next_check = time.monotonic() + CHECK_INTERVAL
         _open_ledgers.add(self)
         _register_exit()
-
-    def _take_row(self, rows: memoryview, path: str) -> tuple[int, int]:
-        if rows[0] != MAGIC:
-            rows[1], rows[2], rows[0] = VERSION, ROWS, MAGIC
-        elif rows[1] != VERSION or rows[2] != ROWS:
-            raise ConfigError(f"ledger {path}: written by another rtml-ebpf version; remove it")
-        start = process_start_time(os.getpid()) or 0
-        self._reap(rows)
-        row = next((r for r in range(ROWS) if rows[HEADER + r * FIELDS + PID] == 0), -1)
-        if row < 0:
-            raise ConfigError(f"ledger {path}: all {ROWS} rows are in use by live processes")
-        base = HEADER + row * FIELDS
-        for i in range(FIELDS):
-            rows[base + i] = 0
-        rows[base + START] = start
-        rows[base + PID] = os.getpid()
-        rows[H_USED] = max(rows[H_USED], row + 1)  # readers sum rows below this mark only
-        return row, start
 
     def open(self) -> None:
         """Join the ledger now (else at the first use): raises ConfigError when it cannot."""
         self._ensure()
 
     def _ensure(self) -> memoryview:
-        if self._pid != os.getpid():
+        if self._pid != forks.pid:
             # A forked child: drop the parent's view and fd copies (not its row, nor its lock:
             # the parent still owns them) and take a row of its own.
             self._drop()
@@ -317,11 +295,35 @@ class Ledger:
         learning = sum(body[LEARNING::FIELDS]) - rows[own + LEARNING]
         return reserved, inflight, learning, max(body[LARGEST::FIELDS], default=0)
 
-    def per_kib(self) -> int:
-        """The largest cost per KiB of body any process of the cgroup has learned (0: none).
-        Call with :meth:`lock` held."""
+    def claim(self, reserved: int, inflight: int, learning: int, largest: int, per_kib: int) -> Others:
+        """The request path (``ledger_fast``): write this process's row as it is once the request
+        is admitted, then, after a full fence, the others' sums (a refusal claims its row back).
+        No lock, no system call: callers serialise their own row (Admission holds its lock)."""
         rows = self._ensure()
-        return max(rows[HEADER + PER_KIB : HEADER + rows[H_USED] * FIELDS : FIELDS], default=0)
+        base = HEADER + self._row * FIELDS
+        rows[base + LARGEST] = largest
+        rows[base + PER_KIB] = per_kib
+        rows[base + RESERVED] = reserved if reserved > 0 else 0
+        rows[base + INFLIGHT] = inflight
+        rows[base + LEARNING] = learning
+        rows[base + UPDATED] = time.monotonic_ns()
+        return others(self._mm, rows, self._row)
+
+    def look(self) -> Others:
+        """The same sums without a claim (what a route not learned here may guess from)."""
+        return others(self._mm, self._ensure(), self._row)
+
+    def upkeep(self) -> None:
+        """Off the request path (the publisher thread): reap dead processes' rows at most every
+        REAP_INTERVAL, and notice a deleted file (:meth:`lock` does both)."""
+        if time.monotonic() - self._last_reap < REAP_INTERVAL:
+            return
+        self.lock()
+        try:
+            assert self._rows is not None
+            self._reap(self._rows)
+        finally:
+            self.unlock()
 
     def publish(self, reserved: int, inflight: int, learning: int, largest: int | None = None,
                 per_kib: int | None = None) -> None:
@@ -345,7 +347,7 @@ class Ledger:
         rows[base + UPDATED] = time.monotonic_ns()
 
     def lock(self) -> None:
-        if self._pid != os.getpid() and self._pid != -1:
+        if self._pid != forks.pid and self._pid != -1:
             self._lock = threading.Lock()  # a forked child must not inherit a held lock
         self._lock.acquire()
         try:
@@ -412,17 +414,3 @@ def _same_file(dfd: int, name: str, fd: int) -> bool:
         return False
     own = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
-
-
-def reap(rows: memoryview, own_row: int) -> None:
-    """Clear rows of processes that are gone (killed workers leave theirs behind)."""
-    for r in range(ROWS):
-        base = HEADER + r * FIELDS
-        pid = rows[base + PID]
-        if pid == 0 or (pid == os.getpid() and r == own_row):
-            continue
-        start = process_start_time(pid)
-        if start is None or (rows[base + START] and start != rows[base + START]):
-            rows[base + PID] = 0
-            for i in range(1, FIELDS):
-                rows[base + i] = 0

@@ -13,6 +13,7 @@ import time
 
 from ..errors import ConfigError
 from .ledger import Ledger
+from .ledger_fast import Others
 
 log = logging.getLogger("rtml_ebpf")
 
@@ -58,6 +59,17 @@ class SharedLedger:
             self.failed(exc)
             return None
         return ledger
+
+    def sums(self, ledger: Ledger | None, claim: tuple[int, int, int, int, int] | None) -> Others:
+        """The ledger's sums after ``claim`` (None: a look without one); zeros when this process
+        budgets alone. Joining it after a fork may fail as opening does: then alone, said once."""
+        if ledger is None:
+            return (0, 0, 0, 0, 0)
+        try:
+            return ledger.look() if claim is None else ledger.claim(*claim)
+        except (ConfigError, OSError) as exc:
+            self.failed(exc)
+            return (0, 0, 0, 0, 0)
 
     def failed(self, exc: BaseException) -> None:
         self.close()

@@ -40,6 +40,11 @@ class Publisher:
             self._thread = threading.Thread(target=self._loop, name="rtml-ebpf-admission", daemon=True)
             self._thread.start()
 
+    def trim_soon(self) -> None:
+        """Budget pressure: hand freed heap back (at most every TRIM_INTERVAL)."""
+        self.want_trim = True
+        self.wake()
+
     def _trim_if_wanted(self) -> None:
         """Budget pressure: a Python service keeps freed request memory in its malloc arenas
         (glibc raises its mmap threshold after the first large free), so the kernel still
