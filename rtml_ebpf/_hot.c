@@ -18,6 +18,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stddef.h>
+#include <time.h>
 
 #if defined(Py_LIMITED_API) && Py_LIMITED_API + 0 < 0x030C0000
 /* Vectorcall joined the limited API in 3.12, with the values it has had since 3.8 (PEP 590):
@@ -51,6 +52,7 @@ typedef struct {
 	void *internal;
 } Py_buffer;
 #define PyBUF_SIMPLE 0
+#define PyBUF_WRITABLE 0x0001
 PyAPI_FUNC(int) PyObject_GetBuffer(PyObject *obj, Py_buffer *view, int flags);
 PyAPI_FUNC(void) PyBuffer_Release(Py_buffer *view);
 #endif
@@ -200,25 +202,14 @@ static PyType_Spec verdict_spec = {
 #define LEDGER_USED 3
 #define LEDGER_ROWS 128
 
-static PyObject *ledger_others(PyObject *module, PyObject *args)
+#define LEDGER_BYTES ((Py_ssize_t)((LEDGER_HEADER + LEDGER_ROWS * LEDGER_FIELDS) * sizeof(long long)))
+
+/* The fence and the sums, over a view of at least LEDGER_BYTES. */
+static PyObject *sum_rows(const long long *q, Py_ssize_t own)
 {
-	PyObject *buffer;
-	Py_ssize_t own;
-	Py_buffer view;
 	long long reserved = 0, inflight = 0, learning = 0, largest = 0, per_kib = 0;
 
-	(void)module;
-	if (!PyArg_ParseTuple(args, "On", &buffer, &own))
-		return NULL;
-	if (PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE) < 0)
-		return NULL;
-	if (view.len < (Py_ssize_t)((LEDGER_HEADER + LEDGER_ROWS * LEDGER_FIELDS) * sizeof(long long))) {
-		PyBuffer_Release(&view);
-		PyErr_SetString(PyExc_ValueError, "a ledger buffer is smaller than the ledger");
-		return NULL;
-	}
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	const long long *q = (const long long *)view.buf;
 	long long used = __atomic_load_n(&q[LEDGER_USED], __ATOMIC_RELAXED);
 	if (used < 0 || used > LEDGER_ROWS)
 		used = LEDGER_ROWS;
@@ -236,11 +227,77 @@ static PyObject *ledger_others(PyObject *module, PyObject *args)
 		inflight += __atomic_load_n(&row[3], __ATOMIC_RELAXED);
 		learning += __atomic_load_n(&row[4], __ATOMIC_RELAXED);
 	}
-	PyBuffer_Release(&view);
 	return Py_BuildValue("(LLLLL)", reserved, inflight, learning, largest, per_kib);
 }
 
+static int ledger_view(PyObject *buffer, Py_buffer *view, int flags)
+{
+	if (PyObject_GetBuffer(buffer, view, flags) < 0)
+		return -1;
+	if (view->len < LEDGER_BYTES) {
+		PyBuffer_Release(view);
+		PyErr_SetString(PyExc_ValueError, "a ledger buffer is smaller than the ledger");
+		return -1;
+	}
+	return 0;
+}
+
+static PyObject *ledger_others(PyObject *module, PyObject *args)
+{
+	PyObject *buffer, *out;
+	Py_ssize_t own;
+	Py_buffer view;
+
+	(void)module;
+	if (!PyArg_ParseTuple(args, "On", &buffer, &own))
+		return NULL;
+	if (ledger_view(buffer, &view, PyBUF_SIMPLE) < 0)
+		return NULL;
+	out = sum_rows((const long long *)view.buf, own);
+	PyBuffer_Release(&view);
+	return out;
+}
+
+/*
+ * ledger_claim(buffer, own_row, reserved, inflight, learning, largest, per_kib) - the request
+ * path's claim: this process's row written (reserved, inflight, learning, largest, per_kib, and
+ * the time of the write on CLOCK_MONOTONIC, Python's time.monotonic_ns), then ledger_others'
+ * fence and sums. The caller is the row's only writer (Admission holds its lock).
+ */
+static PyObject *ledger_claim(PyObject *module, PyObject *args)
+{
+	(void)module;
+	PyObject *buffer, *out;
+	Py_ssize_t own;
+	long long v[5];
+	Py_buffer view;
+	struct timespec now;
+
+	if (!PyArg_ParseTuple(args, "OnLLLLL", &buffer, &own, &v[0], &v[1], &v[2], &v[3], &v[4]))
+		return NULL;
+	if (own < 0 || own >= LEDGER_ROWS) {
+		PyErr_Format(PyExc_ValueError, "row %zd outside a ledger of %d rows", own, LEDGER_ROWS);
+		return NULL;
+	}
+	if (ledger_view(buffer, &view, PyBUF_WRITABLE) < 0)
+		return NULL;
+	long long *row = (long long *)view.buf + LEDGER_HEADER + own * LEDGER_FIELDS;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	__atomic_store_n(&row[6], v[3], __ATOMIC_RELAXED);
+	__atomic_store_n(&row[7], v[4], __ATOMIC_RELAXED);
+	__atomic_store_n(&row[2], v[0] > 0 ? v[0] : 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&row[3], v[1], __ATOMIC_RELAXED);
+	__atomic_store_n(&row[4], v[2], __ATOMIC_RELAXED);
+	__atomic_store_n(&row[5], (long long)now.tv_sec * 1000000000LL + now.tv_nsec, __ATOMIC_RELAXED);
+	out = sum_rows((const long long *)view.buf, own);
+	PyBuffer_Release(&view);
+	return out;
+}
+
 static PyMethodDef hot_methods[] = {
+	{"ledger_claim", ledger_claim, METH_VARARGS,
+	 "ledger_claim(buffer, own_row, reserved, inflight, learning, largest, per_kib) -> ledger_others(buffer, "
+	 "own_row), after writing the row (the admission ledger's request path)."},
 	{"ledger_others", ledger_others, METH_VARARGS,
 	 "ledger_others(buffer, own_row) -> (reserved, inflight, learning, largest, per_kib): the admission "
 	 "ledger's sums after a full fence (others' rows; largest and per_kib of every row)."},

@@ -13,3 +13,7 @@ class Verdict:
 def ledger_others(buffer: Any, own_row: int, /) -> tuple[int, int, int, int, int]:
     """(reserved, inflight, learning) of every ledger row but ``own_row``, and (largest, per_kib)
     of every row, after a full fence (rtml_ebpf/_hot.c)."""
+
+def ledger_claim(buffer: Any, own_row: int, reserved: int, inflight: int, learning: int, largest: int, per_kib: int,
+                 /) -> tuple[int, int, int, int, int]:
+    """Write ``own_row`` (and the time of the write), then :func:`ledger_others` (rtml_ebpf/_hot.c)."""

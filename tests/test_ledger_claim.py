@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from rtml_ebpf._hot import ledger_claim, ledger_others  # the install builds it (setup.py)
 from rtml_ebpf.admission import ledger as _ledger
 from rtml_ebpf.admission import ledger_fast
 from rtml_ebpf.admission.ledger import Ledger
-from rtml_ebpf.admission.ledger_layout import FIELDS, H_USED, HEADER, ROWS, SIZE
+from rtml_ebpf.admission.ledger_layout import FIELDS, H_USED, HEADER, RESERVED, ROWS, SIZE, UPDATED
 
 CGID = 92_000_000 + os.getpid()  # an id no real cgroup of this host has
 PROCS = 4
 SECONDS = 1.5
-IMPLS = {"c": ledger_fast._others_c, "python": ledger_fast._others_py}
+IMPLS = {"c": (ledger_others, ledger_claim), "python": (ledger_fast._others_py, ledger_fast._claim_py)}
 
 
 def _children(body: object, tmp_path: Path, shared: mmap.mmap) -> list[int]:
@@ -79,7 +80,8 @@ def _exclusion(tmp_path: Path, claim_first: bool) -> tuple[list[int], int]:
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_two_processes_are_never_admitted_into_the_same_bytes(tmp_path: Path, impl: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_ledger, "others", IMPLS[impl])
+    monkeypatch.setattr(ledger_fast, "others", IMPLS[impl][0])
+    monkeypatch.setattr(ledger_fast, "claim", IMPLS[impl][1])
     admitted, overlaps = _exclusion(tmp_path, claim_first=True)
     assert overlaps == 0
     assert all(n > 0 for n in admitted), admitted  # and every process got its turns
@@ -98,7 +100,8 @@ def test_no_row_write_is_lost_under_concurrent_writers(tmp_path: Path, impl: str
     """Each process rewrites its row as fast as it can with values the others can check (every
     field a multiple of its process number + 1, never above a bound), then leaves a final value:
     the sums read meanwhile are never torn, and the final sums are exact."""
-    monkeypatch.setattr(_ledger, "others", IMPLS[impl])
+    monkeypatch.setattr(ledger_fast, "others", IMPLS[impl][0])
+    monkeypatch.setattr(ledger_fast, "claim", IMPLS[impl][1])
     shared = mmap.mmap(-1, 8 * (2 * PROCS + 1))  # done flags, bad sums seen, (spare)
     bound = 1 << 40
 
@@ -148,13 +151,26 @@ def test_the_c_sums_are_the_python_sums() -> None:
             for f in range(FIELDS):
                 rows[HEADER + r * FIELDS + f] = rng.randint(0, 1 << 40)
         for own in (-1, 0, used - 1, rng.randint(0, ROWS - 1)):
-            assert ledger_fast._others_c(mm, rows, own) == ledger_fast._others_py(mm, rows, own)
-        rows.release()
-        mm.close()
+            assert ledger_others(rows, own) == ledger_fast._others_py(rows, own)
+        # the claim: the same row written (but the time of the write), the same sums after
+        own, values = rng.randint(0, ROWS - 1), [rng.randint(-5, 1 << 40) for _ in range(5)]
+        twin = mmap.mmap(-1, SIZE)
+        twin[:] = mm[:]
+        twin_rows = memoryview(twin).cast("q")
+        assert ledger_claim(rows, own, *values) == ledger_fast._claim_py(twin_rows, own, *values)
+        base = HEADER + own * FIELDS
+        assert rows[base + RESERVED] == max(0, values[0])
+        rows[base + UPDATED] = twin_rows[base + UPDATED] = 0
+        assert rows.tolist() == twin_rows.tolist()
+        for view, m in ((rows, mm), (twin_rows, twin)):
+            view.release()
+            m.close()
 
 
-def test_the_c_sums_refuse_a_buffer_smaller_than_a_ledger() -> None:
-    from rtml_ebpf._hot import ledger_others
-
+def test_the_c_calls_refuse_a_buffer_smaller_than_a_ledger_and_a_row_outside_it() -> None:
     with pytest.raises(ValueError, match="smaller than the ledger"):
         ledger_others(bytearray(struct.calcsize("q") * HEADER), 0)
+    with pytest.raises(ValueError, match="smaller than the ledger"):
+        ledger_claim(bytearray(struct.calcsize("q") * HEADER), 0, 1, 1, 0, 0, 0)
+    with pytest.raises(ValueError, match="outside a ledger"):
+        ledger_claim(bytearray(SIZE), ROWS, 1, 1, 0, 0, 0)

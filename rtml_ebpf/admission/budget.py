@@ -138,7 +138,6 @@ class Admission:
         self._shared = SharedLedger()
         self._pid = forks.pid
         self._meters = MeterOf()
-        self._enforcer_in = 0  # the pid whose enforcer thread was started
         self._publisher = Publisher(self._publish, lambda: bool(self._inflight))
         self.admitted = self.rejected_tripped = self.rejected_budget = self.rejected_learning = 0
         self._others_reserved = 0
@@ -208,7 +207,6 @@ class Admission:
         estimate = None if guess is None else guess.bytes
         meter = self._meter(lim)
         with self._mu:
-            # One row per process, written under this lock only (single writer).
             ledger = self._shared.get(lim.cgroup_id) if self._share else None
             own, own_inflight, own_learning = self._own()
             own_largest, per_kib = self.estimator.largest(), self.estimator.per_kib()
@@ -225,8 +223,10 @@ class Admission:
                 why: str | None = "learning"
             else:
                 room, limit_room = lim.room() if estimate is not None else (None, None)
-                why = decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
-                             own_learning + others_learning, guessed or (guess is not None and guess.extrapolated))
+                fits = estimate is not None and room is not None and estimate + own + others <= room  # decide's 1st
+                why = None if fits else decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
+                                               own_learning + others_learning,
+                                               guessed or (guess is not None and guess.extrapolated))
             if why is not None:
                 if self._shared.ledger is not None:  # give the claim back
                     self._shared.sums(self._shared.ledger, (own, own_inflight, own_learning, own_largest, per_kib))
@@ -246,7 +246,7 @@ class Admission:
             self.admitted += 1
         self._publisher.wake()
         if self.enforcer is not None:
-            if self._enforcer_in != forks.pid:  # its thread, once per process (a forked child has none)
+            if self.__dict__.get("_enforcer_in") != forks.pid:  # its thread, once per process (and child)
                 self._enforcer_in = forks.pid
                 self.enforcer.ensure(self._enforced)
             self.enforcer.wake()

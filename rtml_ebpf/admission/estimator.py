@@ -77,10 +77,11 @@ class _Window:
         self.ordered: list[int] = []
 
     def add(self, v: int) -> None:
-        if len(self.values) == self.values.maxlen:
-            del self.ordered[bisect.bisect_left(self.ordered, self.values[0])]  # the one the deque drops
-        self.values.append(v)
-        bisect.insort(self.ordered, v)
+        values, ordered = self.values, self.ordered
+        if len(values) == values.maxlen:
+            del ordered[bisect.bisect_left(ordered, values[0])]  # the one the deque drops
+        values.append(v)
+        bisect.insort(ordered, v)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -269,18 +270,24 @@ class CostEstimator:
     # -- learning ---------------------------------------------------------------------------
     def observe(self, route: str, cost: int, size: int | None = None) -> None:
         """One finished request's measured peak growth in bytes (and its body size, if known)."""
-        cost = max(0, int(cost))
-        cls = size_class(size)
+        # Per finished request (the request path): no call that can be an expression.
+        cost = int(cost) if cost > 0 else 0
+        cls = 0 if size is None else size_class(size)
         with self._lock:
-            bucket = self._bucket(route)
-            r = self._routes.get(bucket)
+            routes = self._routes
+            r = routes.get(route)
+            bucket = route
             if r is None:
-                r = self._routes[bucket] = _Route(self.window)
+                bucket = route if len(routes) < self.max_routes else OVERFLOW_ROUTE
+                r = routes.get(bucket)
+                if r is None:
+                    r = routes[bucket] = _Route(self.window)
             r.costs.add(cost)
             changed: list[tuple[int, int]] = []  # (old, new) of every estimate this sample moved
-            if len(r.costs) >= self.min_samples:
+            ordered = r.costs.ordered
+            if len(ordered) >= self.min_samples:
                 old = self._estimates.get(bucket, 0)
-                new = self._estimates[bucket] = nearest_rank(r.costs.ordered, self.q)
+                new = self._estimates[bucket] = ordered[max(1, math.ceil(self.q * len(ordered))) - 1]  # nearest_rank
                 if new != old or bucket not in self._learned:
                     self._learned[bucket] = Estimate(new, "route")
                     changed.append((old, new))

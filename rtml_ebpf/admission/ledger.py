@@ -49,8 +49,8 @@ from typing import NamedTuple
 
 from .._private_dir import open_place
 from ..errors import ConfigError
-from . import forks
-from .ledger_fast import Others, others
+from . import forks, ledger_fast
+from .ledger_fast import Others
 from .ledger_layout import (
     FIELDS,
     H_USED,
@@ -299,19 +299,12 @@ class Ledger:
         """The request path (``ledger_fast``): write this process's row as it is once the request
         is admitted, then, after a full fence, the others' sums (a refusal claims its row back).
         No lock, no system call: callers serialise their own row (Admission holds its lock)."""
-        rows = self._ensure()
-        base = HEADER + self._row * FIELDS
-        rows[base + LARGEST] = largest
-        rows[base + PER_KIB] = per_kib
-        rows[base + RESERVED] = reserved if reserved > 0 else 0
-        rows[base + INFLIGHT] = inflight
-        rows[base + LEARNING] = learning
-        rows[base + UPDATED] = time.monotonic_ns()
-        return others(self._mm, rows, self._row)
+        rows = self._rows if self._pid == forks.pid else self._ensure()
+        return ledger_fast.claim(rows, self._row, reserved, inflight, learning, largest, per_kib)  # type: ignore[arg-type]
 
     def look(self) -> Others:
         """The same sums without a claim (what a route not learned here may guess from)."""
-        return others(self._mm, self._ensure(), self._row)
+        return ledger_fast.others(self._ensure(), self._row)
 
     def upkeep(self) -> None:
         """Off the request path (the publisher thread): reap dead processes' rows at most every

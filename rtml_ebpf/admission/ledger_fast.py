@@ -16,27 +16,27 @@ the same bytes: the safe side, as a reservation published late is. Every word is
 store, so a reader sees each value whole; a row's fields may be from two publications, each of
 which was a state the budget allowed.
 
-The sums and the fence are one C call (``rtml_ebpf._hot.ledger_others``); where the extension was
-not built, memoryview slices, with the fence taken from a lock's atomic operation.
+The claim, the fence and the sums are one C call (``rtml_ebpf._hot.ledger_claim``); where the
+extension was not built, memoryview stores and slices, the fence taken from a lock's atomic
+operation.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
 
-from .ledger_layout import FIELDS, H_USED, HEADER, INFLIGHT, LARGEST, LEARNING, PER_KIB, RESERVED
+from .ledger_layout import FIELDS, H_USED, HEADER, INFLIGHT, LARGEST, LEARNING, PER_KIB, RESERVED, UPDATED
 
 Others = tuple[int, int, int, int, int]  # others' reserved, inflight, learning; everyone's largest, per KiB
 
 _fence_lock = threading.Lock()
-ledger_others: Callable[[Any, int], Others]
 
 
-def _others_py(mm: Any, rows: memoryview, own: int) -> Others:
-    """The sums of :func:`others` in Python: acquiring and releasing a lock is a locked
-    (fencing) instruction on x86 and a barrier pair elsewhere."""
+def _others_py(rows: memoryview, own: int) -> Others:
+    """The sums of ``others`` in Python: acquiring and releasing a lock is a locked (fencing)
+    instruction on x86 and a barrier pair elsewhere."""
     with _fence_lock:
         pass
     used = rows[H_USED]
@@ -48,19 +48,25 @@ def _others_py(mm: Any, rows: memoryview, own: int) -> Others:
             max(body[PER_KIB::FIELDS], default=0))
 
 
-def _others_c(mm: Any, rows: memoryview, own: int) -> Others:
-    return ledger_others(mm, own)
+def _claim_py(rows: memoryview, own: int, reserved: int, inflight: int, learning: int, largest: int,
+              per_kib: int) -> Others:
+    base = HEADER + own * FIELDS
+    rows[base + LARGEST] = largest
+    rows[base + PER_KIB] = per_kib
+    rows[base + RESERVED] = reserved if reserved > 0 else 0
+    rows[base + INFLIGHT] = inflight
+    rows[base + LEARNING] = learning
+    rows[base + UPDATED] = time.monotonic_ns()
+    return _others_py(rows, own)
 
 
-def _pick() -> Callable[[Any, memoryview, int], Others]:
-    global ledger_others
-    try:
-        from .._hot import ledger_others
-    except ImportError:  # built without a compiler
-        return _others_py
-    return _others_c
-
-
-others: Callable[[Any, memoryview, int], Others] = _pick()
-"""``others(mapping, rows, own_row)``: after a full fence, (reserved, inflight, learning) of
-every row but ``own_row``, and (largest, per_kib) of every row."""
+others: Callable[[memoryview, int], Others]
+claim: Callable[[memoryview, int, int, int, int, int, int], Others]
+try:
+    from .._hot import ledger_claim as claim
+    from .._hot import ledger_others as others
+except ImportError:  # built without a compiler
+    others, claim = _others_py, _claim_py
+# others(rows, own_row): after a full fence, (reserved, inflight, learning) of every row but
+# own_row, and (largest, per_kib) of every row. claim(rows, own_row, reserved, inflight, learning,
+# largest, per_kib): own_row written (and when), then others(). ``rows``: the mapping's int64 view.
