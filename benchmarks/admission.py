@@ -16,7 +16,7 @@ def p6_admission(reps: int, tmp: str, duration: float) -> dict[str, Any]:
     pre-fork flood as a share of the ideal concurrency (threshold - idle usage) / cost."""
     from benchmarks.cgroups import ChildCgroup
 
-    over, door, errs = [], [], []
+    over, cpu, door, errs = [], [], [], []
     for _ in range(reps):
         with ChildCgroup(512 * MiB, prefix="rtml-bench") as cg:
             p = cg.popen([sys.executable, child("admission_overhead"), tmp], stdout=subprocess.PIPE,
@@ -26,6 +26,7 @@ def p6_admission(reps: int, tmp: str, duration: float) -> dict[str, Any]:
                 raise RuntimeError(f"P6 overhead: {err[-2000:]}")
             r = json.loads(out)
             over.append(r["admission_us"])
+            cpu.append(r["admission_cpu_us"])
             door.append(r["door_us"])
             p = cg.popen([sys.executable, WORKLOADS, "cost", tmp], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
@@ -35,6 +36,7 @@ def p6_admission(reps: int, tmp: str, duration: float) -> dict[str, Any]:
             costs = json.loads(out)
             errs.append(max(abs(m - a) / a for a, m in (*costs["threads"].values(), *costs["async"].values())))
     return {"admission_us": {"median": med(over), "spread": spread(over)},
+            "admission_cpu_us": {"median": med(cpu), "spread": spread(cpu)},
             "door_us": {"median": med(door), "spread": spread(door)},
             "cost_max_error": {"median": med(errs), "spread": spread(errs)},
             "goodput": p6_goodput(duration)}
