@@ -80,6 +80,7 @@ struct cgroup {
 
 struct cgroup_subsys_state {
 	struct cgroup *cgroup;
+	u64 serial_nr;		/* unique for the boot: css_serial_nr_next++ */
 	struct cgroup_subsys_state *parent;
 };
 

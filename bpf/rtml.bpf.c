@@ -130,15 +130,22 @@ struct {
 /*
  * The last memcg this CPU saw and which watched cgroups sit above it. Stat
  * events come in runs from one memcg (about four per fault), so this spares
- * the hash walk on nearly every event. Keyed by cgroup id, which the kernel
- * never reuses, and dropped whenever user space bumps ctl.gen.
+ * the hash walk on nearly every event. Keyed by the css's serial number, which
+ * the kernel never reuses (a global counter; one cache line the event touches,
+ * where the cgroup id is two pointers away), and dropped whenever user space
+ * bumps ctl.gen.
  */
 struct watch_cache {
-	__u64 id;
+	__u64 id;	/* the memcg css's serial_nr */
 	__u32 gen;
 	__u32 hits;
 	__u32 idx[RTML_NESTED_WATCHES];
 	__u32 depth[RTML_NESTED_WATCHES];
+	/* the lean set's fault step, for a memcg with one watched cgroup above it (see fault_refresh) */
+	__u32 skip;	/* faults this CPU may still count without reading the page counter */
+	__u32 quiet_known;
+	__u64 quiet;	/* that cgroup's usage below which no level is near */
+	__u64 pending;	/* faults counted here, not yet in that cgroup's counters */
 };
 
 struct {
@@ -517,6 +524,97 @@ static __always_inline struct page_counter *refresh_hit(struct page_counter *pc,
 }
 
 /*
+ * The lean set's fault step (RTML_CTL_FAULT_REFRESH: no memcg events, the fault hook refreshes
+ * the slot itself). Reading the page counter there costs a helper call (its pointer comes
+ * through container_of, which the verifier cannot type), and the counter moves in per-CPU
+ * charge batches of 64 pages, so most reads find it where it was. Where one watched cgroup sits
+ * above the fault's memcg and every level a verdict depends on (each rule's trip point, the wake
+ * level) is more than RTML_FAULT_NEAR_PAGES away, a CPU reads the counter on one fault in
+ * RTML_FAULT_STEP and only counts the others. That many faults, even 2 MiB THP ones, cannot carry
+ * this CPU's charges across a level; other CPUs' charges are seen at most RTML_FAULT_STEP - 1
+ * faults later (7 pages with 4 KiB faults: inside the kernel's own batch). Near a level, with a
+ * rule tripped, or with nested watched cgroups, every fault reads, as before.
+ */
+#define RTML_FAULT_STEP 8
+#define RTML_FAULT_NEAR_PAGES (RTML_FAULT_STEP * 512ULL)
+#define RTML_FAULT_COUNTED (RTML_NESTED_WATCHES + 1)	/* watches_above: the fault was only counted */
+
+/*
+ * The usage of the slot's own counter below which no level is within RTML_FAULT_NEAR_PAGES of
+ * its used pages (0: a rule is tripped, or a level is near). Levels are in used pages (usage as
+ * the tightest ancestor sees it), which move one for one with the counter's own charges.
+ */
+static __always_inline __u64 quiet_below(__u32 idx)
+{
+	struct rtml_slot *s = bpf_map_lookup_elem(&slots, &idx);
+	struct rtml_config *cfg = bpf_map_lookup_elem(&configs, &idx);
+
+	if (!s || !cfg)
+		return 0;
+	/* used pages as update_slot counts them (the rules' metric is this, or less) */
+	__u64 ceiling = s->limit_pages < s->high_pages ? s->limit_pages : s->high_pages;
+	__s64 room = s->headroom_pages < s->high_room_pages ? s->headroom_pages : s->high_room_pages;
+	__s64 used = s->usage_pages;
+	if (ceiling < RTML_UNLIMITED_PAGES)
+		used = (__s64)ceiling - room;
+	if (used < 0)
+		used = 0;
+	__s64 dist = (__s64)RTML_UNLIMITED_PAGES;
+#pragma unroll
+	for (int i = 0; i < RTML_MAX_RULES; i++) {
+		const struct rtml_rule *rule = &cfg->rules[i];
+		if (rule->kind == RTML_RULE_OFF)
+			continue;
+		if (s->tripped[i])
+			return 0;
+		if (rule->kind == RTML_RULE_FRACTION && ceiling >= RTML_UNLIMITED_PAGES)
+			continue;
+		__s64 d = (__s64)rule_pages(rule, rule->trip, ceiling) - used;
+		if (d < dist)
+			dist = d;
+	}
+	if (cfg->wake_pages && (__s64)cfg->wake_pages - used < dist)
+		dist = (__s64)cfg->wake_pages - used;
+	__s64 q = (__s64)s->usage_pages + dist - (__s64)RTML_FAULT_NEAR_PAGES;
+	return q > 0 ? q : 0;
+}
+
+/*
+ * A fault this CPU may count without reading the counter: the cache entry of the fault's memcg
+ * (key and generation checked by the caller) has skips left. Counted in the entry itself, a
+ * cache line the fault touches anyway, and moved to the cgroup's counters at the next read or
+ * refill (flush_pending); the counters' lines stay out of the fault's path. No memcg event
+ * program is attached where faults step (they would refresh the slots instead), so nothing
+ * refills the entry from interrupt context between the caller's check and these writes.
+ */
+static __always_inline int fault_skipped(struct watch_cache *wc)
+{
+	if (!wc->skip)
+		return 0;
+	wc->skip--;
+	wc->pending++;
+	return 1;
+}
+
+/* The entry's counted faults into its watched cgroup's counters (same watch map only). */
+static __always_inline void flush_pending(struct watch_cache *wc, __u32 gen)
+{
+	__u32 idx = wc->idx[0];
+	__u64 n = wc->pending;
+
+	if (!n)
+		return;
+	wc->pending = 0;
+	if (wc->gen != gen || wc->hits != 1)
+		return;
+	struct rtml_counters *c = bpf_map_lookup_elem(&counters, &idx);
+	if (c) {
+		c->events += n;
+		c->faults += n;
+	}
+}
+
+/*
  * The watched cgroups above the memcg whose css is given (its own included), into *out,
  * from this CPU's cache: events come in runs from one memcg, so a walk with a hash lookup
  * per level happens only on a miss. Both paths (memcg events and task hooks) share it.
@@ -526,7 +624,7 @@ static __always_inline struct page_counter *refresh_hit(struct page_counter *pc,
  * node) stops at its cache entry's hit count: no copy of the entry.
  */
 static __always_inline int watches_above(struct cgroup_subsys_state *css, struct rtml_ctl *c,
-					 struct watch_cache *out)
+					 struct watch_cache *out, int stepping)
 {
 	__u32 zero = 0;
 	struct watch_cache *wc = bpf_map_lookup_elem(&wcache, &zero);
@@ -534,18 +632,21 @@ static __always_inline int watches_above(struct cgroup_subsys_state *css, struct
 
 	if (!wc || !css)
 		return 0;
+	__u64 key = css->serial_nr;
+	__u32 gen = c->gen;
+	if (wc->id == key && wc->gen == gen) {
+		if (!wc->hits)
+			return 0;
+		if (stepping && wc->hits == 1 && fault_skipped(wc))
+			return RTML_FAULT_COUNTED;
+		*out = *wc;
+		return out->id == key && out->gen == gen ? out->hits : 0;
+	}
 	cg = css->cgroup;
 	if (!cg)
 		return 0;
-	__u64 id = cg->kn->id;
-	__u32 gen = c->gen;
-	if (wc->id == id && wc->gen == gen) {
-		if (!wc->hits)
-			return 0;
-		*out = *wc;
-		return out->id == id && out->gen == gen ? out->hits : 0;
-	}
 	/* Miss: walk up, looking each level up in the watch map. */
+	flush_pending(wc, gen);
 	__u32 min_level = c->min_level;
 	__u32 hits = 0;
 	for (__u32 depth = 0; depth < RTML_WATCH_DEPTH && css; depth++) {
@@ -562,13 +663,15 @@ static __always_inline int watches_above(struct cgroup_subsys_state *css, struct
 		}
 		css = css->parent;
 	}
-	wc->id = id;
+	wc->id = key;
 	wc->gen = gen;
 	wc->hits = hits;
+	wc->skip = 0;
+	wc->quiet_known = 0;
 	if (!hits)
 		return 0;
 	*out = *wc;
-	return out->id == id && out->gen == gen ? out->hits : 0;
+	return out->id == key && out->gen == gen ? out->hits : 0;
 }
 
 /* Typed path: the memcg tracepoints hand us a struct mem_cgroup pointer. */
@@ -581,7 +684,7 @@ static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long va
 
 	if (!c)
 		return;
-	hits = watches_above(&memcg->css, c, &w);
+	hits = watches_above(&memcg->css, c, &w, 0);
 	if (!hits)
 		return;
 	struct watch_cache *wc = &w;
@@ -618,6 +721,34 @@ static __always_inline void refresh_task_hit(__u32 idx, struct page_counter *pc,
 	update_slot(idx, &w.r);
 }
 
+/*
+ * A fault that reads the counter, with one watched cgroup above its memcg: refresh_task_hit,
+ * then how many of the next faults this CPU may only count. The quiet level is worked out again
+ * when the counter moved (the slot was rewritten) or the cache entry is new.
+ */
+static __always_inline void fault_refresh(const struct watch_cache *w, struct page_counter *pc)
+{
+	__u32 zero = 0, idx = w->idx[0];
+	struct watch_cache *wc = bpf_map_lookup_elem(&wcache, &zero);
+	struct walk wk;
+	__u64 usage = BPF_CORE_READ(pc, usage.counter);
+	int moved = account(idx, EV_FAULT, 0, usage);
+
+	if (moved) {
+		walk_init(&wk, pc, usage);
+		bpf_loop(RTML_LIMIT_DEPTH, limit_step_probe, &wk, 0);
+		update_slot(idx, &wk.r);
+	}
+	if (!wc || wc->id != w->id || wc->gen != w->gen)
+		return;
+	flush_pending(wc, w->gen);
+	if (moved || !wc->quiet_known) {
+		wc->quiet = quiet_below(idx);
+		wc->quiet_known = 1;
+	}
+	wc->skip = usage < wc->quiet ? RTML_FAULT_STEP - 1 : 0;
+}
+
 /* From a css, climb to the one at level ``depth`` above the start (*at counts the levels so far). */
 static __always_inline struct cgroup_subsys_state *climb(struct cgroup_subsys_state *css, __u32 *at, __u32 depth)
 {
@@ -638,20 +769,28 @@ static __always_inline void on_task(struct task_struct *task, int kind)
 	if (!c || !task)
 		return;
 	css = task->cgroups->subsys[bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id)];
-	__u32 hits = watches_above(css, c, &w);
-	if (!hits)
-		return;
-	struct watch_cache *wc = &w;
 	/* With memcg events live they keep the slot fresh: a fault is only counted. */
 	int refresh = kind == EV_OOM || (c->flags & RTML_CTL_FAULT_REFRESH);
+	int stepping = kind == EV_FAULT && refresh;
+	__u32 hits = watches_above(css, c, &w, stepping);
+	if (!hits)
+		return;
 	/* Without memcg events a fault is the only charge we see: one page to the thread. */
-	if (hits > 0 && kind == EV_FAULT && (c->flags & (RTML_CTL_FAULT_REFRESH | RTML_CTL_METER_OFF)) ==
-	    RTML_CTL_FAULT_REFRESH)
+	if (kind == EV_FAULT && (c->flags & (RTML_CTL_FAULT_REFRESH | RTML_CTL_METER_OFF)) == RTML_CTL_FAULT_REFRESH)
 		meter_thread(1);
+	if (hits == RTML_FAULT_COUNTED)
+		return;
+	struct watch_cache *wc = &w;
 	/* &memcg->memory from &memcg->css, by CO-RE offsets */
 	long delta = (long)bpf_core_field_offset(struct mem_cgroup, memory) -
 		     (long)bpf_core_field_offset(struct mem_cgroup, css);
 	__u32 at = 0;
+	if (stepping && hits == 1) {
+		css = climb(css, &at, wc->depth[0]);
+		if (css)
+			fault_refresh(wc, (struct page_counter *)((long)css + delta));
+		return;
+	}
 	/* written out per hit: see on_memcg */
 	if (hits > 0) {
 		css = climb(css, &at, wc->depth[0]);
