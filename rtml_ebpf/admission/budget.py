@@ -197,7 +197,7 @@ class Admission:
             self._after_fork()
         if self._release_heap and _heap_released_in != forks.pid:
             _release_heap()
-        lim = self.limiter()
+        lim = self._fixed if self._fixed is not None else self.limiter()
         if lim is None:
             return Ticket(route, 0, forks.native_id(), 0, stepped)  # no limiter: fail open
         if lim.is_mem_limit_reached():
@@ -205,19 +205,19 @@ class Admission:
             return None
         guess: Estimate | None = self.estimator.estimate_for(route, size)
         estimate = None if guess is None else guess.bytes
-        meter = self._meter(lim)
+        meter, est, shared = self._meters.of(lim), self.estimator, self._shared
         with self._mu:
-            ledger = self._shared.get(lim.cgroup_id) if self._share else None
-            own, own_inflight, own_learning = self._own()
-            own_largest, per_kib = self.estimator.largest(), self.estimator.per_kib()
+            ledger = shared.ledger if shared.joined == lim.cgroup_id or not self._share else shared.get(lim.cgroup_id)
+            own, own_inflight, own_learning = own_totals(self._inflight.values())
+            own_largest, per_kib = est.largest_bytes, est.per_kib_bytes
             guessed = False
             if estimate is None:
                 # Not learned here: a guess from the cgroup's figures, one at a time per route
-                seen = self._shared.sums(ledger, None)
-                estimate = _cgroup_guess(self.estimator, size, seen[4], max(own_largest, seen[3]))
+                seen = shared.sums(ledger, None)
+                estimate = _cgroup_guess(est, size, seen[4], max(own_largest, seen[3]))
                 guessed = estimate is not None
             claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None), own_largest, per_kib)
-            others, others_inflight, others_learning, _, _ = self._shared.sums(ledger, claim)
+            others, others_inflight, others_learning, _, _ = shared.sums(ledger, claim)
             self._others_reserved = others
             if guessed and any(t.route == route and t.basis in GUESSES for t in self._inflight.values()):
                 why: str | None = "learning"
@@ -228,8 +228,8 @@ class Admission:
                                                own_learning + others_learning,
                                                guessed or (guess is not None and guess.extrapolated))
             if why is not None:
-                if self._shared.ledger is not None:  # give the claim back
-                    self._shared.sums(self._shared.ledger, (own, own_inflight, own_learning, own_largest, per_kib))
+                if shared.ledger is not None:  # give the claim back
+                    shared.sums(shared.ledger, (own, own_inflight, own_learning, own_largest, per_kib))
                 if why == "learning":
                     self.rejected_learning += 1
                 else:

@@ -165,10 +165,11 @@ class CostEstimator:
         self._default = None if request_bytes is None else Estimate(request_bytes, "declared")
         self._class_estimates: dict[str, dict[int, tuple[int, int]]] = {}  # route -> class -> (size, bytes)
         self._lock = threading.Lock()
-        # The largest estimate known, kept current by observe(): admission reads it per request.
+        # The largest estimate known, kept current by observe(): admission reads it per request
+        # (an attribute, not a call). per_kib_bytes: see per_kib().
         self._declared_largest = max([*declared.values(), request_bytes or 0], default=0)
-        self._largest = self._declared_largest
-        self._per_kib = 0
+        self.largest_bytes = self._declared_largest
+        self.per_kib_bytes = 0
 
     @staticmethod
     def _check_per_byte(value: object) -> dict[str, float] | float | None:
@@ -253,12 +254,12 @@ class CostEstimator:
 
     def largest(self) -> int:
         """The largest estimate known for any route (declared or learned), 0 when none."""
-        return self._largest
+        return self.largest_bytes
 
     def per_kib(self) -> int:
         """The largest learned cost per KiB of body of any size class (0: none learned): what a
         process that has not learned a sized route yet scales a request's size by."""
-        return self._per_kib
+        return self.per_kib_bytes
 
     def scaled(self, size: int | None, per_kib: int) -> Estimate | None:
         """A sized request of a route not learned here, from the cgroup's per-KiB figure: a
@@ -305,12 +306,12 @@ class CostEstimator:
                     new = nearest_rank(costs.ordered, self.q)
                     by_class[cls] = (sizes.ordered[-1], new)
                     changed.append((old, new))
-                    self._per_kib = max(self._per_kib, new * 1024 // max(sizes.ordered[0], SIZE_FLOOR))
+                    self.per_kib_bytes = max(self.per_kib_bytes, new * 1024 // max(sizes.ordered[0], SIZE_FLOOR))
             for old, new in changed:
-                if new >= self._largest:
-                    self._largest = new
-                elif old == self._largest:  # the largest one shrank: find the new largest
-                    self._largest = max(self._declared_largest, *self._estimates.values(),
+                if new >= self.largest_bytes:
+                    self.largest_bytes = new
+                elif old == self.largest_bytes:  # the largest one shrank: find the new largest
+                    self.largest_bytes = max(self._declared_largest, *self._estimates.values(),
                                         *(e for c in self._class_estimates.values() for _, e in c.values()))
 
     def routes(self) -> list[RouteEstimate]:

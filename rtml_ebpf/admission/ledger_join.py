@@ -25,6 +25,7 @@ class SharedLedger:
 
     def __init__(self) -> None:
         self.ledger: Ledger | None = None
+        self.joined = 0  # the cgroup id whose ledger is open (0: none): the request path's test before get()
         self._cgid = 0
         self._retry_at = 0.0
         self._error = ""
@@ -45,7 +46,7 @@ class SharedLedger:
         if self._error:
             log.warning("rtml-ebpf: the shared admission budget is back (%s)", ledger.path)
             self._error = ""
-        self.ledger = ledger
+        self.ledger, self.joined = ledger, cgid
         return ledger
 
     def lock(self, cgid: int) -> Ledger | None:
@@ -81,6 +82,7 @@ class SharedLedger:
                       exc, RETRY_INTERVAL)
 
     def close(self) -> None:
+        self.joined = 0
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
