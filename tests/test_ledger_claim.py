@@ -174,3 +174,44 @@ def test_the_c_calls_refuse_a_buffer_smaller_than_a_ledger_and_a_row_outside_it(
         ledger_claim(bytearray(struct.calcsize("q") * HEADER), 0, 1, 1, 0, 0, 0)
     with pytest.raises(ValueError, match="outside a ledger"):
         ledger_claim(bytearray(SIZE), ROWS, 1, 1, 0, 0, 0)
+
+
+def test_a_killed_workers_reservation_is_reaped_while_requests_are_refused(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reaping is the publisher thread's now (off the request path): a worker SIGKILLed holding the
+    whole budget must not refuse this process's requests for longer than the reap interval, even
+    when every request since is refused (nothing in flight here to keep the publisher running)."""
+    from rtml_ebpf import Admission, Limiter
+    from rtml_ebpf.admission.ledger import REAP_INTERVAL
+
+    monkeypatch.setenv("RTML_LEDGER_DIR", str(tmp_path))
+    probe = Limiter(backend="poll", metric="usage", relief=False)
+    usage = probe.stats().usage_bytes
+    probe.close()
+    with Limiter(backend="poll", threshold=usage + 100 * (1 << 20), metric="usage", relief=False,
+                 poll_interval=0) as lim:
+        adm = Admission(lim, request_bytes=30 << 20)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a sibling worker in the middle of a request that reserved everything
+            try:
+                Ledger(lim.cgroup_id).claim(1 << 40, 1, 0, 30 << 20, 0)
+                os.write(w, b"x")
+                time.sleep(600)
+            finally:
+                os._exit(0)
+        try:
+            os.read(r, 1)
+            assert adm.try_admit("GET /a") is None  # its reservation counts here
+            assert adm.stats().rejected_budget == 1
+        finally:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        deadline = time.monotonic() + REAP_INTERVAL + 2.0
+        ticket = None
+        while ticket is None and time.monotonic() < deadline:
+            ticket = adm.try_admit("GET /a")
+            time.sleep(0.05)
+        assert ticket is not None, adm.stats()
+        adm.finish(ticket)
+        adm.close()

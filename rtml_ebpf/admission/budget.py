@@ -234,7 +234,7 @@ class Admission:
                     self.rejected_learning += 1
                 else:
                     self.rejected_budget += 1
-                    self._publisher.trim_soon()
+                self._publisher.refused(trim=why == "budget")
                 return None
             basis = "learning" if estimate is None else "cgroup" if guessed or guess is None else guess.basis
             if stepped or not bind:

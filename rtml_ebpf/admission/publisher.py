@@ -40,9 +40,12 @@ class Publisher:
             self._thread = threading.Thread(target=self._loop, name="rtml-ebpf-admission", daemon=True)
             self._thread.start()
 
-    def trim_soon(self) -> None:
-        """Budget pressure: hand freed heap back (at most every TRIM_INTERVAL)."""
-        self.want_trim = True
+    def refused(self, trim: bool) -> None:
+        """A request was refused: run once even with nothing in flight, so a dead process's row
+        that may be what refuses it is reaped (the ledger's upkeep is this thread's); ``trim``:
+        budget pressure, hand freed heap back too (at most every TRIM_INTERVAL)."""
+        if trim:
+            self.want_trim = True
         self.wake()
 
     def _trim_if_wanted(self) -> None:
