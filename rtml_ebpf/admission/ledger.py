@@ -119,7 +119,7 @@ def read_totals(cgroup_id: int, directory: str | None = None) -> Totals | None:
 
 def _ofd_lock(fd: int, kind: int, wait: bool) -> bool:
     """An OFD lock on the file's first byte (the "still using it" mark). OFD locks belong to the
-    open file, like flock, and do not conflict with the flock taken around decisions."""
+    open file, like flock, and do not conflict with the flock taken to join and to reap."""
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 1, 0))
     except OSError as exc:
