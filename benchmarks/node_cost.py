@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from benchmarks.faultstorm import PAGES, bpf_stats_setting, set_bpf_stats, storm_seconds
-from rtml_ebpf.ebpf import shared
+from rtml_ebpf.backends import shared
 
 MiB = 1 << 20
 HOLD = ("import sys, rtml_ebpf; lim = rtml_ebpf.Limiter(relief=False); "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .backends.base import Snapshot
+from .snapshot import Snapshot
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="session", autouse=True)
 def private_shared_load() -> Iterator[None]:
     """Root processes the tests start find no node agent and start the node's shared load on
-    demand (rtml_ebpf/ebpf/shared.py): give this session a private socket directory and pin
+    demand (rtml_ebpf/backends/shared.py): give this session a private socket directory and pin
     directory, inherited by every child, and remove the agents and pins it made at the end."""
     if os.geteuid() != 0 or os.environ.get("RTML_SHARED_DIR"):
         yield

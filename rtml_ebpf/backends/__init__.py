@@ -9,8 +9,10 @@
     meter.py       per-thread charge meters: the kernel's (eBPF, agent) or getrusage's
     choose.py      ``auto`` and the fallbacks: agent, the node's shared load, own eBPF, poll;
                    following the agent when it goes and comes back
+    shared.py      the node's shared load: an agent started on demand for root processes
     kept.py        checks bound to an earlier backend follow the Limiter's current one
 
 The BPF object, its loader and its ABI are not a backend: they live in :mod:`rtml_ebpf.ebpf`,
-which the node agent uses as well.
+which the node agent uses as well. A reading of a cgroup is a :class:`rtml_ebpf.snapshot.Snapshot`;
+the cgroup's files are read by :mod:`rtml_ebpf.cgroup_files`.
 """

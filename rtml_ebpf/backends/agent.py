@@ -22,13 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .._cgroup import MemoryCgroup
+from .._cgroup import MemoryCgroup, find_process_cgroup
 from .._rules import Rule
 from ..agent import protocol
 from ..config import PAGE_SIZE
 from ..ebpf import abi
 from ..ebpf.words import read_consistent, room_from_pages, slot_readings
 from ..errors import AgentUnavailable
+from ..snapshot import Snapshot
 from .agent_maps import (  # noqa: F401 - _address: tests/support maps pages with it
     _address,
     _map_id,
@@ -38,7 +39,7 @@ from .agent_maps import (  # noqa: F401 - _address: tests/support maps pages wit
     byte_writer,
     thread_meter_from_pins,
 )
-from .base import Flag, Snapshot
+from .base import Flag
 
 log = logging.getLogger("rtml_ebpf")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/rtml-ebpf"  # the node agent's (agent/programs.py)
@@ -78,6 +79,21 @@ def _queued_refusal(sock: socket.socket) -> str | None:
     except Exception:  # noqa: BLE001 - nothing readable: the caller says what it saw
         return None
     return str(reply.get("error")) if isinstance(reply, dict) and reply.get("error") else None
+
+
+def _scope_for(cgroup: MemoryCgroup, own_cgroup_id: int | None) -> tuple[str, str | None]:
+    """What a watch asks for: ("self", None) for our own cgroup; another one by its directory
+    when we are root (root may watch any cgroup, as its files allow); else ("pod", None): the
+    agent serves our own cgroup or our pod's, nothing else. The agent decides; a wrong guess is
+    refused with its reason."""
+    try:
+        if own_cgroup_id is None:  # (the caller may know it: one reading of /proc less at start)
+            own_cgroup_id = find_process_cgroup().cgroup_id
+        if own_cgroup_id != cgroup.cgroup_id:
+            return ("self", cgroup.directory) if os.geteuid() == 0 else ("pod", None)
+    except Exception:  # noqa: BLE001
+        pass
+    return "self", None
 
 
 def _request(rule: Rule, scope: str, path: str, cgroup: str | None = None
@@ -141,7 +157,7 @@ class AgentBackend:
                  respawn: Callable[[], None] | None = None, own_cgroup_id: int | None = None) -> None:
         self.cgroup = cgroup
         # Where the agent pins its maps (root clients open the threads array there), and how to
-        # start the agent again when it is gone (the node's shared load, ebpf/shared.py).
+        # start the agent again when it is gone (the node's shared load, backends/shared.py).
         self._pin_dir = pin_dir or os.environ.get("RTML_AGENT_PIN_DIR") or DEFAULT_PIN_DIR
         self._respawn = respawn
         self._meter: Any = None
@@ -161,20 +177,7 @@ class AgentBackend:
         self._upkeep_by_agent = False
         self._next_check = 0.0
         self._fail_answer = False
-        self._scope = "self"
-        self._other: str | None = None  # a cgroup not ours, by directory (root clients only)
-        try:
-            if own_cgroup_id is None:  # (the caller may know it: one reading of /proc less at start)
-                from .._cgroup import find_process_cgroup
-
-                own_cgroup_id = find_process_cgroup().cgroup_id
-            if own_cgroup_id != self._cgid:
-                if os.geteuid() == 0:
-                    self._other = cgroup.directory  # root may watch any cgroup, as its files allow
-                else:
-                    self._scope = "pod"  # the agent serves our own cgroup or our pod's, nothing else
-        except Exception:  # noqa: BLE001 - the agent decides; a wrong guess is refused below
-            pass
+        self._scope, self._other = _scope_for(cgroup, own_cgroup_id)
 
     # -- rules --------------------------------------------------------------------------------
     def add_rule(self, rule: Rule) -> Lease:

@@ -1,11 +1,11 @@
-"""The contract between a Limiter and its backend (eBPF or poll), and the reading they share."""
+"""The contract between a Limiter and its backend (poll, eBPF, the node agent): all of it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from .._rules import Rule
+from ..snapshot import Snapshot
 
 if TYPE_CHECKING:
     from .meter import Meter
@@ -15,27 +15,6 @@ class Flag(Protocol):
     """``flag[0]`` is the hot-path answer: True while the rule is tripped."""
 
     def __getitem__(self, index: int) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """One consistent reading of a watched cgroup, in bytes."""
-
-    usage: int  # the cgroup's own usage (memory.current / usage_in_bytes)
-    used: int  # usage as the tightest ancestor sees it (see _rules.effective_used)
-    inactive_file: int
-    limit: int | None
-    limit_source: str | None
-    headroom: int | None
-    updated_ns: int  # CLOCK_MONOTONIC of the reading
-    oom_kills: int
-    faults: int | None = None  # ebpf only
-    events: int | None = None  # ebpf only
-    growth: dict[str, tuple[int, int]] = field(default_factory=dict)  # kind -> (charged, uncharged)
-
-    @property
-    def working_set(self) -> int:
-        return max(0, self.used - self.inactive_file)
 
 
 class Backend(Protocol):
@@ -79,10 +58,3 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def room_from_snapshot(snap: Snapshot, rule: Rule) -> tuple[int | None, int | None]:
-    """Backend.room computed from a reading (the poll backend's way)."""
-    value = snap.working_set if rule.metric == "working_set" else snap.used
-    trip = rule.trip.resolve(snap.limit)
-    return (None if trip is None else trip - value), snap.headroom

@@ -2,7 +2,7 @@
 
 ``auto`` is, in order: the node agent when one answers on its socket (root or not: the node
 then pays for one set of programs, whatever the number of processes); else the node's shared
-load (``ebpf/shared.py``: an agent this library starts on demand for root processes, on a
+load (``backends/shared.py``: an agent this library starts on demand for root processes, on a
 private socket and pin directory); else this process's own programs; else polling the cgroup
 files. ``backend="ebpf"`` always loads this process's own programs. Each step that was passed
 over says why in ``stats().backend_reason``.
@@ -21,8 +21,8 @@ from collections.abc import Callable
 from .. import _cgroup
 from .._rules import Rule
 from ..config import env_hooks
-from ..ebpf import shared
 from ..errors import AgentUnavailable, CapacityError, CgroupNotFound, ConfigError, RtmlError
+from . import shared
 from .agent import AgentBackend, socket_path
 from .base import Backend
 from .poll import PollBackend

@@ -17,7 +17,8 @@ from .._rules import Rule
 from ..ebpf.runtime import Runtime, Watch
 from ..ebpf.wake import Waker
 from ..errors import CgroupNotFound, RtmlError
-from .base import Flag, Snapshot
+from ..snapshot import Snapshot
+from .base import Flag
 from .meter import EbpfThreadMeter
 
 

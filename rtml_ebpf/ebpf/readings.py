@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from .._cgroup import MemoryCgroup
 from .._high import HighSnapshot, snapshot_ceiling
 from .._rules import Rule, Usage, evaluate
-from ..backends.base import Snapshot
-from ..backends.poll import PollBackend
+from ..cgroup_files import CgroupFiles
 from ..config import PAGE_SIZE
 from ..errors import CgroupNotFound, RtmlError
+from ..snapshot import Snapshot
 from . import abi, hooks
 from . import libbpf as _libbpf
 from .loader import Loaded
@@ -39,7 +39,7 @@ class SlotState:
     index: int
     cgroup: MemoryCgroup
     cgroup_id: int
-    reader: PollBackend  # the cgroup's files, for the initial reading and the upkeep (caches limits)
+    reader: CgroupFiles  # the cgroup's files, for the initial reading and the upkeep (caches limits)
     rules: dict[int, Rule] = field(default_factory=dict)
     # Rules closed while their Watch lives on (a caller kept the bound check): the byte keeps
     # the fail answer and the index is not lent again until that Watch is collected, so a

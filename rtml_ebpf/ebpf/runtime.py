@@ -15,10 +15,10 @@ from typing import Any
 
 from .._cgroup import MemoryCgroup
 from .._rules import Rule
-from ..backends.base import Snapshot
 from ..backends.meter import EbpfThreadMeter
 from ..config import env_hooks
 from ..errors import RtmlError
+from ..snapshot import Snapshot
 from . import abi
 from .hooks import MEMCG_LRUVEC
 from .loader import Loaded, load, meter_on

@@ -15,10 +15,10 @@ import time
 from .._cgroup import MemoryCgroup
 from .._high import snapshot_ceiling
 from .._rules import Rule, Usage, evaluate
-from ..backends.base import Snapshot
-from ..backends.poll import PollBackend
+from ..cgroup_files import CgroupFiles
 from ..config import PAGE_SIZE
 from ..errors import CapacityError, RtmlError
+from ..snapshot import Snapshot
 from . import abi
 from . import libbpf as _libbpf
 from .loader import Loaded
@@ -93,7 +93,7 @@ class Slots(SlotReadings):
             if free is None:
                 raise CapacityError(f"all {self.capacity} eBPF slots are in use; close Limiters you no longer need")
             cgid = cgroup.cgroup_id
-            state = SlotState(free, cgroup, cgid, PollBackend(cgroup, "file reader", cgroup_id=cgid),
+            state = SlotState(free, cgroup, cgid, CgroupFiles(cgroup, cgroup_id=cgid),
                               ancestors=cgroup.ancestors())
         elif not state.watched:
             self.check_nesting(cgroup)
@@ -150,7 +150,7 @@ class Slots(SlotReadings):
                 k = ctypes.c_uint64(cgid)
                 lib.bpf_map_delete_elem(fd, ctypes.byref(k))
                 continue
-            state = SlotState(index, cgroup, cgid, PollBackend(cgroup, "file reader", cgroup_id=cgid),
+            state = SlotState(index, cgroup, cgid, CgroupFiles(cgroup, cgroup_id=cgid),
                               ancestors=cgroup.ancestors(),
                               keep=True)
             cfg = abi.Config.from_buffer_copy(self._configs_mm[index * CONFIG_SIZE : (index + 1) * CONFIG_SIZE])

@@ -13,8 +13,8 @@ from typing import Any
 from .._cgroup import MemoryCgroup
 from .._high import ceiling_used
 from .._rules import Rule, Threshold
-from ..backends.base import Snapshot
 from ..config import PAGE_SIZE
+from ..snapshot import Snapshot
 from . import abi
 
 SLOT_SIZE = ctypes.sizeof(abi.Slot)

@@ -131,7 +131,9 @@ def test_6_a_cgroup_removed_and_recreated_is_another_cgroup() -> None:
             os.rmdir(path)
 
 
-def test_7_a_fifth_nested_watch_is_refused_not_silently_stale() -> None:
+def test_7_a_fifth_nested_watch_is_refused_not_silently_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    # auto on this process's own load (no shared load: root would join that one, with room)
+    monkeypatch.setenv("RTML_SHARED", "0")
     with contextlib.ExitStack() as stack:
         chain = [stack.enter_context(make_cgroup(limit=128 * MiB))]
         for _ in range(NESTED_WATCHES):
@@ -145,7 +147,8 @@ def test_7_a_fifth_nested_watch_is_refused_not_silently_stale() -> None:
             lim.close()
 
 
-def test_10_auto_falls_back_when_rules_run_out() -> None:
+def test_10_auto_falls_back_when_rules_run_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTML_SHARED", "0")  # this process's own load's rules, as test_7
     with make_cgroup(limit=64 * MiB) as cg:
         held = [Limiter(cg.directory, backend="ebpf", threshold=0.5 + i / 10, relief=False) for i in range(4)]
         fifth = Limiter(cg.directory, backend="auto", threshold=0.95, relief=False)

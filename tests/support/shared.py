@@ -1,4 +1,4 @@
-"""The node's shared load (rtml_ebpf/ebpf/shared.py) on a private socket directory and pin
+"""The node's shared load (rtml_ebpf/backends/shared.py) on a private socket directory and pin
 directory, and its removal: tests never touch the defaults (/run/rtml-ebpf-shared,
 /sys/fs/bpf/rtml-ebpf-shared)."""
 
@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from rtml_ebpf.ebpf import shared
+from rtml_ebpf.backends import shared
 
 
 class SharedPlace:

@@ -45,9 +45,9 @@ def own_level(lim: Limiter) -> Callable[[], int]:
 
 def agent_level(lim: Limiter) -> Callable[[], int]:
     """The wake level the shared agent wrote for this cgroup, from its pinned maps (root)."""
+    from rtml_ebpf.backends.shared import pin_dir
     from rtml_ebpf.ebpf import libbpf
     from rtml_ebpf.ebpf.loader import map_len
-    from rtml_ebpf.ebpf.shared import pin_dir
 
     fds = {n: libbpf.lib().bpf_obj_get(os.path.join(pin_dir(), "maps", n).encode()) for n in ("slots", "configs")}
     assert min(fds.values()) >= 0, fds

@@ -32,7 +32,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -40,10 +39,10 @@ from collections.abc import Callable, Iterator
 
 from .. import _cgroup
 from .._private_dir import private_dir
-from ..backends.agent import AgentBackend
-from ..backends.base import Backend
+from ..ebpf import probes
 from ..errors import AgentUnavailable, PermissionDenied, RtmlError
-from . import probes
+from .agent import AgentBackend
+from .base import Backend
 
 log = logging.getLogger("rtml_ebpf")
 
@@ -189,8 +188,11 @@ def _tail(path: str, n: int = 600) -> str:
 
 def _spawn() -> int:
     """Run ``main(["serve"])`` of this module detached (it forks once more and writes
-    the pid of the process that stays into ``agent.pid``). No pipe: another thread of ours
-    forking meanwhile would inherit its write end and hold our read open for ever."""
+    the pid of the process that stays into ``agent.pid``). By posix_spawn, with no pipe of
+    any kind: a process forked from another thread of ours meanwhile would inherit a write end
+    and hold our read open, while we hold the start lock it waits for (subprocess.Popen reads
+    such a pipe for exec errors: that deadlock was found by a fork during the default
+    limiter's background start). The spawned process closes every inherited descriptor first."""
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [package_parent, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])}
@@ -201,17 +203,31 @@ def _spawn() -> int:
             os.replace(log_path, log_path + ".1")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pid_path)
+    # -c, not -m: the package imports this module, and runpy warns when asked to run it again
+    command = ("import os, sys; os.closerange(3, os.sysconf('SC_OPEN_MAX')); os.chdir('/'); "
+               "from rtml_ebpf.backends.shared import main; sys.exit(main(['serve']))")
     with open(log_path, "ab") as out:
         os.fchmod(out.fileno(), 0o600)
-        # -c, not -m: the package imports this module, and runpy warns when asked to run it again
-        proc = subprocess.Popen([sys.executable, "-c", "import sys; from rtml_ebpf.ebpf.shared import main; "
-                                 "sys.exit(main(['serve']))"], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out, env=env, cwd="/", start_new_session=True)
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, out.fileno(), 1), (os.POSIX_SPAWN_DUP2, out.fileno(), 2)]
+        try:
+            pid = os.posix_spawn(sys.executable, [sys.executable, "-c", command], env, file_actions=actions,
+                                 setsid=True)
+        except OSError as exc:
+            raise AgentUnavailable(f"the node's shared agent could not be started: {exc}") from None
+    deadline = time.monotonic() + START_TIMEOUT
     try:
-        proc.wait(timeout=START_TIMEOUT)
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):  # the first process forks the agent and exits
+            if time.monotonic() > deadline:
+                raise AgentUnavailable(f"the node's shared agent did not start: {_tail(log_path)}")
+            time.sleep(0.005)
+    except ChildProcessError:
+        pass  # reaped by the application's own SIGCHLD handling: the pid file tells
+
+    try:
         with open(pid_path) as f:
             return int(f.read().strip())
-    except (OSError, ValueError, subprocess.TimeoutExpired):
+    except (OSError, ValueError):
         raise AgentUnavailable(f"the node's shared agent did not start: {_tail(log_path)}") from None
 
 
@@ -273,7 +289,7 @@ def serve() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rtml_ebpf.ebpf.shared",
+    parser = argparse.ArgumentParser(prog="python -m rtml_ebpf.backends.shared",
                                      description="the node's shared load (started on demand by the library)")
     parser.add_argument("what", choices=("serve",))
     parser.parse_args(argv)
@@ -301,7 +317,7 @@ def agent_pids(directory: str) -> list[int]:
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"rtml_ebpf.ebpf.shared import main" not in f.read():
+                if b"rtml_ebpf.backends.shared import main" not in f.read():
                     continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if f"{DIR_ENV}={directory}".encode() not in f.read().split(b"\0"):
