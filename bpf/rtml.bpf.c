@@ -17,6 +17,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "rtml.h"
+#include "thread_pages.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -547,6 +548,8 @@ static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long va
 	/* Off until a process asks for the meter (admission): ~9 ns of each watched event. */
 	if (kind >= EV_ANON && kind <= EV_SOCK && !(c->flags & RTML_CTL_METER_OFF))
 		meter_thread(val);
+	if (kind >= EV_ANON && kind <= EV_SOCK)
+		meter_client_thread(val);	/* the agent's clients' threads (thread_pages.bpf.h) */
 
 	/*
 	 * Written out per hit, not as a loop: verifiers before ~6.4 reject a loop whose body ends
@@ -604,6 +607,8 @@ static __always_inline void on_task(struct task_struct *task, int kind)
 	if (hits > 0 && kind == EV_FAULT && (c->flags & (RTML_CTL_FAULT_REFRESH | RTML_CTL_METER_OFF)) ==
 	    RTML_CTL_FAULT_REFRESH)
 		meter_thread(1);
+	if (hits > 0 && kind == EV_FAULT && (c->flags & RTML_CTL_FAULT_REFRESH))
+		meter_client_thread(1);	/* the agent's clients' threads (thread_pages.bpf.h) */
 	/* &memcg->memory from &memcg->css, by CO-RE offsets */
 	long delta = (long)bpf_core_field_offset(struct mem_cgroup, memory) -
 		     (long)bpf_core_field_offset(struct mem_cgroup, css);
