@@ -38,7 +38,7 @@ from .agent_maps import (  # noqa: F401 - _address: tests/support maps pages wit
     byte_writer,
     thread_meter_from_pins,
 )
-from .agent_meter import AgentThreadMeter
+from .agent_meter import AgentThreadMeter, lease_socket
 from .base import Flag, Snapshot
 
 log = logging.getLogger("rtml_ebpf")
@@ -357,24 +357,13 @@ class AgentBackend:
         return int(read_consistent(flag.view).trips[flag.index])
 
     def thread_meter(self) -> Any:
-        """The kernel's per-thread meter. Root clients: on the agent's pinned ``threads`` array
-        (checked to be this agent's: its pinned beat is the beat we were passed). Others (or
-        without pins): the agent's meter pages for this cgroup, one ``meter`` round trip per
-        thread (agent_meter.py): the whole array holds every thread of the node and is written
-        to register one, so it is never lent to unprivileged clients."""
+        """The kernel's per-thread meter. Root clients: the agent's pinned ``threads`` array (this
+        agent's: its pinned beat is the one we were passed). Others, or without pins: this cgroup's
+        meter page, lent by the agent (agent_meter.py; the array holds every thread of the node)."""
         if self._meter is None:
             self._meter = thread_meter_from_pins(self._pin_dir, _map_id(self._beat_fd)) or AgentThreadMeter(
-                self._live_socket)
+                lambda: lease_socket(self._leases, self.lost, self._sock_lock))
         return self._meter or None
-
-    def _live_socket(self) -> tuple[socket.socket, threading.Lock] | None:
-        """The connection of a live lease, for the client meter's round trips (agent_meter.py)."""
-        if self.lost:
-            return None
-        for lease in self._leases:
-            if not lease.retired and lease.sock is not None:
-                return lease.sock, self._sock_lock
-        return None
 
     def close(self) -> None:
         for lease in list(self._leases):

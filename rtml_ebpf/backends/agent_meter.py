@@ -38,6 +38,16 @@ _GEN_MASK = 0xFFFFFFFF
 LiveSocket = Callable[[], "tuple[socket.socket, threading.Lock] | None"]
 
 
+def lease_socket(leases: list[Any], lost: object, lock: threading.Lock) -> tuple[socket.socket, threading.Lock] | None:
+    """The connection of a live lease of an AgentBackend (its ``_leases``), for the round trips."""
+    if lost:
+        return None
+    for lease in leases:
+        if not lease.retired and lease.sock is not None:
+            return lease.sock, lock
+    return None
+
+
 def ask_meter(sock: socket.socket, lock: threading.Lock, tid: int) -> tuple[dict[str, Any] | None, list[int]]:
     """One ``meter`` round trip on a lease's socket (which stays non-blocking: see
     agent_maps.ask_stats): the reply (None when there was none) and the fds passed with it."""
@@ -94,6 +104,7 @@ class AgentThreadMeter:
         self._asks: list[float] = []
         self._by_tid: dict[int, _Reg] = {}  # native tid -> its entry, for net_of
         self.refused = 0  # registrations the agent had no room for
+        self.registered = 0  # threads the agent granted an entry
 
     # -- registration -------------------------------------------------------------------------
     def _reg(self) -> _Reg | None:
@@ -162,6 +173,7 @@ class AgentThreadMeter:
         self._local.reg = reg
         self._by_tid[tid] = reg
         self._local.gone = _Gone(self._by_tid, tid)
+        self.registered += 1
         return reg
 
     def _map(self, page_fd: int, begin_fd: int) -> None:
@@ -230,7 +242,8 @@ class AgentThreadMeter:
         return self._net(reg) * PAGE_SIZE
 
     def stats(self) -> dict[str, Any]:
-        return {"source": self.source, "threads": len(self._by_tid), "refused": self.refused}
+        return {"source": self.source, "threads": len(self._by_tid), "registered": self.registered,
+                "refused": self.refused}
 
 
 def _close(fd: int) -> None:

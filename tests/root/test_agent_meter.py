@@ -25,7 +25,8 @@ def run_meter(cg, agent: AgentProcess, mode: str, *args: object) -> dict:
     p = cg.popen(meter_argv(mode, *args), env=client_env(agent))
     out, err = p.communicate(timeout=60)
     if p.returncode != 0:
-        raise AssertionError(f"client exited {p.returncode}; stderr:\n{err[-3000:]}\nagent log:\n{agent.text()[-3000:]}")
+        raise AssertionError(f"client exited {p.returncode}; stderr:\n{err[-3000:]}\n"
+                             f"agent log:\n{agent.text()[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])
 
 

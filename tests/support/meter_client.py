@@ -3,6 +3,7 @@
     python meter_client.py measure MIB         a thread allocates MIB (touched), frees it; the meter's readings
     python meter_client.py attack OTHER_TID    ask for another process's thread, write the meter page, ...
     python meter_client.py hold SECONDS        register two threads, then hold the connection SECONDS
+    python meter_client.py relay               send each stdin line (hex) on a watching connection, print replies
 
 Prints one JSON line. Only the standard library and rtml_ebpf: no bpf() call anywhere.
 """
@@ -159,12 +160,38 @@ def hold(seconds: float) -> dict:
     return {"done": True}
 
 
+def relay() -> dict:
+    """For the fuzzing test (which makes the messages with hypothesis, outside this cgroup): each
+    stdin line is a hex-encoded request, sent on a fresh watching connection; each reply is
+    written back as one JSON line ({"closed": true} when the agent closed without one)."""
+    print(json.dumps({"tid": threading.get_native_id()}), flush=True)
+    n = 0
+    for line in sys.stdin:
+        sock = _watch()
+        try:
+            sock.send(bytes.fromhex(line.strip()))
+            try:
+                data, anc, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(8))
+            except OSError:
+                data, anc = b"", []
+            for _, _, payload in anc:
+                for i in range(0, len(payload) - 3, 4):
+                    os.close(int.from_bytes(payload[i:i + 4], "little"))
+            print(json.dumps({"reply": json.loads(data)} if data else {"closed": True}), flush=True)
+        finally:
+            sock.close()
+        n += 1
+    return {"relayed": n}
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "measure":
         result = measure(int(sys.argv[2]))
     elif mode == "attack":
         result = attack(int(sys.argv[2]))
+    elif mode == "relay":
+        result = relay()
     else:
         result = hold(float(sys.argv[2]))
     print(json.dumps(result), flush=True)
