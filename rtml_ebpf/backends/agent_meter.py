@@ -16,6 +16,7 @@ than the agent's request rate allows, is measured by getrusage until a later beg
 from __future__ import annotations
 
 import array
+import logging
 import mmap
 import os
 import select
@@ -30,6 +31,7 @@ from ..config import PAGE_SIZE
 from ..ebpf import abi
 from .meter import RUSAGE
 
+log = logging.getLogger("rtml_ebpf")
 ASKS_PER_SECOND = 8  # the agent fails a connection past 20 requests a second: stay well under
 RETRY_FULL = 30.0  # seconds before a thread refused for room asks again
 TIMEOUT = 1.0
@@ -103,6 +105,9 @@ class AgentThreadMeter:
         self._begin_map: mmap.mmap | None = None
         self._asks: list[float] = []
         self._by_tid: dict[int, _Reg] = {}  # native tid -> its entry, for net_of
+        self._ask_mu = threading.Lock()  # one ask at a time: the pages come with the first reply
+        self._quiet_era = -1  # an era whose connection did not answer: no more asks on it
+        self.off: str | None = None  # why the agent's meter is not used at all (it refused the op)
         self.refused = 0  # registrations the agent had no room for
         self.registered = 0  # threads the agent granted an entry
 
@@ -116,7 +121,7 @@ class AgentThreadMeter:
     def _start(self) -> _Reg | None:
         """The calling thread's entry, asking the agent when it has none in the current pages."""
         reg: _Reg | None = getattr(self._local, "reg", None)
-        live = self._live()
+        live = None if self.off else self._live()
         if live is None:
             return None
         if live[0] is not self._sock:
@@ -128,7 +133,10 @@ class AgentThreadMeter:
                 return reg
             if time.monotonic() < reg.retry_at:
                 return None
-        return self._ask(live[0], live[1])
+        if self._quiet_era == self._era:
+            return None
+        with self._ask_mu:
+            return self._ask(live[0], live[1])
 
     def _new_era(self, sock: socket.socket) -> None:
         """A new connection (the lease was replaced): its pages come with its first reply."""
@@ -160,14 +168,24 @@ class AgentThreadMeter:
         finally:
             for fd in fds:
                 _close(fd)
-        if reply is None or not reply.get("ok"):
-            if reply is not None and reply.get("full"):
+        if reply is None:
+            self._quiet_era = era  # no answer: a closed connection brings a new era, else getrusage
+            return None
+        if not reply.get("ok"):
+            if reply.get("full"):
                 self.refused += 1
                 self._local.reg = _Reg(era, -1, 0, now + RETRY_FULL)
+            else:
+                # An agent without the op (older), or one refusing our own thread: it closed that
+                # connection (the lease reconnects); asking again would close the next one too.
+                self.off = str(reply.get("error"))[:200]
+                log.warning("rtml-ebpf: the node agent refused the thread meter (%s): admission measures "
+                            "with getrusage", self.off)
             return None
         entry, gen = reply.get("entry"), reply.get("gen")
         if (isinstance(entry, bool) or not isinstance(entry, int) or not 0 <= entry < abi.TPAGE_ENTRIES
                 or not isinstance(gen, int) or self._words is None):
+            self._quiet_era = era  # a grant we cannot use (no pages came): this connection is asked no more
             return None
         reg = _Reg(era, entry, gen & _GEN_MASK)
         self._local.reg = reg
@@ -188,39 +206,31 @@ class AgentThreadMeter:
         self._words = memoryview(page).cast("q")
 
     # -- reads --------------------------------------------------------------------------------
-    def _ours(self, reg: _Reg) -> bool:
+    @staticmethod
+    def _ours(w: memoryview, reg: _Reg) -> bool:
         """The entry has seen a charge since it became ours (else it still holds a former holder's)."""
-        w = self._words
-        assert w is not None
         return bool((w[reg.entry * abi.TENTRY_WORDS + abi.TE_IDS] >> 32) & _GEN_MASK == reg.gen)
 
-    def _net(self, reg: _Reg) -> int:
-        w = self._words
-        assert w is not None
-        return int(w[reg.entry * abi.TENTRY_WORDS + abi.TE_NET]) if self._ours(reg) else 0
+    def _net(self, w: memoryview, reg: _Reg) -> int:
+        return int(w[reg.entry * abi.TENTRY_WORDS + abi.TE_NET]) if self._ours(w, reg) else 0
 
     def begin(self) -> int:
         reg = self._start()
-        if reg is None:
+        w, b = self._words, self._begins  # (locals: a new era may drop them meanwhile)
+        if reg is None or w is None or b is None:
             self._local.rusage = True
             return RUSAGE.begin()
         self._local.rusage = False
-        self._restart_peak(reg)
-        return self._net(reg) * PAGE_SIZE
-
-    def _restart_peak(self, reg: _Reg) -> None:
-        b = self._begins
-        if b is not None:
-            b[reg.entry] = (b[reg.entry] + 1) & 0xFFFFFFFFFFFFFFFF
+        b[reg.entry] = (b[reg.entry] + 1) & 0xFFFFFFFFFFFFFFFF  # restarts the entry's peak
+        return self._net(w, reg) * PAGE_SIZE
 
     def read(self) -> tuple[int, int]:
         reg = None if getattr(self._local, "rusage", True) else self._reg()
-        if reg is None:
-            return RUSAGE.read()
         w, b = self._words, self._begins
-        assert w is not None and b is not None
+        if reg is None or w is None or b is None:
+            return RUSAGE.read()
         base = reg.entry * abi.TENTRY_WORDS
-        if not self._ours(reg):
+        if not self._ours(w, reg):
             return 0, 0
         net = peak = int(w[base + abi.TE_NET])
         # the programs restart the peak at the first charge after our begin(): until then the
@@ -231,19 +241,21 @@ class AgentThreadMeter:
 
     def reset_peak(self) -> None:
         reg = self._start()
-        self._local.rusage = reg is None
-        if reg is not None:
-            self._restart_peak(reg)
+        b = self._begins
+        self._local.rusage = reg is None or b is None
+        if reg is not None and b is not None:
+            b[reg.entry] = (b[reg.entry] + 1) & 0xFFFFFFFFFFFFFFFF
 
     def net_of(self, tid: int) -> int | None:
         reg = self._by_tid.get(tid)
-        if reg is None or reg.era != self._era or self._words is None:
+        w = self._words
+        if reg is None or reg.era != self._era or w is None:
             return RUSAGE.net_of(tid)
-        return self._net(reg) * PAGE_SIZE
+        return self._net(w, reg) * PAGE_SIZE
 
     def stats(self) -> dict[str, Any]:
         return {"source": self.source, "threads": len(self._by_tid), "registered": self.registered,
-                "refused": self.refused}
+                "refused": self.refused, "off": self.off}
 
 
 def _close(fd: int) -> None:
