@@ -129,3 +129,42 @@ def test_registered_threads_return_to_zero_when_clients_leave(cg, pin_dir) -> No
         assert wait_until(lambda: registered_threads(pin_dir) == 0, timeout=5)
     finally:
         agent.stop()
+
+
+def test_over_the_cap_is_a_soft_refusal_that_keeps_the_lease(cg) -> None:
+    agent = AgentProcess(glob_for(cg))
+    try:
+        r = run_meter(cg, agent, "cap", 66)
+    finally:
+        agent.stop()
+    # 64 threads per connection; the others are told why, and the connection still serves
+    assert r["granted"] == 64, r
+    assert len(r["refusals"]) == 2 and all(x["full"] and "64 thread meters" in x["error"] for x in r["refusals"]), r
+    assert r["stats_ok"] is True, r
+
+
+def test_the_meter_follows_the_lease_across_an_agent_restart(cg, pin_dir) -> None:
+    agent = AgentProcess(glob_for(cg), pin_dir=pin_dir)
+    p = cg.popen(meter_argv("restart", 32), env=client_env(agent), stdin=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        line = p.stdout.readline()
+        assert line, p.stderr.read() if p.stderr else ""
+        first = json.loads(line)
+        assert within(first["first"], 32 * MiB) and first["stats"]["registered"] == 1, first
+        agent.stop()  # the pins stay: the next agent adopts the running programs
+        agent = AgentProcess(glob_for(cg), pin_dir=pin_dir, socket_dir=agent.dir)
+        assert "adopting the pinned programs" in agent.text()
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        agent.stop()
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["backend"] == "agent", r
+    assert r["stats"]["registered"] >= 2 and r["stats"]["off"] is None, r  # asked again on the new connection
+    assert within(r["again"], 32 * MiB), r

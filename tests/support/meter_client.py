@@ -3,6 +3,8 @@
     python meter_client.py measure MIB         a thread allocates MIB (touched), frees it; the meter's readings
     python meter_client.py attack OTHER_TID    ask for another process's thread, write the meter page, ...
     python meter_client.py hold SECONDS        register two threads, then hold the connection SECONDS
+    python meter_client.py cap N               N parked threads registered on one connection (paced)
+    python meter_client.py restart MIB         measure; wait for a stdin line (the agent restarted); measure again
     python meter_client.py relay               send each stdin line (hex) on a watching connection, print replies
 
 Prints one JSON line. Only the standard library and rtml_ebpf: no bpf() call anywhere.
@@ -160,6 +162,74 @@ def hold(seconds: float) -> dict:
     return {"done": True}
 
 
+def cap(n: int) -> dict:
+    """Register ``n`` live threads on one watching connection, paced under the agent's 20
+    requests a second: the replies past the per-connection cap, and whether the connection still
+    serves (a stats request) after them."""
+    stop = threading.Event()
+    tids: list[int] = []
+    ready = threading.Barrier(n + 1)
+
+    def park() -> None:
+        tids.append(threading.get_native_id())
+        ready.wait()
+        stop.wait(60)
+
+    threads = [threading.Thread(target=park) for _ in range(n)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    sock = _watch()
+    granted, refusals = 0, []
+    try:
+        for tid in tids:
+            reply, fds = _request(sock, {"v": 1, "op": "meter", "tid": tid})
+            for fd in fds:
+                os.close(fd)
+            if reply.get("ok"):
+                granted += 1
+            else:
+                refusals.append(reply)
+            time.sleep(0.07)
+        stats, _ = _request(sock, {"v": 1, "op": "stats"})
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sock.close()
+    return {"granted": granted, "refusals": refusals, "stats_ok": stats.get("ok")}
+
+
+def _one(meter: object, mib: int) -> int:
+    net0 = meter.begin()  # type: ignore[attr-defined]
+    buf = touch(mib * MiB)
+    net1, _ = meter.read()  # type: ignore[attr-defined]
+    del buf
+    return int(net1 - net0)
+
+
+def restart(mib: int) -> dict:
+    """The agent restarts (adopting its pins) between two measurements: the lease reconnects,
+    and the thread meter registers again on the new connection, from its new pages."""
+    lim = Limiter(backend="agent", threshold=0.9, metric="usage", relief=False)
+    meter = lim.thread_meter()
+    assert meter is not None
+    first = _one(meter, mib)
+    print(json.dumps({"first": first, "stats": meter.stats()}), flush=True)  # type: ignore[attr-defined]
+    sys.stdin.readline()
+    deadline = time.monotonic() + 20
+    again = 0
+    while time.monotonic() < deadline:
+        again = _one(meter, mib)
+        if meter.stats()["registered"] >= 2:  # type: ignore[attr-defined]
+            again = _one(meter, mib)  # a whole measurement on the new pages
+            break
+        time.sleep(0.2)
+    out = {"first": first, "again": again, "stats": meter.stats(), "backend": lim.backend}  # type: ignore[attr-defined]
+    lim.close()
+    return out
+
+
 def relay() -> dict:
     """For the fuzzing test (which makes the messages with hypothesis, outside this cgroup): each
     stdin line is a hex-encoded request, sent on a fresh watching connection; each reply is
@@ -190,6 +260,10 @@ if __name__ == "__main__":
         result = measure(int(sys.argv[2]))
     elif mode == "attack":
         result = attack(int(sys.argv[2]))
+    elif mode == "cap":
+        result = cap(int(sys.argv[2]))
+    elif mode == "restart":
+        result = restart(int(sys.argv[2]))
     elif mode == "relay":
         result = relay()
     else:
