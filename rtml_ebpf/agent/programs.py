@@ -419,7 +419,7 @@ def _finish(node: NodePrograms) -> NodePrograms:
         if ret < 0 and not (node.adopted and -ret in (1, 16)):  # adopted: frozen already (EPERM/EBUSY)
             raise LoadError("freeze", "map beat", -ret, _libbpf.take_log())
         node.publish(node.capacity, abi.PUBLISH_START_BEAT)  # slot out of range: only the beat
-        node.thread_pages = ThreadPages(node.loaded.fds, node.capacity)
+        node.thread_pages = ThreadPages(node.loaded.fds, node.capacity, node.adopted)
     except BaseException:
         node.close()
         raise

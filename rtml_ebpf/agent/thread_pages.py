@@ -70,7 +70,7 @@ class Held:
 class ThreadPages:
     """The agent's side of the client meters: pages per slot, entries per thread."""
 
-    def __init__(self, fds: dict[str, int], capacity: int) -> None:
+    def __init__(self, fds: dict[str, int], capacity: int, adopted: bool) -> None:
         self.fds = fds
         self.capacity = capacity
         self.pages: dict[int, tuple[int, int]] = {}  # slot -> (meter page fd, begin page fd)
@@ -78,7 +78,8 @@ class ThreadPages:
         self.by_tid: dict[int, Held] = {}
         self.given: set[int] = set()  # connections that were passed their pages
         self.gen = 0
-        self.reset()
+        if adopted:
+            self.reset()  # what the previous agent registered is void: its connections are gone
 
     # -- maps ---------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -38,7 +38,7 @@ from .agent_maps import (  # noqa: F401 - _address: tests/support maps pages wit
     byte_writer,
     thread_meter_from_pins,
 )
-from .agent_meter import AgentThreadMeter, lease_socket
+from .agent_meter import shared_meter
 from .base import Flag, Snapshot
 
 log = logging.getLogger("rtml_ebpf")
@@ -361,8 +361,7 @@ class AgentBackend:
         agent's: its pinned beat is the one we were passed). Others, or without pins: this cgroup's
         meter page, lent by the agent (agent_meter.py; the array holds every thread of the node)."""
         if self._meter is None:
-            self._meter = thread_meter_from_pins(self._pin_dir, _map_id(self._beat_fd)) or AgentThreadMeter(
-                lambda: lease_socket(self._leases, self.lost, self._sock_lock))
+            self._meter = thread_meter_from_pins(self._pin_dir, _map_id(self._beat_fd)) or shared_meter(self)
         return self._meter or None
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -40,14 +41,33 @@ _GEN_MASK = 0xFFFFFFFF
 LiveSocket = Callable[[], "tuple[socket.socket, threading.Lock] | None"]
 
 
-def lease_socket(leases: list[Any], lost: object, lock: threading.Lock) -> tuple[socket.socket, threading.Lock] | None:
-    """The connection of a live lease of an AgentBackend (its ``_leases``), for the round trips."""
-    if lost:
+def lease_socket(backend: Any) -> tuple[socket.socket, threading.Lock] | None:
+    """The connection of a live lease of an AgentBackend, for the round trips."""
+    if backend.lost:
         return None
-    for lease in leases:
+    for lease in backend._leases:
         if not lease.retired and lease.sock is not None:
-            return lease.sock, lock
+            return lease.sock, backend._sock_lock
     return None
+
+
+_SHARED: dict[tuple[str, int], AgentThreadMeter] = {}
+_SHARED_MU = threading.Lock()
+
+
+def shared_meter(backend: Any) -> AgentThreadMeter:
+    """One meter per process, agent socket and cgroup, whatever the number of Limiters: the agent
+    keeps one entry per thread (the last connection to ask gets it), so two meters asking for the
+    same thread would take it from each other. Each backend is a source of live connections,
+    held weakly (a closed Limiter's goes with it)."""
+    key = (backend.path, backend._cgid)
+    ref = weakref.ref(backend)
+    with _SHARED_MU:
+        meter = _SHARED.get(key)
+        if meter is None or meter.pid != os.getpid():
+            meter = _SHARED[key] = AgentThreadMeter(lambda: None)
+        meter.add_source(ref)
+        return meter
 
 
 def ask_meter(sock: socket.socket, lock: threading.Lock, tid: int) -> tuple[dict[str, Any] | None, list[int]]:
@@ -94,7 +114,9 @@ class AgentThreadMeter:
     source = "agent"
 
     def __init__(self, live: LiveSocket) -> None:
-        self._live = live  # the socket of a live lease (and its lock), or None
+        self._first = live  # the socket of a live lease (and its lock), or None
+        self._sources: list[weakref.ref[Any]] = []  # AgentBackends (shared_meter), asked after it
+        self.pid = os.getpid()  # a forked child must not ask on its parent's connections
         self._mu = threading.Lock()
         self._local = threading.local()
         self._era = 0
@@ -112,6 +134,24 @@ class AgentThreadMeter:
         self.registered = 0  # threads the agent granted an entry
 
     # -- registration -------------------------------------------------------------------------
+    def add_source(self, ref: weakref.ref[Any]) -> None:
+        with self._mu:
+            self._sources = [r for r in self._sources if r() is not None] + [ref]
+
+    def _live(self) -> tuple[socket.socket, threading.Lock] | None:
+        """A live lease connection of this process: the agent identifies us by it. In a forked
+        child none (its parent's connections name the parent: the agent would refuse our tids
+        and close the connection under the parent), so the child measures with getrusage."""
+        if os.getpid() != self.pid:
+            return None
+        live = self._first()
+        for ref in () if live is not None else list(self._sources):
+            backend = ref()
+            live = lease_socket(backend) if backend is not None else None
+            if live is not None:
+                break
+        return live
+
     def _reg(self) -> _Reg | None:
         reg: _Reg | None = getattr(self._local, "reg", None)
         if reg is not None and reg.era == self._era and reg.entry >= 0 and self._words is not None:

@@ -74,7 +74,9 @@ def test_unprivileged_client_meters_its_threads_with_the_kernel_meter(cg) -> Non
         agent.stop()
     assert r["uid"] == 65534 and r["backend"] == "agent", r
     assert r["source"] == "agent", r
-    for name, mib in (("main", 64), ("thread", 32)):
+    assert r["shared"] is True, r
+    assert r["child"]["live"] is False, r
+    for name, mib in (("main", 64), ("thread", 32), ("after_fork", 64)):
         m = r[name]
         # the kernel's charges, within 10%: growth, the peak, and the free (getrusage sees no free)
         assert within(m["grew"], mib * MiB), (name, m)
@@ -152,9 +154,12 @@ def test_the_meter_follows_the_lease_across_an_agent_restart(cg, pin_dir) -> Non
         assert line, p.stderr.read() if p.stderr else ""
         first = json.loads(line)
         assert within(first["first"], 32 * MiB) and first["stats"]["registered"] == 1, first
-        agent.stop()  # the pins stay: the next agent adopts the running programs
+        assert registered_threads(pin_dir) == 1
+        agent.kill9()  # no goodbye: its entries stay in the pinned maps, the programs keep running
+        agent.log.close()
         agent = AgentProcess(glob_for(cg), pin_dir=pin_dir, socket_dir=agent.dir)
         assert "adopting the pinned programs" in agent.text()
+        assert registered_threads(pin_dir) == 0  # the adopting agent starts its clients' meters afresh
         p.stdin.write("go\n")
         p.stdin.flush()
         out, err = p.communicate(timeout=60)

@@ -59,6 +59,23 @@ def measure(mib: int) -> dict:
     t = threading.Thread(target=work, args=("thread", mib // 2))
     t.start()
     t.join()
+    # a second Limiter of the process shares the meter (the agent keeps one entry per thread)
+    lim2 = Limiter(backend="agent", threshold=0.8, metric="usage", relief=False)
+    out["shared"] = lim2.thread_meter() is meter
+    lim2.close()
+    # a forked child measures with getrusage: its parent's connections would name the parent
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        child = meter.begin(), meter.read()  # type: ignore[union-attr]
+        os.write(w, json.dumps({"live": meter._live() is not None, "read": child}).encode())  # type: ignore[union-attr]
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        out["child"] = json.loads(f.read())
+    work("after_fork", mib)
     out["stats_source"] = lim.stats().meter_source if hasattr(lim.stats(), "meter_source") else None
     out["meter_stats"] = meter.stats() if hasattr(meter, "stats") else None  # type: ignore[union-attr]
     lim.close()
