@@ -121,7 +121,7 @@ def grow(rate: int, seconds: float, cap: int) -> int:
     return 0
 
 
-def request_costs(ledger_dir: str) -> dict[str, Any]:
+def request_costs(ledger_dir: str, backend: str = "ebpf") -> dict[str, Any]:
     """Requests of known sizes through Admission on this process's cgroup: concurrent threads
     and interleaved asyncio requests. Per request: [bytes allocated, cost measured]."""
     import asyncio
@@ -130,7 +130,7 @@ def request_costs(ledger_dir: str) -> dict[str, Any]:
 
     os.environ["RTML_LEDGER_DIR"] = ledger_dir
     mib = 1 << 20
-    lim = Limiter(backend="ebpf", metric="usage", relief=False)
+    lim = Limiter(backend=backend, metric="usage", relief=False)
     adm = Admission(lim, request_bytes=mib)
     meter = lim.thread_meter()
     out: dict[str, Any] = {"source": meter.source if meter else None, "threads": {}, "async": {}}
@@ -168,6 +168,8 @@ def request_costs(ledger_dir: str) -> dict[str, Any]:
             out["async"][f"a{n}"] = [n * mib, adm.finish(t)]
 
     asyncio.run(both())
+    stats = getattr(meter, "stats", None)
+    out["meter_stats"] = stats() if stats is not None else None  # the agent's client meter says how many it metered
     lim.close()
     return out
 
@@ -193,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--cap", type=int, default=1 << 62, help="stop at this many bytes")
     c = sub.add_parser("cost", help="requests of known sizes through Admission: allocated vs measured cost")
     c.add_argument("ledger_dir")
+    c.add_argument("--backend", default="ebpf", help="ebpf (own load) or agent (through the node agent)")
     args = p.parse_args(argv)
     if args.cmd == "hold":
         return hold()
     if args.cmd == "grow":
         return grow(args.rate, args.seconds, args.cap)
     if args.cmd == "cost":
-        print(json.dumps(request_costs(args.ledger_dir)))
+        print(json.dumps(request_costs(args.ledger_dir, args.backend)))
         return 0
     if args.cmd == "alloc":
         out = alloc_until_tripped(

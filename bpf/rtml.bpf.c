@@ -17,6 +17,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "rtml.h"
+#include "thread_pages.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -694,6 +695,8 @@ static __always_inline void on_memcg(struct mem_cgroup *memcg, int kind, long va
 	/* Off until a process asks for the meter (admission): ~9 ns of each watched event. */
 	if (kind >= EV_ANON && kind <= EV_SOCK && !(c->flags & RTML_CTL_METER_OFF))
 		meter_thread(val);
+	if (kind >= EV_ANON && kind <= EV_SOCK)
+		meter_client_thread(val);	/* the agent's clients' threads (thread_pages.bpf.h) */
 
 	/*
 	 * Written out per hit, not as a loop: verifiers before ~6.4 reject a loop whose body ends
@@ -778,6 +781,8 @@ static __always_inline void on_task(struct task_struct *task, int kind)
 	/* Without memcg events a fault is the only charge we see: one page to the thread. */
 	if (kind == EV_FAULT && (c->flags & (RTML_CTL_FAULT_REFRESH | RTML_CTL_METER_OFF)) == RTML_CTL_FAULT_REFRESH)
 		meter_thread(1);
+	if (kind == EV_FAULT && (c->flags & RTML_CTL_FAULT_REFRESH))
+		meter_client_thread(1);	/* the agent's clients' threads (thread_pages.bpf.h) */
 	if (hits == RTML_FAULT_COUNTED)
 		return;
 	struct watch_cache *wc = &w;

@@ -9,7 +9,7 @@
 #ifndef __RTML_H
 #define __RTML_H
 
-#define RTML_ABI_VERSION 6	/* 6: the enforcer's wake (config wake_pages, slot woken_*, wake ring) */
+#define RTML_ABI_VERSION 6	/* 6: the enforcer's wake (config wake_pages, slot woken_*, wake ring); client thread meters (tmeters, thread pages) */
 
 #define RTML_MAX_SLOTS 64	/* watched cgroups per in-process object (the agent sets its own at load) */
 #define RTML_NESTED_WATCHES 4	/* watched cgroups on one path refreshed per event */
@@ -230,5 +230,41 @@ struct rtml_wake {
 	__u32 pid;			/* its thread group */
 	__u32 _pad;
 };
+
+/* ---- Client thread meters (bpf/thread_pages.bpf.h, rtml_ebpf/agent/thread_pages.py) ---------------
+ * The node agent lends an unprivileged client the kernel's per-thread meter for its own threads
+ * only. Per client cgroup (slot) two one-page maps: the meter page (struct rtml_tpage, frozen:
+ * only programs write it, the client maps it read-only) and the begin page (struct rtml_tbegin,
+ * mapped read-write by the client: its only input, a number per entry that restarts the
+ * entry's peak). The agent alone writes `tmeters` (host tid -> struct rtml_tref), after checking
+ * from the kernel that the tid is a thread of the asking process in its cgroup, and keeps
+ * `tmeter_n` (element 0: registered client threads on the node; 0: the programs stop at it).
+ */
+#define RTML_TPAGE_ENTRIES 128	/* threads per client cgroup (a power of 2; 128 * 32 bytes = a page) */
+#define RTML_TMETER_MAX 8192	/* registered client threads on the node (the agent sizes `tmeters`) */
+
+struct rtml_tentry {
+	__u32 tid;			/* host tid of the holder */
+	__u32 gen;			/* the agent's allocation number; another one: nothing charged yet */
+	__s64 net_pages;		/* charged - uncharged since the allocation */
+	__s64 peak_pages;		/* max of net_pages since the begin number became epoch */
+	__u64 epoch;			/* the begin page's number the peak counts from */
+};
+
+struct rtml_tpage {
+	struct rtml_tentry e[RTML_TPAGE_ENTRIES];
+};
+
+struct rtml_tbegin {
+	__u64 epoch[RTML_TPAGE_ENTRIES];	/* written by the client: a change restarts that entry's peak */
+};
+
+struct rtml_tref {
+	__u32 slot;			/* the client cgroup's slot: its meter and begin pages */
+	__u32 entry;			/* the thread's entry in them */
+	__u32 gen;			/* copied into the entry at its first charge */
+	__u32 tgid;			/* the thread's process: a reused tid of another process is not charged */
+};
+/* ---- end of client thread meters ---------------------------------------------------------------- */
 
 #endif /* __RTML_H */

@@ -15,7 +15,8 @@ from rtml_ebpf.ebpf import abi as _abi
 HEADER = Path(__file__).resolve().parent.parent / "bpf" / "rtml.h"
 STRUCTS = {"rtml_rule": _abi.Rule, "rtml_config": _abi.Config, "rtml_ctl": _abi.Ctl, "rtml_slot": _abi.Slot,
            "rtml_counters": _abi.Counters, "rtml_thread": _abi.Thread, "rtml_beat": _abi.Beat,
-           "rtml_publish_args": _abi.PublishArgs, "rtml_oom_event": _abi.OomEvent}
+           "rtml_publish_args": _abi.PublishArgs, "rtml_oom_event": _abi.OomEvent,
+           "rtml_tentry": _abi.TEntry, "rtml_tpage": _abi.TPage, "rtml_tbegin": _abi.TBegin, "rtml_tref": _abi.TRef}
 
 
 def c_layout(tmp_path: Path) -> dict[str, int]:
@@ -31,7 +32,7 @@ def c_layout(tmp_path: Path) -> dict[str, int]:
     for const in ("RTML_ABI_VERSION", "RTML_MAX_SLOTS", "RTML_MAX_RULES", "RTML_MAX_THREADS",
                   "RTML_NESTED_WATCHES", "RTML_BEAT_MS", "RTML_PUBLISH_START_BEAT", "RTML_PUBLISH_RETIRE",
                   "RTML_EVENT_DEPTH", "RTML_EVENT_NAME", "RTML_EVENT_TRUNCATED", "RTML_EVENT_NAME_CUT",
-                  "RTML_OOM_RING_LIBRARY"):
+                  "RTML_OOM_RING_LIBRARY", "RTML_TPAGE_ENTRIES", "RTML_TMETER_MAX"):
         lines.append(f'printf("{const} %llu\\n", (unsigned long long){const});')
     lines.append('printf("RTML_UNLIMITED_PAGES %llu\\n", (unsigned long long)RTML_UNLIMITED_PAGES);')
     lines.append("return 0; }")
@@ -58,8 +59,15 @@ def test_struct_layouts_match_the_header(tmp_path: Path) -> None:
     assert c["RTML_PUBLISH_START_BEAT"] == _abi.PUBLISH_START_BEAT
     assert c["RTML_PUBLISH_RETIRE"] == _abi.PUBLISH_RETIRE
     assert c["RTML_UNLIMITED_PAGES"] == _abi.UNLIMITED_PAGES
-    for const in ("EVENT_DEPTH", "EVENT_NAME", "EVENT_TRUNCATED", "EVENT_NAME_CUT", "OOM_RING_LIBRARY"):
+    for const in ("EVENT_DEPTH", "EVENT_NAME", "EVENT_TRUNCATED", "EVENT_NAME_CUT", "OOM_RING_LIBRARY",
+                  "TPAGE_ENTRIES", "TMETER_MAX"):
         assert c[f"RTML_{const}"] == getattr(_abi, const), const
+
+
+def test_client_meter_page_is_one_page() -> None:
+    # the agent lends it as a one-page map: a client maps exactly PAGE_SIZE of it
+    assert ctypes.sizeof(_abi.TPage) == 4096
+    assert ctypes.sizeof(_abi.TBegin) <= 4096
 
 
 def test_slot_is_256_bytes_and_hot_bytes_come_first() -> None:

@@ -60,6 +60,10 @@ class Handlers:
             self.events(fd, conn, message)
         elif op == "stats" and conn.keys:
             self.send(fd, self.stats(conn), None)
+        elif op == "meter" and conn.keys and self.node.thread_pages is not None:
+            from .meter_op import answer  # (here: the op's whole dispatch is these lines)
+
+            answer(self.node.thread_pages, self.leases, fd, conn, message, self.send)
         else:
             raise ConfigError(f"op={op!r}: a new connection asks \"watch\", \"events\" or \"wake\" once; "
                               "then a watching one only \"stats\"")

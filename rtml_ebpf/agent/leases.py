@@ -149,6 +149,8 @@ class Leases:
 
     def release(self, conn_id: int, conn: Conn) -> None:
         """The leases of a connection that closed (or failed its watch): its rules linger."""
+        if self.node.thread_pages is not None:
+            self.node.thread_pages.release(conn_id)  # its threads' meters go at once
         rules = self.held.get(conn.cgid, {})
         for key in conn.keys:
             h = rules.get(key)

@@ -28,6 +28,8 @@ from ..ebpf.loader import (
 from ..errors import LoadError, NotSupported
 from ..relief import trim_heap
 from . import pinsafe
+from .thread_pages import MAPS as THREAD_PAGE_MAPS
+from .thread_pages import ThreadPages, size_map
 
 log = logging.getLogger("rtml_ebpf.agent")
 
@@ -40,8 +42,8 @@ BPF_F_MMAPABLE = 1 << 10
 BPF_FS_MAGIC_NAME = "bpf"
 # Every map of the object, pinned under <pin dir>/maps; links under <pin dir>/links.
 ALL_MAPS = ("watch", "slots", "configs", "counters", "ctl", "threads", "pages", "beat", "ticker", "wcache",
-            "oom_events", "wake_events")
-FD_ONLY = ("watch", "counters", "pages", "beat", "ticker", "oom_events", "wake_events")
+            "oom_events", "wake_events", *THREAD_PAGE_MAPS)
+FD_ONLY = ("watch", "counters", "pages", "beat", "ticker", "oom_events", "wake_events", *THREAD_PAGE_MAPS)
 OOM_RING_BYTES = 256 * 1024  # about 190 victims waiting: the agent reads them as they come
 
 
@@ -59,6 +61,7 @@ class NodePrograms:
     prog_fds: dict[str, int] = field(default_factory=dict)  # hook -> fd of its program (run stats)
     _pinned_fds: list[int] = field(default_factory=list)
     extra: list[Loaded] = field(default_factory=list)  # programs attached again (reattach.py)
+    thread_pages: ThreadPages | None = None  # the clients' thread meters (thread_pages.py)
 
     @property
     def memcg_events(self) -> bool:
@@ -98,6 +101,8 @@ class NodePrograms:
     def drop_page(self, slot: int) -> None:
         """The slot is freed: its page leaves the outer map (clients still mapping it keep a
         page nothing writes; they only ever had it for a cgroup that is gone)."""
+        if self.thread_pages is not None:
+            self.thread_pages.drop(slot)
         fd = self.page_fds.pop(slot, None)
         if fd is not None:
             self.publish(slot, abi.PUBLISH_RETIRE)
@@ -153,6 +158,8 @@ class NodePrograms:
         for fd in self.page_fds.values():
             os.close(fd)
         self.page_fds.clear()
+        if self.thread_pages is not None:
+            self.thread_pages.close()
         for fd in [*self._pinned_fds, *self.prog_fds.values()]:
             os.close(fd)
         self._pinned_fds.clear()
@@ -302,6 +309,7 @@ def _sizer(capacity: int, reuse: dict[str, int] | None) -> object:
                 _libbpf.check(lib.bpf_map__set_max_entries(m, capacity), "size map", name)
             elif name == "oom_events" and reuse is None:
                 _libbpf.check(lib.bpf_map__set_max_entries(m, OOM_RING_BYTES), "size map", name)
+            size_map(m, name, capacity, reuse is None)
             if reuse is not None:
                 _libbpf.check(lib.bpf_map__reuse_fd(m, reuse[name]), "reuse pinned map", name)
             elif name == "pages":
@@ -411,6 +419,7 @@ def _finish(node: NodePrograms) -> NodePrograms:
         if ret < 0 and not (node.adopted and -ret in (1, 16)):  # adopted: frozen already (EPERM/EBUSY)
             raise LoadError("freeze", "map beat", -ret, _libbpf.take_log())
         node.publish(node.capacity, abi.PUBLISH_START_BEAT)  # slot out of range: only the beat
+        node.thread_pages = ThreadPages(node.loaded.fds, node.capacity, node.adopted)
     except BaseException:
         node.close()
         raise

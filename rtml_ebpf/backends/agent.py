@@ -39,6 +39,7 @@ from .agent_maps import (  # noqa: F401 - _address: tests/support maps pages wit
     byte_writer,
     thread_meter_from_pins,
 )
+from .agent_meter import shared_meter
 from .base import Flag
 
 log = logging.getLogger("rtml_ebpf")
@@ -367,12 +368,11 @@ class AgentBackend:
         return int(read_consistent(flag.view).trips[flag.index])
 
     def thread_meter(self) -> Any:
-        """Root clients: the kernel's per-thread meter, on the agent's pinned ``threads`` array
-        (checked to be this agent's: its pinned beat is the beat we were passed). Others, or
-        without pins: None, and admission uses getrusage (the array must be written to register
-        a thread, and it holds every thread of the node: it is not lent to unprivileged clients)."""
+        """The kernel's per-thread meter. Root clients: the agent's pinned ``threads`` array (this
+        agent's: its pinned beat is the one we were passed). Others, or without pins: this cgroup's
+        meter page, lent by the agent (agent_meter.py; the array holds every thread of the node)."""
         if self._meter is None:
-            self._meter = thread_meter_from_pins(self._pin_dir, _map_id(self._beat_fd)) or False
+            self._meter = thread_meter_from_pins(self._pin_dir, _map_id(self._beat_fd)) or shared_meter(self)
         return self._meter or None
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
 """Per-thread memory meters: what the kernel charged to the cgroup while one thread ran.
 
-Two sources, the same contract (bytes, cumulative for the calling thread):
+Three sources, the same contract (bytes, cumulative for the calling thread); the third,
+``agent`` (an unprivileged client of the node agent: its cgroup's meter page), is in
+agent_meter.py:
 
 * ``ebpf``: the BPF programs add every memcg charge and uncharge made in the context of a
   registered thread to that thread's entry of the mmapped ``threads`` array (net pages and
@@ -11,7 +13,7 @@ Two sources, the same contract (bytes, cumulative for the calling thread):
 * ``rusage``: the kernel's per-thread minor-fault count (``getrusage(RUSAGE_THREAD)``), one
   syscall per read, times the page size. Counts first touches, so it sees growth but not
   frees (net = peak), and a huge page counts as one page. Used where the programs are not
-  ours to write (the poll backend, an unprivileged client of the node agent).
+  ours to write (the poll backend), and for a thread the agent had no room for.
 """
 
 from __future__ import annotations

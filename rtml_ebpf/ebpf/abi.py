@@ -165,3 +165,32 @@ T_TID = Thread.tid.offset // 8
 T_NET = Thread.net_pages.offset // 8
 T_PEAK = Thread.peak_pages.offset // 8
 T_CHARGED = Thread.charged_pages.offset // 8
+
+
+# ---- Client thread meters (rtml.h's block of that name; agent/thread_pages.py, backends/agent_meter.py) ----
+TPAGE_ENTRIES = 128
+TMETER_MAX = 8192
+
+
+class TEntry(ctypes.Structure):
+    _fields_ = [("tid", u32), ("gen", u32), ("net_pages", s64), ("peak_pages", s64), ("epoch", u64)]
+
+
+class TPage(ctypes.Structure):
+    _fields_ = [("e", TEntry * TPAGE_ENTRIES)]
+
+
+class TBegin(ctypes.Structure):
+    _fields_ = [("epoch", u64 * TPAGE_ENTRIES)]
+
+
+class TRef(ctypes.Structure):
+    _fields_ = [("slot", u32), ("entry", u32), ("gen", u32), ("tgid", u32)]
+
+
+TENTRY_WORDS = ctypes.sizeof(TEntry) // 8
+TE_IDS = TEntry.tid.offset // 8  # tid in the low half, gen in the high half (little-endian hosts)
+TE_NET = TEntry.net_pages.offset // 8
+TE_PEAK = TEntry.peak_pages.offset // 8
+TE_EPOCH = TEntry.epoch.offset // 8
+# ---- end of client thread meters ----

@@ -17,10 +17,10 @@ from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups
 
 pytestmark = [needs_bpf, needs_cgroups, pytest.mark.root]
 
-FIELDS = ["v", "op", "scope", "rules", "metric", "trip_ppm", "clear_ppm", "trip_bytes", "clear_bytes", "cgroup"]
+FIELDS = ["v", "op", "scope", "rules", "metric", "trip_ppm", "clear_ppm", "trip_bytes", "clear_bytes", "cgroup", "tid"]
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20) | st.sampled_from(
-               ["watch", "stats", "events", "self", "pod", "usage", "working_set", "\ud800"]))
+               ["watch", "stats", "events", "meter", "self", "pod", "usage", "working_set", "\ud800"]))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), inner, max_size=5),
                       max_leaves=20)
@@ -97,6 +97,58 @@ def test_fuzz_the_socket_protocol(agent: AgentProcess) -> None:
         _send(agent.socket, data[:5000], pass_fds)
 
     one()
+    _bounded(agent, fds0, rss0)
+    r = run_client(agent.cg, agent, "flip", 0.5)  # type: ignore[attr-defined]
+    assert r["backend"] == "agent" and r["tripped"], r
+
+
+def test_fuzz_the_meter_op(agent: AgentProcess) -> None:
+    """The meter op needs a watching connection from inside a watched cgroup: a client as uid
+    65534 in the agent's cgroup relays the fuzzed requests (tests/support/meter_client.py relay)."""
+    import subprocess
+
+    from support.agent import NOBODY, client_env, nobody_python
+
+    client = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support", "meter_client.py")
+    fds0, rss0 = agent.fds(), agent.rss_kib()
+    cg = agent.cg  # type: ignore[attr-defined]
+    p = cg.popen([*NOBODY, nobody_python(), client, "relay"], env=client_env(agent), stdin=subprocess.PIPE)
+    assert p.stdin is not None and p.stdout is not None
+    own = json.loads(p.stdout.readline())["tid"]
+    tids = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.integers(0, 1 << 23)
+            | st.sampled_from([own, own, own, p.pid, os.getpid(), 1, 0, 4194304, 4194305])
+            | st.floats(allow_nan=True) | st.text(max_size=12) | st.lists(st.integers(), max_size=3))
+    extra = st.dictionaries(st.sampled_from(["pid", "cgroup", "scope", "rules", "x", "entry", "gen"]),
+                            st.integers() | st.text(max_size=8), max_size=2)
+    honest = st.just({"v": 1, "op": "meter", "tid": own})  # the granted side of the op, and asked again
+    requests = honest | st.builds(lambda t, e, v, op: {"v": v, "op": op, "tid": t, **e}, tids, st.just({}) | extra,
+                                  st.sampled_from([1, 1, 1, 2, "1"]),
+                                  st.sampled_from(["meter", "meter", "meter", "Meter"]))
+    seen = {"granted": 0, "refused": 0, "closed": 0}
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(raw=requests.map(_raw) | st.tuples(requests.map(_raw), st.integers(0, 60)).map(lambda t: t[0][: t[1]]))
+    def one(raw: bytes) -> None:
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(raw[:4000].hex() + "\n")
+        p.stdin.flush()
+        got = json.loads(p.stdout.readline())
+        if "closed" in got:
+            seen["closed"] += 1
+            return
+        reply = got["reply"]
+        assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool), reply
+        seen["granted" if reply["ok"] else "refused"] += 1
+        if reply["ok"]:
+            assert 0 <= reply["entry"] < 128, reply
+
+    try:
+        one()
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+    assert p.returncode == 0, p.stderr.read()[-3000:] if p.stderr else ""
+    assert seen["granted"] > 0 and seen["refused"] > 0, seen  # both sides of the op were reached
     _bounded(agent, fds0, rss0)
     r = run_client(agent.cg, agent, "flip", 0.5)  # type: ignore[attr-defined]
     assert r["backend"] == "agent" and r["tripped"], r

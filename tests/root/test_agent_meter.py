@@ -1,0 +1,175 @@
+"""The kernel's per-thread meter lent by the node agent to unprivileged clients: real agent on a
+private socket, real cgroups, clients as uid 65534 with no capabilities (tests/support/meter_client.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+
+import pytest
+from support.agent import NOBODY, AgentProcess, client_env, glob_for, nobody_python
+from support.cgroups import MiB, make_cgroup, needs_bpf, needs_cgroups, wait_until
+
+pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
+
+METER_CLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support", "meter_client.py")
+
+
+def meter_argv(mode: str, *args: object) -> list[str]:
+    return [*NOBODY, nobody_python(), METER_CLIENT, mode, *map(str, args)]
+
+
+def run_meter(cg, agent: AgentProcess, mode: str, *args: object) -> dict:
+    p = cg.popen(meter_argv(mode, *args), env=client_env(agent))
+    out, err = p.communicate(timeout=60)
+    if p.returncode != 0:
+        raise AssertionError(f"client exited {p.returncode}; stderr:\n{err[-3000:]}\n"
+                             f"agent log:\n{agent.text()[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def registered_threads(pin_dir: str) -> int:
+    """tmeter_n[0], read from the agent's pinned map (root: the test may)."""
+    from rtml_ebpf.ebpf import libbpf as _libbpf
+
+    lib = _libbpf.lib()
+    fd = lib.bpf_obj_get(os.path.join(pin_dir, "maps", "tmeter_n").encode())
+    assert fd >= 0, "the agent pins tmeter_n"
+    try:
+        key, value = ctypes.c_uint32(0), ctypes.c_uint32()
+        assert lib.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) == 0
+        return int(value.value)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def cg():
+    with make_cgroup(limit=256 * MiB) as c:
+        yield c
+
+
+@pytest.fixture
+def pin_dir(tmp_path_factory):
+    import uuid
+
+    d = f"/sys/fs/bpf/rtml-test-meter-{uuid.uuid4().hex[:8]}"
+    yield d
+    from rtml_ebpf.agent.programs import remove_pins
+
+    remove_pins(d)
+
+
+def within(value: int, want: int, frac: float = 0.10) -> bool:
+    return abs(value - want) <= frac * want
+
+
+def test_unprivileged_client_meters_its_threads_with_the_kernel_meter(cg) -> None:
+    agent = AgentProcess(glob_for(cg))
+    try:
+        r = run_meter(cg, agent, "measure", 64)
+    finally:
+        agent.stop()
+    assert r["uid"] == 65534 and r["backend"] == "agent", r
+    assert r["source"] == "agent", r
+    assert r["shared"] is True, r
+    assert r["child"]["live"] is False, r
+    for name, mib in (("main", 64), ("thread", 32), ("after_fork", 64)):
+        m = r[name]
+        # the kernel's charges, within 10%: growth, the peak, and the free (getrusage sees no free)
+        assert within(m["grew"], mib * MiB), (name, m)
+        assert within(m["peak"], mib * MiB), (name, m)
+        assert abs(m["freed_net"]) <= 0.10 * mib * MiB, (name, m)
+        assert within(m["kept_peak"], mib * MiB), (name, m)
+        # after reset_peak, the peak counts from the net at the reset: the 1 MiB allocated since
+        assert 0.5 * MiB <= m["after_reset_peak"] <= 2 * MiB, (name, m)
+        assert m["net_of"], (name, m)
+    assert r["meter_stats"]["threads"] >= 1 and r["meter_stats"]["refused"] == 0, r
+
+
+def test_a_client_meters_only_its_own_threads_and_cannot_write_the_page(cg) -> None:
+    other = subprocess.Popen(["sleep", "60"])  # another process: its tid is not the client's
+    agent = AgentProcess(glob_for(cg))
+    try:
+        r = run_meter(cg, agent, "attack", other.pid)
+        assert agent.proc.poll() is None, "the agent must keep serving"
+    finally:
+        agent.stop()
+        other.kill()
+        other.wait()
+    eperm_or_eacces = (1, 13)
+    assert r["uid"] == 65534
+    refusals = r["refusals"]
+    assert not refusals["other_process"]["ok"] and "not a thread of your process" in refusals["other_process"]["error"]
+    assert not refusals["no_such_thread"]["ok"] and "not a thread" in refusals["no_such_thread"]["error"]
+    assert not refusals["with_pid"]["ok"] and "credentials" in refusals["with_pid"]["error"]
+    assert not refusals["bad_tid"]["ok"] and "tid=-1" in refusals["bad_tid"]["error"]
+    assert not refusals["bool_tid"]["ok"] and "tid=True" in refusals["bool_tid"]["error"]
+    assert not refusals["before_watch"]["ok"]
+    assert r["own"]["ok"] and r["own"]["pages"] and r["fds"] == 2, r
+    assert r["page_writable_map"] in eperm_or_eacces, r
+    assert r["mprotect_writable"] in eperm_or_eacces, r
+    assert r["bpf_update"] in eperm_or_eacces, r
+    # the page holds this cgroup's threads only: here, the client's own
+    assert r["page_tids"] == [r["own_tid"]], r
+    assert r["again"] == {"ok": True, "pages": False, "fds": 0}, r
+
+
+def test_registered_threads_return_to_zero_when_clients_leave(cg, pin_dir) -> None:
+    agent = AgentProcess(glob_for(cg), pin_dir=pin_dir)
+    try:
+        assert registered_threads(pin_dir) == 0
+        p = cg.popen(meter_argv("hold", 30), env=client_env(agent))
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert json.loads(line) == {"registered": True, "source": "agent"}, (line, agent.text()[-2000:])
+        assert registered_threads(pin_dir) == 2  # the main thread and one more
+        p.kill()
+        p.wait()
+        assert wait_until(lambda: registered_threads(pin_dir) == 0, timeout=5)
+    finally:
+        agent.stop()
+
+
+def test_over_the_cap_is_a_soft_refusal_that_keeps_the_lease(cg) -> None:
+    agent = AgentProcess(glob_for(cg))
+    try:
+        r = run_meter(cg, agent, "cap", 66)
+    finally:
+        agent.stop()
+    # 64 threads per connection; the others are told why, and the connection still serves
+    assert r["granted"] == 64, r
+    assert len(r["refusals"]) == 2 and all(x["full"] and "64 thread meters" in x["error"] for x in r["refusals"]), r
+    assert r["stats_ok"] is True, r
+
+
+def test_the_meter_follows_the_lease_across_an_agent_restart(cg, pin_dir) -> None:
+    agent = AgentProcess(glob_for(cg), pin_dir=pin_dir)
+    p = cg.popen(meter_argv("restart", 32), env=client_env(agent), stdin=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        line = p.stdout.readline()
+        assert line, p.stderr.read() if p.stderr else ""
+        first = json.loads(line)
+        assert within(first["first"], 32 * MiB) and first["stats"]["registered"] == 1, first
+        assert registered_threads(pin_dir) == 1
+        agent.kill9()  # no goodbye: its entries stay in the pinned maps, the programs keep running
+        agent.log.close()
+        agent = AgentProcess(glob_for(cg), pin_dir=pin_dir, socket_dir=agent.dir)
+        assert "adopting the pinned programs" in agent.text()
+        assert registered_threads(pin_dir) == 0  # the adopting agent starts its clients' meters afresh
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        agent.stop()
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["backend"] == "agent", r
+    assert r["stats"]["registered"] >= 2 and r["stats"]["off"] is None, r  # asked again on the new connection
+    assert within(r["again"], 32 * MiB), r
