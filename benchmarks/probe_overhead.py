@@ -13,6 +13,9 @@ from benchmarks.common import HERE, HOOK_SETS, MiB, med, spread
 from benchmarks.faultstorm import PAGES, bpf_run_stats, bpf_stats_setting, compile_storm, set_bpf_stats, storm_seconds
 
 FLOORS = {"memcg": (b"floor_lruvec", b"floor_state"), "lean": (b"floor_fault",)}
+# Another build of rtml.bpf.o (say, the previous commit's) timed beside the packaged one in the
+# same interleaved rounds: a before/after figure that the machine's drift between runs cannot bend.
+BEFORE_ENV = "RTML_P3_OBJECT_BEFORE"
 
 
 class FloorPrograms:
@@ -33,6 +36,20 @@ class FloorPrograms:
         self.loaded.close()
 
 
+def _storm_with_object(path: str, cg: Any, run_storm: Any) -> float:
+    """One storm in ``cg`` with rtml watching it from the object at ``path`` (RTML_HOOKS as set)."""
+    import rtml_ebpf
+    from rtml_ebpf.ebpf import loader
+
+    packaged, loader.OBJECT_PATH = loader.OBJECT_PATH, path
+    try:
+        with rtml_ebpf.Limiter(cg.directory, backend="ebpf", relief=False):
+            seconds: float = run_storm(cg)
+        return seconds
+    finally:
+        loader.OBJECT_PATH = packaged
+
+
 def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
     """Per hook set: the storm with no program, with the set's empty floor programs, and with
     rtml watching the storm's cgroup (and another one), interleaved; per-event run time."""
@@ -44,7 +61,9 @@ def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
     set_stats, pages = set_bpf_stats, PAGES
     stats_before = bpf_stats_setting()
     base: list[float] = []
-    runs: dict[str, dict[str, list[float]]] = {h: {"floor": [], "bpf": [], "unwatched": []} for h in HOOK_SETS}
+    runs: dict[str, dict[str, list[float]]] = {h: {"floor": [], "bpf": [], "unwatched": [], "before": []}
+                                               for h in HOOK_SETS}
+    before_obj = os.environ.get(BEFORE_ENV)
     per_event: dict[str, dict[str, list[float]]] = {h: {} for h in HOOK_SETS}
     hooks_seen: dict[str, list[str]] = {}
     env_before = os.environ.get("RTML_HOOKS")
@@ -73,6 +92,8 @@ def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
                         after = bpf_run_stats(rt.prog_ids)
                         set_stats("0")
                         hooks_seen[hook_set] = list(lim.stats().hooks)
+                    if before_obj:
+                        runs[hook_set]["before"].append(_storm_with_object(before_obj, cg, run_storm))
                     for name in hooks_seen[hook_set]:
                         dt = after[name][0] - before[name][0]
                         dn = after[name][1] - before[name][1]
@@ -95,6 +116,9 @@ def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
         overhead, overhead_spread = pct(r["bpf"])
         floor, floor_spread = pct(r["floor"])
         unwatched, unwatched_spread = pct(r["unwatched"])
+        if r["before"]:
+            was, was_spread = pct(r["before"])
+            paired = [(b - a) / base_s * 100 for a, b, base_s in zip(r["bpf"], r["before"], base, strict=True)]
         sets[hook_set] = {
             "hooks": hooks_seen.get(hook_set, []),
             "overhead_pct": overhead, "overhead_spread_pct": overhead_spread,
@@ -102,4 +126,8 @@ def p3_probe_overhead(reps: int, tmp: str) -> dict[str, Any]:
             "unwatched_overhead_pct": unwatched, "unwatched_spread_pct": unwatched_spread,
             "per_event": {k: {"median": med(v), "spread": spread(v)} for k, v in per_event[hook_set].items()},
         }
+        if r["before"]:
+            sets[hook_set].update(before_object=before_obj, before_overhead_pct=was,
+                                  before_spread_pct=was_spread, before_minus_after_pct=med(paired),
+                                  before_minus_after_spread_pct=spread(paired))
     return {"pages_per_run": pages, "base_s": med(base), "fault_us_base": med(base) / pages * 1e6, "sets": sets}

@@ -168,9 +168,6 @@ class Admission:
             self._pid = forks.pid
 
     # -- the budget -------------------------------------------------------------------------
-    def _own(self) -> tuple[int, int, int]:
-        return own_totals(self._inflight.values())
-
     def try_admit(self, route: str, *, size: int | None = None, stepped: bool = False,
                   bind: bool = True) -> Ticket | None:
         """A ticket when ``route`` may run now, None when it must be shed. Never raises.
@@ -244,12 +241,12 @@ class Admission:
                 _follow.CURRENT.set(ticket.account)
             self._inflight[id(ticket)] = ticket
             self.admitted += 1
-        self._publisher.wake()
         if self.enforcer is not None:
-            if self.__dict__.get("_enforcer_in") != forks.pid:  # its thread, once per process (and child)
-                self._enforcer_in = forks.pid
+            if self.__dict__.get("_enforcer_in") != forks.pid:  # started here once per process, then
+                self._enforcer_in = forks.pid  # kept alive by the publisher (woken below, not before)
                 self.enforcer.ensure(self._enforced)
             self.enforcer.wake()
+        self._publisher.wake()
         return ticket
 
     def _enforced(self) -> tuple[Limiter | None, list[Any], int]:
@@ -257,7 +254,7 @@ class Admission:
         the bytes reserved and not yet charged in the cgroup (every process, as last published)."""
         with self._mu:
             tickets = list(self._inflight.values())
-            reserved = self._own()[0] + self._others_reserved
+            reserved = own_totals(self._inflight.values())[0] + self._others_reserved
         return self.limiter(), tickets, reserved
 
     def body_read(self, ticket: Ticket, nbytes: int) -> None:
@@ -310,11 +307,13 @@ class Admission:
 
     # -- sharing the shrinking reservations -----------------------------------------------------
     def _publish(self) -> None:
+        if self.enforcer is not None:  # its thread's liveness: looked at here, off the request path
+            self.enforcer.ensure(self._enforced)
         ledger = self._shared.ledger
         if ledger is None or self._pid != forks.pid:
             return
         with self._mu:
-            own, inflight, learning = self._own()
+            own, inflight, learning = own_totals(self._inflight.values())
             ledger.publish(own, inflight, learning, self.estimator.largest(), self.estimator.per_kib())
             try:
                 ledger.upkeep()  # reaping dead processes' rows: off the request path
@@ -330,7 +329,7 @@ class Admission:
         lim = self.limiter()
         meter = self._meter(lim) if lim is not None else RUSAGE
         with self._mu:
-            own, inflight, _ = self._own()
+            own, inflight, _ = own_totals(self._inflight.values())
         return AdmissionStats(self.admitted, self.rejected_tripped, self.rejected_budget, self.rejected_learning,
                               inflight, own, self._others_reserved, meter.source, self._publisher.trims,
                               tuple(self.estimator.routes()),
