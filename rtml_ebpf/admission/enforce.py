@@ -67,9 +67,14 @@ NEAR_INTERVAL = 0.001
 GUESSES = ("learning", "cgroup")  # Ticket.basis of estimates that are not the request's route's own
 COLLECT_DELAY = 0.05  # after an ended request finished: its handler has let go of the exception by then
 LIMIT_REFRESH = 1.0  # seconds between reads of the effective limit (for a fractional band)
+END_AGAIN_AFTER = 0.02  # seconds an ended request may still run, past the band, before it is ended again
 BACKSTOP = 0.05  # seconds between looks while the kernel wakes the enforcer (tests make it long)
 IDLE_SLICE = 0.05  # while waiting for the kernel: how often to ask whether anything is still in flight
 WAKER_RETRY = 1.0  # seconds between attempts to get the kernel's wake for a cgroup that had none
+# While the room is within the band: the GIL's switch interval. Woken by the kernel, the enforcer
+# still needs the GIL to end a request; a request thread running Python holds it for the whole
+# interval (5 ms by default, measured: P12's "hog" ending took 5 ms crossing -> raise).
+NEAR_SWITCH_INTERVAL = 0.0005
 
 
 class Waker(Protocol):
@@ -144,6 +149,22 @@ def end(ticket: Enforced) -> bool:
     return True
 
 
+def end_again(ticket: Enforced) -> bool:
+    """Raise again in the threads of a request ended before that still runs: the exception was
+    swallowed on its way (an ``except Exception`` in the request's code, or in a library call it
+    landed in: the Limiter's own never-raising checks catch everything). False once finished."""
+    acc = ticket.account
+    with acc.lock:
+        if ticket.finished:
+            return False
+        targets = [ticket.stepping] if ticket.stepped else [ticket.ident]
+        targets += [ident for ident, _ in acc.running.values()]
+        for ident in targets:
+            if ident:
+                raise_in_thread(ident, RequestMemoryExceeded)
+    return True
+
+
 def finished(ticket: Enforced, own_thread: bool) -> None:
     """The request is over: the enforcer leaves it alone from now on. On its own thread, an
     exception raised there a moment before and not fired yet is dropped: it belongs to the
@@ -173,6 +194,8 @@ class Enforcer:
         self._waker_cgroup = 0
         self._waker_tried = -WAKER_RETRY
         self._charging: Collection[int] = ()  # threads the last wake records named
+        self._switch_was: float | None = None  # the switch interval before we lowered it (None: not lowered)
+        self._ended_at: dict[int, float] = {}  # id of an ended, unfinished ticket -> when it was (last) ended
 
     def collect_soon(self) -> None:
         """An ended request has finished. What it held is often kept alive by its exception's
@@ -221,12 +244,17 @@ class Enforcer:
             return near
         live: list[tuple[int, int, bool, Enforced]] = []
         pending = 0  # held by requests ended already and still unwinding: freed soon
+        running = set()
         for t in tickets:
             if t.finished:
                 continue
+            running.add(id(t))
             grown = max(0, t.grown())
             if t.ended:
                 pending += grown
+                at = self._ended_at.setdefault(id(t), now)
+                if now - at >= END_AGAIN_AFTER and end_again(t):
+                    self._ended_at[id(t)] = now  # still running past the band: its exception was swallowed
             elif grown > 0 and (critical or t.basis not in GUESSES):
                 # Past the threshold only a request that overran an estimate of its own is ended:
                 # one that runs on a guess (learning, or another route's figure) is being measured.
@@ -240,6 +268,8 @@ class Enforcer:
         else:
             assert room is not None
             need = -room - pending  # the budget balances again
+        for key in [k for k in self._ended_at if k not in running]:
+            del self._ended_at[key]  # finished: its id may be reused
         # An overrunner the kernel caught charging first: it is the one growing now.
         live.sort(key=lambda x: (x[2], x[0], x[1]), reverse=True)
         for overrun, grown, _, t in live:
@@ -248,6 +278,7 @@ class Enforcer:
             if overrun <= 0 and not critical:
                 break  # within their reservations: the budget allowed them
             if end(t):
+                self._ended_at[id(t)] = now
                 self._record(Ending(t.route, grown, t.estimate, -1 if limit_room is None else limit_room, time.time()))
                 need -= grown
         return True
@@ -303,8 +334,23 @@ class Enforcer:
             self._waker.close()
             self._waker = None
 
+    def _near_switch(self, near: bool) -> None:
+        """Lower the GIL's switch interval while near the band, so that the enforcer, once woken,
+        gets the GIL within ``NEAR_SWITCH_INTERVAL`` of its wake; put it back after. Left alone
+        when someone else changed it meanwhile."""
+        if near and self._switch_was is None:
+            now = sys.getswitchinterval()
+            if now > NEAR_SWITCH_INTERVAL:
+                self._switch_was = now
+                sys.setswitchinterval(NEAR_SWITCH_INTERVAL)
+        elif not near and self._switch_was is not None:
+            if sys.getswitchinterval() == NEAR_SWITCH_INTERVAL:
+                sys.setswitchinterval(self._switch_was)
+            self._switch_was = None
+
     def _settle(self) -> None:
         """Nothing in flight: the programs need not wake us (level 0)."""
+        self._near_switch(False)
         if self._waker is not None:
             try:
                 self._waker.set_margin(None)
@@ -331,6 +377,7 @@ class Enforcer:
                 log.debug("rtml-ebpf: enforcer look failed: %s", exc)
                 near, waker = False, None
             self._charging = ()
+            self._near_switch(near)
             if waker is None or not self._woken(waker, source):
                 time.sleep(NEAR_INTERVAL if near else FAR_INTERVAL)
 
