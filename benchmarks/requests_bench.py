@@ -185,6 +185,12 @@ def p12_lines(p: dict[str, Any]) -> list[str]:
         f"median {ms(e['thread']['median_ms'])}, p99 {ms(e['thread']['p99_ms'])} (n={e['thread']['n']}); "
         f"in an asyncio.to_thread helper median {ms(e['to_thread']['median_ms'])}, "
         f"p99 {ms(e['to_thread']['p99_ms'])}; OOM kills {e['oom_kills']} (target: p99 <= 5 ms)",
+        "- the same in its own thread, woken by the kernel / polled, the request sleeping between pieces / "
+        "running Python (GIL switch 0.5 ms near the band): " + "; ".join(
+            f"{name} median {ms(p[key]['thread']['median_ms'])}, p99 {ms(p[key]['thread']['p99_ms'])}"
+            for name, key in (("woken, sleeping", "ending"), ("polled, sleeping", "ending_polled"),
+                              ("woken, running", "ending_hog"), ("polled, running", "ending_hog_polled"))
+            if key in p),
         f"- heavy-tail upload flood, middleware alone: {g['oom_kills']} OOM kills, {g['served']} served, "
         f"{g['rejected']} rejected, {g['ended']} ended; mean in flight {g['mean_inflight']:.1f} of an ideal "
         f"{g['ideal_concurrency']:.1f} (budget over the mix's mean cost {g['mean_cost_bytes'] / MiB:.1f} MiB): "
