@@ -394,7 +394,7 @@ def cgroup_from_directory(
     if not os.path.isdir(directory):
         raise CgroupNotFound(
             f"cgroup={directory!r}: no such directory; create it first "
-            "(mkdir under the memory cgroup mount) or pass None for this process's cgroup"
+            "(mkdir under the memory cgroup mount), or leave it out for this process's own cgroup"
         )
     mounts = parse_mountinfo(read_text(os.path.join(procfs, "self", "mountinfo")), rootfs)
     containing = [

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from .. import _cgroup
 from .._rules import Rule
 from ..config import env_hooks
-from ..errors import AgentUnavailable, CapacityError, CgroupNotFound, ConfigError, RtmlError
+from ..ebpf import probes
+from ..errors import AgentUnavailable, CapacityError, CgroupNotFound, ConfigError, PermissionDenied, RtmlError
 from . import shared
 from .agent import AgentBackend, socket_path
 from .base import Backend
@@ -106,6 +107,10 @@ def _auto(cg: _cgroup.MemoryCgroup, interval: float, register: Register) -> Regi
             passed.append(f"node agent at {path} unavailable ({exc})")
     else:
         passed.append(f"no node agent at {path}")
+    try:
+        probes.check_privileges()
+    except PermissionDenied as exc:  # neither the shared load nor own programs: say it once
+        return poll(f"no eBPF for this process ({exc}); polling the cgroup files")
     why_not = shared.unusable(cg)
     if why_not is None:
         try:
@@ -127,10 +132,8 @@ def _auto(cg: _cgroup.MemoryCgroup, interval: float, register: Register) -> Regi
         raise
     except CapacityError as exc:
         return poll(f"eBPF at capacity ({exc}); polling the cgroup files")
-    except AgentUnavailable as exc:
-        return poll(f"eBPF unavailable; node agent unavailable ({exc}); polling the cgroup files")
-    except (RtmlError, OSError) as exc:
-        return poll(f"eBPF unavailable ({exc}); no node agent at {socket_path()}; polling the cgroup files")
+    except (RtmlError, OSError) as exc:  # (the agent was passed over above, saying why)
+        return poll(f"own eBPF programs unavailable ({exc}); polling the cgroup files")
 
 
 class AgentFollow:
