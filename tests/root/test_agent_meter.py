@@ -66,6 +66,7 @@ def within(value: int, want: int, frac: float = 0.10) -> bool:
     return abs(value - want) <= frac * want
 
 
+@pytest.mark.vm
 def test_unprivileged_client_meters_its_threads_with_the_kernel_meter(cg) -> None:
     agent = AgentProcess(glob_for(cg))
     try:
@@ -89,6 +90,7 @@ def test_unprivileged_client_meters_its_threads_with_the_kernel_meter(cg) -> Non
     assert r["meter_stats"]["threads"] >= 1 and r["meter_stats"]["refused"] == 0, r
 
 
+@pytest.mark.vm
 def test_a_client_meters_only_its_own_threads_and_cannot_write_the_page(cg) -> None:
     other = subprocess.Popen(["sleep", "60"])  # another process: its tid is not the client's
     agent = AgentProcess(glob_for(cg))
