@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+import weakref
 from typing import Protocol
 
 from ..config import PAGE_SIZE
@@ -72,16 +73,19 @@ RUSAGE = RusageMeter()
 
 
 class _Registration:
-    """The calling thread's entry; clears it when the thread ends (its locals are dropped)."""
+    """The calling thread's entry; clears it when the thread ends (its locals are dropped), in the
+    process that registered it only: a forked child drops the parent's threads' locals too, and
+    the mapping is shared, so clearing there would unregister the parent's live threads."""
 
-    __slots__ = ("words", "base", "tid")
+    __slots__ = ("words", "base", "tid", "pid")
 
     def __init__(self, words: memoryview, base: int, tid: int) -> None:
         self.words, self.base, self.tid = words, base, tid
+        self.pid = os.getpid()
 
     def __del__(self) -> None:
         try:
-            if self.words[self.base + T_TID] == self.tid:
+            if self.words[self.base + T_TID] == self.tid and os.getpid() == self.pid:
                 self.words[self.base + T_TID] = 0
         except (ValueError, IndexError):
             pass  # the mapping is gone with its runtime
@@ -96,6 +100,12 @@ class EbpfThreadMeter:
         self._words = words  # int64 view of the mapping
         self._entries = entries
         self._owner = owner  # keeps the runtime (and so the mapping) alive
+        self._local = threading.local()
+        _meters.add(self)
+
+    def _forked(self) -> None:
+        # The thread that forked is a new thread in the child (another tid): its registration
+        # names the parent's thread, whose entry it would keep reading. It registers afresh.
         self._local = threading.local()
 
     def _entry(self) -> int | None:
@@ -142,3 +152,14 @@ class EbpfThreadMeter:
         if self._words[base + T_TID] != tid:
             return RUSAGE.net_of(tid)
         return self._words[base + T_NET] * PAGE_SIZE
+
+
+_meters: weakref.WeakSet[EbpfThreadMeter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for meter in list(_meters):
+        meter._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -52,3 +52,16 @@ def test_an_unprivileged_agent_client_is_charged_by_the_kernel_meter(tmp_path: P
     for key, (allocated, measured) in {**out["threads"], **out["async"]}.items():
         assert measured is not None, key
         assert abs(measured - allocated) <= 0.1 * allocated, (key, measured, allocated)
+
+
+def test_a_forked_child_meters_its_own_thread_not_the_parents_entry() -> None:
+    """A thread that registered and then forked: in the child it is another thread (another tid),
+    so it must register afresh; reading the parent's entry it would see none of its own charges.
+    And the child dropping the parent's thread-locals must not unregister the parent's threads."""
+    import os
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support", "meter_fork.py")
+    with make_cgroup(limit=256 * MiB) as cg:
+        out = cg.run_python([script])
+    assert abs(out["child"]["grew"] - 32 * MiB) <= 0.1 * 32 * MiB, out
+    assert abs(out["parent_grew"] - 16 * MiB) <= 0.1 * 16 * MiB, out
