@@ -19,6 +19,7 @@ import threading
 
 from . import _cgroup
 from .config import check_backend, check_metric, env_fail_closed, env_settings, parse_bool, parse_threshold
+from .errors import RequestMemoryExceeded
 from .limiter import Limiter
 
 log = logging.getLogger("rtml_ebpf")
@@ -105,6 +106,8 @@ def prepare() -> Limiter | None:
         return None
     try:
         return default_limiter()
+    except RequestMemoryExceeded:
+        raise  # admission's enforcer ending this request, not a default that cannot be built
     except Exception as exc:  # noqa: BLE001 - the same contract as the module-level check
         with _create_lock:
             _give_up(exc)
@@ -178,6 +181,8 @@ def _build_locked() -> Limiter | None:
             threading.Thread(target=_upgrade, args=(kwargs, _generation), name="rtml-ebpf-load",
                              daemon=True).start()
         _watch_migration()
+    except RequestMemoryExceeded:
+        raise  # (as in prepare: never a reason to give up on the default)
     except Exception as exc:  # noqa: BLE001 - never raise from the check
         _give_up(exc)
     return _default

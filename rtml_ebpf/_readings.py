@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 from ._cgroup import MemoryCgroup
 from ._growth import Sampler, seconds_to
@@ -19,6 +20,9 @@ from .backends.base import Backend
 from .errors import CgroupNotFound, RtmlError
 from .levels import Level
 from .relief import Relief
+
+if TYPE_CHECKING:
+    from .backends.meter import Meter
 
 
 class LimiterReadings:
@@ -37,6 +41,15 @@ class LimiterReadings:
     _sampler: Sampler
     _soft: Threshold | None
     _trip: Threshold
+
+    # -- what admission reads of the backend ---------------------------------------------
+    def thread_meter(self) -> Meter | None:
+        """The kernel-fed per-thread charge meter (eBPF), or None (see rtml_ebpf.backends.meter)."""
+        return None if self._closed else self._backend.thread_meter()
+
+    def waker(self, poll: float) -> Any:
+        """The kernel's wake for admission's enforcer (rtml_ebpf/admission/enforce.py), or None."""
+        return None if self._closed else self._backend.waker(self._handle, poll)
 
     def is_mem_limit_reached(self) -> bool:
         raise NotImplementedError

@@ -31,12 +31,12 @@ from .config import (  # noqa: F401 - parse_threshold_text, check_backend re-exp
     parse_threshold,
     parse_threshold_text,
 )
-from .errors import RtmlError
+from .errors import RequestMemoryExceeded, RtmlError
 from .levels import Level, make_clear
 from .relief import Relief
 
 if TYPE_CHECKING:
-    from .backends.meter import Meter
+    pass
 
 __all__ = ["Level", "Limiter", "Stats", "make_clear"]
 
@@ -227,11 +227,9 @@ class Limiter(LimiterReadings):
         except Exception as exc:  # noqa: BLE001
             return (0, 0) if self._failed(exc) else (None, None)
 
-    def thread_meter(self) -> Meter | None:
-        """The kernel-fed per-thread charge meter (eBPF), or None (see rtml_ebpf.backends.meter)."""
-        return None if self._closed else self._backend.thread_meter()
-
     def _failed(self, exc: BaseException) -> bool:
+        if isinstance(exc, RequestMemoryExceeded):
+            raise exc  # admission's enforcer ending this request: not a failure of the reading
         if not self._error_logged and not self._closed:
             self._error_logged = True
             log.error(

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from support.shared import shared_place
@@ -187,3 +188,32 @@ def test_bad_hook_selection_names_the_choices() -> None:
         hooks_from_env("memcg,nope")
     assert hooks_from_env("fault") == ("page_fault_user", "oom_victim")
     assert hooks_from_env("") is None and hooks_from_env("auto") is None
+
+
+def test_the_enforcers_exception_is_never_swallowed_by_the_never_raising_readings() -> None:
+    # admission's enforcer ends a request by raising RequestMemoryExceeded in its thread at the
+    # next bytecode; landing inside room()/level()/pressure()/the check, it must reach the request
+    from rtml_ebpf.admission import follow
+    from rtml_ebpf.errors import RequestMemoryExceeded
+
+    with Limiter(backend="poll", relief=False, poll_interval=0.001) as lim:
+        outcome: list[str] = []
+        started = threading.Event()
+
+        def request() -> None:
+            started.set()
+            deadline = time.monotonic() + 10
+            try:
+                while time.monotonic() < deadline:
+                    lim.room(), lim.level(), lim.pressure(), lim.is_mem_limit_reached()
+                outcome.append("ran on")
+            except RequestMemoryExceeded:
+                outcome.append("ended")
+
+        t = threading.Thread(target=request)
+        t.start()
+        assert started.wait(5)
+        time.sleep(0.05)
+        assert t.ident is not None and follow.raise_in_thread(t.ident, RequestMemoryExceeded)
+        t.join(15)
+        assert outcome == ["ended"]

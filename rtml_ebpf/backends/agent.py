@@ -40,6 +40,7 @@ from .agent_maps import (  # noqa: F401 - _address: tests/support maps pages wit
     thread_meter_from_pins,
 )
 from .agent_meter import shared_meter
+from .agent_wake import waker_of
 from .base import Flag
 
 log = logging.getLogger("rtml_ebpf")
@@ -366,6 +367,10 @@ class AgentBackend:
         if not isinstance(flag, Lease) or flag.retired:
             return 0
         return int(read_consistent(flag.view).trips[flag.index])
+
+    def waker(self, flag: object, poll: float) -> Any:
+        """The enforcer's wake, forwarded by the agent on a connection of its own (agent_wake.py)."""
+        return waker_of(self, flag, poll)
 
     def thread_meter(self) -> Any:
         """The kernel's per-thread meter. Root clients: the agent's pinned ``threads`` array (this

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._rules import Rule
 from ..snapshot import Snapshot
@@ -55,6 +55,11 @@ class Backend(Protocol):
 
     def thread_meter(self) -> Meter | None:
         """The kernel-fed per-thread meter, where this backend has one."""
+        ...
+
+    def waker(self, flag: Any, poll: float) -> Any:
+        """The enforcer's wake from the kernel for ``flag``'s cgroup (a ``Waker`` of
+        rtml_ebpf/admission/enforce.py), where this backend has one; else None (it polls)."""
         ...
 
     def close(self) -> None: ...

@@ -157,6 +157,9 @@ class PollBackend:
     def thread_meter(self) -> None:
         return None
 
+    def waker(self, flag: object, poll: float) -> None:
+        return None  # no programs: the enforcer polls
+
     def snapshot(self, flag: object = None, full: bool = True) -> Snapshot:
         if self.gone is not None:
             self.files.check_identity()
