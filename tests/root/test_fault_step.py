@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,49 @@ def test_the_thread_meter_gets_every_fault_under_the_lean_set(tmp_path: Path, mo
     for key, (allocated, measured) in {**out["threads"], **out["async"]}.items():
         assert measured is not None, key
         assert abs(measured - allocated) <= 0.1 * allocated, (key, measured, allocated)
+
+
+# Pinned to CPU 0 and yielding every 256 KiB, two of these take turns on one CPU: its cache entry
+# changes memcg at every turn, so each turn flushes the faults it only counted.
+TOUCH = r"""
+import mmap, os, sys
+os.sched_setaffinity(0, {0})
+total = int(sys.argv[1])
+m = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_NOHUGEPAGE)
+for off in range(0, total, 4096):
+    m[off] = 1
+    if off % (256 << 10) == 0:
+        os.sched_yield()
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_two_watched_cgroups_taking_turns_on_one_cpu_keep_their_own_faults_and_verdicts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTML_HOOKS", "lean")
+    monkeypatch.setenv("RTML_SHARED", "0")
+    from rtml_ebpf import Limiter
+
+    total = 48 * MiB
+    pages = total // 4096
+    with make_cgroup(limit=256 * MiB) as a, make_cgroup(limit=256 * MiB) as b, \
+            Limiter(a.directory, backend="ebpf", metric="usage", threshold=16 * MiB) as la, \
+            Limiter(b.directory, backend="ebpf", metric="usage", threshold=200 * MiB) as lb:
+        before = {"a": la.stats().faults or 0, "b": lb.stats().faults or 0}
+        procs = {name: cg.popen([sys.executable, "-c", TOUCH, str(total)], stdin=subprocess.PIPE)
+                 for name, cg in (("a", a), ("b", b))}
+        try:
+            for p in procs.values():
+                assert p.stdout is not None and p.stdout.readline().strip() == "held"
+            faults = {"a": (la.stats().faults or 0) - before["a"], "b": (lb.stats().faults or 0) - before["b"]}
+            for name, n in faults.items():
+                assert pages - (STEP - 1) * NCPU <= n <= pages + 4096, (name, n, pages)
+            # a holds 48 MiB past its 16 MiB threshold, b 48 MiB under its 200 MiB
+            assert la.is_mem_limit_reached() is True
+            assert lb.is_mem_limit_reached() is False
+        finally:
+            for p in procs.values():
+                p.kill()
+                p.wait()
