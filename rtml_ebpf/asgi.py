@@ -19,8 +19,17 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from typing import Any
 
 from .admission import Admission, Ticket
+from .admission.body import chunked, gated_receive
 from .admission.estimator import route_key
-from .admission.policy import DEFAULT_EXCLUDE_PATHS, ENDED_BODY, REJECTION_BODY, Policy, content_length, record_ended
+from .admission.policy import (
+    DEFAULT_EXCLUDE_PATHS,
+    ENDED_BODY,
+    REJECTION_BODY,
+    Policy,
+    content_length,
+    record_ended,
+    record_rejection,
+)
 from .errors import RequestMemoryExceeded
 from .limiter import Limiter
 from .orca import HTTP_FORMATS, LoadReporter, check_format
@@ -69,15 +78,20 @@ class MemoryLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and self.policy.admission is not None:
+                send = _leaving(send, self.policy.admission)
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
         if self.report.fmt is not None:
             send = self._reporting(send)
-        size = content_length(_header(scope, b"content-length"))
-        shed, ticket = self.policy.admit(path, route_key(scope.get("method", "GET"), path), size=size, stepped=True)
+        length, te = _headers(scope)
+        size = None if chunked(te) else content_length(length)  # Transfer-Encoding wins (RFC 9112 6.3)
+        has_body = size is None and te is not None or bool(size)
+        shed, ticket = self.policy.admit(path, route_key(scope.get("method", "GET"), path), size=size, stepped=True,
+                                         body=has_body)
         if shed:
-            await self._reject(send)
+            await self._reject(send, self.policy.rejection_body())
             return
         admission = self.policy.admission
         if ticket is None or admission is None:
@@ -90,24 +104,22 @@ class MemoryLimitMiddleware:
             if replaced:
                 return  # the app's own error response to the exception: ours was sent instead
             if message["type"] == "http.response.start":
-                if ticket.ended and not started and int(message.get("status", 200)) >= 500:
+                if (ticket.ended or ticket.refused) and not started and int(message.get("status", 200)) >= 500:
                     replaced = True  # a framework turned the exception into its 500: say what happened
-                    record_ended("asgi")
-                    await self._reject(send, ENDED_BODY)
+                    await self._reject(send, self._refused(ticket))
                     return
                 started = True
             await send(message)
 
-        if size is None:
-            receive = _counting(receive, admission, ticket)
+        if te is not None or ticket.pending:
+            receive = gated_receive(receive, admission, ticket, sized=size is not None)
         try:
             await admission.run_async(ticket, self.app(scope, receive, send_tracked))  # type: ignore[arg-type]
         except RequestMemoryExceeded:
             if started:
                 raise  # the response is under way: the server closes the connection
             if not replaced:
-                record_ended("asgi")
-                await self._reject(send, ENDED_BODY)
+                await self._reject(send, self._refused(ticket))
         finally:
             admission.finish(ticket)
 
@@ -126,6 +138,14 @@ class MemoryLimitMiddleware:
 
         return send_with_report
 
+    def _refused(self, ticket: Ticket) -> bytes:
+        """What to answer a request stopped after admission: refused as its body grew, or ended."""
+        if ticket.refused and not ticket.ended:
+            record_rejection("asgi")
+            return self.policy.rejection_body(ticket)
+        record_ended("asgi")
+        return ENDED_BODY
+
     async def _reject(self, send: Send, body: bytes = REJECTION_BODY) -> None:
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
@@ -137,24 +157,25 @@ class MemoryLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def _leaving(send: Send, admission: Admission) -> Send:
+    """The server's shutdown: leave the shared ledger now (the last process out removes its file).
+    uvicorn's workers end by re-raising the SIGTERM they caught, so no atexit hook runs there."""
+
+    async def send_leaving(message: Message) -> None:
+        if message.get("type") == "lifespan.shutdown.complete":
+            admission.close()
+        await send(message)
+
+    return send_leaving
+
+
+def _headers(scope: Scope) -> tuple[bytes | None, bytes | None]:
+    """(Content-Length, Transfer-Encoding) of the request, None when absent."""
+    length = te = None
     for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value)
-    return None
-
-
-def _counting(receive: Receive, admission: Admission, ticket: Ticket) -> Receive:
-    """A chunked body: its bytes as they are read grow the request's reservation."""
-    read = 0
-
-    async def receive_counted() -> Message:
-        nonlocal read
-        message = await receive()
-        body = message.get("body") if message.get("type") == "http.request" else None
-        if body:
-            read += len(body)
-            admission.body_read(ticket, read)
-        return message
-
-    return receive_counted
+        key = key.lower()
+        if key == b"content-length":
+            length = bytes(value)
+        elif key == b"transfer-encoding":
+            te = bytes(value)
+    return length, te

@@ -17,8 +17,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from .admission import Admission, Ticket
+from .admission.body import GatedInput, chunked
 from .admission.estimator import route_key
-from .admission.policy import DEFAULT_EXCLUDE_PATHS, ENDED_BODY, REJECTION_BODY, Policy, content_length, record_ended
+from .admission.policy import (
+    DEFAULT_EXCLUDE_PATHS,
+    ENDED_BODY,
+    REJECTION_BODY,
+    Policy,
+    content_length,
+    record_ended,
+    record_rejection,
+)
 from .errors import RequestMemoryExceeded
 from .limiter import Limiter
 from .orca import HTTP_FORMATS, LoadReporter, check_format
@@ -85,21 +94,27 @@ class MemoryLimitMiddleware:
         path = environ.get("PATH_INFO", "")
         if self.report.fmt is not None:
             start_response = self._reporting(start_response)
-        shed, ticket = self.policy.admit(path, route_key(environ.get("REQUEST_METHOD", "GET"), path),
-                                         size=content_length(environ.get("CONTENT_LENGTH")))
+        te = environ.get("HTTP_TRANSFER_ENCODING")
+        size = None if chunked(te) else content_length(environ.get("CONTENT_LENGTH"))  # TE wins (RFC 9112 6.3)
+        has_body = size is None and te is not None or bool(size)
+        shed, ticket = self.policy.admit(path, route_key(environ.get("REQUEST_METHOD", "GET"), path), size=size,
+                                         body=has_body)
         if shed:
-            return self._reject(start_response)
+            return self._reject(start_response, self.policy.rejection_body(), close=has_body and _may_close(environ))
         admission = self.policy.admission
         if ticket is None or admission is None:
             return self.app(environ, start_response)
+        if te is not None or ticket.pending:
+            environ["wsgi.input"] = GatedInput(environ.get("wsgi.input"), admission, ticket, size)
         replaced: list[bool] = []
 
         def start_response_guarded(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             # A framework that turns the exception into its own 500 (Flask, Django) still answers
             # what happened: the request was ended, retry later.
-            if ticket.ended and status[:1] == "5":
+            if (ticket.ended or ticket.refused) and status[:1] == "5":
                 replaced.append(True)
-                return start_response(self.status, self._headers(ENDED_BODY), exc_info)
+                return start_response(self.status, self._headers(self._refused(ticket, count=False),
+                                                                 ticket.refused and _may_close(environ)), exc_info)
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         try:
@@ -110,14 +125,13 @@ class MemoryLimitMiddleware:
                     close()
                 del body, close  # the app's error response may hold the ended request's exception
                 admission.finish(ticket)
-                record_ended("wsgi")
-                return [ENDED_BODY]
+                return [self._refused(ticket)]
         except RequestMemoryExceeded:
             admission.finish(ticket)
-            record_ended("wsgi")
             # start_response may have been called by the app: with exc_info it is replaced (WSGI
             # allows that until the headers are sent; after that the server drops the connection).
-            return self._reject(start_response, ENDED_BODY, sys.exc_info())
+            return self._reject(start_response, self._refused(ticket), sys.exc_info(),
+                                close=ticket.refused and _may_close(environ))
         except BaseException:
             admission.finish(ticket)
             raise
@@ -135,18 +149,39 @@ class MemoryLimitMiddleware:
 
         return start_response_with_report
 
-    def _headers(self, body: bytes) -> list[tuple[str, str]]:
-        return [
+    def _refused(self, ticket: Ticket, count: bool = True) -> bytes:
+        """What to answer a request stopped after admission: refused as its body grew, or ended."""
+        if ticket.refused and not ticket.ended:
+            if count:
+                record_rejection("wsgi")
+            return self.policy.rejection_body(ticket)
+        if count:
+            record_ended("wsgi")
+        return ENDED_BODY
+
+    def _headers(self, body: bytes, close: bool = False) -> list[tuple[str, str]]:
+        headers = [
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Content-Length", str(len(body))),
             ("Retry-After", str(self.report.retry_after(self.policy.retry_after_seconds))),
         ]
+        if close:
+            # The body was not read: a server that honours it closes the connection instead of
+            # reading the body it would otherwise drain (gunicorn drops the header and drains).
+            headers.append(("Connection", "close"))
+        return headers
 
     def _reject(self, start_response: StartResponse, body: bytes = REJECTION_BODY,
-                exc_info: Any = None) -> Iterable[bytes]:
-        headers = self._headers(body)
+                exc_info: Any = None, close: bool = False) -> Iterable[bytes]:
+        headers = self._headers(body, close)
         if exc_info is not None:
             start_response(self.status, headers, exc_info)
         else:
             start_response(self.status, headers)
         return [body]
+
+
+def _may_close(environ: dict[str, Any]) -> bool:
+    """Whether the app may send ``Connection: close`` (a hop-by-hop header): wsgiref's server
+    asserts on it (PEP 3333 leaves such headers to the server)."""
+    return not str(environ.get("SERVER_SOFTWARE", "")).startswith("WSGIServer/")

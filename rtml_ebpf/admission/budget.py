@@ -46,7 +46,7 @@ from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
 from .ledger_join import SharedLedger
 from .meter_of import MeterOf
 from .publisher import Publisher
-from .rule import decide
+from .rule import decide, never_fits
 from .stepped import Stepped
 from .ticket import Ticket
 
@@ -141,6 +141,8 @@ class Admission:
         self._publisher = Publisher(self._publish, lambda: bool(self._inflight))
         self.admitted = self.rejected_tripped = self.rejected_budget = self.rejected_learning = 0
         self._others_reserved = 0
+        self._widest = 0  # the most room before the OOM killer seen: what "never fits" is against
+        self._why = threading.local()  # the calling thread's last refusal: why (see refusal())
         if limiter is not None and share:
             with self._mu:
                 self._shared.get(limiter.cgroup_id)  # at start: a ledger that cannot be made is said now
@@ -169,7 +171,7 @@ class Admission:
 
     # -- the budget -------------------------------------------------------------------------
     def try_admit(self, route: str, *, size: int | None = None, stepped: bool = False,
-                  bind: bool = True) -> Ticket | None:
+                  bind: bool = True, body: bool = False) -> Ticket | None:
         """A ticket when ``route`` may run now, None when it must be shed. Never raises.
 
         ``size``: the request's body bytes when known (``Content-Length``, a message's size): the
@@ -177,9 +179,13 @@ class Admission:
         ``bind=False``: the request will run on another thread (a gRPC pool thread), which calls
         :meth:`bind`. A thread-bound ticket also marks this thread's context as working for the
         request, so work it hands to threads is charged to it (until :meth:`finish`).
+        ``body``: the request's body is still to be read (the integration reports it with
+        :meth:`body_read` and :meth:`body_done`): a request that could only run alone or learning
+        is admitted *pending*, holding no slot until its body has arrived.
         """
+        self._why.last = None
         try:
-            return self._try_admit(route, size, stepped, bind)
+            return self._try_admit(route, size, stepped, bind, body)
         except Exception as exc:  # noqa: BLE001 - admission must not take the service down
             log.error("rtml-ebpf: admission failed (%s); falling back to the door check", exc)
             lim = self.limiter()
@@ -187,7 +193,7 @@ class Admission:
                 return None
             return Ticket(route, 0, forks.native_id(), 0, stepped)
 
-    def _try_admit(self, route: str, size: int | None, stepped: bool, bind: bool) -> Ticket | None:
+    def _try_admit(self, route: str, size: int | None, stepped: bool, bind: bool, body: bool) -> Ticket | None:
         # No system call, no file lock (tests/root/test_admission_syscalls.py): the ledger is
         # claimed, then looked at (ledger_fast); its upkeep is the publisher thread's.
         if self._pid != forks.pid:
@@ -216,14 +222,19 @@ class Admission:
             claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None), own_largest, per_kib)
             others, others_inflight, others_learning, _, _ = shared.sums(ledger, claim)
             self._others_reserved = others
-            if guessed and any(t.route == route and t.basis in GUESSES for t in self._inflight.values()):
+            fits, room = False, None
+            if guessed and any(t.route == route and t.basis in GUESSES and not t.pending
+                               for t in self._inflight.values()):
                 why: str | None = "learning"
             else:
                 room, limit_room = lim.room() if estimate is not None else (None, None)
+                if limit_room is not None and limit_room > self._widest:
+                    self._widest = limit_room
                 fits = estimate is not None and room is not None and estimate + own + others <= room  # decide's 1st
                 why = None if fits else decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
                                                own_learning + others_learning,
-                                               guessed or (guess is not None and guess.extrapolated))
+                                               guessed or (guess is not None and guess.extrapolated),
+                                               size is not None and never_fits(estimate, self._widest))
             if why is not None:
                 if shared.ledger is not None:  # give the claim back
                     shared.sums(shared.ledger, (own, own_inflight, own_learning, own_largest, per_kib))
@@ -231,6 +242,7 @@ class Admission:
                     self.rejected_learning += 1
                 else:
                     self.rejected_budget += 1
+                self._why.last = why
                 self._publisher.refused(trim=why == "budget")
                 return None
             basis = "learning" if estimate is None else "cgroup" if guessed or guess is None else guess.basis
@@ -239,6 +251,9 @@ class Admission:
             else:
                 ticket = Ticket(route, estimate, forks.native_id(), meter.begin(), stepped, meter, size, basis)
                 _follow.CURRENT.set(ticket.account)
+            if body and (guessed or (not fits and (estimate is None or room is not None))):
+                ticket.pending = True  # learning or alone: no slot until its body is in (body_done)
+                shared.sums(shared.ledger, (own, own_inflight, own_learning, own_largest, per_kib))
             self._inflight[id(ticket)] = ticket
             self.admitted += 1
         if self.enforcer is not None:
@@ -257,11 +272,74 @@ class Admission:
             reserved = own_totals(self._inflight.values())[0] + self._others_reserved
         return self.limiter(), tickets, reserved
 
-    def body_read(self, ticket: Ticket, nbytes: int) -> None:
-        """A body of unknown size (chunked) has reached ``nbytes``: the reservation grows to what a
-        request of that size is estimated to need (it never shrinks here), and the cost is learned
-        against the size read."""
-        ticket.body_read(nbytes, self.estimator)
+    def body_read(self, ticket: Ticket, nbytes: int) -> bool:
+        """The body read so far has reached ``nbytes``: the reservation grows to what a request of
+        that size is estimated to need (it never shrinks here), and the cost is learned against the
+        size read. False: the grown reservation no longer fits (nor could it run alone), so the
+        request must be refused before the app sees more of its body (``ticket.refused`` is set)."""
+        if not ticket.body_read(nbytes, self.estimator) or ticket.estimate is None:
+            return True
+        try:
+            return self._recheck(ticket, grown=True)
+        except Exception as exc:  # noqa: BLE001 - a failed check admits, as try_admit does
+            log.error("rtml-ebpf: admission failed (%s) while a body was read; letting it through", exc)
+            return True
+
+    def body_done(self, ticket: Ticket) -> bool:
+        """The request's body has been read. A *pending* request (one that could only run alone or
+        learning) takes its slot now; False: it cannot (``ticket.refused`` is set: answer 503)."""
+        if not ticket.pending:
+            return True
+        try:
+            return self._recheck(ticket, grown=False)
+        except Exception as exc:  # noqa: BLE001
+            log.error("rtml-ebpf: admission failed (%s) after a body was read; letting it through", exc)
+            ticket.pending = False
+            return True
+
+    def _recheck(self, ticket: Ticket, grown: bool) -> bool:
+        """The admission rule again for an admitted request whose reservation grew (``grown``) or
+        whose body has arrived (pending): True when it may go on."""
+        lim = self._fixed if self._fixed is not None else self.limiter()
+        if lim is None or ticket.finished:
+            return True
+        est, shared = self.estimator, self._shared
+        with self._mu:
+            if ticket.pending and grown:
+                # Still waiting for its body: refused only when it could never fit even alone.
+                why = "too_large" if never_fits(ticket.estimate, self._widest) else None
+            else:
+                ticket.pending = False
+                own, own_inflight, own_learning = own_totals(self._inflight.values())
+                mine = 0 if ticket.estimate is None else max(0, ticket.estimate - max(0, ticket.grown()))
+                claim = (own, own_inflight, own_learning, est.largest_bytes, est.per_kib_bytes)
+                others, others_inflight, others_learning, _, _ = shared.sums(shared.ledger, claim)
+                room, limit_room = lim.room()
+                if limit_room is not None and limit_room > self._widest:
+                    self._widest = limit_room
+                if ticket.estimate is None:
+                    why = decide(None, 0, room, limit_room, 0, own_learning - 1 + others_learning)
+                elif room is None or own + others <= room:
+                    why = None
+                else:
+                    why = decide(mine, own - mine + others, room, limit_room, own_inflight - 1 + others_inflight, 0,
+                                 ticket.basis in GUESSES, never_fits(ticket.estimate, self._widest))
+            if why is None:
+                return True
+            ticket.pending, ticket.refused = True, True  # holds nothing from now on
+            if why == "learning":
+                self.rejected_learning += 1
+            else:
+                self.rejected_budget += 1
+            self._why.last = why
+            shared.sums(shared.ledger, (*own_totals(self._inflight.values()), est.largest_bytes, est.per_kib_bytes))
+        self._publisher.refused(trim=True)
+        return False
+
+    def refusal(self) -> str | None:
+        """Why this thread's last :meth:`try_admit` refused: "learning", "budget", "too_large"
+        (a declared size that could never fit: retrying will not help), None when it admitted."""
+        return getattr(self._why, "last", None)
 
     def bind(self, ticket: Ticket) -> None:
         """The thread that runs an admitted request (admitted elsewhere with ``bind=False``)."""
@@ -291,7 +369,7 @@ class Admission:
                 cost = peak - ticket.net0
             if cost is not None:
                 cost += ticket.account.peak  # what its helper threads held (an upper bound: runs may overlap)
-                if not ticket.ended:  # an ended request's cost is where it was stopped, not what it needed
+                if not ticket.ended and not ticket.refused:  # stopped early: not what it needed
                     self.estimator.observe(ticket.route, cost, ticket.size)
         except Exception as exc:  # noqa: BLE001 - RequestMemoryExceeded too: the request is over
             log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
@@ -360,6 +438,8 @@ def own_totals(tickets: Iterable[Ticket]) -> tuple[int, int, int]:
     """(reserved not yet charged, in flight, learning) of these requests."""
     reserved = learning = inflight = 0
     for t in tickets:
+        if t.pending:
+            continue  # admitted, waiting for its body: no slot, no reservation yet
         inflight += 1
         if t.estimate is None:
             learning += 1

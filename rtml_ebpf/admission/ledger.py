@@ -370,7 +370,10 @@ class Ledger:
                 pass
             try:
                 # The exclusive lock is ours only when no other process holds the file: then
-                # remove it, if the name still leads to it (not to a newer file).
+                # remove it, if the name still leads to it (not to a newer file). Our own read lock
+                # goes first: two processes leaving together (uvicorn's workers on SIGTERM) each
+                # failed to upgrade while the other still held its read lock, and neither removed it.
+                _ofd_lock(self._fd, fcntl.F_UNLCK, wait=False)
                 if _ofd_lock(self._fd, fcntl.F_WRLCK, wait=False) and _same_file(self._dfd, file_name(
                         self.cgroup_id), self._fd):
                     os.unlink(file_name(self.cgroup_id), dir_fd=self._dfd)

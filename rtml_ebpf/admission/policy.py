@@ -19,6 +19,8 @@ from ..limiter import Level, Limiter
 DEFAULT_EXCLUDE_PATHS = ("/health", "/healthz", "/ready", "/readyz", "/live", "/livez", "/metrics")
 SHED_AT = ("hard", "soft", "probabilistic", "stall")
 REJECTION_BODY = b"memory limit reached, retry later\n"
+TOO_LARGE_BODY = (b"request too large for this service's memory limit: the memory its declared size is estimated "
+                  b"to need exceeds what the service has ever had free; retrying will not help\n")
 ENDED_BODY = b"memory limit reached: this request was ended to keep the service from being OOM-killed, retry later\n"
 MAX_CONTENT_LENGTH_DIGITS = 18
 
@@ -106,13 +108,20 @@ class Policy:
             _check_stall(limiter)
         if isinstance(exclude, str):
             raise ConfigError(f"exclude={exclude!r}: pass a list of paths, not one string")
+        exclude = tuple(exclude)
+        for p in exclude:
+            if not isinstance(p, str) or not p.startswith("/") or "*" in p[:-1]:
+                raise ConfigError(f"exclude_paths: {p!r}: pass paths starting with '/', matched exactly; end one "
+                                  "with '/*' to exclude everything under it")
         lo, hi = retry_after
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
             raise ConfigError(f"retry_after={retry_after!r}: pass (min, max) whole seconds, 0 <= min <= max")
         self.integration = integration
         self.limiter = limiter
-        self.exclude = frozenset(exclude)
-        self._prefixes = tuple(p.rstrip("/") + "/" for p in self.exclude if p != "/")
+        # Exact matches: a prefix would exclude routes that only share the name (/live/report
+        # under /live). "/api/*" excludes /api and everything under /api/.
+        self.exclude = frozenset(p[:-2] or "/" if p.endswith("/*") else p for p in exclude)
+        self._prefixes = tuple(p[:-1] for p in exclude if p.endswith("/*"))
         self.retry_after = (lo, hi)
         self.shed_at = shed_at
         self._decide = self._make_decider()
@@ -164,11 +173,12 @@ class Policy:
         return self._decide()
 
     def admit(self, path: str, route: str, *, size: int | None = None, stepped: bool = False,
-              bind: bool = True) -> tuple[bool, Ticket | None]:
+              bind: bool = True, body: bool = False) -> tuple[bool, Ticket | None]:
         """Every integration's decision for one request: (shed?, ticket). Excluded paths pass
         with no ticket; the door check and the budget (when admission is on) may shed, and a
         shed request is counted. ``size``: the body's bytes when known (the estimate scales
-        with it). A ticket must be finished with ``self.admission.finish``."""
+        with it); ``body``: the body is still to be read and the integration reports it
+        (Admission.body_read/body_done). A ticket must be finished with ``self.admission.finish``."""
         if self.excluded(path):
             return False, None
         if self.door():
@@ -176,14 +186,20 @@ class Policy:
             return True, None
         if self.admission is None:
             return False, None
-        ticket = self.admission.try_admit(route, size=size, stepped=stepped, bind=bind)
+        ticket = self.admission.try_admit(route, size=size, stepped=stepped, bind=bind, body=body)
         if ticket is None:
             record_rejection(self.integration)
             return True, None
         return False, ticket
 
     def excluded(self, path: str) -> bool:
-        return path in self.exclude or path.startswith(self._prefixes)
+        return path in self.exclude or (bool(self._prefixes) and path.startswith(self._prefixes))
+
+    def rejection_body(self, ticket: Ticket | None = None) -> bytes:
+        """The 503's body for a request this thread's admission just refused (or ``ticket``, refused
+        as its body grew): a declared size that can never fit says so."""
+        adm = self.admission
+        return TOO_LARGE_BODY if adm is not None and adm.refusal() == "too_large" else REJECTION_BODY
 
     def should_shed(self, path: str = "") -> bool:
         if path and self.excluded(path):

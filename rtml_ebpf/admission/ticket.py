@@ -15,7 +15,7 @@ class Ticket:
     its asyncio steps, and every helper thread working for it), and whether it was ended."""
 
     __slots__ = ("route", "estimate", "basis", "size", "tid", "ident", "net0", "stepped", "net", "peak", "meter",
-                 "account", "stepping", "finished", "ended")
+                 "account", "stepping", "finished", "ended", "pending", "refused")
 
     def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool,
                  meter: Meter = RUSAGE, size: int | None = None, basis: str = "route") -> None:
@@ -34,6 +34,10 @@ class Ticket:
         self.stepping = 0  # asyncio: the loop thread's ident while a step of this request runs
         self.finished = False
         self.ended = False  # the enforcer ended it
+        # Admitted alone or learning with its body still to come: it holds no slot and reserves
+        # nothing until the body has arrived (a stalled upload must not shut everyone else out).
+        self.pending = False
+        self.refused = False  # its body grew past what the budget can hold: answered 503, not learned
 
     def grown(self) -> int:
         """Bytes charged to this request and still held: its own thread or steps, and helpers."""
@@ -46,12 +50,14 @@ class Ticket:
             own = 0 if now is None else now - self.net0
         return own + self.account.grown()
 
-    def body_read(self, nbytes: int, estimator: CostEstimator) -> None:
-        """A body of unknown size has reached ``nbytes``: the reservation grows to what a request
-        of that size is estimated to need (never shrinks)."""
+    def body_read(self, nbytes: int, estimator: CostEstimator) -> bool:
+        """The body read so far has reached ``nbytes``: the reservation grows to what a request
+        of that size is estimated to need (never shrinks). True when it grew."""
         if self.size is not None and nbytes <= self.size:
-            return
+            return False
         self.size = nbytes
         guess = estimator.estimate_for(self.route, nbytes)
         if guess is not None and (self.estimate is None or guess.bytes > self.estimate):
-            self.estimate = guess.bytes
+            self.estimate, self.basis = guess.bytes, guess.basis
+            return True
+        return False
