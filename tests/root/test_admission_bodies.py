@@ -152,3 +152,35 @@ def test_a_learning_request_stalled_mid_body_does_not_shut_out_the_service(kind:
             assert stalled.recv(65536).startswith(b"HTTP/1.1 200"), "the stalled request was not answered"
         finally:
             stalled.close()
+
+
+def test_uvicorn_workers_remove_the_shared_ledger_when_stopped(tmp_path: Path) -> None:
+    """uvicorn's workers end by re-raising the SIGTERM they caught (no atexit hook runs): the
+    middleware leaves the ledger at lifespan shutdown, and the last worker out removes the file."""
+    import os
+    import signal
+
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir(mode=0o700)
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "--workers", "2", "--port", str(port), "--log-level", "warning",
+           "body_app:asgi_app"]
+    with ChildCgroup(LIMIT, prefix="rtml-body") as cg:
+        proc = cg.popen(cmd, env={**ENV, "PYTHONPATH": SUPPORT, "RTML_LEDGER_DIR": str(ledgers)}, cwd=SUPPORT)
+        try:
+            wait_listening(port, proc)
+            deadline = time.monotonic() + 20
+            while not list(ledgers.glob("*.ledger")) and time.monotonic() < deadline:
+                get(port, "/ok")  # each worker joins the ledger at its first request
+                time.sleep(0.05)
+            for _ in range(10):
+                get(port, "/ok")
+            assert list(ledgers.glob("*.ledger")), "no worker joined the ledger"
+        finally:
+            proc.send_signal(signal.SIGTERM)  # the master, as a process manager stops it
+            proc.wait(30)
+        procs = os.path.join(cg.directory, "cgroup.procs")
+        deadline = time.monotonic() + 10
+        while open(procs).read().split() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert not list(ledgers.glob("*.ledger")), "the ledger file was left behind"

@@ -22,6 +22,12 @@ PROGRESS = {"seen": 0}  # body bytes the app was given by the last POST, as it r
 
 async def _asgi(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
                 send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
+    if scope["type"] == "lifespan":  # as Starlette and FastAPI answer it
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
     if scope["type"] != "http":
         return
     seen = 0
