@@ -377,7 +377,7 @@ class AgentBackend:
         agent's: its pinned beat is the one we were passed). Others, or without pins: this cgroup's
         meter page, lent by the agent (agent_meter.py; the array holds every thread of the node)."""
         if self._meter is None:
-            self._meter = thread_meter_from_pins(self._pin_dir, _map_id(self._beat_fd)) or shared_meter(self)
+            self._meter = thread_meter_from_pins(self._pin_dir, _map_id(self._beat_fd)) or shared_meter(self, _request)
         return self._meter or None
 
     def close(self) -> None:

@@ -11,6 +11,15 @@ number is ours, else the net (no charge since begin, so none above it).
 A thread registers in begin()/reset_peak() only (where a measurement starts, so one
 measurement never mixes sources); a thread the agent has no room for, or one asking faster
 than the agent's request rate allows, is measured by getrusage until a later begin().
+
+A forked process (a pre-fork server's worker, a multiprocessing child) may not ask on its
+parent's connections: the agent takes the asker's identity from the connection's peer
+credentials, would refuse the child's tids as not the peer's and close the parent's lease. At
+its first meter use it opens a connection of its own instead, watching the same cgroup and rule
+as a lease of its parent's (the agent's caps apply to it: 32 connections per pid, 256 per
+cgroup; refused, the process measures with getrusage and says why in stats()["fallback"]). The
+parent's connections are left alone; a child's own connection closes when it exits, and the
+agent frees its entries then.
 """
 
 from __future__ import annotations
@@ -30,15 +39,20 @@ from typing import Any
 from ..agent import protocol
 from ..config import PAGE_SIZE
 from ..ebpf import abi
+from ..errors import AgentUnavailable
 from .meter import RUSAGE
 
 log = logging.getLogger("rtml_ebpf")
 ASKS_PER_SECOND = 8  # the agent fails a connection past 20 requests a second: stay well under
 RETRY_FULL = 30.0  # seconds before a thread refused for room asks again
 TIMEOUT = 1.0
+RECONNECT = 1.0  # seconds before a forked process opens its connection again after the agent closed it
+OWN_CHECK = 0.2  # seconds between looks at whether the agent closed that connection
 _GEN_MASK = 0xFFFFFFFF
 
 LiveSocket = Callable[[], "tuple[socket.socket, threading.Lock] | None"]
+# backends/agent.py's _request: (rule, scope, socket path, cgroup) -> (socket, reply, fds)
+Connect = Callable[[Any, str, str, "str | None"], "tuple[socket.socket, dict[str, Any], list[int]]"]
 
 
 def lease_socket(backend: Any) -> tuple[socket.socket, threading.Lock] | None:
@@ -51,21 +65,96 @@ def lease_socket(backend: Any) -> tuple[socket.socket, threading.Lock] | None:
     return None
 
 
+def fork_watch(backend: Any, connect: Connect) -> socket.socket:
+    """A connection of this (forked) process watching the cgroup and rule of a lease ``backend``
+    holds for the process that built it, as that lease's own request did (root clients naming
+    another cgroup send it). AgentUnavailable says why not."""
+    lease = None if backend.lost else next((x for x in backend._leases if not x.retired), None)
+    if lease is None:
+        raise AgentUnavailable(backend.lost or "the Limiter this process inherited holds no rule")
+    sock, reply, fds = connect(lease.rule, backend._scope, backend.path, backend._other)
+    for fd in fds:
+        _close(fd)  # the verdict and beat pages: the inherited mappings are the same pages
+    if reply.get("cgroup_id") != backend._cgid:
+        sock.close()
+        raise AgentUnavailable(f"the agent serves cgroup {reply.get('cgroup')} to this process, not the "
+                               "Limiter's: a forked process in another cgroup measures with getrusage")
+    return sock
+
+
+class _Own:
+    """A forked process's own connection to the agent, for its meter asks (see the module's
+    docstring): opened at first use, reopened (after RECONNECT) when the agent closed it."""
+
+    __slots__ = ("connect", "live", "mu", "retry_at", "check_at", "why")
+
+    def __init__(self, connect: Connect | None) -> None:
+        self.connect = connect
+        self.live: tuple[socket.socket, threading.Lock] | None = None
+        self.mu = threading.Lock()
+        self.retry_at = self.check_at = 0.0
+        self.why: str | None = None  # why this process measures with getrusage, when it does
+
+    def get(self, backends: list[Any]) -> tuple[socket.socket, threading.Lock] | None:
+        live, now = self.live, time.monotonic()
+        if live is not None:
+            if now < self.check_at:
+                return live
+            self.check_at = now + OWN_CHECK
+            if not _peer_closed(live[0]):
+                return live
+            self.drop("the agent closed this process's meter connection (restarted?)", now + RECONNECT)
+        if now < self.retry_at or self.connect is None or not self.mu.acquire(timeout=2 * TIMEOUT):
+            return None
+        try:
+            if self.live is not None or now < self.retry_at:
+                return self.live
+            for backend in backends:
+                try:
+                    self.live = (fork_watch(backend, self.connect), threading.Lock())
+                    self.why = None
+                    return self.live
+                except (AgentUnavailable, OSError) as exc:
+                    self.why = f"no meter connection of this forked process: {exc}"[:300]
+            self.retry_at = now + RETRY_FULL  # e.g. the agent's cap of connections per cgroup
+            log.info("rtml-ebpf: %s; its threads are measured with getrusage", self.why)
+            return None
+        finally:
+            self.mu.release()
+
+    def drop(self, why: str, retry_at: float) -> None:
+        live, self.live, self.why, self.retry_at = self.live, None, why, retry_at
+        if live is not None:
+            live[0].close()
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 _SHARED: dict[tuple[str, int], AgentThreadMeter] = {}
 _SHARED_MU = threading.Lock()
+_METERS: weakref.WeakSet[AgentThreadMeter] = weakref.WeakSet()
 
 
-def shared_meter(backend: Any) -> AgentThreadMeter:
+def shared_meter(backend: Any, connect: Connect | None = None) -> AgentThreadMeter:
     """One meter per process, agent socket and cgroup, whatever the number of Limiters: the agent
     keeps one entry per thread (the last connection to ask gets it), so two meters asking for the
     same thread would take it from each other. Each backend is a source of live connections,
-    held weakly (a closed Limiter's goes with it)."""
+    held weakly (a closed Limiter's goes with it). A forked process keeps the meter it inherited
+    (the fork hook makes it the child's), so a Limiter it builds shares it too. ``connect``
+    opens a forked process's own connection (backends/agent.py's _request)."""
     key = (backend.path, backend._cgid)
     ref = weakref.ref(backend)
     with _SHARED_MU:
         meter = _SHARED.get(key)
         if meter is None or meter.pid != os.getpid():
-            meter = _SHARED[key] = AgentThreadMeter(lambda: None)
+            meter = _SHARED[key] = AgentThreadMeter(lambda: None, connect)
         meter.add_source(ref)
         return meter
 
@@ -113,10 +202,14 @@ class AgentThreadMeter:
 
     source = "agent"
 
-    def __init__(self, live: LiveSocket) -> None:
+    def __init__(self, live: LiveSocket, connect: Connect | None = None) -> None:
         self._first = live  # the socket of a live lease (and its lock), or None
-        self._sources: list[weakref.ref[Any]] = []  # AgentBackends (shared_meter), asked after it
-        self.pid = os.getpid()  # a forked child must not ask on its parent's connections
+        # AgentBackends (shared_meter), asked after it, with the pid that added each: a lease of
+        # an earlier process (we were forked) is only a template for a connection of our own
+        self._sources: list[tuple[weakref.ref[Any], int]] = []
+        self.pid = self._first_pid = os.getpid()  # a forked child must not ask on its parent's connections
+        self._own = _Own(connect)
+        _METERS.add(self)
         self._mu = threading.Lock()
         self._local = threading.local()
         self._era = 0
@@ -136,21 +229,43 @@ class AgentThreadMeter:
     # -- registration -------------------------------------------------------------------------
     def add_source(self, ref: weakref.ref[Any]) -> None:
         with self._mu:
-            self._sources = [r for r in self._sources if r() is not None] + [ref]
+            self._sources = [(r, p) for r, p in self._sources if r() is not None] + [(ref, os.getpid())]
 
     def _live(self) -> tuple[socket.socket, threading.Lock] | None:
-        """A live lease connection of this process: the agent identifies us by it. In a forked
-        child none (its parent's connections name the parent: the agent would refuse our tids
-        and close the connection under the parent), so the child measures with getrusage."""
+        """A live connection of this process: the agent identifies us by it. A lease's, when this
+        process made one; in a forked child its own (the parent's connections name the parent:
+        the agent would refuse our tids and close the connection under the parent)."""
         if os.getpid() != self.pid:
-            return None
-        live = self._first()
-        for ref in () if live is not None else list(self._sources):
+            return None  # forked without the fork hooks (a fork from C): no connection is ours
+        if self._own.live is not None:
+            return self._own.get([])
+        live = self._first() if self._first_pid == self.pid else None
+        inherited = []
+        for ref, pid in () if live is not None else list(self._sources):
             backend = ref()
-            live = lease_socket(backend) if backend is not None else None
-            if live is not None:
-                break
-        return live
+            if backend is not None and pid == self.pid:
+                live = lease_socket(backend)
+                if live is not None:
+                    break
+            elif backend is not None:
+                inherited.append(backend)
+        return live if live is not None or not inherited else self._own.get(inherited)
+
+    def _forked(self) -> None:
+        """In a forked child (the only thread): nothing of the parent's is asked or read. Its
+        pages' mappings and the locks (held by another thread at the fork, perhaps) are the
+        child's copies and go; so does our copy of a connection of our parent's own (a child of
+        a child): closing a duplicate leaves the connection the parent's, and lets the agent see
+        it close when the parent exits."""
+        self.pid = os.getpid()
+        self._mu, self._ask_mu, self._local = threading.Lock(), threading.Lock(), threading.local()
+        inherited, self._own = self._own, _Own(self._own.connect)
+        if inherited.live is not None:
+            inherited.live[0].close()
+        self._new_era(None)
+        self._by_tid = {}
+        self._asks, self._quiet_era = [], -1
+        self.refused = self.registered = 0
 
     def _reg(self) -> _Reg | None:
         reg: _Reg | None = getattr(self._local, "reg", None)
@@ -178,7 +293,7 @@ class AgentThreadMeter:
         with self._ask_mu:
             return self._ask(live[0], live[1])
 
-    def _new_era(self, sock: socket.socket) -> None:
+    def _new_era(self, sock: socket.socket | None) -> None:
         """A new connection (the lease was replaced): its pages come with its first reply."""
         self._era += 1
         self._sock = sock
@@ -219,6 +334,8 @@ class AgentThreadMeter:
                 # An agent without the op (older), or one refusing our own thread: it closed that
                 # connection (the lease reconnects); asking again would close the next one too.
                 self.off = str(reply.get("error"))[:200]
+                if self._own.live is not None:
+                    self._own.drop(self.off, float("inf"))  # ours (we were forked): the agent closed it
                 log.warning("rtml-ebpf: the node agent refused the thread meter (%s): admission measures "
                             "with getrusage", self.off)
             return None
@@ -294,12 +411,27 @@ class AgentThreadMeter:
         return self._net(w, reg) * PAGE_SIZE
 
     def stats(self) -> dict[str, Any]:
+        """``connection``: "own" for a forked process's own, "lease" for a lease's, None before the
+        first ask; ``fallback``: why a forked process measures with getrusage, when it does."""
+        conn = None if self._sock is None else "own" if self._own.live is not None and \
+            self._own.live[0] is self._sock else "lease"
         return {"source": self.source, "threads": len(self._by_tid), "registered": self.registered,
-                "refused": self.refused, "off": self.off}
+                "refused": self.refused, "off": self.off, "pid": self.pid, "connection": conn,
+                "fallback": self._own.why}
 
 
 def _close(fd: int) -> None:
     os.close(fd)
+
+
+def _after_fork_in_child() -> None:
+    global _SHARED_MU
+    _SHARED_MU = threading.Lock()
+    for meter in list(_METERS):
+        meter._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Gone:

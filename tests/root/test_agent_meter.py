@@ -76,7 +76,9 @@ def test_unprivileged_client_meters_its_threads_with_the_kernel_meter(cg) -> Non
     assert r["uid"] == 65534 and r["backend"] == "agent", r
     assert r["source"] == "agent", r
     assert r["shared"] is True, r
-    assert r["child"]["live"] is False, r
+    # a forked child asks on a connection of its own (its parent's would name the parent)
+    assert r["child"]["live"] is True and r["child"]["own"] is True, r
+    assert r["child"]["stats"]["connection"] == "own" and r["child"]["stats"]["registered"] == 1, r
     for name, mib in (("main", 64), ("thread", 32), ("after_fork", 64)):
         m = r[name]
         # the kernel's charges, within 10%: growth, the peak, and the free (getrusage sees no free)
@@ -175,3 +177,55 @@ def test_the_meter_follows_the_lease_across_an_agent_restart(cg, pin_dir) -> Non
     assert r["backend"] == "agent", r
     assert r["stats"]["registered"] >= 2 and r["stats"]["off"] is None, r  # asked again on the new connection
     assert within(r["again"], 32 * MiB), r
+
+
+@pytest.mark.vm
+def test_forked_workers_meter_their_threads_on_connections_of_their_own(cg, pin_dir) -> None:
+    """A pre-fork master (the process that built the Limiter) and 2 forked workers, one of which
+    forks again: each measures its thread's 32 MiB with the kernel meter, asking on a connection
+    of its own (the agent would refuse a worker's tids on the master's lease, and close it)."""
+    agent = AgentProcess(glob_for(cg), pin_dir=pin_dir)
+    p = cg.popen(meter_argv("fork", 32), env=client_env(agent), stdin=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        line = p.stdout.readline()
+        assert json.loads(line or "{}") == {"workers_ready": True}, (p.stderr.read() if p.stderr else "", agent.text())
+        # master 1 thread, worker 0: 1 + 1 (after its grandchild left), worker 1: 1; the
+        # grandchild's entry went with it
+        assert registered_threads(pin_dir) == 4, agent.text()[-3000:]
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        line = p.stdout.readline()
+        assert json.loads(line or "{}") == {"parent_done": True}, p.stderr.read() if p.stderr else ""
+        # the workers left: their entries went with their connections; the master's 2 stay
+        assert wait_until(lambda: registered_threads(pin_dir) == 2, timeout=5), registered_threads(pin_dir)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err[-3000:]
+        assert wait_until(lambda: registered_threads(pin_dir) == 0, timeout=5), registered_threads(pin_dir)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        agent.stop()
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["uid"] == 65534 and r["backend"] == "agent", r
+    w0, w1 = sorted(r["workers"], key=lambda w: "grandchild" not in w)  # (in the order they reported)
+    measured = [r["before"], w0, w1, w0["grandchild"], w0["after_grandchild"], r["after"]]
+    pids = {m["pid"] for m in measured}
+    assert len(pids) == 4, r  # master, two workers, a grandchild
+    for m in measured:
+        assert within(m["grew"], 32 * MiB) and within(m["peak"], 32 * MiB), m
+        st = m["stats"]
+        assert st["source"] == "agent" and st["off"] is None and st["fallback"] is None, m
+        assert st["pid"] == m["pid"] and st["refused"] == 0, m
+    for m in (w0, w1, w0["grandchild"], w0["after_grandchild"]):
+        assert m["stats"]["connection"] == "own", m
+    assert r["before"]["stats"]["connection"] == "lease" and r["after"]["stats"]["connection"] == "lease", r
+    assert r["after"]["stats"]["registered"] == 2, r  # its first thread, and one more after the workers left
+    assert w0["same_meter"] and w0["shared_in_child"], w0
+    # the agent kept the master's lease: the same connection, still answering
+    assert r["same_lease"] and r["lease_open"] and r["lease_stats"], r
+    assert r["exits"] == [0, 0], r
+    assert "not a thread of your process" not in agent.text()

@@ -6,6 +6,8 @@
     python meter_client.py cap N               N parked threads registered on one connection (paced)
     python meter_client.py restart MIB         measure; wait for a stdin line (the agent restarted); measure again
     python meter_client.py relay               send each stdin line (hex) on a watching connection, print replies
+    python meter_client.py fork MIB            measure; fork 2 workers (one forks again): a thread of each measures
+                                               MIB; a stdin line lets them exit; the parent measures again
 
 Prints one JSON line. Only the standard library and rtml_ebpf: no bpf() call anywhere.
 """
@@ -63,13 +65,16 @@ def measure(mib: int) -> dict:
     lim2 = Limiter(backend="agent", threshold=0.8, metric="usage", relief=False)
     out["shared"] = lim2.thread_meter() is meter
     lim2.close()
-    # a forked child measures with getrusage: its parent's connections would name the parent
+    # a forked child asks on a connection of its own: its parent's would name the parent
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         child = meter.begin(), meter.read()  # type: ignore[union-attr]
-        os.write(w, json.dumps({"live": meter._live() is not None, "read": child}).encode())  # type: ignore[union-attr]
+        live = meter._live()  # type: ignore[union-attr]
+        parent_socks = {lease.sock for lease in lim._backend._leases}  # type: ignore[attr-defined]
+        os.write(w, json.dumps({"live": live is not None, "own": live is not None and live[0] not in parent_socks,
+                                "read": child, "stats": meter.stats()}).encode())  # type: ignore[union-attr]
         os._exit(0)
     os.close(w)
     os.waitpid(pid, 0)
@@ -247,6 +252,89 @@ def restart(mib: int) -> dict:
     return out
 
 
+def _in_thread(meter: object, mib: int) -> dict:
+    """A thread of this process measures ``mib`` MiB: growth, peak, and the meter's stats then."""
+    out: dict[str, object] = {}
+
+    def work() -> None:
+        net0 = meter.begin()  # type: ignore[attr-defined]
+        buf = touch(mib * MiB)
+        net1, peak1 = meter.read()  # type: ignore[attr-defined]
+        del buf
+        out.update(grew=net1 - net0, peak=peak1 - net0, tid=threading.get_native_id())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    out["stats"] = meter.stats()  # type: ignore[attr-defined]
+    out["pid"] = os.getpid()
+    return out
+
+
+def _worker(lim: Limiter, mib: int, report: int, release: int, grandchild: bool) -> None:
+    """A pre-fork worker: measures in a thread, reports, waits for ``release`` to close."""
+    meter = lim.thread_meter()
+    out = _in_thread(meter, mib)
+    out["same_meter"] = meter is lim.thread_meter()
+    if grandchild:  # a child of a child: a connection of its own too, not its parent's
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.write(w, json.dumps(_in_thread(meter, mib)).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            out["grandchild"] = json.loads(f.read())
+        os.waitpid(pid, 0)
+        lim2 = Limiter(backend="agent", threshold=0.8, metric="usage", relief=False)
+        out["shared_in_child"] = lim2.thread_meter() is meter  # one meter per process, in a child too
+        out["after_grandchild"] = _in_thread(meter, mib)
+        lim2.close()
+    os.write(report, (json.dumps(out) + "\n").encode())
+    os.read(release, 1)  # b"": the parent closed it (or exited)
+
+
+def fork(mib: int) -> dict:
+    """A Limiter's process (a pre-fork master) measures, forks 2 workers that measure with the
+    kernel meter on connections of their own, waits for a stdin line, lets them exit and
+    measures again on its lease (no new connection: the agent kept it)."""
+    lim = Limiter(backend="agent", threshold=0.9, metric="usage", relief=False)
+    meter = lim.thread_meter()
+    assert meter is not None
+    lease_sock = lim._backend._leases[0].sock  # type: ignore[attr-defined]
+    out: dict[str, object] = {"backend": lim.backend, "uid": os.getuid(), "before": _in_thread(meter, mib)}
+    report_r, report_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pids = []
+    for i in range(2):
+        pid = os.fork()
+        if pid == 0:
+            os.close(report_r)
+            os.close(release_w)
+            try:
+                _worker(lim, mib, report_w, release_r, grandchild=i == 0)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    os.close(report_w)
+    os.close(release_r)
+    with os.fdopen(report_r) as f:
+        out["workers"] = [json.loads(f.readline()) for _ in pids]
+    print(json.dumps({"workers_ready": True}), flush=True)
+    sys.stdin.readline()
+    os.close(release_w)
+    out["exits"] = [os.waitpid(pid, 0)[1] for pid in pids]
+    out["after"] = _in_thread(meter, mib)  # a new thread: a new ask, on the parent's lease
+    out["same_lease"] = lim._backend._leases[0].sock is lease_sock  # type: ignore[attr-defined]
+    out["lease_open"] = lease_sock is not None and lease_sock.fileno() >= 0
+    out["lease_stats"] = lim._backend._stats(lease_sock) is not None  # type: ignore[attr-defined]
+    print(json.dumps({"parent_done": True}), flush=True)
+    sys.stdin.readline()
+    lim.close()
+    return out
+
+
 def relay() -> dict:
     """For the fuzzing test (which makes the messages with hypothesis, outside this cgroup): each
     stdin line is a hex-encoded request, sent on a fresh watching connection; each reply is
@@ -283,6 +371,8 @@ if __name__ == "__main__":
         result = restart(int(sys.argv[2]))
     elif mode == "relay":
         result = relay()
+    elif mode == "fork":
+        result = fork(int(sys.argv[2]))
     else:
         result = hold(float(sys.argv[2]))
     print(json.dumps(result), flush=True)
