@@ -115,7 +115,7 @@ class _Own:
                     self.why = None
                     return self.live
                 except (AgentUnavailable, OSError) as exc:
-                    self.why = f"no meter connection of this forked process: {exc}"[:300]
+                    self.why = f"no meter connection of this forked process: {exc}"[:400]
             self.retry_at = now + RETRY_FULL  # e.g. the agent's cap of connections per cgroup
             log.info("rtml-ebpf: %s; its threads are measured with getrusage", self.why)
             return None

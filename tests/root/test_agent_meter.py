@@ -229,3 +229,20 @@ def test_forked_workers_meter_their_threads_on_connections_of_their_own(cg, pin_
     assert r["same_lease"] and r["lease_open"] and r["lease_stats"], r
     assert r["exits"] == [0, 0], r
     assert "not a thread of your process" not in agent.text()
+
+
+def test_a_worker_past_the_cgroups_connection_cap_measures_with_getrusage_and_says_why(cg) -> None:
+    """Past the agent's 256 connections per cgroup (some 250 pre-fork workers in one container),
+    a worker's own connection is refused: its threads are measured with getrusage, the reason in
+    its meter's stats, and nothing is asked on its parent's lease (which keeps serving)."""
+    agent = AgentProcess(glob_for(cg))
+    try:
+        r = run_meter(cg, agent, "crowd", 32)
+    finally:
+        agent.stop()
+    w, parent = r["worker"], r["parent"]
+    assert w["stats"]["connection"] is None and w["stats"]["registered"] == 0, w
+    assert "256 connections open" in (w["stats"]["fallback"] or ""), w
+    assert w["grew"] >= 32 * MiB * 0.9, w  # getrusage: the growth, counted in faults
+    assert parent["stats"]["connection"] == "lease" and within(parent["grew"], 32 * MiB), parent
+    assert "not a thread of your process" not in agent.text()

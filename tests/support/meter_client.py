@@ -8,6 +8,8 @@
     python meter_client.py relay               send each stdin line (hex) on a watching connection, print replies
     python meter_client.py fork MIB            measure; fork 2 workers (one forks again): a thread of each measures
                                                MIB; a stdin line lets them exit; the parent measures again
+    python meter_client.py crowd MIB           fill the cgroup's 256 agent connections, then fork a worker that
+                                               measures MIB (refused a connection: getrusage, saying why)
 
 Prints one JSON line. Only the standard library and rtml_ebpf: no bpf() call anywhere.
 """
@@ -335,6 +337,50 @@ def fork(mib: int) -> dict:
     return out
 
 
+def crowd(mib: int) -> dict:
+    """The agent's cap of connections per cgroup, reached: holders (forked, 32 connections per
+    pid at most) take every connection the Limiter's lease left; a worker forked then cannot
+    open its own and measures with getrusage, saying why; the master's lease still serves."""
+    lim = Limiter(backend="agent", threshold=0.9, metric="usage", relief=False)
+    meter = lim.thread_meter()
+    ready_r, ready_w = os.pipe()
+    release_r, release_w = os.pipe()
+    holders, held = [], 32
+    while held == 32:  # until one holder could not open all 32 of its connections: the cap
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(release_w)  # (else no holder would see it close: each would hold it)
+                socks = []
+                try:
+                    while len(socks) < 32:
+                        socks.append(_watch())
+                except (AssertionError, OSError):
+                    pass  # refused: the cgroup's connections are all taken
+                os.write(ready_w, bytes([len(socks)]))
+                os.read(release_r, 1)
+            finally:
+                os._exit(0)
+        holders.append(pid)
+        held = os.read(ready_r, 1)[0]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.write(w, json.dumps(_in_thread(meter, mib)).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        worker = json.loads(f.read())
+    os.waitpid(pid, 0)
+    os.close(release_w)
+    for pid in holders:
+        os.waitpid(pid, 0)
+    out = {"worker": worker, "parent": _in_thread(meter, mib), "holders": len(holders), "last_held": held}
+    lim.close()
+    return out
+
+
 def relay() -> dict:
     """For the fuzzing test (which makes the messages with hypothesis, outside this cgroup): each
     stdin line is a hex-encoded request, sent on a fresh watching connection; each reply is
@@ -373,6 +419,8 @@ if __name__ == "__main__":
         result = relay()
     elif mode == "fork":
         result = fork(int(sys.argv[2]))
+    elif mode == "crowd":
+        result = crowd(int(sys.argv[2]))
     else:
         result = hold(float(sys.argv[2]))
     print(json.dumps(result), flush=True)
