@@ -168,6 +168,7 @@ class AgentBackend:
         self._beat_fd = -1
         self._ancestors = cgroup.ancestors()  # to name the limit's source in readings
         self._sock_lock = threading.Lock()  # a lease socket: one user at a time (stats, liveness)
+        self.pid = os.getpid()  # whose connections these are: a forked child's meter opens its own
         self.path = path or socket_path()
         self.hooks: tuple[str, ...] = ()
         self.reason = why

@@ -155,7 +155,7 @@ def shared_meter(backend: Any, connect: Connect | None = None) -> AgentThreadMet
         meter = _SHARED.get(key)
         if meter is None or meter.pid != os.getpid():
             meter = _SHARED[key] = AgentThreadMeter(lambda: None, connect)
-        meter.add_source(ref)
+        meter.add_source(ref, getattr(backend, "pid", os.getpid()))
         return meter
 
 
@@ -204,8 +204,8 @@ class AgentThreadMeter:
 
     def __init__(self, live: LiveSocket, connect: Connect | None = None) -> None:
         self._first = live  # the socket of a live lease (and its lock), or None
-        # AgentBackends (shared_meter), asked after it, with the pid that added each: a lease of
-        # an earlier process (we were forked) is only a template for a connection of our own
+        # AgentBackends (shared_meter), asked after it, with the pid that made each: a lease of an
+        # earlier process (we were forked) is only a template for a connection of our own
         self._sources: list[tuple[weakref.ref[Any], int]] = []
         self.pid = self._first_pid = os.getpid()  # a forked child must not ask on its parent's connections
         self._own = _Own(connect)
@@ -227,9 +227,10 @@ class AgentThreadMeter:
         self.registered = 0  # threads the agent granted an entry
 
     # -- registration -------------------------------------------------------------------------
-    def add_source(self, ref: weakref.ref[Any]) -> None:
+    def add_source(self, ref: weakref.ref[Any], pid: int) -> None:
+        """``pid``: the process that made the backend (its leases are that process's connections)."""
         with self._mu:
-            self._sources = [(r, p) for r, p in self._sources if r() is not None] + [(ref, os.getpid())]
+            self._sources = [(r, p) for r, p in self._sources if r() is not None] + [(ref, pid)]
 
     def _live(self) -> tuple[socket.socket, threading.Lock] | None:
         """A live connection of this process: the agent identifies us by it. A lease's, when this

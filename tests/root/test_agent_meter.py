@@ -246,3 +246,59 @@ def test_a_worker_past_the_cgroups_connection_cap_measures_with_getrusage_and_sa
     assert w["grew"] >= 32 * MiB * 0.9, w  # getrusage: the growth, counted in faults
     assert parent["stats"]["connection"] == "lease" and within(parent["grew"], 32 * MiB), parent
     assert "not a thread of your process" not in agent.text()
+
+
+def test_gunicorn_preload_workers_are_charged_by_the_agents_kernel_meter(cg, pin_dir) -> None:
+    """``gunicorn --preload`` (2 gthread workers) as uid 65534: the Limiter and the middleware are
+    built in the master; each worker's admission charges its requests by the kernel meter, asked
+    on a connection of the worker's own (tests/support/prefork_meter_app.py)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from support.agent import NOBODY, nobody_python
+
+    from rtml_ebpf.demo.flood import free_port, wait_listening
+
+    support = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
+    agent = AgentProcess(glob_for(cg), pin_dir=pin_dir)
+    port = free_port()
+    argv = [*NOBODY, nobody_python(), "-m", "gunicorn", "--preload", "-w", "2", "-k", "gthread", "--threads", "2",
+            "-b", f"127.0.0.1:{port}", "--log-level", "warning", "prefork_meter_app:application"]
+    env = {**client_env(agent), "HOME": "/tmp", "PYTHONPATH": os.pathsep.join(
+        [support, client_env(agent).get("PYTHONPATH", "")])}
+    proc = cg.popen(argv, env=env, cwd=support, stdout=subprocess.DEVNULL)
+    seen: dict[int, dict] = {}
+    try:
+        wait_listening(port, proc)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                len(seen) == 2 and all(s["routes"].get("GET /alloc") for s in seen.values())):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/alloc", timeout=10) as resp:
+                    assert resp.status == 200
+            except urllib.error.HTTPError as exc:  # a learning route's request may be shed: ask again
+                assert exc.code == 503, exc
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as resp:
+                s = json.loads(resp.read())
+            seen[s["pid"]] = s
+        entries = registered_threads(pin_dir)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        err = proc.stderr.read() if proc.stderr else ""
+        agent.stop()
+    assert len(seen) == 2, (seen, err[-3000:])
+    for pid, s in seen.items():
+        assert pid != s["master"], s
+        assert s["meter"] == "agent", s
+        st = s["meter_stats"]
+        assert st["connection"] == "own" and st["pid"] == pid and st["registered"] >= 1, json.dumps(s)
+        assert st["fallback"] is None and st["off"] is None and st["refused"] == 0, s
+        assert within(s["routes"]["GET /alloc"], 16 * MiB, 0.25), s  # the route's p90, kernel-measured
+    assert entries >= 2, entries  # the workers' request threads, in the agent's page
+    assert "not a thread of your process" not in agent.text(), agent.text()[-3000:]

@@ -6,8 +6,8 @@
     python meter_client.py cap N               N parked threads registered on one connection (paced)
     python meter_client.py restart MIB         measure; wait for a stdin line (the agent restarted); measure again
     python meter_client.py relay               send each stdin line (hex) on a watching connection, print replies
-    python meter_client.py fork MIB            measure; fork 2 workers (one forks again): a thread of each measures
-                                               MIB; a stdin line lets them exit; the parent measures again
+    python meter_client.py fork MIB            fork 2 workers (one forks again); a thread of each and of the parent
+                                               measures MIB; a stdin line lets them exit; the parent measures again
     python meter_client.py crowd MIB           fill the cgroup's 256 agent connections, then fork a worker that
                                                measures MIB (refused a connection: getrusage, saying why)
 
@@ -298,14 +298,14 @@ def _worker(lim: Limiter, mib: int, report: int, release: int, grandchild: bool)
 
 
 def fork(mib: int) -> dict:
-    """A Limiter's process (a pre-fork master) measures, forks 2 workers that measure with the
-    kernel meter on connections of their own, waits for a stdin line, lets them exit and
-    measures again on its lease (no new connection: the agent kept it)."""
+    """A Limiter's process (a pre-fork master) forks 2 workers that measure with the kernel
+    meter on connections of their own, measures on its lease, waits for a stdin line, lets them
+    exit and measures again on its lease (no new connection: the agent kept it)."""
     lim = Limiter(backend="agent", threshold=0.9, metric="usage", relief=False)
-    meter = lim.thread_meter()
-    assert meter is not None
     lease_sock = lim._backend._leases[0].sock  # type: ignore[attr-defined]
-    out: dict[str, object] = {"backend": lim.backend, "uid": os.getuid(), "before": _in_thread(meter, mib)}
+    out: dict[str, object] = {"backend": lim.backend, "uid": os.getuid()}
+    # the workers are forked before anyone asked for the meter (as under gunicorn --preload):
+    # each makes it from the backend it inherited, whose lease is still the master's
     report_r, report_w = os.pipe()
     release_r, release_w = os.pipe()
     pids = []
@@ -321,6 +321,8 @@ def fork(mib: int) -> dict:
         pids.append(pid)
     os.close(report_w)
     os.close(release_r)
+    meter = lim.thread_meter()
+    out["before"] = _in_thread(meter, mib)  # the master measures on its lease meanwhile
     with os.fdopen(report_r) as f:
         out["workers"] = [json.loads(f.readline()) for _ in pids]
     print(json.dumps({"workers_ready": True}), flush=True)
