@@ -109,6 +109,8 @@ class MemoryLimitMiddleware:
                     await self._reject(send, self._refused(ticket))
                     return
                 started = True
+            elif not message.get("more_body", False) and message["type"] == "http.response.body":
+                admission.release(ticket)  # a learning slot is free before the client has its answer
             await send(message)
 
         if te is not None or ticket.pending:

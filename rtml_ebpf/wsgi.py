@@ -12,6 +12,7 @@ killer) gets 503 when it is ended before the app returns its response.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -85,6 +86,7 @@ class MemoryLimitMiddleware:
                              cost_per_byte=cost_per_byte)
         self.report = LoadReporter(limiter, check_format(load_report, HTTP_FORMATS, "text"))
         self.status = f"{status_code} {REASONS.get(status_code, 'Rejected')}"
+        quiet_ended(app)
 
     @property
     def admission(self) -> Admission | None:
@@ -185,3 +187,28 @@ def _may_close(environ: dict[str, Any]) -> bool:
     """Whether the app may send ``Connection: close`` (a hop-by-hop header): wsgiref's server
     asserts on it (PEP 3333 leaves such headers to the server)."""
     return not str(environ.get("SERVER_SOFTWARE", "")).startswith("WSGIServer/")
+
+
+class _EndedFilter(logging.Filter):
+    """Drops a framework's "Exception on ..." traceback for a request that was ended or refused:
+    the enforcer already logged one line for it (route, bytes, estimate), and it is counted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        return not (isinstance(exc, type) and issubclass(exc, RequestMemoryExceeded))
+
+
+ENDED_FILTER = _EndedFilter()
+
+
+def quiet_ended(app: object = None, *loggers: logging.Logger) -> None:
+    """Keep the frameworks' error logs to one line per ended request: filter the traceback Flask
+    (the app's logger, found from ``app.wsgi_app``) and Django (``django.request``) log for
+    RequestMemoryExceeded. The middleware calls it; call it with other loggers to quiet them."""
+    owner = getattr(app, "__self__", None)  # Flask: MemoryLimitMiddleware(app.wsgi_app)
+    found = [lg for lg in (getattr(owner, "logger", None),) if isinstance(lg, logging.Logger)]
+    if "django" in sys.modules:
+        found.append(logging.getLogger("django.request"))
+    for logger in (*found, *loggers):
+        if ENDED_FILTER not in logger.filters:
+            logger.addFilter(ENDED_FILTER)

@@ -25,3 +25,30 @@ def test_a_trailing_slash_star_excludes_everything_under_it() -> None:
 def test_a_path_that_is_not_one_is_a_config_error(bad: str) -> None:
     with pytest.raises(ConfigError, match="exclude_paths"):
         Policy("asgi", None, exclude=[bad], admission=False)
+
+
+def test_flask_logs_no_traceback_for_an_ended_request_and_still_logs_other_errors(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The enforcer logs one line per ended request; Flask's "Exception on ..." traceback for the
+    RequestMemoryExceeded it raised is filtered (other exceptions are still logged)."""
+    flask = pytest.importorskip("flask")
+    from rtml_ebpf.errors import RequestMemoryExceeded
+    from rtml_ebpf.wsgi import MemoryLimitMiddleware
+
+    app = flask.Flask("quiet")
+
+    @app.get("/ended")
+    def ended() -> str:
+        raise RequestMemoryExceeded
+
+    @app.get("/broken")
+    def broken() -> str:
+        raise ValueError("a bug")
+
+    app.wsgi_app = MemoryLimitMiddleware(app.wsgi_app, admission=False)  # type: ignore[method-assign]
+    client = app.test_client()
+    with caplog.at_level("ERROR"):
+        assert client.get("/ended").status_code == 500
+        assert not [r for r in caplog.records if "Exception on" in r.getMessage()]
+        assert client.get("/broken").status_code == 500
+        assert [r for r in caplog.records if "Exception on /broken" in r.getMessage()]

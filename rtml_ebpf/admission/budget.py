@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,6 +48,7 @@ from .meter_of import MeterOf
 from .publisher import Publisher
 from .rule import decide, never_fits
 from .stepped import Stepped
+from .sums import cgroup_guess, own_totals, validate
 from .ticket import Ticket
 
 log = logging.getLogger("rtml_ebpf")
@@ -124,7 +125,7 @@ class Admission:
         enforce_band: float | int = DEFAULT_BAND,
         follow_threads: bool = True,
     ) -> None:
-        _validate(limiter, share=share, release_heap=release_heap, enforce=enforce, follow_threads=follow_threads)
+        validate(limiter, share=share, release_heap=release_heap, enforce=enforce, follow_threads=follow_threads)
         self._release_heap = release_heap
         self.estimator = CostEstimator(request_bytes=request_bytes, route_costs=route_costs, quantile=quantile,
                                        window=window, min_samples=min_samples, cost_per_byte=cost_per_byte,
@@ -217,7 +218,7 @@ class Admission:
             if estimate is None:
                 # Not learned here: a guess from the cgroup's figures, one at a time per route
                 seen = shared.sums(ledger, None)
-                estimate = _cgroup_guess(est, size, seen[4], max(own_largest, seen[3]))
+                estimate = cgroup_guess(est, size, seen[4], max(own_largest, seen[3]))
                 guessed = estimate is not None
             claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None), own_largest, per_kib)
             others, others_inflight, others_learning, _, _ = shared.sums(ledger, claim)
@@ -336,6 +337,23 @@ class Admission:
         self._publisher.refused(trim=True)
         return False
 
+    def release(self, ticket: Ticket) -> None:
+        """The request's response is about to go out whole: a learning or guessed request frees its
+        slot now, not after the client has its answer (its next request arrived while it was still
+        held and was refused). Its cost is still measured at :meth:`finish`."""
+        if ticket.released or not (ticket.estimate is None or ticket.basis in GUESSES):
+            return
+        with self._mu:
+            ticket.released = True
+            self._publish_now()
+
+    def _publish_now(self) -> None:
+        """This process's row, now (under ``_mu``; a claim on the mapping, no system call)."""
+        if self._shared.ledger is not None and self._pid == forks.pid:
+            est = self.estimator
+            self._shared.sums(self._shared.ledger, (*own_totals(self._inflight.values()), est.largest_bytes,
+                                                    est.per_kib_bytes))
+
     def refusal(self) -> str | None:
         """Why this thread's last :meth:`try_admit` refused: "learning", "budget", "too_large"
         (a declared size that could never fit: retrying will not help), None when it admitted."""
@@ -375,6 +393,8 @@ class Admission:
             log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
         with self._mu:
             self._inflight.pop(id(ticket), None)
+            if ticket.estimate is None or ticket.basis in GUESSES:
+                self._publish_now()  # a learning slot: the next request may come at once
         if ticket.ended and self.enforcer is not None:
             self.enforcer.collect_soon()
         # The row is re-published by the publisher thread within PUBLISH_INTERVAL: until then
@@ -415,34 +435,3 @@ class Admission:
 
     def close(self) -> None:
         self._shared.close()
-
-
-def _validate(limiter: object, **flags: object) -> None:
-    if limiter is not None and not isinstance(limiter, Limiter):
-        raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
-    for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise ConfigError(f"{name}={flag!r}: pass True or False")
-
-
-def _cgroup_guess(estimator: CostEstimator, size: int | None, per_kib: int, largest: int) -> int | None:
-    """What to reserve for a route this process has not learned: the largest estimate the cgroup
-    knows, or more for a sized request where processes learned how cost grows with the body."""
-    scaled = estimator.scaled(size, max(estimator.per_kib(), per_kib))
-    if scaled is not None and scaled.bytes > largest:
-        return scaled.bytes
-    return largest if largest > 0 else None
-
-
-def own_totals(tickets: Iterable[Ticket]) -> tuple[int, int, int]:
-    """(reserved not yet charged, in flight, learning) of these requests."""
-    reserved = learning = inflight = 0
-    for t in tickets:
-        if t.pending:
-            continue  # admitted, waiting for its body: no slot, no reservation yet
-        inflight += 1
-        if t.estimate is None:
-            learning += 1
-            continue
-        reserved += max(0, t.estimate - max(0, t.grown()))
-    return reserved, inflight, learning

@@ -15,7 +15,8 @@ class Ticket:
     its asyncio steps, and every helper thread working for it), and whether it was ended."""
 
     __slots__ = ("route", "estimate", "basis", "size", "tid", "ident", "net0", "stepped", "net", "peak", "meter",
-                 "account", "stepping", "finished", "ended", "pending", "refused")
+                 "account", "stepping", "finished", "ended", "pending", "refused",
+                 "released")
 
     def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool,
                  meter: Meter = RUSAGE, size: int | None = None, basis: str = "route") -> None:
@@ -38,6 +39,7 @@ class Ticket:
         # nothing until the body has arrived (a stalled upload must not shut everyone else out).
         self.pending = False
         self.refused = False  # its body grew past what the budget can hold: answered 503, not learned
+        self.released = False  # its response's last bytes are going out: its slot is free (Admission.release)
 
     def grown(self) -> int:
         """Bytes charged to this request and still held: its own thread or steps, and helpers."""

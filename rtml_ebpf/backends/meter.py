@@ -120,9 +120,10 @@ class EbpfThreadMeter:
             self._local.reg = None  # another live thread holds it: rusage for this one
             return None
         w = self._words
-        w[base + T_TID] = 0
-        w[base + T_NET] = w[base + T_PEAK] = w[base + T_CHARGED] = 0
-        w[base + T_TID] = tid
+        if holder != tid:  # already ours: greenlets (gevent) share the thread, and its counters
+            w[base + T_TID] = 0
+            w[base + T_NET] = w[base + T_PEAK] = w[base + T_CHARGED] = 0
+            w[base + T_TID] = tid
         self._local.reg = _Registration(w, base, tid)
         return base
 

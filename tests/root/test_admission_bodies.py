@@ -184,3 +184,33 @@ def test_uvicorn_workers_remove_the_shared_ledger_when_stopped(tmp_path: Path) -
         while open(procs).read().split() and time.monotonic() < deadline:
             time.sleep(0.1)
     assert not list(ledgers.glob("*.ledger")), "the ledger file was left behind"
+
+
+def test_back_to_back_requests_on_an_idle_service_are_all_answered() -> None:
+    """One client, one request after another, on a fresh ``uvicorn --workers 2``: the learning
+    slot is freed as the response goes out, so the next request (maybe on the other worker) is not
+    refused while the previous one still held it (1 to 2 of 40 were refused, 3 runs in 4)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "--workers", "2", "--port", str(port), "--log-level", "warning",
+           "body_app:asgi_app"]
+    import http.client
+
+    def post() -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("POST", "/learn", body=b"x" * 65536)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    with ChildCgroup(LIMIT, prefix="rtml-body") as cg:
+        proc = cg.popen(cmd, env={**ENV, "PYTHONPATH": SUPPORT}, cwd=SUPPORT)
+        try:
+            wait_listening(port, proc)
+            answers = [post() for _ in range(60)]
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    assert answers == [200] * 60, [i for i, a in enumerate(answers) if a != 200]

@@ -1,0 +1,42 @@
+"""The arithmetic around admission's decision: this process's totals, the guess for a route not
+learned here, and the constructor's flags checked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..errors import ConfigError
+from ..limiter import Limiter
+from .estimator import CostEstimator
+from .ticket import Ticket
+
+
+def validate(limiter: object, **flags: object) -> None:
+    if limiter is not None and not isinstance(limiter, Limiter):
+        raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name}={flag!r}: pass True or False")
+
+
+def cgroup_guess(estimator: CostEstimator, size: int | None, per_kib: int, largest: int) -> int | None:
+    """What to reserve for a route this process has not learned: the largest estimate the cgroup
+    knows, or more for a sized request where processes learned how cost grows with the body."""
+    scaled = estimator.scaled(size, max(estimator.per_kib(), per_kib))
+    if scaled is not None and scaled.bytes > largest:
+        return scaled.bytes
+    return largest if largest > 0 else None
+
+
+def own_totals(tickets: Iterable[Ticket]) -> tuple[int, int, int]:
+    """(reserved not yet charged, in flight, learning) of these requests."""
+    reserved = learning = inflight = 0
+    for t in tickets:
+        if t.pending or t.released:
+            continue  # waiting for its body, or answered: no slot, no reservation
+        inflight += 1
+        if t.estimate is None:
+            learning += 1
+            continue
+        reserved += max(0, t.estimate - max(0, t.grown()))
+    return reserved, inflight, learning
