@@ -149,9 +149,13 @@ def test_over_the_cap_is_a_soft_refusal_that_keeps_the_lease(cg) -> None:
     assert r["stats_ok"] is True, r
 
 
-def test_the_meter_follows_the_lease_across_an_agent_restart(cg, pin_dir) -> None:
+@pytest.mark.parametrize("forked", [False, True], ids=["lease", "forked_worker"])
+def test_the_meter_follows_the_lease_across_an_agent_restart(cg, pin_dir, forked: bool) -> None:
+    """forked: the measuring process is a forked worker, on its own connection: the agent's
+    restart closes it, and the worker opens another and registers again."""
     agent = AgentProcess(glob_for(cg), pin_dir=pin_dir)
-    p = cg.popen(meter_argv("restart", 32), env=client_env(agent), stdin=subprocess.PIPE)
+    p = cg.popen(meter_argv("restart", 32, *(["forked"] if forked else [])), env=client_env(agent),
+                 stdin=subprocess.PIPE)
     try:
         assert p.stdout is not None and p.stdin is not None
         line = p.stdout.readline()
@@ -173,9 +177,13 @@ def test_the_meter_follows_the_lease_across_an_agent_restart(cg, pin_dir) -> Non
             p.kill()
             p.wait()
         agent.stop()
-    r = json.loads(out.strip().splitlines()[-1])
+    lines = out.strip().splitlines()
+    if forked:
+        assert json.loads(lines[-1]) == {"worker_status": 0}, out
+    r = json.loads(lines[-2] if forked else lines[-1])
     assert r["backend"] == "agent", r
     assert r["stats"]["registered"] >= 2 and r["stats"]["off"] is None, r  # asked again on the new connection
+    assert r["stats"]["connection"] == ("own" if forked else "lease"), r
     assert within(r["again"], 32 * MiB), r
 
 

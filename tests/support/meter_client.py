@@ -5,6 +5,7 @@
     python meter_client.py hold SECONDS        register two threads, then hold the connection SECONDS
     python meter_client.py cap N               N parked threads registered on one connection (paced)
     python meter_client.py restart MIB         measure; wait for a stdin line (the agent restarted); measure again
+    python meter_client.py restart MIB forked  the same in a forked worker (the parent built the Limiter)
     python meter_client.py relay               send each stdin line (hex) on a watching connection, print replies
     python meter_client.py fork MIB            fork 2 workers (one forks again); a thread of each and of the parent
                                                measures MIB; a stdin line lets them exit; the parent measures again
@@ -232,10 +233,15 @@ def _one(meter: object, mib: int) -> int:
     return int(net1 - net0)
 
 
-def restart(mib: int) -> dict:
+def restart(mib: int, forked: bool = False) -> dict:
     """The agent restarts (adopting its pins) between two measurements: the lease reconnects,
-    and the thread meter registers again on the new connection, from its new pages."""
+    and the thread meter registers again on the new connection, from its new pages. ``forked``:
+    the measuring process is a forked worker (its own connection closes: it opens another)."""
     lim = Limiter(backend="agent", threshold=0.9, metric="usage", relief=False)
+    if forked and (pid := os.fork()) != 0:
+        status = os.waitpid(pid, 0)[1]
+        lim.close()
+        return {"worker_status": status}
     meter = lim.thread_meter()
     assert meter is not None
     first = _one(meter, mib)
@@ -250,6 +256,9 @@ def restart(mib: int) -> dict:
             break
         time.sleep(0.2)
     out = {"first": first, "again": again, "stats": meter.stats(), "backend": lim.backend}  # type: ignore[attr-defined]
+    if forked:
+        print(json.dumps(out), flush=True)
+        os._exit(0)
     lim.close()
     return out
 
@@ -416,7 +425,7 @@ if __name__ == "__main__":
     elif mode == "cap":
         result = cap(int(sys.argv[2]))
     elif mode == "restart":
-        result = restart(int(sys.argv[2]))
+        result = restart(int(sys.argv[2]), forked=sys.argv[3:] == ["forked"])
     elif mode == "relay":
         result = relay()
     elif mode == "fork":
