@@ -104,8 +104,8 @@ class _Own:
             if not _peer_closed(live[0]):
                 return live
             self.drop("the agent closed this process's meter connection (restarted?)", now + RECONNECT)
-        if now < self.retry_at or self.connect is None or not self.mu.acquire(timeout=2 * TIMEOUT):
-            return None
+        if now < self.retry_at or self.connect is None or not self.mu.acquire(blocking=False):
+            return None  # (another thread is connecting: this measurement is getrusage's, none waits)
         try:
             if self.live is not None or now < self.retry_at:
                 return self.live
