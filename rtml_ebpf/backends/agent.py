@@ -287,13 +287,13 @@ class AgentBackend:
             lease.sock.close()
             lease.sock = None
         try:
-            sock, reply, fds = _request(lease.rule, self._scope, self.path)
+            sock, reply, fds = _request(lease.rule, self._scope, self.path, self._other)
         except AgentUnavailable:
             if self._respawn is None:
                 return  # not back yet: the page still beats, keep reading it and retry
             try:
                 self._respawn()  # the shared load's agent died: start another (it adopts the pins)
-                sock, reply, fds = _request(lease.rule, self._scope, self.path)
+                sock, reply, fds = _request(lease.rule, self._scope, self.path, self._other)
             except (AgentUnavailable, OSError) as exc:
                 log.debug("rtml-ebpf: the node's shared agent is not back yet: %s", exc)
                 return

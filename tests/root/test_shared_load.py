@@ -272,6 +272,13 @@ def test_a_root_service_guarding_another_cgroup_joins_the_shared_load() -> None:
             assert wait_until(lambda: c.ask("check")["reached"], timeout=10), c.ask("check")
             holder.change(-40)
             assert wait_until(lambda: not c.ask("check")["reached"], timeout=60), c.ask("check")
+            # the shared agent is killed: the client's reconnect names the guarded cgroup again
+            [agent] = place.agent_pids()
+            os.kill(agent, signal.SIGKILL)
+            assert wait_until(lambda: "adopting the pinned programs" in place.log(), timeout=30), place.log()
+            holder.change(40)
+            assert wait_until(lambda: c.ask("check")["reached"], timeout=30), (c.ask("check"), place.log())
+            assert c.ask("check")["backend"] == "agent"
         finally:
             holder.proc.kill()
             holder.proc.wait()
