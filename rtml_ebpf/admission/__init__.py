@@ -6,6 +6,10 @@ One module, one job:
 - ``budget.py``: :class:`Admission`, the budget of one cgroup (try_admit, finish, bind, stats);
 - ``rule.py``: :func:`decide`, the admission rule as pure arithmetic;
 - ``ticket.py``: :class:`Ticket`, one admitted request and what it has charged;
+- ``gate.py`` and ``body.py``: a request's body as it is read (a grown reservation re-checked, a
+  pending request's slot taken once its body is in) and a learning slot freed as the response
+  goes out; ``shapes.py``: requests bound to another thread, asyncio requests;
+- ``sums.py``: this process's totals and the guess for a route not learned here;
 - ``estimator.py``: per-route, per-size-class cost estimates learned from measured requests;
 - ``ledger.py`` and ``ledger_join.py``: the reservations shared by every process of the cgroup
   (a file in a directory private to the uid);

@@ -31,9 +31,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from ..backends.meter import RUSAGE, Meter
 from ..errors import ConfigError
@@ -43,16 +43,16 @@ from . import follow as _follow
 from . import forks
 from .enforce import DEFAULT_BAND, GUESSES, Enforcer, finished
 from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
+from .gate import BodyGate
 from .ledger_join import SharedLedger
 from .meter_of import MeterOf
 from .publisher import Publisher
 from .rule import decide, never_fits
-from .stepped import Stepped
+from .shapes import Shapes
 from .sums import cgroup_guess, own_totals, validate
 from .ticket import Ticket
 
 log = logging.getLogger("rtml_ebpf")
-T = TypeVar("T")
 _fork_lock = threading.Lock()
 os.register_at_fork(after_in_child=lambda: globals().__setitem__("_fork_lock", threading.Lock()))
 _heap_released_in = 0  # pid of the process whose malloc was set to unmap large frees
@@ -89,7 +89,7 @@ class AdmissionStats:
     followed: tuple[str, ...] = ()  # the entry points whose threads are charged to the request
 
 
-class Admission:
+class Admission(BodyGate, Shapes):
     """Budget admission for one limiter's cgroup. Thread-safe, fork-safe, one per service.
 
     ``limiter``: None for the process default (rebuilt lazily, follows configure()).
@@ -273,102 +273,6 @@ class Admission:
             reserved = own_totals(self._inflight.values())[0] + self._others_reserved
         return self.limiter(), tickets, reserved
 
-    def body_read(self, ticket: Ticket, nbytes: int) -> bool:
-        """The body read so far has reached ``nbytes``: the reservation grows to what a request of
-        that size is estimated to need (it never shrinks here), and the cost is learned against the
-        size read. False: the grown reservation no longer fits (nor could it run alone), so the
-        request must be refused before the app sees more of its body (``ticket.refused`` is set)."""
-        if not ticket.body_read(nbytes, self.estimator) or ticket.estimate is None:
-            return True
-        try:
-            return self._recheck(ticket, grown=True)
-        except Exception as exc:  # noqa: BLE001 - a failed check admits, as try_admit does
-            log.error("rtml-ebpf: admission failed (%s) while a body was read; letting it through", exc)
-            return True
-
-    def body_done(self, ticket: Ticket) -> bool:
-        """The request's body has been read. A *pending* request (one that could only run alone or
-        learning) takes its slot now; False: it cannot (``ticket.refused`` is set: answer 503)."""
-        if not ticket.pending:
-            return True
-        try:
-            return self._recheck(ticket, grown=False)
-        except Exception as exc:  # noqa: BLE001
-            log.error("rtml-ebpf: admission failed (%s) after a body was read; letting it through", exc)
-            ticket.pending = False
-            return True
-
-    def _recheck(self, ticket: Ticket, grown: bool) -> bool:
-        """The admission rule again for an admitted request whose reservation grew (``grown``) or
-        whose body has arrived (pending): True when it may go on."""
-        lim = self._fixed if self._fixed is not None else self.limiter()
-        if lim is None or ticket.finished:
-            return True
-        est, shared = self.estimator, self._shared
-        with self._mu:
-            if ticket.pending and grown:
-                # Still waiting for its body: refused only when it could never fit even alone.
-                why = "too_large" if never_fits(ticket.estimate, self._widest) else None
-            else:
-                ticket.pending = False
-                own, own_inflight, own_learning = own_totals(self._inflight.values())
-                mine = 0 if ticket.estimate is None else max(0, ticket.estimate - max(0, ticket.grown()))
-                claim = (own, own_inflight, own_learning, est.largest_bytes, est.per_kib_bytes)
-                others, others_inflight, others_learning, _, _ = shared.sums(shared.ledger, claim)
-                room, limit_room = lim.room()
-                if limit_room is not None and limit_room > self._widest:
-                    self._widest = limit_room
-                if ticket.estimate is None:
-                    why = decide(None, 0, room, limit_room, 0, own_learning - 1 + others_learning)
-                elif room is None or own + others <= room:
-                    why = None
-                else:
-                    why = decide(mine, own - mine + others, room, limit_room, own_inflight - 1 + others_inflight, 0,
-                                 ticket.basis in GUESSES, never_fits(ticket.estimate, self._widest))
-            if why is None:
-                return True
-            ticket.pending, ticket.refused = True, True  # holds nothing from now on
-            if why == "learning":
-                self.rejected_learning += 1
-            else:
-                self.rejected_budget += 1
-            self._why.last = why
-            shared.sums(shared.ledger, (*own_totals(self._inflight.values()), est.largest_bytes, est.per_kib_bytes))
-        self._publisher.refused(trim=True)
-        return False
-
-    def release(self, ticket: Ticket) -> None:
-        """The request's response is about to go out whole: a learning or guessed request frees its
-        slot now, not after the client has its answer (its next request arrived while it was still
-        held and was refused). Its cost is still measured at :meth:`finish`."""
-        if ticket.released or not (ticket.estimate is None or ticket.basis in GUESSES):
-            return
-        with self._mu:
-            ticket.released = True
-            self._publish_now()
-
-    def _publish_now(self) -> None:
-        """This process's row, now (under ``_mu``; a claim on the mapping, no system call)."""
-        if self._shared.ledger is not None and self._pid == forks.pid:
-            est = self.estimator
-            self._shared.sums(self._shared.ledger, (*own_totals(self._inflight.values()), est.largest_bytes,
-                                                    est.per_kib_bytes))
-
-    def refusal(self) -> str | None:
-        """Why this thread's last :meth:`try_admit` refused: "learning", "budget", "too_large"
-        (a declared size that could never fit: retrying will not help), None when it admitted."""
-        return getattr(self._why, "last", None)
-
-    def bind(self, ticket: Ticket) -> None:
-        """The thread that runs an admitted request (admitted elsewhere with ``bind=False``)."""
-        if ticket.stepped or ticket.tid:
-            return
-        ticket.net0 = ticket.meter.begin()
-        with ticket.account.lock:  # the enforcer reads tid/ident under it
-            ticket.tid = ticket.account.owner = forks.native_id()
-            ticket.ident = threading.get_ident()
-        _follow.CURRENT.set(ticket.account)
-
     def finish(self, ticket: Ticket) -> int | None:
         """The request ended (answered, failed or cancelled): learn its cost, free its reservation.
         Returns the measured cost in bytes (its peak growth), None when it could not be measured."""
@@ -417,11 +321,6 @@ class Admission:
                 ledger.upkeep()  # reaping dead processes' rows: off the request path
             except (ConfigError, OSError) as exc:
                 self._shared.failed(exc)
-
-    # -- shapes of requests -------------------------------------------------------------------
-    def run_async(self, ticket: Ticket, awaitable: Coroutine[Any, Any, T]) -> Awaitable[T]:
-        """Wrap a request's coroutine so each of its steps is metered to ``ticket``."""
-        return Stepped(awaitable, ticket, ticket.meter)
 
     def stats(self) -> AdmissionStats:
         lim = self.limiter()
