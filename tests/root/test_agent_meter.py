@@ -79,12 +79,17 @@ def test_unprivileged_client_meters_its_threads_with_the_kernel_meter(cg) -> Non
     # a forked child asks on a connection of its own (its parent's would name the parent)
     assert r["child"]["live"] is True and r["child"]["own"] is True, r
     assert r["child"]["stats"]["connection"] == "own" and r["child"]["stats"]["registered"] == 1, r
+    # before 6.13 (no memcg tracepoints) the programs count faults: growth, not frees
+    frees_seen = "memcg_lruvec" in r["hooks"]
     for name, mib in (("main", 64), ("thread", 32), ("after_fork", 64)):
         m = r[name]
         # the kernel's charges, within 10%: growth, the peak, and the free (getrusage sees no free)
         assert within(m["grew"], mib * MiB), (name, m)
         assert within(m["peak"], mib * MiB), (name, m)
-        assert abs(m["freed_net"]) <= 0.10 * mib * MiB, (name, m)
+        if frees_seen:
+            assert abs(m["freed_net"]) <= 0.10 * mib * MiB, (name, m)
+        else:
+            assert within(m["freed_net"], mib * MiB), (name, m)  # the free unseen, as documented
         assert within(m["kept_peak"], mib * MiB), (name, m)
         # after reset_peak, the peak counts from the net at the reset: the 1 MiB allocated since
         assert 0.5 * MiB <= m["after_reset_peak"] <= 2 * MiB, (name, m)

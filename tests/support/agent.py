@@ -3,6 +3,7 @@ and clients run as uid 65534 with no capabilities inside test cgroups."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,11 +39,15 @@ class AgentProcess:
             argv += ["--watch", watch]
         self.log = open(self.log_path, "a")
         ready = self.text().count(f"serving {self.socket}") + 1  # a previous agent may have logged here
+        # PYTHONFAULTHANDLER: an agent that does not start is asked where it is (SIGABRT) below
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     env=None if env is None else {**os.environ, **env})
+                                     env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
         # generous: inside the vmtest VM (software emulation) the import and load take seconds
         if not wait_until(lambda: self.text().count(f"serving {self.socket}") >= ready or self.proc.poll() is not None,
                           timeout=90):
+            self.proc.send_signal(signal.SIGABRT)  # its threads' stacks go to the log
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
             self.stop()
             raise AssertionError(f"the agent did not start:\n{self.text()}")
         if self.proc.poll() is not None:

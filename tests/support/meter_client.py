@@ -57,7 +57,7 @@ def measure(mib: int) -> dict:
     lim = Limiter(backend="agent", threshold=0.9, metric="usage", relief=False)
     meter = lim.thread_meter()
     out: dict[str, object] = {"backend": lim.backend, "uid": os.getuid(),
-                              "source": getattr(meter, "source", None)}
+                              "source": getattr(meter, "source", None), "hooks": list(lim.stats().hooks)}
 
     def work(name: str, n: int) -> None:
         assert meter is not None
