@@ -90,15 +90,10 @@ class ThreadPages:
             key.value = nxt.value
             if lib.bpf_map_delete_elem(self.fds["tmeters"], ctypes.byref(key)) != 0:
                 break
-        inner = ctypes.c_uint32()
-        for slot in range(self.capacity):
-            key.value = slot
-            for name in OUTER:
-                # Look before deleting: a delete from a map of maps waits for an RCU grace period
-                # even when the slot is empty (kernels before 6.7), which made adopting 4096 slots
-                # take minutes in a slow VM; the lookup costs no wait.
-                if lib.bpf_map_lookup_elem(self.fds[name], ctypes.byref(key), ctypes.byref(inner)) == 0:
-                    lib.bpf_map_delete_elem(self.fds[name], ctypes.byref(key))
+        # The previous agent's pages stay in the outer maps: with no tmeters entry nothing charges
+        # them, and a slot's first use here installs new ones over them (page_fds). Walking every
+        # slot to delete them took minutes in the 6.1 VM (a syscall or two per slot, 4096 slots,
+        # each delete from a map of maps waiting an RCU grace period before 6.7).
         self._write_count()
 
     def _write_count(self) -> None:
