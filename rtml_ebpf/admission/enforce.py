@@ -141,11 +141,7 @@ def end(ticket: Enforced) -> bool:
         if ticket.finished or ticket.ended:
             return False
         ticket.ended = acc.ended = True
-        targets = [ticket.stepping] if ticket.stepped else [ticket.ident]
-        targets += [ident for ident, _ in acc.running.values()]
-        for ident in targets:
-            if ident:
-                raise_in_thread(ident, RequestMemoryExceeded)
+        _raise_in_its_threads(ticket)
     return True
 
 
@@ -157,12 +153,18 @@ def end_again(ticket: Enforced) -> bool:
     with acc.lock:
         if ticket.finished:
             return False
-        targets = [ticket.stepping] if ticket.stepped else [ticket.ident]
-        targets += [ident for ident, _ in acc.running.values()]
-        for ident in targets:
-            if ident:
-                raise_in_thread(ident, RequestMemoryExceeded)
+        _raise_in_its_threads(ticket)
     return True
+
+
+def _raise_in_its_threads(ticket: Enforced) -> None:
+    """RequestMemoryExceeded in the request's thread (or the one stepping its coroutine) and in
+    every helper working for it. Called under the account's lock."""
+    targets = [ticket.stepping] if ticket.stepped else [ticket.ident]
+    targets += [ident for ident, _ in ticket.account.running.values()]
+    for ident in targets:
+        if ident:
+            raise_in_thread(ident, RequestMemoryExceeded)
 
 
 def finished(ticket: Enforced, own_thread: bool) -> None:

@@ -69,15 +69,7 @@ class Handlers:
                               "then a watching one only \"stats\"")
 
     def watch(self, fd: int, conn: Conn, message: dict[str, Any]) -> None:
-        extra = set(message) - {"v", "op", "scope", "rules"}
-        named = message.get("cgroup") if conn.peer.uid == 0 else None  # root may name any cgroup
-        if named is not None:
-            extra.discard("cgroup")
-        if extra & {"cgroup", "pid", "cgroup_id", "path"}:
-            raise ConfigError("the agent decides your cgroup from your connection's credentials; "
-                              "send no cgroup, path or pid (root may send \"cgroup\": a directory)")
-        if extra:
-            raise ConfigError(f"unknown request fields {sorted(extra)}")
+        named = _checked_fields(conn, message, {"v", "op", "scope", "rules"})
         scope = message.get("scope", "self")
         if scope not in protocol.SCOPES:
             raise ConfigError(f"scope={scope!r}: one of {', '.join(protocol.SCOPES)}")
@@ -85,12 +77,7 @@ class Handlers:
         if not isinstance(raw_rules, list) or not 1 <= len(raw_rules) <= protocol.MAX_RULES_PER_REQUEST:
             raise ConfigError(f"rules: a list of 1 to {protocol.MAX_RULES_PER_REQUEST} rules")
         rules = [protocol.rule_from_wire(r) for r in raw_rules]
-        if named is not None:
-            cg = _named_cgroup(named, conn.peer)
-        else:
-            cg = _peer.cgroup_of(conn.peer)
-            if scope == "pod":
-                cg = _peer.pod_ancestor(cg)
+        cg = _asked_cgroup(conn, named, scope)
         cgid = cg.cgroup_id
         state = self.leases.slot_for(cg, cgid, conn.peer.pid)
         conn.cgid = cgid
@@ -114,25 +101,12 @@ class Handlers:
         decides it (credentials; root may name one), and watched already."""
         if self.wakes is None or self.wakes.ring is None:
             raise ConfigError("this agent's programs have no wake ring (an older object or kernel): poll instead")
-        extra = set(message) - {"v", "op", "scope", "level"}
-        named = message.get("cgroup") if conn.peer.uid == 0 else None
-        if named is not None:
-            extra.discard("cgroup")
-        if extra & {"cgroup", "pid", "cgroup_id", "path"}:
-            raise ConfigError("the agent decides your cgroup from your connection's credentials; "
-                              "send no cgroup, path or pid (root may send \"cgroup\": a directory)")
-        if extra:
-            raise ConfigError(f"unknown request fields {sorted(extra)}")
+        named = _checked_fields(conn, message, {"v", "op", "scope", "level"})
         level = protocol.wake_level(message.get("level"))
         scope = message.get("scope", "self")
         if scope not in protocol.SCOPES:
             raise ConfigError(f"scope={scope!r}: one of {', '.join(protocol.SCOPES)}")
-        if named is not None:
-            cg = _named_cgroup(named, conn.peer)
-        else:
-            cg = _peer.cgroup_of(conn.peer)
-            if scope == "pod":
-                cg = _peer.pod_ancestor(cg)
+        cg = _asked_cgroup(conn, named, scope)
         cgid = cg.cgroup_id
         if cgid not in self.leases.slots.by_cgid:
             raise CgroupNotFound(f"cgroup {cg.path} is not watched by the agent: watch it first (a Limiter on it)")
@@ -177,6 +151,29 @@ class Handlers:
         return {"ok": True, "faults": int(c.faults), "events": int(c.events),
                 "growth": {k: [int(getattr(c, f"{k}_charged")), int(getattr(c, f"{k}_uncharged"))]
                            for k in abi.GROWTH_KINDS}}
+
+
+def _checked_fields(conn: Conn, message: dict[str, Any], allowed: set[str]) -> object:
+    """Refuse fields beyond ``allowed`` (naming a cgroup, path or pid above all: the agent decides
+    the cgroup from the credentials); return the cgroup a root peer named, else None."""
+    extra = set(message) - allowed
+    named = message.get("cgroup") if conn.peer.uid == 0 else None  # root may name any cgroup
+    if named is not None:
+        extra.discard("cgroup")
+    if extra & {"cgroup", "pid", "cgroup_id", "path"}:
+        raise ConfigError("the agent decides your cgroup from your connection's credentials; "
+                          "send no cgroup, path or pid (root may send \"cgroup\": a directory)")
+    if extra:
+        raise ConfigError(f"unknown request fields {sorted(extra)}")
+    return named
+
+
+def _asked_cgroup(conn: Conn, named: object, scope: str) -> _cgroup.MemoryCgroup:
+    """The cgroup a request is about: the one a root peer named, else the peer's own (or its pod's)."""
+    if named is not None:
+        return _named_cgroup(named, conn.peer)
+    cg = _peer.cgroup_of(conn.peer)
+    return _peer.pod_ancestor(cg) if scope == "pod" else cg
 
 
 def _named_cgroup(value: object, peer: _peer.Peer) -> _cgroup.MemoryCgroup:
