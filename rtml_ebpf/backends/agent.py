@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -40,6 +41,7 @@ from .agent_maps import (  # noqa: F401 - _address: tests/support maps pages wit
     thread_meter_from_pins,
 )
 from .agent_meter import shared_meter
+from .agent_own import own_connection
 from .agent_wake import waker_of
 from .base import Flag
 
@@ -181,6 +183,7 @@ class AgentBackend:
         self._next_check = 0.0
         self._fail_answer = False
         self._scope, self._other = _scope_for(cgroup, own_cgroup_id)
+        _BACKENDS.add(self)
 
     # -- rules --------------------------------------------------------------------------------
     def add_rule(self, rule: Rule) -> Lease:
@@ -337,8 +340,9 @@ class AgentBackend:
         s = read_consistent(flag.view)
         growth: dict[str, tuple[int, int]] = {}
         faults = events = None
-        if full and flag.sock is not None:
-            counters = self._stats(flag.sock)
+        live = _round_trip(self, flag) if full else None
+        if live is not None:
+            counters = ask_stats(live[0], live[1], CONNECT_TIMEOUT)
             if counters:
                 growth = {k: (int(v[0]) * PAGE_SIZE, int(v[1]) * PAGE_SIZE) for k, v in counters["growth"].items()}
                 events = int(counters["events"])
@@ -394,6 +398,29 @@ class AgentBackend:
             except BufferError:
                 pass
             self._beat = None
+
+
+def _round_trip(backend: AgentBackend, lease: Lease) -> tuple[socket.socket, threading.Lock] | None:
+    """The connection (and its lock) for a request/response: the lease's, in the process that
+    made the backend; in a forked child (a pre-fork worker) one of the child's own (agent_own.py),
+    never the parent's lease, on which the two processes' replies would cross. None: no counters
+    this time (no connection, or the agent refused this process one)."""
+    if os.getpid() == backend.pid:
+        return None if lease.sock is None else (lease.sock, backend._sock_lock)
+    return own_connection(backend, _request)
+
+
+_BACKENDS: weakref.WeakSet[AgentBackend] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A lock held by another thread at the fork stays held in the child: the monitor's look at a
+    lease (maintain) would wait on it every time. The child's copies start free."""
+    for backend in list(_BACKENDS):
+        backend._sock_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _rule_index(reply: dict[str, Any]) -> int:

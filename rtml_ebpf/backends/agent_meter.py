@@ -13,13 +13,13 @@ measurement never mixes sources); a thread the agent has no room for, or one ask
 than the agent's request rate allows, is measured by getrusage until a later begin().
 
 A forked process (a pre-fork server's worker, a multiprocessing child) may not ask on its
-parent's connections: the agent takes the asker's identity from the connection's peer
-credentials, would refuse the child's tids as not the peer's and close the parent's lease. At
-its first meter use it opens a connection of its own instead, watching the same cgroup and rule
-as a lease of its parent's (the agent's caps apply to it: 32 connections per pid, 256 per
-cgroup; refused, the process measures with getrusage and says why in stats()["fallback"]). The
-parent's connections are left alone; a child's own connection closes when it exits, and the
-agent frees its entries then.
+parent's connections: it asks on a connection of its own (agent_own.py); refused (the agent's
+caps), it measures with getrusage and says why in stats()["fallback"].
+
+``source`` says what measures this process's threads now: "agent" while every thread measured
+since the last look was measured by the agent's pages, "agent+rusage" when one or more fell back
+to getrusage (stats()["rusage_threads"] and ["rusage_why"] say how many and why), "rusage" when
+the agent refused the meter altogether (stats()["off"]).
 """
 
 from __future__ import annotations
@@ -39,20 +39,17 @@ from typing import Any
 from ..agent import protocol
 from ..config import PAGE_SIZE
 from ..ebpf import abi
-from ..errors import AgentUnavailable
+from .agent_own import Connect, _own_for
 from .meter import RUSAGE
 
 log = logging.getLogger("rtml_ebpf")
 ASKS_PER_SECOND = 8  # the agent fails a connection past 20 requests a second: stay well under
 RETRY_FULL = 30.0  # seconds before a thread refused for room asks again
 TIMEOUT = 1.0
-RECONNECT = 1.0  # seconds before a forked process opens its connection again after the agent closed it
-OWN_CHECK = 0.2  # seconds between looks at whether the agent closed that connection
 _GEN_MASK = 0xFFFFFFFF
+MAX_RUSAGE_TIDS = 1024  # threads on getrusage kept with their reason before the ended ones are dropped
 
 LiveSocket = Callable[[], "tuple[socket.socket, threading.Lock] | None"]
-# backends/agent.py's _request: (rule, scope, socket path, cgroup) -> (socket, reply, fds)
-Connect = Callable[[Any, str, str, "str | None"], "tuple[socket.socket, dict[str, Any], list[int]]"]
 
 
 def lease_socket(backend: Any) -> tuple[socket.socket, threading.Lock] | None:
@@ -65,83 +62,9 @@ def lease_socket(backend: Any) -> tuple[socket.socket, threading.Lock] | None:
     return None
 
 
-def fork_watch(backend: Any, connect: Connect) -> socket.socket:
-    """A connection of this (forked) process watching the cgroup and rule of a lease ``backend``
-    holds for the process that built it, as that lease's own request did (root clients naming
-    another cgroup send it). AgentUnavailable says why not."""
-    lease = None if backend.lost else next((x for x in backend._leases if not x.retired), None)
-    if lease is None:
-        raise AgentUnavailable(backend.lost or "the Limiter this process inherited holds no rule")
-    sock, reply, fds = connect(lease.rule, backend._scope, backend.path, backend._other)
-    for fd in fds:
-        _close(fd)  # the verdict and beat pages: the inherited mappings are the same pages
-    if reply.get("cgroup_id") != backend._cgid:
-        sock.close()
-        raise AgentUnavailable(f"the agent serves cgroup {reply.get('cgroup')} to this process, not the "
-                               "Limiter's: a forked process in another cgroup measures with getrusage")
-    return sock
-
-
-class _Own:
-    """A forked process's own connection to the agent, for its meter asks (see the module's
-    docstring): opened at first use, reopened (after RECONNECT) when the agent closed it."""
-
-    __slots__ = ("connect", "live", "mu", "retry_at", "check_at", "why")
-
-    def __init__(self, connect: Connect | None) -> None:
-        self.connect = connect
-        self.live: tuple[socket.socket, threading.Lock] | None = None
-        self.mu = threading.Lock()
-        self.retry_at = self.check_at = 0.0
-        self.why: str | None = None  # why this process measures with getrusage, when it does
-
-    def get(self, backends: list[Any]) -> tuple[socket.socket, threading.Lock] | None:
-        live, now = self.live, time.monotonic()
-        if live is not None:
-            if now < self.check_at:
-                return live
-            self.check_at = now + OWN_CHECK
-            if not _peer_closed(live[0]):
-                return live
-            self.drop("the agent closed this process's meter connection (restarted?)", now + RECONNECT)
-        if now < self.retry_at or self.connect is None or not self.mu.acquire(blocking=False):
-            return None  # (another thread is connecting: this measurement is getrusage's, none waits)
-        try:
-            if self.live is not None or now < self.retry_at:
-                return self.live
-            for backend in backends:
-                try:
-                    self.live = (fork_watch(backend, self.connect), threading.Lock())
-                    self.why = None
-                    return self.live
-                except (AgentUnavailable, OSError) as exc:
-                    self.why = f"no meter connection of this forked process: {exc}"[:400]
-            self.retry_at = now + RETRY_FULL  # e.g. the agent's cap of connections per cgroup
-            log.info("rtml-ebpf: %s; its threads are measured with getrusage", self.why)
-            return None
-        finally:
-            self.mu.release()
-
-    def drop(self, why: str, retry_at: float) -> None:
-        live, self.live, self.why, self.retry_at = self.live, None, why, retry_at
-        if live is not None:
-            live[0].close()
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
-
-
 _SHARED: dict[tuple[str, int], AgentThreadMeter] = {}
 _SHARED_MU = threading.Lock()
 _METERS: weakref.WeakSet[AgentThreadMeter] = weakref.WeakSet()
-
-
 def shared_meter(backend: Any, connect: Connect | None = None) -> AgentThreadMeter:
     """One meter per process, agent socket and cgroup, whatever the number of Limiters: the agent
     keeps one entry per thread (the last connection to ask gets it), so two meters asking for the
@@ -154,7 +77,7 @@ def shared_meter(backend: Any, connect: Connect | None = None) -> AgentThreadMet
     with _SHARED_MU:
         meter = _SHARED.get(key)
         if meter is None or meter.pid != os.getpid():
-            meter = _SHARED[key] = AgentThreadMeter(lambda: None, connect)
+            meter = _SHARED[key] = AgentThreadMeter(lambda: None, connect, key)
         meter.add_source(ref, getattr(backend, "pid", os.getpid()))
         return meter
 
@@ -200,15 +123,14 @@ class _Reg:
 class AgentThreadMeter:
     """The Meter protocol (backends/meter.py) over the pages the agent lent this cgroup."""
 
-    source = "agent"
-
-    def __init__(self, live: LiveSocket, connect: Connect | None = None) -> None:
+    def __init__(self, live: LiveSocket, connect: Connect | None = None, key: tuple[str, int] | None = None) -> None:
         self._first = live  # the socket of a live lease (and its lock), or None
         # AgentBackends (shared_meter), asked after it, with the pid that made each: a lease of an
         # earlier process (we were forked) is only a template for a connection of our own
         self._sources: list[tuple[weakref.ref[Any], int]] = []
         self.pid = self._first_pid = os.getpid()  # a forked child must not ask on its parent's connections
-        self._own = _Own(connect)
+        self._key = key  # (agent socket, cgroup id): a forked process's own connection is shared by key
+        self._own = _own_for(key, connect)
         _METERS.add(self)
         self._mu = threading.Lock()
         self._local = threading.local()
@@ -225,6 +147,7 @@ class AgentThreadMeter:
         self.off: str | None = None  # why the agent's meter is not used at all (it refused the op)
         self.refused = 0  # registrations the agent had no room for
         self.registered = 0  # threads the agent granted an entry
+        self._rusage: dict[int, str] = {}  # native tid -> why its current measurement is getrusage's
 
     # -- registration -------------------------------------------------------------------------
     def add_source(self, ref: weakref.ref[Any], pid: int) -> None:
@@ -260,13 +183,14 @@ class AgentThreadMeter:
         it close when the parent exits."""
         self.pid = os.getpid()
         self._mu, self._ask_mu, self._local = threading.Lock(), threading.Lock(), threading.local()
-        inherited, self._own = self._own, _Own(self._own.connect)
-        if inherited.live is not None:
+        inherited, self._own = self._own, _own_for(self._key, self._own.connect)
+        if inherited.live is not None and inherited is not self._own:
             inherited.live[0].close()
         self._new_era(None)
         self._by_tid = {}
         self._asks, self._quiet_era = [], -1
         self.refused = self.registered = 0
+        self._rusage = {}
 
     def _reg(self) -> _Reg | None:
         reg: _Reg | None = getattr(self._local, "reg", None)
@@ -372,13 +296,33 @@ class AgentThreadMeter:
     def _net(self, w: memoryview, reg: _Reg) -> int:
         return int(w[reg.entry * abi.TENTRY_WORDS + abi.TE_NET]) if self._ours(w, reg) else 0
 
+    @property
+    def source(self) -> str:
+        """What measures this process's threads (see the module's docstring). Reads /proc for
+        the threads on getrusage (gone ones leave the count): for stats, not the hot path."""
+        if self.off:
+            return "rusage"
+        _prune(self._rusage)
+        return "agent+rusage" if self._rusage else "agent"
+
+    def _fell_back(self, on_rusage: bool) -> None:
+        """Record whether the calling thread's measurement (begun now) is getrusage's, and why."""
+        self._local.rusage = on_rusage
+        tid = threading.get_native_id()
+        if not on_rusage:
+            self._rusage.pop(tid, None)
+            return
+        self._rusage[tid] = _why_rusage(self, getattr(self._local, "reg", None))
+        if len(self._rusage) > MAX_RUSAGE_TIDS:  # threads come and go while nobody reads stats
+            _prune(self._rusage)
+
     def begin(self) -> int:
         reg = self._start()
         w, b = self._words, self._begins  # (locals: a new era may drop them meanwhile)
         if reg is None or w is None or b is None:
-            self._local.rusage = True
+            self._fell_back(True)
             return RUSAGE.begin()
-        self._local.rusage = False
+        self._fell_back(False)
         b[reg.entry] = (b[reg.entry] + 1) & 0xFFFFFFFFFFFFFFFF  # restarts the entry's peak
         return self._net(w, reg) * PAGE_SIZE
 
@@ -400,7 +344,7 @@ class AgentThreadMeter:
     def reset_peak(self) -> None:
         reg = self._start()
         b = self._begins
-        self._local.rusage = reg is None or b is None
+        self._fell_back(reg is None or b is None)
         if reg is not None and b is not None:
             b[reg.entry] = (b[reg.entry] + 1) & 0xFFFFFFFFFFFFFFFF
 
@@ -413,12 +357,42 @@ class AgentThreadMeter:
 
     def stats(self) -> dict[str, Any]:
         """``connection``: "own" for a forked process's own, "lease" for a lease's, None before the
-        first ask; ``fallback``: why a forked process measures with getrusage, when it does."""
+        first ask; ``fallback``: why a forked process measures with getrusage, when it does;
+        ``rusage_threads``: live threads whose current measurement is getrusage's, and
+        ``rusage_why`` the reasons (a reason -> how many)."""
         conn = None if self._sock is None else "own" if self._own.live is not None and \
             self._own.live[0] is self._sock else "lease"
-        return {"source": self.source, "threads": len(self._by_tid), "registered": self.registered,
+        source = self.source
+        whys: dict[str, int] = {}
+        for why in list(self._rusage.values()):
+            whys[why] = whys.get(why, 0) + 1
+        return {"source": source, "threads": len(self._by_tid), "registered": self.registered,
                 "refused": self.refused, "off": self.off, "pid": self.pid, "connection": conn,
-                "fallback": self._own.why}
+                "fallback": self._own.why, "rusage_threads": sum(whys.values()), "rusage_why": whys}
+
+
+def _why_rusage(m: AgentThreadMeter, reg: _Reg | None) -> str:
+    """Why the calling thread's measurement, begun now, is getrusage's (``reg``: its entry)."""
+    if m.off:
+        return f"the agent refused the meter: {m.off}"
+    if os.getpid() != m.pid:
+        return "forked without the fork hooks (a fork from C): no connection of this process's own"
+    if m._own.why is not None:
+        return m._own.why
+    if reg is not None and reg.era == m._era and reg.entry < 0:
+        return f"the agent had no room for this thread (asks again {RETRY_FULL:.0f} s after)"
+    if m._quiet_era == m._era:
+        return "the agent did not answer a meter ask on this connection"
+    if len(m._asks) >= ASKS_PER_SECOND:
+        return f"more than {ASKS_PER_SECOND} new threads asked in a second (the agent's request rate)"
+    return "no live connection to the agent (lost, or reconnecting)"
+
+
+def _prune(table: dict[int, str]) -> None:
+    """Drop the threads of ``table`` that have ended."""
+    for tid in list(table):
+        if not os.path.exists(f"/proc/self/task/{tid}"):
+            table.pop(tid, None)
 
 
 def _close(fd: int) -> None:
