@@ -1,10 +1,13 @@
-"""P4's child: import rtml_ebpf and make an eBPF Limiter in a fresh interpreter.
+"""P4's child: import rtml_ebpf and make a Limiter in a fresh interpreter.
 
-Prints one JSON line: the seconds each step took and the RSS they added together.
+argv[1]: the backend ("ebpf": its own load, the default; "auto" with the shared load's
+environment: start or adopt the node's shared load). Prints one JSON line: the seconds each step
+took, the RSS they added together, and the backend with its reason.
 """
 
 import json
 import os
+import sys
 import time
 
 
@@ -18,8 +21,9 @@ t0 = time.perf_counter()
 import rtml_ebpf  # noqa: E402  (the import is what is timed)
 
 t1 = time.perf_counter()
-lim = rtml_ebpf.Limiter(backend="ebpf")
+lim = rtml_ebpf.Limiter(backend=sys.argv[1] if len(sys.argv) > 1 else "ebpf")
 t2 = time.perf_counter()
 r2 = rss()
-print(json.dumps({"import_s": t1 - t0, "limiter_s": t2 - t1, "total_s": t2 - t0, "rss_bytes": r2 - r0}))
+print(json.dumps({"import_s": t1 - t0, "limiter_s": t2 - t1, "total_s": t2 - t0, "rss_bytes": r2 - r0,
+                  "backend": lim.backend, "reason": lim.stats().backend_reason}))
 lim.close()

@@ -3,7 +3,8 @@
 Root processes in cgroups of their own, ``Limiter()`` with ``backend="auto"`` (tests/support/
 shared_client.py), with no node agent: the first starts the node's shared load (an agent on a
 private socket and pin directory, tests/support/shared.py), the others join it. With a node
-agent running, a root client uses it and says so."""
+agent running, a root client uses it and says so. How long adopting takes (issue 20: ≤ 20 ms) is a
+figure of `make bench` (P4), not a timed assertion here."""
 
 from __future__ import annotations
 
@@ -119,19 +120,8 @@ def test_n_processes_share_one_set_of_programs() -> None:
         assert not any(c.ask("check")["reached"] for c in procs[1:])
 
 
-def test_a_process_adopting_the_shared_load_builds_its_first_limiter_in_20_ms() -> None:
-    # Not in the vmtest VM: software emulation there makes every start-up seconds long.
-    with shared_place() as place, clients(6, place.env) as procs:
-        # The path takes ~12 ms here (one round trip to the agent is ~7 of them, mostly its
-        # wake-up); on a busy 2-core machine the agent's scheduling adds more, so: the best of
-        # the five adopters within 20 ms, and none past 100.
-        adopters = sorted(c.hello["build_ms"] for c in procs[1:])
-        assert all(c.hello["backend"] == "agent" for c in procs)
-        assert adopters[0] <= 20 and adopters[-1] <= 100, adopters
-
-
 def test_the_control_without_sharing_each_process_loads_its_own() -> None:
-    # The figure the test above improves on: RTML_SHARED=0, every root process loads a set.
+    # The control of the first test: with RTML_SHARED=0 every root process loads a set of its own.
     with shared_place() as place, clients(3, {**place.env, "RTML_SHARED": "0"}) as procs:
         held = [prog_ids_held(c.hello["pid"]) for c in procs]
         assert all(c.hello["backend"] == "ebpf" for c in procs), [c.hello for c in procs]
