@@ -30,7 +30,12 @@ from ..ebpf.abi import THREAD_WORDS as T_WORDS
 
 
 class Meter(Protocol):
-    source: str
+    @property
+    def source(self) -> str:
+        """What measures the threads: "ebpf", "agent", "rusage"; "ebpf+rusage" or
+        "agent+rusage" while some live thread's measurement fell back to getrusage (the
+        meter's stats() says why)."""
+        ...
 
     def begin(self) -> int:
         """Start a measurement on the calling thread: resets its peak, returns its net bytes."""
@@ -94,19 +99,38 @@ class _Registration:
 class EbpfThreadMeter:
     """Reads the ``threads`` array the programs keep (see bpf/rtml.h, struct rtml_thread)."""
 
-    source = "ebpf"
-
     def __init__(self, words: memoryview, entries: int, owner: object) -> None:
         self._words = words  # int64 view of the mapping
         self._entries = entries
         self._owner = owner  # keeps the runtime (and so the mapping) alive
         self._local = threading.local()
+        self._rusage: dict[int, int] = {}  # native tid -> the live thread holding its entry
         _meters.add(self)
+
+    @property
+    def source(self) -> str:
+        """"ebpf", or "ebpf+rusage" while a live thread is on getrusage because another live
+        thread holds its entry (``tid % entries``). Reads /proc: for stats, not the hot path."""
+        self._prune()
+        return "ebpf+rusage" if self._rusage else "ebpf"
+
+    def _prune(self) -> None:
+        for tid in list(self._rusage):
+            if not os.path.exists(f"/proc/self/task/{tid}"):
+                self._rusage.pop(tid, None)
+
+    def stats(self) -> dict[str, object]:
+        """``rusage_threads``: live threads measured by getrusage; ``rusage_why``: why."""
+        source, held = self.source, dict(self._rusage)
+        return {"source": source, "rusage_threads": len(held),
+                "rusage_why": {f"thread {tid}: its entry is held by live thread {holder}": 1
+                               for tid, holder in held.items()}}
 
     def _forked(self) -> None:
         # The thread that forked is a new thread in the child (another tid): its registration
         # names the parent's thread, whose entry it would keep reading. It registers afresh.
         self._local = threading.local()
+        self._rusage = {}
 
     def _entry(self) -> int | None:
         """Word offset of the calling thread's entry, registering it on first use."""
@@ -118,6 +142,9 @@ class EbpfThreadMeter:
         holder = self._words[base + T_TID]
         if holder not in (0, tid) and os.path.exists(f"/proc/{holder}"):
             self._local.reg = None  # another live thread holds it: rusage for this one
+            self._rusage[tid] = holder
+            if len(self._rusage) > 1024:  # (threads come and go while nobody reads stats)
+                self._prune()
             return None
         w = self._words
         if holder != tid:  # already ours: greenlets (gevent) share the thread, and its counters
