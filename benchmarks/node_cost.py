@@ -83,14 +83,23 @@ class _NodeAgent:
     def __init__(self, glob: str, tmp: str) -> None:
         self.socket = os.path.join(tmp, "agent.sock")
         self.log = open(os.path.join(tmp, "agent.log"), "a")
+        self._log_start = self.log.tell()  # this agent's lines only (one log for every rep)
         self.proc = subprocess.Popen([sys.executable, "-m", "rtml_ebpf.cli", "agent", "--socket", self.socket,
                                       "--no-pin", "--watch", glob, "--metrics-addr", "off"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
+        # Ready when it logs "serving" (after its listener, just before its loop): the socket
+        # alone appears earlier, and 32 clients asking then could wait past their timeout.
         deadline = time.monotonic() + 60
-        while not os.path.exists(self.socket):
+        while not (os.path.exists(self.socket) and self._said("serving ")):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"P11: the agent did not start ({self.proc.returncode})")
             time.sleep(0.05)
+
+    def _said(self, words: str) -> bool:
+        self.log.flush()
+        with open(self.log.name) as f:
+            f.seek(self._log_start)
+            return words in f.read()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
