@@ -108,6 +108,10 @@ class MemoryLimitMiddleware:
                     replaced = True  # a framework turned the exception into its 500: say what happened
                     await self._reject(send, self._refused(ticket))
                     return
+                if ticket.pending and not started and not admission.take_slot(ticket):
+                    replaced = True  # it answers without its body: it holds its slot now, or is refused
+                    await self._reject(send, self._refused(ticket))
+                    return
                 started = True
             elif not message.get("more_body", False) and message["type"] == "http.response.body":
                 admission.release(ticket)  # a learning slot is free before the client has its answer
@@ -142,7 +146,7 @@ class MemoryLimitMiddleware:
 
     def _refused(self, ticket: Ticket) -> bytes:
         """What to answer a request stopped after admission: refused as its body grew, or ended."""
-        if ticket.refused and not ticket.ended:
+        if ticket.refused:  # (a pending request that could not take its slot is ended too: refused)
             record_rejection("asgi")
             return self.policy.rejection_body(ticket)
         record_ended("asgi")

@@ -113,7 +113,8 @@ class MemoryLimitMiddleware:
         def start_response_guarded(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             # A framework that turns the exception into its own 500 (Flask, Django) still answers
             # what happened: the request was ended, retry later.
-            if (ticket.ended or ticket.refused) and status[:1] == "5":
+            if (ticket.ended or ticket.refused) and status[:1] == "5" or (
+                    ticket.pending and not admission.take_slot(ticket)):  # it answers without its body
                 replaced.append(True)
                 return start_response(self.status, self._headers(self._refused(ticket, count=False),
                                                                  ticket.refused and _may_close(environ)), exc_info)
@@ -153,7 +154,7 @@ class MemoryLimitMiddleware:
 
     def _refused(self, ticket: Ticket, count: bool = True) -> bytes:
         """What to answer a request stopped after admission: refused as its body grew, or ended."""
-        if ticket.refused and not ticket.ended:
+        if ticket.refused:  # (a pending request that could not take its slot is ended too: refused)
             if count:
                 record_rejection("wsgi")
             return self.policy.rejection_body(ticket)

@@ -1,6 +1,10 @@
 """The request's body as it is read, for the integrations: each read grows the reservation of a
 body of unknown size (chunked) and is refused when the grown reservation no longer fits; a request
-admitted *pending* (it could only run alone or learning) takes its slot once its body is in.
+admitted *pending* (it could only run alone or learning) takes its slot once its body is in, or
+sooner: when its app starts the response (the integrations), or when its app grows past what the
+body read so far explains (``PendingWatch``: an app that ignores the body and allocates would
+otherwise stay pending, its memory in no budget). A pending request that cannot take its slot
+then is ended (RequestMemoryExceeded in its thread or at its coroutine's next step: 503).
 
 A refusal raises :class:`BodyRefused` where the app reads (``receive()``, ``wsgi.input.read()``),
 before it gets the bytes that did not fit; the integration answers 503 when no response has
@@ -9,10 +13,15 @@ started, as for a request the enforcer ended.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RequestMemoryExceeded
+from .enforce import end
 
 if TYPE_CHECKING:
     from .budget import Admission
@@ -20,6 +29,87 @@ if TYPE_CHECKING:
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
+log = logging.getLogger("rtml_ebpf")
+
+# Growth a pending request may show before its body is in: the framework's own request objects,
+# and the body it buffers (counted twice: bytes as read, and once decoded or copied).
+PENDING_SLACK = 1 << 20
+PENDING_LOOK = 0.02  # seconds between looks at the pending requests' growth (only while there are some)
+
+
+def explained(read: int) -> int:
+    """Bytes of growth that ``read`` bytes of body explain, for a request still waiting for the rest."""
+    return PENDING_SLACK + 2 * read
+
+
+class _Pending:
+    """A pending request as the watch sees it: its admission, its ticket, its body bytes read."""
+
+    __slots__ = ("admission", "ticket", "read")
+
+    def __init__(self, admission: Admission, ticket: Ticket) -> None:
+        self.admission, self.ticket, self.read = admission, ticket, 0
+
+
+class PendingWatch:
+    """One thread per process, awake only while pending requests are in flight: a pending request
+    whose measured growth passes what its body explains takes its slot (Admission.take_slot), and
+    is ended when it cannot. Its growth comes from the request's meter (its thread's or its
+    coroutine's steps, and its helper threads'), read without a system call on the eBPF and agent
+    meters."""
+
+    def __init__(self) -> None:
+        self._mu = threading.Lock()
+        self._items: dict[int, _Pending] = {}
+        self._some = threading.Event()
+        self._pid = 0
+
+    def add(self, admission: Admission, ticket: Ticket) -> _Pending:
+        item = _Pending(admission, ticket)
+        with self._mu:
+            self._items[id(ticket)] = item
+            if self._pid != os.getpid():  # first use in this process (a forked worker has no thread)
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="rtml-pending", daemon=True).start()
+        self._some.set()
+        return item
+
+    def _run(self) -> None:
+        while True:
+            self._some.wait()
+            time.sleep(PENDING_LOOK)
+            with self._mu:
+                items = list(self._items.values())
+            for item in items:
+                try:
+                    self._look(item)
+                except Exception as exc:  # noqa: BLE001 - the watch must outlive any one request
+                    log.error("rtml-ebpf: the look at a request waiting for its body failed: %s", exc)
+                    self._drop(item)
+            with self._mu:
+                if not self._items:
+                    self._some.clear()
+
+    def _look(self, item: _Pending) -> None:
+        ticket = item.ticket
+        if ticket.finished or ticket.refused or not ticket.pending:
+            self._drop(item)
+        elif ticket.grown() > explained(item.read):
+            self._drop(item)
+            if not item.admission.take_slot(ticket):
+                end(ticket)  # it grows without its body and cannot have its slot: 503 before it goes on
+
+    def _drop(self, item: _Pending) -> None:
+        with self._mu:
+            if self._items.get(id(item.ticket)) is item:
+                del self._items[id(item.ticket)]
+
+    def after_fork_in_child(self) -> None:
+        self._mu, self._items, self._some, self._pid = threading.Lock(), {}, threading.Event(), 0
+
+
+PENDING = PendingWatch()
+os.register_at_fork(after_in_child=PENDING.after_fork_in_child)
 
 
 class BodyRefused(RequestMemoryExceeded):
@@ -38,6 +128,7 @@ def gated_receive(receive: Receive, admission: Admission, ticket: Ticket, sized:
     """ASGI ``receive`` reporting the body as it arrives; ``sized``: its length was declared (only
     its end matters then)."""
     read = 0
+    watched = PENDING.add(admission, ticket) if ticket.pending else None
 
     async def receive_gated() -> Message:
         nonlocal read
@@ -46,9 +137,11 @@ def gated_receive(receive: Receive, admission: Admission, ticket: Ticket, sized:
         message = await receive()
         if message.get("type") == "http.request":
             body = message.get("body")
-            if body and not sized:
+            if body:
                 read += len(body)
-                if not admission.body_read(ticket, read):
+                if watched is not None:
+                    watched.read = read
+                if not sized and not admission.body_read(ticket, read):
                     raise BodyRefused
             if not message.get("more_body", False) and not admission.body_done(ticket):
                 raise BodyRefused
@@ -65,6 +158,7 @@ class GatedInput:
         self._stream, self._admission, self._ticket, self._length = stream, admission, ticket, length
         self._read = 0
         self._done = False
+        self._watched = PENDING.add(admission, ticket) if ticket.pending else None
 
     def _saw(self, data: bytes, asked: int | None) -> bytes:
         ticket = self._ticket
@@ -72,6 +166,8 @@ class GatedInput:
             raise BodyRefused
         if data:
             self._read += len(data)
+            if self._watched is not None:
+                self._watched.read = self._read
             if self._length is None and not self._admission.body_read(ticket, self._read):
                 raise BodyRefused
         end = (not data and asked != 0) or asked is None or asked < 0 or (

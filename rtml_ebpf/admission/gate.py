@@ -58,12 +58,18 @@ class BodyGate:
     def body_done(self, ticket: Ticket) -> bool:
         """The request's body has been read. A *pending* request (one that could only run alone or
         learning) takes its slot now; False: it cannot (``ticket.refused`` is set: answer 503)."""
+        return self.take_slot(ticket)
+
+    def take_slot(self, ticket: Ticket) -> bool:
+        """A *pending* request takes its slot now: its body is in, its app starts the response
+        without it, or its app grows past what the body read so far explains (body.py's watch).
+        False: it cannot (``ticket.refused`` is set: answer 503, or end it)."""
         if not ticket.pending:
             return True
         try:
             return self._recheck(ticket, grown=False)
         except Exception as exc:  # noqa: BLE001
-            log.error("rtml-ebpf: admission failed (%s) after a body was read; letting it through", exc)
+            log.error("rtml-ebpf: admission failed (%s) for a request waiting for its body; letting it through", exc)
             ticket.pending = False
             return True
 
@@ -75,6 +81,8 @@ class BodyGate:
             return True
         est, shared = self.estimator, self._shared
         with self._mu:
+            if not grown and (not ticket.pending or ticket.refused):
+                return not ticket.refused  # another thread took its slot (or refused it) meanwhile
             if ticket.pending and grown:
                 # Still waiting for its body: refused only when it could never fit even alone.
                 why = "too_large" if never_fits(ticket.estimate, self._widest) else None
