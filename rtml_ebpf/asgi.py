@@ -15,6 +15,8 @@ request the enforcer ends (it overran its reservation while the cgroup neared th
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -39,6 +41,14 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# A 503 sent while the client is still sending its body: the rest is read and dropped, up to these
+# bounds, before the response ends. The server closes the connection then (Connection: close), and
+# a close with unread bytes makes the kernel send a reset, which a client still sending gets
+# instead of the 503 (http.client, requests: 0 of 10 64 MiB chunked uploads saw it).
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 10.0  # in all (a loaded 2-core VM took over 2 s to drop 58 MiB: 3 resets in 20)
+DRAIN_IDLE = 1.0  # between two pieces of the body: a client that stops sending is not waited for
 
 
 class MemoryLimitMiddleware:
@@ -91,13 +101,16 @@ class MemoryLimitMiddleware:
         shed, ticket = self.policy.admit(path, route_key(scope.get("method", "GET"), path), size=size, stepped=True,
                                          body=has_body)
         if shed:
-            await self._reject(send, self.policy.rejection_body())
+            await self._reject(send, self.policy.rejection_body(), receive if has_body else None)
             return
         admission = self.policy.admission
         if ticket is None or admission is None:
             await self.app(scope, receive, send)
             return
         started = replaced = False
+        body = _Body(receive) if has_body else None
+        if body is not None:
+            receive = body.receive
 
         async def send_tracked(message: Message) -> None:
             nonlocal started, replaced
@@ -106,11 +119,11 @@ class MemoryLimitMiddleware:
             if message["type"] == "http.response.start":
                 if (ticket.ended or ticket.refused) and not started and int(message.get("status", 200)) >= 500:
                     replaced = True  # a framework turned the exception into its 500: say what happened
-                    await self._reject(send, self._refused(ticket))
+                    await self._reject(send, self._refused(ticket), _unread(body))
                     return
                 if ticket.pending and not started and not admission.take_slot(ticket):
                     replaced = True  # it answers without its body: it holds its slot now, or is refused
-                    await self._reject(send, self._refused(ticket))
+                    await self._reject(send, self._refused(ticket), _unread(body))
                     return
                 started = True
             elif not message.get("more_body", False) and message["type"] == "http.response.body":
@@ -125,7 +138,7 @@ class MemoryLimitMiddleware:
             if started:
                 raise  # the response is under way: the server closes the connection
             if not replaced:
-                await self._reject(send, self._refused(ticket))
+                await self._reject(send, self._refused(ticket), _unread(body))
         finally:
             admission.finish(ticket)
 
@@ -152,7 +165,9 @@ class MemoryLimitMiddleware:
         record_ended("asgi")
         return ENDED_BODY
 
-    async def _reject(self, send: Send, body: bytes = REJECTION_BODY) -> None:
+    async def _reject(self, send: Send, body: bytes = REJECTION_BODY, unread: Receive | None = None) -> None:
+        """503; ``unread``: the request's body is still coming, read and dropped after the 503 is
+        out (within DRAIN_BYTES and DRAIN_SECONDS), so the close does not reset it away."""
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
@@ -160,7 +175,51 @@ class MemoryLimitMiddleware:
             (b"connection", b"close"),
         ]
         await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        if unread is None:
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await _drain(unread)
+        await send({"type": "http.response.body", "body": b""})
+
+
+class _Body:
+    """The request's ``receive``, noting when its body has all arrived (or the client left)."""
+
+    __slots__ = ("_receive", "done")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive, self.done = receive, False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message.get("type") == "http.disconnect" or not message.get("more_body", False):
+            self.done = True
+        return message
+
+
+def _unread(body: _Body | None) -> Receive | None:
+    """The raw receive of a body still coming (to drain after a 503), None when it is all in."""
+    return None if body is None or body.done else body.receive
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a request's body, up to DRAIN_BYTES, DRAIN_SECONDS and DRAIN_IDLE; past them
+    the server's close may reach the client as a reset (docs/admission.md says when)."""
+    deadline, read = time.monotonic() + DRAIN_SECONDS, 0
+    try:
+        while read <= DRAIN_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            message = await asyncio.wait_for(receive(), min(left, DRAIN_IDLE))
+            if message.get("type") != "http.request":
+                return  # http.disconnect: the client left
+            read += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+    except (asyncio.TimeoutError, OSError, RuntimeError):
+        return  # (a server that will not give more of the body once the app has answered)
 
 
 def _leaving(send: Send, admission: Admission) -> Send:
