@@ -18,6 +18,8 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stddef.h>
+#include <string.h>
+#include <limits.h>
 #include <time.h>
 
 #if defined(Py_LIMITED_API) && Py_LIMITED_API + 0 < 0x030C0000
@@ -204,8 +206,9 @@ static PyType_Spec verdict_spec = {
 
 #define LEDGER_BYTES ((Py_ssize_t)((LEDGER_HEADER + LEDGER_ROWS * LEDGER_FIELDS) * sizeof(long long)))
 
-/* The fence and the sums, over a view of at least LEDGER_BYTES. */
-static PyObject *sum_rows(const long long *q, Py_ssize_t own)
+/* The fence and the sums, over a view of at least LEDGER_BYTES: reserved, inflight, learning (every
+ * row but own), largest, per_kib (every row). */
+static void sums_of(const long long *q, Py_ssize_t own, long long out[5])
 {
 	long long reserved = 0, inflight = 0, learning = 0, largest = 0, per_kib = 0;
 
@@ -227,7 +230,19 @@ static PyObject *sum_rows(const long long *q, Py_ssize_t own)
 		inflight += __atomic_load_n(&row[3], __ATOMIC_RELAXED);
 		learning += __atomic_load_n(&row[4], __ATOMIC_RELAXED);
 	}
-	return Py_BuildValue("(LLLLL)", reserved, inflight, learning, largest, per_kib);
+	out[0] = reserved;
+	out[1] = inflight;
+	out[2] = learning;
+	out[3] = largest;
+	out[4] = per_kib;
+}
+
+static PyObject *sum_rows(const long long *q, Py_ssize_t own)
+{
+	long long v[5];
+
+	sums_of(q, own, v);
+	return Py_BuildValue("(LLLLL)", v[0], v[1], v[2], v[3], v[4]);
 }
 
 static int ledger_view(PyObject *buffer, Py_buffer *view, int flags)
@@ -264,24 +279,19 @@ static PyObject *ledger_others(PyObject *module, PyObject *args)
  * the time of the write on CLOCK_MONOTONIC, Python's time.monotonic_ns), then ledger_others'
  * fence and sums. The caller is the row's only writer (Admission holds its lock).
  */
-static PyObject *ledger_claim(PyObject *module, PyObject *args)
+/* Write own row of the ledger in ``buffer`` (v: reserved, inflight, learning, largest, per_kib; and the
+ * time), leaving ``view`` held for the sums (the caller releases it). */
+static int claim_row(PyObject *buffer, Py_ssize_t own, const long long v[5], Py_buffer *view)
 {
-	(void)module;
-	PyObject *buffer, *out;
-	Py_ssize_t own;
-	long long v[5];
-	Py_buffer view;
 	struct timespec now;
 
-	if (!PyArg_ParseTuple(args, "OnLLLLL", &buffer, &own, &v[0], &v[1], &v[2], &v[3], &v[4]))
-		return NULL;
 	if (own < 0 || own >= LEDGER_ROWS) {
 		PyErr_Format(PyExc_ValueError, "row %zd outside a ledger of %d rows", own, LEDGER_ROWS);
-		return NULL;
+		return -1;
 	}
-	if (ledger_view(buffer, &view, PyBUF_WRITABLE) < 0)
-		return NULL;
-	long long *row = (long long *)view.buf + LEDGER_HEADER + own * LEDGER_FIELDS;
+	if (ledger_view(buffer, view, PyBUF_WRITABLE) < 0)
+		return -1;
+	long long *row = (long long *)view->buf + LEDGER_HEADER + own * LEDGER_FIELDS;
 	clock_gettime(CLOCK_MONOTONIC, &now);
 	__atomic_store_n(&row[6], v[3], __ATOMIC_RELAXED);
 	__atomic_store_n(&row[7], v[4], __ATOMIC_RELAXED);
@@ -289,10 +299,436 @@ static PyObject *ledger_claim(PyObject *module, PyObject *args)
 	__atomic_store_n(&row[3], v[1], __ATOMIC_RELAXED);
 	__atomic_store_n(&row[4], v[2], __ATOMIC_RELAXED);
 	__atomic_store_n(&row[5], (long long)now.tv_sec * 1000000000LL + now.tv_nsec, __ATOMIC_RELAXED);
+	return 0;
+}
+
+static PyObject *ledger_claim(PyObject *module, PyObject *args)
+{
+	(void)module;
+	PyObject *buffer, *out;
+	Py_ssize_t own;
+	long long v[5];
+	Py_buffer view;
+
+	if (!PyArg_ParseTuple(args, "OnLLLLL", &buffer, &own, &v[0], &v[1], &v[2], &v[3], &v[4]))
+		return NULL;
+	if (claim_row(buffer, own, v, &view) < 0)
+		return NULL;
 	out = sum_rows((const long long *)view.buf, own);
 	PyBuffer_Release(&view);
 	return out;
 }
+
+/*
+ * Room(words, config_words, usage, limit, headroom, high, high_room, inactive_delta, inactive_base,
+ *      working_set, trip_ppm, trip_bytes, unlimited_pages, page_size)
+ * - one watched slot's room, read where admission asks on every request (rtml_ebpf/ebpf/words.py
+ * room_from_pages, the same arithmetic: keep the two in step). ``words``/``config_words``: the int64
+ * views of the slots and configs maps; the next seven are word indexes in them; ``trip_ppm`` and
+ * ``trip_bytes``: the rule's trip threshold (-1: not set). It holds both buffers for as long as it
+ * lives, as Verdict does: the mapping cannot go away under it. Whether it still reads the right
+ * cgroup is its owner's to say (the backend drops it when the slot is released).
+ *
+ * Calling it returns (bytes before the rule trips, bytes before the OOM killer acts), None where
+ * unlimited. fits(rows, own_row, reserved, inflight, learning, largest, per_kib, estimate) is
+ * admission's decision for a request whose estimate is known: ledger_claim, then the room, then
+ * "estimate + ours + the others' <= room" (or no room to keep). (others' reserved, bytes before the
+ * OOM killer or None) when it fits; None when it does not (the caller decides again, slowly).
+ */
+typedef struct {
+	PyObject_HEAD
+	Py_buffer words;
+	Py_buffer config;
+	Py_ssize_t at[7];	/* usage, limit, headroom, high, high_room, inactive_delta; config: inactive_base */
+	int working_set;
+	long long trip_ppm, trip_bytes, unlimited, page;
+	verdict_vectorcall vectorcall;
+} Room;
+
+#define ROOM_NONE LLONG_MIN
+
+static inline long long room_word(const Py_buffer *b, Py_ssize_t i)
+{
+	return __atomic_load_n((const long long *)b->buf + i, __ATOMIC_RELAXED);
+}
+
+/* bytes before the trip (ROOM_NONE: unlimited) and before the OOM killer (ROOM_NONE: unlimited) */
+static void room_read(const Room *r, long long *room, long long *limit_room)
+{
+	long long usage = room_word(&r->words, r->at[0]), limit = room_word(&r->words, r->at[1]);
+	long long headroom = room_word(&r->words, r->at[2]), high = room_word(&r->words, r->at[3]);
+	long long high_room = room_word(&r->words, r->at[4]);
+	long long inactive = room_word(&r->config, r->at[6]) + room_word(&r->words, r->at[5]);
+	long long top = limit < high ? limit : high, left = headroom < high_room ? headroom : high_room;
+	long long used = top >= r->unlimited ? usage : top - left, trip;
+
+	*limit_room = limit >= r->unlimited ? ROOM_NONE : headroom * r->page;
+	if (r->working_set) {
+		used -= inactive;
+		if (used < 0)
+			used = 0;
+	}
+	if (r->trip_bytes >= 0) {
+		trip = r->trip_bytes;
+	} else if (top >= r->unlimited || r->trip_ppm < 0) {
+		*room = ROOM_NONE;
+		return;
+	} else {
+		/* top * page * ppm // 10^6 without overflowing: split the bytes at 10^6 */
+		long long bytes = top * r->page;
+		trip = bytes / 1000000 * r->trip_ppm + bytes % 1000000 * r->trip_ppm / 1000000;
+	}
+	*room = trip - used * r->page;
+}
+
+static PyObject *room_value(long long v)
+{
+	if (v == ROOM_NONE)
+		Py_RETURN_NONE;
+	return PyLong_FromLongLong(v);
+}
+
+static PyObject *room_answer(PyObject *self)
+{
+	long long room, limit_room;
+	PyObject *a, *b, *out;
+
+	room_read((const Room *)self, &room, &limit_room);
+	a = room_value(room);
+	b = room_value(limit_room);
+	out = a && b ? PyTuple_Pack(2, a, b) : NULL;
+	Py_XDECREF(a);
+	Py_XDECREF(b);
+	return out;
+}
+
+static PyObject *room_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+	(void)args;
+	if (RTML_NARGS(nargsf) != 0 || (kwnames && PyTuple_Size(kwnames))) {
+		PyErr_SetString(PyExc_TypeError, "the room takes no arguments");
+		return NULL;
+	}
+	return room_answer(self);
+}
+
+static PyObject *room_tp_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+	if (PyTuple_Size(args) != 0 || (kwargs && PyDict_Size(kwargs))) {
+		PyErr_SetString(PyExc_TypeError, "the room takes no arguments");
+		return NULL;
+	}
+	return room_answer(self);
+}
+
+static PyObject *room_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+	PyObject *words, *config;
+	Py_ssize_t at[7];
+	int working_set;
+	long long ppm, nbytes, unlimited, page;
+	static char *kwlist[] = {"words", "config_words", "usage", "limit", "headroom", "high", "high_room",
+				 "inactive_delta", "inactive_base", "working_set", "trip_ppm", "trip_bytes",
+				 "unlimited_pages", "page_size", NULL};
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnnnnnnpLLLL", kwlist, &words, &config, &at[0], &at[1],
+					 &at[2], &at[3], &at[4], &at[5], &at[6], &working_set, &ppm, &nbytes,
+					 &unlimited, &page))
+		return NULL;
+	allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+	Room *self = (Room *)alloc(type, 0);
+	if (!self)
+		return NULL;
+	self->config.obj = NULL;
+	if (PyObject_GetBuffer(words, &self->words, PyBUF_SIMPLE) < 0) {
+		self->words.obj = NULL;
+		Py_DECREF(self);
+		return NULL;
+	}
+	if (PyObject_GetBuffer(config, &self->config, PyBUF_SIMPLE) < 0) {
+		self->config.obj = NULL;
+		Py_DECREF(self);
+		return NULL;
+	}
+	for (int i = 0; i < 7; i++) {
+		const Py_buffer *b = i == 6 ? &self->config : &self->words;
+		if (at[i] < 0 || (at[i] + 1) * (Py_ssize_t)sizeof(long long) > b->len) {
+			PyErr_Format(PyExc_ValueError, "word %zd outside a buffer of %zd bytes", at[i], b->len);
+			Py_DECREF(self);
+			return NULL;
+		}
+		self->at[i] = at[i];
+	}
+	if (page <= 0 || unlimited <= 0) {
+		PyErr_SetString(PyExc_ValueError, "page_size and unlimited_pages must be positive");
+		Py_DECREF(self);
+		return NULL;
+	}
+	self->working_set = working_set;
+	self->trip_ppm = ppm;
+	self->trip_bytes = nbytes;
+	self->unlimited = unlimited;
+	self->page = page;
+	self->vectorcall = room_call;
+	return (PyObject *)self;
+}
+
+static void room_dealloc(PyObject *obj)
+{
+	Room *self = (Room *)obj;
+	PyTypeObject *type = Py_TYPE(obj);
+	if (self->words.obj)
+		PyBuffer_Release(&self->words);
+	if (self->config.obj)
+		PyBuffer_Release(&self->config);
+	freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+	tp_free(obj);
+	Py_DECREF(type);
+}
+
+/* fits(rows, own_row, reserved, inflight, learning, largest, per_kib, estimate) */
+static PyObject *room_fits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+	long long v[6], sums[5], room, limit_room;
+	Py_ssize_t own;
+	Py_buffer view;
+	PyObject *others, *lr, *out;
+
+	if (nargs != 8) {
+		PyErr_SetString(PyExc_TypeError, "fits(rows, own_row, reserved, inflight, learning, largest, per_kib, "
+				"estimate)");
+		return NULL;
+	}
+	own = PyLong_AsSsize_t(args[1]);
+	for (int i = 0; i < 6; i++)
+		v[i] = PyLong_AsLongLong(args[2 + i]);
+	if (PyErr_Occurred())
+		return NULL;
+	long long claim[5] = {v[0] + v[5], v[1] + 1, v[2], v[3], v[4]};
+	if (claim_row(args[0], own, claim, &view) < 0)
+		return NULL;
+	sums_of((const long long *)view.buf, own, sums);
+	PyBuffer_Release(&view);
+	room_read((const Room *)self, &room, &limit_room);
+	if (room != ROOM_NONE && v[5] + v[0] + sums[0] > room)
+		Py_RETURN_NONE;
+	others = PyLong_FromLongLong(sums[0]);
+	lr = room_value(limit_room);
+	out = others && lr ? PyTuple_Pack(2, others, lr) : NULL;
+	Py_XDECREF(others);
+	Py_XDECREF(lr);
+	return out;
+}
+
+static PyMethodDef room_methods[] = {
+	{"fits", (PyCFunction)(void (*)(void))room_fits, METH_FASTCALL,
+	 "fits(rows, own_row, reserved, inflight, learning, largest, per_kib, estimate) -> (others' reserved, "
+	 "bytes before the OOM killer or None) when the request fits, else None: the ledger claimed (the "
+	 "request's estimate added to reserved, one more in flight), then the room looked at."},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef room_members[] = {
+	{"__vectorcalloffset__", T_PYSSIZET, offsetof(Room, vectorcall), READONLY, NULL},
+	{NULL},
+};
+
+static PyType_Slot room_slots[] = {
+	{Py_tp_doc, (void *)"Room(words, config_words, ...): calling it returns (bytes before the rule trips, bytes "
+			    "before the OOM killer acts) of one watched slot, None where unlimited."},
+	{Py_tp_new, (void *)room_new},
+	{Py_tp_dealloc, (void *)room_dealloc},
+	{Py_tp_call, (void *)room_tp_call},
+	{Py_tp_methods, (void *)room_methods},
+	{Py_tp_members, (void *)room_members},
+	{0, NULL},
+};
+
+static PyType_Spec room_spec = {
+	.name = "rtml_ebpf._hot.Room",
+	.basicsize = sizeof(Room),
+	.flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+	.slots = room_slots,
+};
+
+/*
+ * Window(n) - the last n values, also kept sorted: the admission estimator's window of one route's
+ * measured costs (rtml_ebpf/admission/estimator.py _Window, the same contract). add(v) is per
+ * finished request: a binary search and a move of at most n words, where the Python window made a
+ * bisect, a deque append and a list insertion through a dozen bytecodes. rank(q) is the nearest-rank
+ * quantile (the smallest value with at least a fraction q of the values at or below it). Values are
+ * clamped to int64 (bytes). Not thread-safe on its own: the estimator holds its lock.
+ */
+typedef struct {
+	PyObject_HEAD
+	Py_ssize_t n, count, head, cap;	/* head: the oldest value's index once the ring is full */
+	long long *ring, *sorted;
+} Window;
+
+static PyObject *window_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+	Py_ssize_t n;
+	static char *kwlist[] = {"n", NULL};
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "n", kwlist, &n))
+		return NULL;
+	if (n < 1) {
+		PyErr_SetString(PyExc_ValueError, "a window holds at least one value");
+		return NULL;
+	}
+	allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+	Window *self = (Window *)alloc(type, 0);
+	if (!self)
+		return NULL;
+	self->n = n;
+	self->cap = n < 64 ? n : 64;	/* grows to n as values come: a large n costs nothing until used */
+	self->ring = PyMem_Malloc(self->cap * sizeof(long long));
+	self->sorted = PyMem_Malloc(self->cap * sizeof(long long));
+	if (!self->ring || !self->sorted) {
+		Py_DECREF(self);
+		return PyErr_NoMemory();
+	}
+	return (PyObject *)self;
+}
+
+static void window_dealloc(PyObject *obj)
+{
+	Window *self = (Window *)obj;
+	PyTypeObject *type = Py_TYPE(obj);
+	PyMem_Free(self->ring);
+	PyMem_Free(self->sorted);
+	freefunc tp_free = (freefunc)PyType_GetSlot(type, Py_tp_free);
+	tp_free(obj);
+	Py_DECREF(type);
+}
+
+/* the first index in sorted[0:count] whose value is > v (right) or >= v (left) */
+static Py_ssize_t window_search(const Window *w, long long v, int right)
+{
+	Py_ssize_t lo = 0, hi = w->count;
+	while (lo < hi) {
+		Py_ssize_t mid = (lo + hi) / 2;
+		if (w->sorted[mid] < v || (right && w->sorted[mid] == v))
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+static PyObject *window_add(PyObject *self, PyObject *arg)
+{
+	Window *w = (Window *)self;
+	int overflow;
+	long long v = PyLong_AsLongLongAndOverflow(arg, &overflow);
+	Py_ssize_t at;
+
+	if (v == -1 && PyErr_Occurred())
+		return NULL;
+	if (overflow)
+		v = overflow > 0 ? LLONG_MAX : LLONG_MIN;
+	if (w->count == w->n) {
+		/* full: the oldest leaves the sorted copy, the new one takes its place in the ring */
+		at = window_search(w, w->ring[w->head], 0);
+		memmove(w->sorted + at, w->sorted + at + 1, (w->count - at - 1) * sizeof(long long));
+		w->count--;
+		w->ring[w->head] = v;
+		w->head = (w->head + 1) % w->n;
+	} else {
+		if (w->count == w->cap) {
+			Py_ssize_t cap = w->cap * 2 < w->n ? w->cap * 2 : w->n;
+			long long *ring = PyMem_Realloc(w->ring, cap * sizeof(long long));
+			if (!ring)
+				return PyErr_NoMemory();
+			w->ring = ring;
+			long long *sorted = PyMem_Realloc(w->sorted, cap * sizeof(long long));
+			if (!sorted)
+				return PyErr_NoMemory();
+			w->sorted = sorted;
+			w->cap = cap;
+		}
+		w->ring[w->count] = v;	/* filling: head stays 0 */
+	}
+	at = window_search(w, v, 1);
+	memmove(w->sorted + at + 1, w->sorted + at, (w->count - at) * sizeof(long long));
+	w->sorted[at] = v;
+	w->count++;
+	return PyLong_FromSsize_t(w->count);
+}
+
+static PyObject *window_rank(PyObject *self, PyObject *arg)
+{
+	Window *w = (Window *)self;
+	double q = PyFloat_AsDouble(arg);
+
+	if (q == -1.0 && PyErr_Occurred())
+		return NULL;
+	if (w->count == 0) {
+		PyErr_SetString(PyExc_IndexError, "an empty window has no quantile");
+		return NULL;
+	}
+	/* max(1, ceil(q * count)) - 1, as nearest_rank computes it (the same double product) */
+	double x = q * (double)w->count;
+	long long k = (long long)x;
+	if ((double)k < x)
+		k++;
+	if (k < 1)
+		k = 1;
+	if (k > w->count)
+		k = w->count;
+	return PyLong_FromLongLong(w->sorted[k - 1]);
+}
+
+static PyObject *window_ordered(PyObject *self, void *closure)
+{
+	Window *w = (Window *)self;
+	(void)closure;
+	PyObject *out = PyList_New(w->count);
+	if (!out)
+		return NULL;
+	for (Py_ssize_t i = 0; i < w->count; i++) {
+		PyObject *v = PyLong_FromLongLong(w->sorted[i]);
+		if (!v) {
+			Py_DECREF(out);
+			return NULL;
+		}
+		PyList_SetItem(out, i, v);
+	}
+	return out;
+}
+
+static Py_ssize_t window_len(PyObject *self)
+{
+	return ((Window *)self)->count;
+}
+
+static PyMethodDef window_methods[] = {
+	{"add", window_add, METH_O, "add(v) -> how many values the window holds now (the oldest leaves when full)."},
+	{"rank", window_rank, METH_O, "rank(q) -> the nearest-rank q quantile of the values."},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef window_getset[] = {
+	{"ordered", window_ordered, NULL, "the values, sorted (a new list)", NULL},
+	{NULL},
+};
+
+static PyType_Slot window_slots[] = {
+	{Py_tp_doc, (void *)"Window(n): the last n values, also kept sorted (the admission estimator's)."},
+	{Py_tp_new, (void *)window_new},
+	{Py_tp_dealloc, (void *)window_dealloc},
+	{Py_tp_methods, (void *)window_methods},
+	{Py_tp_getset, (void *)window_getset},
+	{Py_sq_length, (void *)window_len},
+	{0, NULL},
+};
+
+static PyType_Spec window_spec = {
+	.name = "rtml_ebpf._hot.Window",
+	.basicsize = sizeof(Window),
+	.flags = Py_TPFLAGS_DEFAULT,
+	.slots = window_slots,
+};
 
 static PyMethodDef hot_methods[] = {
 	{"ledger_claim", ledger_claim, METH_VARARGS,
@@ -316,6 +752,18 @@ PyMODINIT_FUNC PyInit__hot(void)
 		return NULL;
 	PyObject *type = PyType_FromSpec(&verdict_spec);
 	if (!type || PyModule_AddObject(m, "Verdict", type) < 0) {
+		Py_XDECREF(type);
+		Py_DECREF(m);
+		return NULL;
+	}
+	type = PyType_FromSpec(&room_spec);
+	if (!type || PyModule_AddObject(m, "Room", type) < 0) {
+		Py_XDECREF(type);
+		Py_DECREF(m);
+		return NULL;
+	}
+	type = PyType_FromSpec(&window_spec);
+	if (!type || PyModule_AddObject(m, "Window", type) < 0) {
 		Py_XDECREF(type);
 		Py_DECREF(m);
 		return NULL;

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._cgroup import MemoryCgroup
 from ._growth import Sampler, seconds_to
@@ -23,6 +24,14 @@ from .relief import Relief
 
 if TYPE_CHECKING:
     from .backends.meter import Meter
+
+
+class RoomReader(NamedTuple):
+    """:meth:`Limiter.room` made once (see :meth:`Limiter.room_reader`)."""
+
+    check: object  # the limiter's is_mem_limit_reached when made
+    watch: Any  # the backend's handle: its ``closed`` says the slot may be another cgroup's now
+    room: Callable[[], tuple[int | None, int | None]]  # also .fits(...): see rtml_ebpf/_hot.c Room
 
 
 class LimiterReadings:
@@ -50,6 +59,17 @@ class LimiterReadings:
     def waker(self, poll: float) -> Any:
         """The kernel's wake for admission's enforcer (rtml_ebpf/admission/enforce.py), or None."""
         return None if self._closed else self._backend.waker(self._handle, poll)
+
+    def room_reader(self) -> RoomReader | None:
+        """:meth:`room` made once, for a caller that asks on every request (admission): one C call
+        on the eBPF backend, None elsewhere (and where the extension was not built). It stands for
+        :meth:`room` only while ``is_mem_limit_reached is reader.check and not reader.watch.closed``
+        (another backend, a closed Limiter or a removed cgroup end it); then ask :meth:`room`."""
+        with self._lock:
+            make = getattr(self._backend, "room_reader", None)
+            check = self.__dict__.get("is_mem_limit_reached")
+            room = None if self._closed or make is None or check is None else make(self._handle)
+            return None if room is None else RoomReader(check, self._handle, room)
 
     def is_mem_limit_reached(self) -> bool:
         raise NotImplementedError

@@ -41,8 +41,9 @@ from ..limiter import Limiter
 from ..relief import set_mmap_threshold
 from . import follow as _follow
 from . import forks
-from .enforce import DEFAULT_BAND, GUESSES, Enforcer, finished
+from .enforce import DEFAULT_BAND, GUESSES, Enforcer
 from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
+from .fastpath import FastPath, Prepared
 from .gate import BodyGate
 from .ledger_join import SharedLedger
 from .meter_of import MeterOf
@@ -89,7 +90,7 @@ class AdmissionStats:
     followed: tuple[str, ...] = ()  # the entry points whose threads are charged to the request
 
 
-class Admission(BodyGate, Shapes):
+class Admission(FastPath, BodyGate, Shapes):
     """Budget admission for one limiter's cgroup. Thread-safe, fork-safe, one per service.
 
     ``limiter``: None for the process default (rebuilt lazily, follows configure()).
@@ -144,6 +145,7 @@ class Admission(BodyGate, Shapes):
         self._others_reserved = 0
         self._widest = 0  # the most room before the OOM killer seen: what "never fits" is against
         self._why = threading.local()  # the calling thread's last refusal: why (see refusal())
+        self._fast: Prepared | None = None  # what the common case's request path needs (fastpath.py)
         if limiter is not None and share:
             with self._mu:
                 self._shared.get(limiter.cgroup_id)  # at start: a ledger that cannot be made is said now
@@ -171,28 +173,19 @@ class Admission(BodyGate, Shapes):
             self._pid = forks.pid
 
     # -- the budget -------------------------------------------------------------------------
-    def try_admit(self, route: str, *, size: int | None = None, stepped: bool = False,
-                  bind: bool = True, body: bool = False) -> Ticket | None:
-        """A ticket when ``route`` may run now, None when it must be shed. Never raises.
-
-        ``size``: the request's body bytes when known (``Content-Length``, a message's size): the
-        estimate scales with it. ``stepped``: an asyncio request, metered by :meth:`run_async`.
-        ``bind=False``: the request will run on another thread (a gRPC pool thread), which calls
-        :meth:`bind`. A thread-bound ticket also marks this thread's context as working for the
-        request, so work it hands to threads is charged to it (until :meth:`finish`).
-        ``body``: the request's body is still to be read (the integration reports it with
-        :meth:`body_read` and :meth:`body_done`): a request that could only run alone or learning
-        is admitted *pending*, holding no slot until its body has arrived.
-        """
-        self._why.last = None
+    def _admit_slow(self, route: str, size: int | None, stepped: bool, bind: bool, body: bool) -> Ticket | None:
+        """try_admit (fastpath.py) for every case, step by step."""
         try:
             return self._try_admit(route, size, stepped, bind, body)
         except Exception as exc:  # noqa: BLE001 - admission must not take the service down
-            log.error("rtml-ebpf: admission failed (%s); falling back to the door check", exc)
-            lim = self.limiter()
-            if lim is not None and lim.is_mem_limit_reached():
-                return None
-            return Ticket(route, 0, forks.native_id(), 0, stepped)
+            return self._admit_failed(route, stepped, exc)
+
+    def _admit_failed(self, route: str, stepped: bool, exc: Exception) -> Ticket | None:
+        log.error("rtml-ebpf: admission failed (%s); falling back to the door check", exc)
+        lim = self.limiter()
+        if lim is not None and lim.is_mem_limit_reached():
+            return None
+        return Ticket(route, 0, forks.native_id(), 0, stepped)
 
     def _try_admit(self, route: str, size: int | None, stepped: bool, bind: bool, body: bool) -> Ticket | None:
         # No system call, no file lock (tests/root/test_admission_syscalls.py): the ledger is
@@ -263,6 +256,8 @@ class Admission(BodyGate, Shapes):
                 self.enforcer.ensure(self._enforced)
             self.enforcer.wake()
         self._publisher.wake()
+        if self._fast is None:
+            self._prepare(lim)  # the next request of the common case takes fastpath.py's few steps
         return ticket
 
     def _enforced(self) -> tuple[Limiter | None, list[Any], int]:
@@ -272,40 +267,6 @@ class Admission(BodyGate, Shapes):
             tickets = list(self._inflight.values())
             reserved = own_totals(self._inflight.values())[0] + self._others_reserved
         return self.limiter(), tickets, reserved
-
-    def finish(self, ticket: Ticket) -> int | None:
-        """The request ended (answered, failed or cancelled): learn its cost, free its reservation.
-        Returns the measured cost in bytes (its peak growth), None when it could not be measured."""
-        cost: int | None = None
-        own_thread = not ticket.stepped and ticket.tid == forks.native_id()
-        try:
-            finished(ticket, own_thread)
-            if own_thread:
-                _follow.CURRENT.set(None)
-            if ticket.stepped:
-                cost = ticket.peak
-            elif not own_thread:
-                cost = None  # finished on another thread than it ran on: nothing to learn
-            else:
-                _, peak = ticket.meter.read()
-                cost = peak - ticket.net0
-            if cost is not None:
-                cost += ticket.account.peak  # what its helper threads held (an upper bound: runs may overlap)
-                if not ticket.ended and not ticket.refused:  # stopped early: not what it needed
-                    self.estimator.observe(ticket.route, cost, ticket.size)
-        except Exception as exc:  # noqa: BLE001 - RequestMemoryExceeded too: the request is over
-            log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
-        with self._mu:
-            self._inflight.pop(id(ticket), None)
-            if ticket.estimate is None or ticket.basis in GUESSES:
-                self._publish_now()  # a learning slot: the next request may come at once
-        if ticket.ended and self.enforcer is not None:
-            self.enforcer.collect_soon()
-        # The row is re-published by the publisher thread within PUBLISH_INTERVAL: until then
-        # the other processes see this reservation still held (the safe side), and the request
-        # path saves a publication.
-        self._publisher.wake()
-        return cost
 
     # -- sharing the shrinking reservations -----------------------------------------------------
     def _publish(self) -> None:

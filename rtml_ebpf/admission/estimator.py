@@ -31,7 +31,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ..errors import ConfigError
 
@@ -74,8 +74,10 @@ def size_class(size: int | None) -> int:
     return min(size.bit_length(), SIZE_FLOOR.bit_length() + MAX_CLASSES - 1)
 
 
-class _Window:
-    """The last ``n`` values, also kept sorted (bisect, no sort per sample)."""
+class _PyWindow:
+    """The last ``n`` values, also kept sorted (bisect, no sort per sample). Where the extension
+    was built, ``rtml_ebpf._hot.Window`` instead: the same contract in C (an admitted request's
+    finish adds to one or three windows)."""
 
     __slots__ = ("values", "ordered")
 
@@ -83,15 +85,34 @@ class _Window:
         self.values: deque[int] = deque(maxlen=n)
         self.ordered: list[int] = []
 
-    def add(self, v: int) -> None:
+    def add(self, v: int) -> int:
+        """Add ``v`` (the oldest leaves when full); how many values are held now."""
         values, ordered = self.values, self.ordered
         if len(values) == values.maxlen:
             del ordered[bisect.bisect_left(ordered, values[0])]  # the one the deque drops
         values.append(v)
         bisect.insort(ordered, v)
+        return len(values)
+
+    def rank(self, q: float) -> int:
+        """The nearest-rank ``q`` quantile (0: the smallest, 1: the largest)."""
+        return nearest_rank(self.ordered, q)
 
     def __len__(self) -> int:
         return len(self.values)
+
+
+class Window(Protocol):
+    def add(self, v: int) -> int: ...
+    def rank(self, q: float) -> int: ...
+    def __len__(self) -> int: ...
+
+
+_Window: Callable[[int], Window]
+try:
+    from .._hot import Window as _Window
+except ImportError:  # built without a compiler
+    _Window = _PyWindow
 
 
 class Estimate(NamedTuple):
@@ -120,8 +141,8 @@ class _Route:
 
     def __init__(self, window: int) -> None:
         self.costs = _Window(window)  # every request of the route, whatever its size
-        self.classes: dict[int, _Window] = {}  # size class -> costs
-        self.sizes: dict[int, _Window] = {}  # size class -> body sizes (its representative size)
+        self.classes: dict[int, Window] = {}  # size class -> costs
+        self.sizes: dict[int, Window] = {}  # size class -> body sizes (its representative size)
 
 
 class CostEstimator:
@@ -290,12 +311,10 @@ class CostEstimator:
                 r = routes.get(bucket)
                 if r is None:
                     r = routes[bucket] = _Route(self.window)
-            r.costs.add(cost)
             changed: list[tuple[int, int]] = []  # (old, new) of every estimate this sample moved
-            ordered = r.costs.ordered
-            if len(ordered) >= self.min_samples:
+            if r.costs.add(cost) >= self.min_samples:
                 old = self._estimates.get(bucket, 0)
-                new = self._estimates[bucket] = ordered[max(1, math.ceil(self.q * len(ordered))) - 1]  # nearest_rank
+                new = self._estimates[bucket] = r.costs.rank(self.q)
                 if new != old or bucket not in self._learned:
                     self._learned[bucket] = Estimate(new, "route")
                     changed.append((old, new))
@@ -304,16 +323,15 @@ class CostEstimator:
                 if costs is None:
                     costs = r.classes[cls] = _Window(self.window)
                     r.sizes[cls] = _Window(self.window)
-                costs.add(cost)
                 sizes = r.sizes[cls]
                 sizes.add(size or 0)
-                if len(costs) >= self.min_samples:
+                if costs.add(cost) >= self.min_samples:
                     by_class = self._class_estimates.setdefault(bucket, {})
                     old = by_class.get(cls, (0, 0))[1]
-                    new = nearest_rank(costs.ordered, self.q)
-                    by_class[cls] = (sizes.ordered[-1], new)
+                    new = costs.rank(self.q)
+                    by_class[cls] = (sizes.rank(1.0), new)
                     changed.append((old, new))
-                    self.per_kib_bytes = max(self.per_kib_bytes, new * 1024 // max(sizes.ordered[0], SIZE_FLOOR))
+                    self.per_kib_bytes = max(self.per_kib_bytes, new * 1024 // max(sizes.rank(0.0), SIZE_FLOOR))
             for old, new in changed:
                 if new >= self.largest_bytes:
                     self.largest_bytes = new

@@ -10,16 +10,24 @@ readings raise CgroupNotFound.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import cast
 
 from .._cgroup import MemoryCgroup
 from .._rules import Rule
+from ..config import PAGE_SIZE
+from ..ebpf import abi
 from ..ebpf.runtime import Runtime, Watch
 from ..ebpf.wake import Waker
 from ..errors import CgroupNotFound, RtmlError
 from ..snapshot import Snapshot
 from .base import Flag
 from .meter import EbpfThreadMeter
+
+try:
+    from .._hot import Room
+except ImportError:  # built without a compiler: admission calls room() instead
+    Room = None  # type: ignore[assignment,misc]
 
 
 class EbpfBackend:
@@ -81,6 +89,24 @@ class EbpfBackend:
         assert isinstance(flag, Watch)
         self._check_gone()
         return self.runtime.room(flag, self._rules[id(flag)])
+
+    def room_reader(self, flag: object) -> Callable[[], tuple[int | None, int | None]] | None:
+        """:meth:`room` of ``flag`` made once (``rtml_ebpf._hot.Room`` over the slot's words), for
+        admission, which asks on every request; None where the extension was not built. It reads
+        the slot whatever happens to the watch: the caller drops it once ``flag.closed`` (the
+        watch removed, or the cgroup gone), when the slot may be lent to another cgroup."""
+        if Room is None or not isinstance(flag, Watch) or flag.closed or self.gone is not None:
+            return None
+        slots = self.runtime._open_slots()
+        if slots.words is None or slots.config_words is None:
+            return None
+        rule, base = self._rules[id(flag)], flag.slot * abi.SLOT_WORDS
+        ppm, nbytes = rule.trip.ppm, rule.trip.nbytes
+        return cast(Callable[[], "tuple[int | None, int | None]"], Room(
+            slots.words, slots.config_words, base + abi.W_USAGE, base + abi.W_LIMIT, base + abi.W_HEADROOM,
+            base + abi.W_HIGH, base + abi.W_HIGH_ROOM, base + abi.W_INACTIVE_DELTA, flag.slot * abi.CONFIG_WORDS + 1,
+            rule.metric == "working_set", -1 if ppm is None else ppm, -1 if nbytes is None else nbytes,
+            abi.UNLIMITED_PAGES, PAGE_SIZE))
 
     def maintain(self, flag: object) -> None:
         """From the monitor: where no memcg events are live, the upkeep (every 250 ms);
