@@ -28,6 +28,7 @@ log = logging.getLogger("rtml_ebpf.agent")
 
 LINGER = 5.0  # a rule whose last client left stays this long (a client back soon finds it as it was)
 ADOPT_GRACE = 30.0  # rules adopted from pins wait this long for their clients to come back
+WARM_PAGES = 4  # client pages made ahead for the lowest free slots (see page_to_warm)
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Leases:
         self.scanner = scanner
         self.held: dict[int, dict[RuleKey, Held]] = {}  # cgroup id -> its rules
         self.refused: set[int] = set()  # cgroups logged as not watchable (capacity, nesting)
+        slots.preferred = node.page_fds.keys()  # a new cgroup takes a free slot whose page is made
+        self._warmed_at: tuple[int, int] = (-1, -1)  # (watched, pages) when every page to make was made
 
     def adopt(self, pin_dir: str | None) -> None:
         """A previous agent's pinned state: keep every watched cgroup that still exists, its
@@ -100,6 +103,29 @@ class Leases:
             state = self.slots.watch(cg)
             log.info("rtml-ebpf agent: watching %s (id %d, slot %d) for pid %d", cg.directory, cgid, state.index, pid)
         return state
+
+    def page_to_warm(self) -> int | None:
+        """One of the WARM_PAGES lowest free slots (the next ones a new cgroup takes) whose client
+        page is not made yet, or None. The loop makes it between requests: installing a page in
+        the programs' outer map waits for an RCU grace period (10–20 ms here), which a client's
+        ``watch`` would otherwise wait for in its reply (issue 20: a process adopting the node's
+        load builds its Limiter in ≤ 20 ms). A free slot's page is handed out only once the slot
+        is the new cgroup's and published (``hold``)."""
+        shape = (len(self.slots.by_cgid), len(self.node.page_fds))
+        if shape == self._warmed_at:
+            return None  # nothing taken or dropped since the last look found every page made
+        used = {s.index for s in self.slots.by_cgid.values()}
+        seen = 0
+        for index in range(self.slots.capacity):
+            if index in used:
+                continue
+            if index not in self.node.page_fds:
+                return index
+            seen += 1
+            if seen == WARM_PAGES:
+                break
+        self._warmed_at = shape
+        return None
 
     def unwatch(self, cgid: int, why: str) -> None:
         state = self.slots.unwatch_cgroup(cgid)

@@ -187,6 +187,9 @@ class Agent:
         if now >= self._next_upkeep:
             self._next_upkeep = now + (LIMIT_CHECK_INTERVAL if self.node.memcg_events else UPKEEP_INTERVAL)
             self.leases.upkeep()
+        warm = self.leases.page_to_warm()
+        if warm is not None and not self.selector.select(0):  # one page, and only while nothing waits
+            self.node.page_fd(warm)
         self.view = self._view()
 
     def _view(self) -> AgentView:

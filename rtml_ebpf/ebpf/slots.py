@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections.abc import Collection
 
 from .._cgroup import MemoryCgroup
 from .._high import snapshot_ceiling
@@ -48,6 +49,9 @@ class Slots(SlotReadings):
         self.loaded = loaded
         self.capacity = capacity
         self.by_cgid: dict[int, SlotState] = {}
+        # Slots a new cgroup takes first when free: the node agent's, whose client pages it made
+        # ahead (agent/leases.py, page_to_warm); else the lowest free index.
+        self.preferred: Collection[int] = ()
         self._slots_mm = loaded.maps["slots"]
         self._configs_mm = loaded.maps["configs"]
         self.view: memoryview | None = memoryview(self._slots_mm)
@@ -89,7 +93,9 @@ class Slots(SlotReadings):
         if state is None:
             self.check_nesting(cgroup)
             used = {s.index for s in self.by_cgid.values()}
-            free = next((i for i in range(self.capacity) if i not in used), None)
+            free = next((i for i in self.preferred if i not in used and i < self.capacity), None)
+            if free is None:
+                free = next((i for i in range(self.capacity) if i not in used), None)
             if free is None:
                 raise CapacityError(f"all {self.capacity} eBPF slots are in use; close Limiters you no longer need")
             cgid = cgroup.cgroup_id
