@@ -14,7 +14,8 @@ reads (rtml_ebpf.orca); the delay of a rejection follows the measured drain rate
 is known.
 
 Each request message's bytes grow the call's reservation as it is decoded (its cost scales with
-its size), and a call the enforcer ends (it overran its reservation while the cgroup neared the
+its size); a message whose grown reservation no longer fits is not decoded and its call is refused
+(the code and details of any refusal) before the handler gets it. A call the enforcer ends (it overran its reservation while the cgroup neared the
 OOM killer) ends with RESOURCE_EXHAUSTED.
 """
 
@@ -27,13 +28,16 @@ from typing import Any
 import grpc  # the grpcio package (extra: rtml-ebpf[grpc])
 
 from .admission import Admission, Ticket
-from .admission.policy import Policy, record_ended
+from .admission.body import BodyRefused
+from .admission.policy import Policy, record_ended, record_rejection
 from .errors import ConfigError, RequestMemoryExceeded
 from .limiter import Limiter
 from .orca import GRPC_FORMATS, LoadReporter, check_format
 
 DEFAULT_EXCLUDE_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 DETAILS = "memory limit reached, retry later"
+TOO_LARGE_DETAILS = ("request too large for this service's memory limit: the memory its messages are estimated to "
+                     "need exceeds what the service has ever had free; retrying will not help")
 ENDED_DETAILS = "memory limit reached: this call was ended to keep the server from being OOM-killed, retry later"
 CODES = {"unavailable": grpc.StatusCode.UNAVAILABLE, "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -142,7 +146,7 @@ def _kind(handler: Any) -> str:
 
 
 def _like(handler: Any, behaviour: Callable[..., Any], *, decode: bool = False,
-          sized: tuple[Admission, Ticket] | None = None) -> Any:
+          sized: _Sized | None = None) -> Any:
     """A handler of the same shape as ``handler`` that runs ``behaviour``. Without ``decode``
     requests are not deserialized: a rejected call never pays for decoding its payload. With
     ``sized``, each request message's bytes grow the call's reservation as it is decoded (its
@@ -150,20 +154,70 @@ def _like(handler: Any, behaviour: Callable[..., Any], *, decode: bool = False,
     make = getattr(grpc, f"{_kind(handler)}_rpc_method_handler")
     deserializer = handler.request_deserializer if decode else None
     if sized is not None:
-        deserializer = _sizing(deserializer, *sized)
+        deserializer = sized.deserializer(deserializer)
     return make(behaviour, request_deserializer=deserializer, response_serializer=handler.response_serializer)
 
 
-def _sizing(decode: Callable[[bytes], Any] | None, admission: Admission, ticket: Ticket) -> Callable[[bytes], Any]:
-    seen = 0
+class _Refused:
+    """What the deserializer hands on instead of a message the budget refused (never None: gRPC
+    answers INTERNAL for a None request)."""
 
-    def deserialize(raw: bytes) -> Any:
-        nonlocal seen
-        seen += len(raw)
-        admission.body_read(ticket, seen)
-        return raw if decode is None else decode(raw)
 
-    return deserialize
+REFUSED = _Refused()
+
+
+class _Sized:
+    """One admitted call's request messages as they are decoded: their bytes so far grow its
+    reservation (Admission.body_read); a message whose grown reservation no longer fits is not
+    decoded and the call is refused before its handler sees it. ``raising``: a refused message
+    raises BodyRefused where the handler reads (grpc.aio streams: its ``async for`` and
+    ``context.read()``); else it becomes REFUSED (unary requests, and sync streams, whose messages
+    are decoded on the server's polling thread, where an exception only becomes INTERNAL)."""
+
+    __slots__ = ("admission", "ticket", "rejecter", "raising", "seen", "refused", "why")
+
+    def __init__(self, admission: Admission, ticket: Ticket, rejecter: _Rejecter, raising: bool = False) -> None:
+        self.admission, self.ticket, self.rejecter, self.raising = admission, ticket, rejecter, raising
+        self.seen = 0
+        self.refused = False
+        self.why: str | None = None
+
+    def deserializer(self, decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+        def deserialize(raw: bytes) -> Any:
+            if not self.refused:
+                self.seen += len(raw)
+                if not self.admission.body_read(self.ticket, self.seen):
+                    # The reason is this thread's (the one body_read just refused on).
+                    self.refused, self.why = True, self.admission.refusal()
+            if self.refused:
+                if self.raising:
+                    raise BodyRefused
+                return REFUSED
+            return raw if decode is None else decode(raw)
+
+        return deserialize
+
+    def messages(self, requests: Iterator[Any]) -> Iterator[Any]:
+        """A sync stream's messages, up to the one that did not fit (BodyRefused there)."""
+        for message in requests:
+            if message is REFUSED:
+                raise BodyRefused
+            yield message
+
+    def answer(self) -> tuple[grpc.StatusCode, str]:
+        """The refusal's status, as for a call refused at the door (counted once)."""
+        record_rejection(self.rejecter.policy.integration)
+        return self.rejecter.code, TOO_LARGE_DETAILS if self.why == "too_large" else DETAILS
+
+    def refuse(self, context: Any) -> None:
+        """Ends the sync call as refused (abort raises)."""
+        code, details = self.answer()
+        context.set_trailing_metadata(self.rejecter.trailing_metadata())
+        context.abort(code, details)
+
+    async def refuse_async(self, context: Any) -> None:
+        code, details = self.answer()
+        await context.abort(code, details, trailing_metadata=self.rejecter.trailing_metadata())
 
 
 def _ended(context: Any) -> None:
@@ -172,35 +226,55 @@ def _ended(context: Any) -> None:
     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ENDED_DETAILS)
 
 
-def _with_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
+def _with_ticket(handler: Any, admission: Admission, ticket: Ticket, rejecter: _Rejecter) -> Any:
     """The same handler (request decoding included) whose behaviour runs under ``ticket``:
-    bound to the pool thread that runs it, finished when the call's work ends."""
+    bound to the pool thread that runs it, finished when the call's work ends. A call whose
+    message's size no longer fits its reservation is refused before its handler gets it."""
     kind = _kind(handler)
     inner = getattr(handler, kind)
+    sized = _Sized(admission, ticket, rejecter)
+    streamed = kind.startswith("stream_")
+
+    def run(request: Any, context: Any) -> Any:
+        if request is REFUSED:
+            sized.refuse(context)
+        return inner(sized.messages(request) if streamed else request, context)
+
+    def stopped(context: Any) -> None:
+        """RequestMemoryExceeded came out of the handler: refused as its messages grew, or ended."""
+        if sized.refused:
+            sized.refuse(context)
+        _ended(context)
 
     if kind.endswith("_stream"):
         def streaming(request: Any, context: Any) -> Iterator[Any]:
             admission.bind(ticket)
             try:
-                yield from inner(request, context)
+                yield from run(request, context)
             except RequestMemoryExceeded:
-                _ended(context)
+                stopped(context)
             finally:
                 admission.finish(ticket)
+            if sized.refused:  # the handler swallowed BodyRefused: still refused
+                sized.refuse(context)
 
         behaviour: Callable[..., Any] = streaming
     else:
         def unary(request: Any, context: Any) -> Any:
             admission.bind(ticket)
+            result = None
             try:
-                return inner(request, context)
+                result = run(request, context)
             except RequestMemoryExceeded:
-                _ended(context)
+                stopped(context)
             finally:
                 admission.finish(ticket)
+            if sized.refused:
+                sized.refuse(context)
+            return result
 
         behaviour = unary
-    return _like(handler, behaviour, decode=True, sized=(admission, ticket))
+    return _like(handler, behaviour, decode=True, sized=sized)
 
 
 class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -237,7 +311,7 @@ class MemoryLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         r = self._r
         admission = r.policy.admission
         if ticket is not None and admission is not None:
-            handler = _with_ticket(handler, admission, ticket)
+            handler = _with_ticket(handler, admission, ticket, r)
         if r.report.fmt is not None and not r.policy.excluded(handler_call_details.method):
             r.report.count()
             if not shed:
@@ -286,7 +360,7 @@ class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         admission = self._r.policy.admission
         r = self._r
         if ticket is not None and admission is not None:
-            handler = _with_async_ticket(handler, admission, ticket)
+            handler = _with_async_ticket(handler, admission, ticket, r)
         if r.report.fmt is not None and not r.policy.excluded(handler_call_details.method):
             r.report.count()
             if not shed:
@@ -306,34 +380,51 @@ class AsyncMemoryLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         return _like(handler, reject)
 
 
-def _with_async_ticket(handler: Any, admission: Admission, ticket: Ticket) -> Any:
+def _with_async_ticket(handler: Any, admission: Admission, ticket: Ticket, rejecter: _Rejecter) -> Any:
     kind = _kind(handler)
     inner = getattr(handler, kind)
+    # A refused message of a request stream raises where the handler reads it (async for, or
+    # context.read()); a refused unary request becomes REFUSED and the handler is not called.
+    sized = _Sized(admission, ticket, rejecter, raising=kind.startswith("stream_"))
+
+    async def stopped(context: Any) -> None:
+        if sized.refused:
+            await sized.refuse_async(context)
+        else:
+            record_ended("grpc_aio")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ENDED_DETAILS)
 
     if kind.endswith("_stream"):
         async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
+                if request is REFUSED:
+                    await sized.refuse_async(context)
                 async for item in inner(request, context):
                     yield item
             except RequestMemoryExceeded:
-                record_ended("grpc_aio")
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ENDED_DETAILS)
+                await stopped(context)
             finally:
                 admission.finish(ticket)
+            if sized.refused:  # the handler swallowed BodyRefused: still refused
+                await sized.refuse_async(context)
 
         behaviour: Callable[..., Any] = streaming
     else:
         async def unary(request: Any, context: Any) -> Any:
+            result = None
             try:
+                if request is REFUSED:
+                    await sized.refuse_async(context)
                 result = inner(request, context)
                 if inspect.iscoroutine(result):
-                    return await admission.run_async(ticket, result)
-                return result
+                    result = await admission.run_async(ticket, result)
             except RequestMemoryExceeded:
-                record_ended("grpc_aio")
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ENDED_DETAILS)
+                await stopped(context)
             finally:
                 admission.finish(ticket)
+            if sized.refused:
+                await sized.refuse_async(context)
+            return result
 
         behaviour = unary
-    return _like(handler, behaviour, decode=True, sized=(admission, ticket))
+    return _like(handler, behaviour, decode=True, sized=sized)
