@@ -18,7 +18,6 @@ import socket
 import struct
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -41,7 +40,7 @@ from .agent_maps import (  # noqa: F401 - _address: tests/support maps pages wit
     thread_meter_from_pins,
 )
 from .agent_meter import shared_meter
-from .agent_own import own_connection
+from .agent_own import BACKENDS, WAKERS, own_connection
 from .agent_wake import waker_of
 from .base import Flag
 
@@ -183,7 +182,7 @@ class AgentBackend:
         self._next_check = 0.0
         self._fail_answer = False
         self._scope, self._other = _scope_for(cgroup, own_cgroup_id)
-        _BACKENDS.add(self)
+        BACKENDS.add(self)  # (their lease locks start free in a forked child: agent_own.py)
 
     # -- rules --------------------------------------------------------------------------------
     def add_rule(self, rule: Rule) -> Lease:
@@ -375,7 +374,10 @@ class AgentBackend:
 
     def waker(self, flag: object, poll: float) -> Any:
         """The enforcer's wake, forwarded by the agent on a connection of its own (agent_wake.py)."""
-        return waker_of(self, flag, poll)
+        waker = waker_of(self, flag, poll)
+        if waker is not None:
+            WAKERS.add(waker)  # a forked child closes its copy and asks for its own (agent_own.py)
+        return waker
 
     def thread_meter(self) -> Any:
         """The kernel's per-thread meter. Root clients: the agent's pinned ``threads`` array (this
@@ -408,19 +410,6 @@ def _round_trip(backend: AgentBackend, lease: Lease) -> tuple[socket.socket, thr
     if os.getpid() == backend.pid:
         return None if lease.sock is None else (lease.sock, backend._sock_lock)
     return own_connection(backend, _request)
-
-
-_BACKENDS: weakref.WeakSet[AgentBackend] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """A lock held by another thread at the fork stays held in the child: the monitor's look at a
-    lease (maintain) would wait on it every time. The child's copies start free."""
-    for backend in list(_BACKENDS):
-        backend._sock_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _rule_index(reply: dict[str, Any]) -> int:

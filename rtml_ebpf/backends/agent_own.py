@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -129,17 +130,31 @@ def own_connection(backend: Any, connect: Connect) -> tuple[socket.socket, threa
     return _own_for((backend.path, backend._cgid), connect).get([backend])
 
 _MU = threading.Lock()
+BACKENDS: weakref.WeakSet[Any] = weakref.WeakSet()  # agent.py's AgentBackends
+WAKERS: weakref.WeakSet[Any] = weakref.WeakSet()  # and the enforcer wakes they made (agent_wake.py)
 
 
 def _after_fork_in_child() -> None:
     """A parent's own connections (we are a child of a child) are not ours: our copies close
-    (the connection stays the parent's, and the agent sees it close when the parent exits)."""
+    (the connection stays the parent's, and the agent sees it close when the parent exits). A
+    backend's lease lock held by another thread at the fork would stay held: the child's starts
+    free. A wake connection made before the fork is the parent's (the enforcer keeps its waker):
+    the child's copy closes, so the child's enforcer's next use of it fails and it asks for a
+    wake of its own (else both processes would set the one level and take each other's wake
+    records)."""
     global _MU
     _MU = threading.Lock()
     for own in _OWNS.values():
         if own.live is not None:
             own.live[0].close()
     _OWNS.clear()
+    for backend in list(BACKENDS):
+        backend._sock_lock = threading.Lock()
+    for waker in list(WAKERS):
+        sock = getattr(waker, "sock", None)
+        if sock is not None:
+            sock.close()  # (kept in place: its next send or recv fails, "the wake connection failed")
+    WAKERS.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

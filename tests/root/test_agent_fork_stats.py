@@ -40,3 +40,16 @@ def test_forked_workers_and_their_parent_ask_stats_at_once_each_on_its_own_conne
         assert "error" not in p, r
         assert p["missing"] == 0 and p["slowest"] < 0.5 and p["monotonic"] and p["lost"] is None, r
     assert r["lease_open"] and r["after"], r
+
+
+@pytest.mark.vm
+def test_a_wake_connection_made_before_a_fork_stays_the_parents() -> None:
+    """The enforcer keeps its waker: a forked child's copy of the wake connection is closed, so
+    its use fails (the enforcer then asks for a wake of its own, which works), and the parent's
+    goes on (before, both processes set the one level and read each other's wake records)."""
+    r = run_fork_stats("--wake")
+    child, parent = r["child"], r["parent"]
+    assert child["inherited_open"] is False, r
+    assert "the agent's wake connection failed" in child["inherited_use"], r
+    assert child["own_open"] is True and child["own_wait"] == [], r
+    assert parent == {"open": True, "wait": []}, r
