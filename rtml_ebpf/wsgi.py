@@ -13,7 +13,9 @@ killer) gets 503 when it is ended before the app returns its response.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -37,6 +39,14 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 REASONS = {503: "Service Unavailable", 429: "Too Many Requests"}
+# A 503 sent while the client is still sending its body: once it is out, the rest is read and
+# dropped, within these bounds, before the server closes (a close with bytes unread resets the
+# connection, and a client still sending gets the reset instead of the 503: http.client, 0 of 10
+# 64 MiB chunked uploads refused on gunicorn). Only where the server's socket is known
+# (gunicorn's environ["gunicorn.socket"]): a read may then wait DRAIN_IDLE at most.
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 10.0
+DRAIN_IDLE = 1.0
 
 
 class _Finishing:
@@ -102,12 +112,16 @@ class MemoryLimitMiddleware:
         shed, ticket = self.policy.admit(path, route_key(environ.get("REQUEST_METHOD", "GET"), path), size=size,
                                          body=has_body)
         if shed:
-            return self._reject(start_response, self.policy.rejection_body(), close=has_body and _may_close(environ))
+            return self._reject(start_response, self.policy.rejection_body(), close=has_body and _may_close(environ),
+                                unread=_unread(environ, None) if has_body else None)
         admission = self.policy.admission
         if ticket is None or admission is None:
             return self.app(environ, start_response)
+        gated: GatedInput | None = None
+        raw: Any = None
         if te is not None or ticket.pending:
-            environ["wsgi.input"] = GatedInput(environ.get("wsgi.input"), admission, ticket, size)
+            gated = GatedInput(environ.get("wsgi.input"), admission, ticket, size)
+            raw, environ["wsgi.input"] = environ.get("wsgi.input"), gated
         replaced: list[bool] = []
 
         def start_response_guarded(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -128,13 +142,16 @@ class MemoryLimitMiddleware:
                     close()
                 del body, close  # the app's error response may hold the ended request's exception
                 admission.finish(ticket)
-                return [self._refused(ticket)]
+                refused = self._refused(ticket)
+                unread = None if gated is None or gated.done else _unread(environ, raw)
+                return [refused] if unread is None else _Drained(refused, *unread)
         except RequestMemoryExceeded:
             admission.finish(ticket)
             # start_response may have been called by the app: with exc_info it is replaced (WSGI
             # allows that until the headers are sent; after that the server drops the connection).
             return self._reject(start_response, self._refused(ticket), sys.exc_info(),
-                                close=ticket.refused and _may_close(environ))
+                                close=ticket.refused and _may_close(environ),
+                                unread=None if gated is None or gated.done else _unread(environ, raw))
         except BaseException:
             admission.finish(ticket)
             raise
@@ -175,13 +192,55 @@ class MemoryLimitMiddleware:
         return headers
 
     def _reject(self, start_response: StartResponse, body: bytes = REJECTION_BODY,
-                exc_info: Any = None, close: bool = False) -> Iterable[bytes]:
+                exc_info: Any = None, close: bool = False, unread: tuple[Any, socket.socket] | None = None
+                ) -> Iterable[bytes]:
+        """503; ``unread``: the request's body stream, still coming, and the server's socket: the
+        rest is dropped after the 503 is out (_Drained)."""
         headers = self._headers(body, close)
         if exc_info is not None:
             start_response(self.status, headers, exc_info)
         else:
             start_response(self.status, headers)
-        return [body]
+        return [body] if unread is None else _Drained(body, *unread)
+
+
+def _unread(environ: dict[str, Any], stream: Any) -> tuple[Any, socket.socket] | None:
+    """(the raw body stream, the server's socket) to drain, when the server says its socket."""
+    sock = environ.get("gunicorn.socket")
+    stream = environ.get("wsgi.input") if stream is None else stream
+    return (stream, sock) if isinstance(sock, socket.socket) and stream is not None else None
+
+
+class _Drained:
+    """A 503's body; once the server has sent it and closes the iterable, the rest of the
+    request's body is read and dropped (DRAIN_BYTES, DRAIN_SECONDS, DRAIN_IDLE between reads)."""
+
+    def __init__(self, body: bytes, stream: Any, sock: socket.socket) -> None:
+        self._body, self._stream, self._sock = body, stream, sock
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter([self._body])
+
+    def close(self) -> None:
+        deadline, read = time.monotonic() + DRAIN_SECONDS, 0
+        try:
+            was = self._sock.gettimeout()
+            self._sock.settimeout(DRAIN_IDLE)
+        except OSError:
+            return
+        try:
+            while read <= DRAIN_BYTES and time.monotonic() < deadline:
+                data = self._stream.read(65536)
+                if not data:
+                    return
+                read += len(data)
+        except Exception:  # noqa: BLE001 - a timeout, a reset, a malformed chunk: the server closes
+            return
+        finally:
+            try:
+                self._sock.settimeout(was)
+            except OSError:
+                pass
 
 
 def _may_close(environ: dict[str, Any]) -> bool:

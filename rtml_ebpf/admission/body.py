@@ -178,6 +178,11 @@ class GatedInput:
                 raise BodyRefused
         return data
 
+    @property
+    def done(self) -> bool:
+        """The body has been read to its end."""
+        return self._done
+
     def read(self, size: int | None = -1, /) -> bytes:
         data = self._stream.read() if size is None or size < 0 else self._stream.read(size)
         return self._saw(data, size)

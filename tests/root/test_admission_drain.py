@@ -1,10 +1,11 @@
-"""An ASGI chunked upload refused partway reaches the client as the 503, not as a connection reset
-(issue 19's review, item 3): a real uvicorn in a real 256 MiB cgroup, real clients sending 64 MiB
-chunked bodies that are refused after about 6 MiB (tests/support/body_app.py: 32 bytes of memory
-per body byte). The middleware reads and drops the rest of the body after its 503 (within
-asgi.DRAIN_BYTES, DRAIN_SECONDS and DRAIN_IDLE) before the response ends and uvicorn closes; before,
-uvicorn closed with the body unread and the kernel's reset reached http.client (0 of 20 saw the
-503; a client reading while it sends saw it, then the reset)."""
+"""A chunked upload refused partway reaches the client as the 503, not as a connection reset
+(issue 19's review, item 3): a real uvicorn and gunicorn in a real 256 MiB cgroup, real clients
+sending 64 MiB chunked bodies that are refused after about 6 MiB (tests/support/body_app.py: 32
+bytes of memory per body byte). The middleware reads and drops the rest of the body after its 503
+(within DRAIN_BYTES, DRAIN_SECONDS and DRAIN_IDLE of asgi.py and wsgi.py) before the server closes;
+before, the server closed with the body unread and the kernel's reset reached http.client (0 of 20
+saw the 503 on uvicorn, 0 of 10 on gunicorn; a client reading while it sends saw it, then the
+reset, on uvicorn)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,18 @@ pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
 SUPPORT = str(Path(__file__).resolve().parent.parent / "support")
 
 
-def test_a_chunked_upload_refused_mid_body_gets_the_503_not_a_reset() -> None:
+SERVERS = {
+    "asgi": lambda port: [sys.executable, "-m", "uvicorn", "--port", str(port), "--log-level", "warning",
+                          "body_app:asgi_app"],
+    "wsgi": lambda port: [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "4",
+                          "-b", f"127.0.0.1:{port}", "--log-level", "warning", "body_app:wsgi_app"],
+}
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_a_chunked_upload_refused_mid_body_gets_the_503_not_a_reset(kind: str) -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "--port", str(port), "--log-level", "warning", "body_app:asgi_app"]
+    cmd = SERVERS[kind](port)
     with ChildCgroup(256 * MiB, prefix="rtml-drain") as cg:
         proc = cg.popen(cmd, env={"RTML_THRESHOLD": "0.8", "RTML_METRIC": "usage", "PYTHONPATH": SUPPORT},
                         cwd=SUPPORT)
