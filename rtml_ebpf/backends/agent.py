@@ -48,6 +48,12 @@ log = logging.getLogger("rtml_ebpf")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/rtml-ebpf"  # the node agent's (agent/programs.py)
 
 CONNECT_TIMEOUT = 1.0
+# A watch's reply, once the agent accepted the connection: it is alive, and may be busy (its
+# start-up, a burst of clients such as `uvicorn --workers 32` starting at once, a loaded node).
+# Waiting longer than CONNECT_TIMEOUT here keeps a root process from loading programs of its own
+# beside the agent's (issue 20); an agent that is stopped costs a start-up this long, then auto
+# moves on.
+REPLY_TIMEOUT = 5.0
 BEAT_STALE_NS = 600_000_000  # six missed beats: the programs are gone
 CHECK_INTERVAL = 0.2  # seconds between looks at the beat, the page and the connection
 _U64 = struct.Struct("=Q")
@@ -111,6 +117,7 @@ def _request(rule: Rule, scope: str, path: str, cgroup: str | None = None
                                    "directory into the pod; RTML_AGENT_SOCKET names another path)") from None
         except OSError as exc:
             raise AgentUnavailable(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        sock.settimeout(REPLY_TIMEOUT)
         try:
             # The agent may close an accepted connection at once (full, or its caps per uid):
             # the send then fails with EPIPE or ECONNRESET, which is "unavailable", not a crash.
@@ -128,6 +135,9 @@ def _request(rule: Rule, scope: str, path: str, cgroup: str | None = None
             # A reset is reported before a reply queued ahead of it: read that, it says why.
             raise AgentUnavailable(f"the agent at {path} refused: "
                                    f"{_queued_refusal(sock) or exc.strerror or exc}") from None
+        except TimeoutError:
+            raise AgentUnavailable(f"the agent at {path} accepted but did not answer within {REPLY_TIMEOUT:g} s "
+                                   "(stopped or overloaded?)") from None
         except OSError as exc:
             raise AgentUnavailable(f"the agent at {path} did not answer: {exc.strerror or exc}") from None
         fds: list[int] = []

@@ -136,3 +136,31 @@ def test_4_nonsense_from_the_agent_is_unavailable_with_a_reason(sock_path: str, 
         with pytest.raises(AgentUnavailable, match=sock_path.replace(".", r"\.") + "|reply|page|rule"):
             backend.add_rule(Rule("usage", Threshold(ppm=900_000), Threshold(ppm=880_000)))
         backend.close()
+
+
+def test_a_slow_agent_is_waited_for_and_a_silent_one_named(sock_path: str) -> None:
+    """An agent that accepted is alive: its reply is waited for past the connect timeout (a busy
+    agent answering in 2 s was 'unavailable' after 1 s, and a root process then loaded programs
+    of its own beside it); one that never answers is unavailable after REPLY_TIMEOUT, saying so."""
+    import time
+
+    from rtml_ebpf.backends.agent import CONNECT_TIMEOUT, REPLY_TIMEOUT
+
+    def slow(conn: socket.socket) -> None:
+        conn.recv(65536)
+        time.sleep(CONNECT_TIMEOUT + 1)
+        conn.send(json.dumps({"ok": False, "error": "slow but alive"}).encode())
+
+    def silent(conn: socket.socket) -> None:
+        conn.recv(65536)
+        time.sleep(REPLY_TIMEOUT + 1)
+
+    for _ in serve(sock_path, slow):
+        with pytest.raises(AgentUnavailable, match="slow but alive"):
+            Limiter(backend="agent", relief=False)
+    os.unlink(sock_path)
+    for _ in serve(sock_path, silent):
+        t0 = time.monotonic()
+        with pytest.raises(AgentUnavailable, match=f"did not answer within {REPLY_TIMEOUT:g} s"):
+            Limiter(backend="agent", relief=False)
+        assert time.monotonic() - t0 >= REPLY_TIMEOUT - 0.5
