@@ -1,7 +1,7 @@
 """gRPC calls whose cost follows their message's size, on real servers in a real limited cgroup.
 
 The handler decodes each message into 32x its size (96 KiB -> 3 MiB; 2.25 MiB -> 72 MiB) and holds
-it, so 8% of the calls cost 24x the rest: a call admitted on its route's estimate must be refused
+it, so 10% of the calls cost 24x the rest: a call admitted on its route's estimate must be refused
 once its message shows it no longer fits, before its handler gets the message (issue 19, defect D5:
 the interceptors ignored that refusal and the server was OOM-killed under the flood). Sync and
 grpc.aio, a unary request and a request stream whose second message is the large one. Unguarded,
@@ -28,14 +28,15 @@ from rtml_ebpf.grpc import DETAILS, ENDED_DETAILS, TOO_LARGE_DETAILS
 pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
 
 LIMIT = 256 * MiB
-DURATION = 10.0
+DURATION = 12.0
 CLIENTS = 40
+THREADS = 32  # the sync server's pool: as many calls at once as a service sized for small messages runs
 ENV = {"RTML_THRESHOLD": "0.8", "RTML_METRIC": "usage"}
 KiB = 1024
 SMALL, LARGE = 96 * KiB, 2304 * KiB
 # (label, weight, messages): a stream's large call sends a small message first, then the large one.
-UNARY = (("small", 92, (SMALL,)), ("large", 8, (LARGE,)))
-STREAM = (("small", 92, (SMALL // 2, SMALL // 2)), ("large", 8, (SMALL // 2, LARGE - SMALL // 2)))
+UNARY = (("small", 90, (SMALL,)), ("large", 10, (LARGE,)))
+STREAM = (("small", 90, (SMALL // 2, SMALL // 2)), ("large", 10, (SMALL // 2, LARGE - SMALL // 2)))
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
            ("grpc.enable_retries", 0)]
 SERVER = Path(__file__).resolve().parent.parent / "support" / "grpc_server.py"
@@ -55,7 +56,7 @@ def flood(kind: str, shape: str, guard: str) -> tuple[int, Counter[str], list[st
     lock = threading.Lock()
     stop = threading.Event()
     with ChildCgroup(LIMIT, prefix="rtml-grpc-sizes") as cg:
-        proc = cg.popen([sys.executable, str(SERVER), str(port), guard, kind], env=ENV)
+        proc = cg.popen([sys.executable, str(SERVER), str(port), guard, kind, str(THREADS)], env=ENV)
         wait_listening(port, proc)
 
         def client() -> None:

@@ -1,10 +1,10 @@
 """A gRPC server whose methods allocate like the demo's HTTP handler.
 
-    python tests/support/grpc_server.py PORT GUARD [KIND]
+    python tests/support/grpc_server.py PORT GUARD [KIND [THREADS]]
 
 GUARD: ``none``, ``admission`` (the interceptor alone, default limiter from RTML_*) or
 ``exhausted`` (the same with ``code="resource_exhausted"``). KIND: ``sync`` (default: a
-ThreadPoolExecutor of 16) or ``aio`` (grpc.aio, the handlers async).
+ThreadPoolExecutor of THREADS, 16 by default) or ``aio`` (grpc.aio, the handlers async).
 
 - ``test.Mem/Alloc`` builds RTML_DEMO_PAYLOAD_MIB (24) MiB and holds it RTML_DEMO_HOLD (0.3) s.
 - ``test.Mem/Decode`` decodes its message into 32x its size (every page touched) and holds it.
@@ -99,10 +99,11 @@ async def serve_aio(port: int, guard: str) -> None:
 def main() -> None:
     port, guard = int(sys.argv[1]), sys.argv[2]
     kind = sys.argv[3] if len(sys.argv) > 3 else "sync"
+    threads = int(sys.argv[4]) if len(sys.argv) > 4 else 16
     if kind == "aio":
         asyncio.run(serve_aio(port, guard))
         return
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), interceptors=interceptor(guard, kind),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), interceptors=interceptor(guard, kind),
                          options=OPTIONS, maximum_concurrent_rpcs=256)
     server.add_generic_rpc_handlers((methods(kind),))
     server.add_insecure_port(f"127.0.0.1:{port}")
