@@ -111,3 +111,44 @@ def test_messages_of_mixed_sizes_under_a_flood(guard: str, kind: str, shape: str
     assert counts["small ok"] >= 10, counts
     assert counts["large ok"] >= 1, counts  # the large calls that fit are served
     assert counts["large refused"] >= 1, counts  # and the rest are refused as a refusal is answered
+
+
+@pytest.mark.parametrize("shape", ["unary", "stream"])
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+@pytest.mark.parametrize("guard", ["admission", "exhausted"])
+def test_a_message_that_does_not_fit_never_reaches_the_handler(guard: str, kind: str, shape: str) -> None:
+    # The route learns on 96 KiB messages (3 MiB decoded); then a 12 MiB message (384 MiB decoded,
+    # more than the cgroup's 256 MiB) is refused as it is decoded, and a 24 MiB one as too large to
+    # ever fit. Had its handler got either, the server would have been OOM-killed.
+    import grpc
+
+    from rtml_ebpf.demo.cgroups import ChildCgroup
+    from rtml_ebpf.demo.flood import wait_listening
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED if guard == "exhausted" else grpc.StatusCode.UNAVAILABLE
+    port = free_port()
+    with ChildCgroup(LIMIT, prefix="rtml-grpc-sizes") as cg:
+        proc = cg.popen([sys.executable, str(SERVER), str(port), guard, kind], env=ENV)
+        wait_listening(port, proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as channel:
+            unary = channel.unary_unary("/test.Mem/Decode")
+            stream = channel.stream_unary("/test.Mem/DecodeStream")
+
+            def call(size: int) -> bytes:
+                if shape == "unary":
+                    return bytes(unary(b"x" * size, timeout=30))
+                return bytes(stream(iter([b"x" * SMALL, b"x" * size]), timeout=30))
+
+            for _ in range(3):
+                assert call(SMALL).startswith(b"ok"), "a small call is served"
+            for size, details in ((12 * MiB, DETAILS), (24 * MiB, TOO_LARGE_DETAILS)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(size)
+                exc: grpc.RpcError = refused.value
+                assert (exc.code(), exc.details()) == (code, details), (size, exc)
+                trailing = dict(exc.trailing_metadata() or ())
+                assert int(trailing["retry-after"]) >= 1, trailing  # answered as a refusal at the door is
+                assert ("grpc-status-details-bin" in trailing) == (guard == "exhausted"), trailing
+            assert call(SMALL).startswith(b"ok"), "the refused calls hold nothing: the next one is served"
+        assert proc.poll() is None
+        assert cg.oom_kills() == 0
