@@ -113,13 +113,14 @@ def test_messages_of_mixed_sizes_under_a_flood(guard: str, kind: str, shape: str
     assert counts["large refused"] >= 1, counts  # and the rest are refused as a refusal is answered
 
 
-@pytest.mark.parametrize("shape", ["unary", "stream"])
+@pytest.mark.parametrize("shape", ["unary", "stream", "catching"])
 @pytest.mark.parametrize("kind", ["sync", "aio"])
 @pytest.mark.parametrize("guard", ["admission", "exhausted"])
 def test_a_message_that_does_not_fit_never_reaches_the_handler(guard: str, kind: str, shape: str) -> None:
     # The route learns on 96 KiB messages (3 MiB decoded); then a 12 MiB message (384 MiB decoded,
     # more than the cgroup's 256 MiB) is refused as it is decoded, and a 24 MiB one as too large to
-    # ever fit. Had its handler got either, the server would have been OOM-killed.
+    # ever fit. Had its handler got either, the server would have been OOM-killed. "catching": a
+    # stream handler that catches every exception while it reads is refused all the same.
     import grpc
 
     from rtml_ebpf.demo.cgroups import ChildCgroup
@@ -132,7 +133,8 @@ def test_a_message_that_does_not_fit_never_reaches_the_handler(guard: str, kind:
         wait_listening(port, proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as channel:
             unary = channel.unary_unary("/test.Mem/Decode")
-            stream = channel.stream_unary("/test.Mem/DecodeStream")
+            stream = channel.stream_unary("/test.Mem/DecodeStreamCatching" if shape == "catching"
+                                          else "/test.Mem/DecodeStream")
 
             def call(size: int) -> bytes:
                 if shape == "unary":

@@ -10,6 +10,8 @@ ThreadPoolExecutor of THREADS, 16 by default) or ``aio`` (grpc.aio, the handlers
 - ``test.Mem/Decode`` decodes its message into 32x its size (every page touched) and holds it.
 - ``test.Mem/DecodeStream`` (a request stream) does so with each message, holding all of them
   until the stream ends: a message whose decoded size does not fit must never reach it.
+- ``test.Mem/DecodeStreamCatching``: the same, but it catches any exception while it reads (as
+  a careless handler does) and answers what it has: the call must still be refused.
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ def decode_stream(requests: Any, context: Any) -> bytes:
     return b"ok %d" % len(held)
 
 
+def decode_stream_catching(requests: Any, context: Any) -> bytes:
+    held = []
+    try:
+        for message in requests:
+            held.append(decoded(message))
+    except Exception:  # noqa: BLE001 - the careless handler this method stands for
+        pass
+    return b"ok %d" % len(held)
+
+
 async def decode_async(request: bytes, context: Any) -> bytes:
     pieces = decoded(request)
     await asyncio.sleep(HOLD)
@@ -67,6 +79,16 @@ async def decode_async(request: bytes, context: Any) -> bytes:
 async def decode_stream_async(requests: Any, context: Any) -> bytes:
     held = [decoded(message) async for message in requests]
     await asyncio.sleep(HOLD)
+    return b"ok %d" % len(held)
+
+
+async def decode_stream_catching_async(requests: Any, context: Any) -> bytes:
+    held = []
+    try:
+        async for message in requests:
+            held.append(decoded(message))
+    except Exception:  # noqa: BLE001
+        pass
     return b"ok %d" % len(held)
 
 
@@ -85,6 +107,8 @@ def methods(kind: str) -> Any:
         "Alloc": grpc.unary_unary_rpc_method_handler(alloc),
         "Decode": grpc.unary_unary_rpc_method_handler(decode if sync else decode_async),
         "DecodeStream": grpc.stream_unary_rpc_method_handler(decode_stream if sync else decode_stream_async),
+        "DecodeStreamCatching": grpc.stream_unary_rpc_method_handler(
+            decode_stream_catching if sync else decode_stream_catching_async),
     })
 
 
