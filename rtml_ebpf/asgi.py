@@ -16,6 +16,7 @@ request the enforcer ends (it overran its reservation while the cgroup neared th
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
@@ -35,6 +36,7 @@ from .admission.policy import (
 from .errors import RequestMemoryExceeded
 from .limiter import Limiter
 from .orca import HTTP_FORMATS, LoadReporter, check_format
+from .wsgi import quiet_ended
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -49,6 +51,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DRAIN_BYTES = 64 << 20
 DRAIN_SECONDS = 10.0  # in all (a loaded 2-core VM took over 2 s to drop 58 MiB: 3 resets in 20)
 DRAIN_IDLE = 1.0  # between two pieces of the body: a client that stops sending is not waited for
+SERVER_LOGGERS = ("uvicorn.error", "hypercorn.error")  # where the servers log an app's exception
 
 
 class MemoryLimitMiddleware:
@@ -81,6 +84,9 @@ class MemoryLimitMiddleware:
                              cost_per_byte=cost_per_byte)
         self.report = LoadReporter(limiter, check_format(load_report, HTTP_FORMATS, "text"))
         self.status_code = status_code
+        # The server logs a traceback for the RequestMemoryExceeded re-raised once a response has
+        # started (it must abort the connection, so it is raised): the enforcer logged one line.
+        quiet_ended(None, *map(logging.getLogger, SERVER_LOGGERS))
 
     @property
     def admission(self) -> Admission | None:

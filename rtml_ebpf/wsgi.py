@@ -254,8 +254,11 @@ class _EndedFilter(logging.Filter):
     the enforcer already logged one line for it (route, bytes, estimate), and it is counted."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[0] if record.exc_info else None
-        return not (isinstance(exc, type) and issubclass(exc, RequestMemoryExceeded))
+        exc = record.exc_info[1] if record.exc_info else None
+        leaves = getattr(exc, "exceptions", None)  # an exception group (anyio's task groups wrap it)
+        if isinstance(leaves, tuple) and leaves:
+            return not all(isinstance(leaf, RequestMemoryExceeded) for leaf in leaves)
+        return not isinstance(exc, RequestMemoryExceeded)
 
 
 ENDED_FILTER = _EndedFilter()
@@ -264,7 +267,8 @@ ENDED_FILTER = _EndedFilter()
 def quiet_ended(app: object = None, *loggers: logging.Logger) -> None:
     """Keep the frameworks' error logs to one line per ended request: filter the traceback Flask
     (the app's logger, found from ``app.wsgi_app``) and Django (``django.request``) log for
-    RequestMemoryExceeded. The middleware calls it; call it with other loggers to quiet them."""
+    RequestMemoryExceeded. The middlewares call it (the ASGI one with the servers' error loggers);
+    call it with other loggers to quiet them."""
     owner = getattr(app, "__self__", None)  # Flask: MemoryLimitMiddleware(app.wsgi_app)
     found = [lg for lg in (getattr(owner, "logger", None),) if isinstance(lg, logging.Logger)]
     if "django" in sys.modules:
