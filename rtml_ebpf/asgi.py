@@ -9,6 +9,8 @@ body's size (Content-Length, or the bytes read so far when it is chunked). On on
 requests share a thread: the middleware drives each request's coroutine step by step and charges
 to it what the kernel charged to the thread during its steps (Admission.run_async), and what the
 threadpool charged while running its ``def`` endpoints and dependencies (rtml_ebpf.admission.follow). A
+request holds its reservation (a learning one, its route's one slot) until the app call returns:
+Starlette's BackgroundTasks and Django's response close run after the response's last bytes. A
 request the enforcer ends (it overran its reservation while the cgroup neared the OOM killer) gets
 503 when its response has not started; after that, its connection is closed.
 """
@@ -132,8 +134,6 @@ class MemoryLimitMiddleware:
                     await self._reject(send, self._refused(ticket), _unread(body))
                     return
                 started = True
-            elif not message.get("more_body", False) and message["type"] == "http.response.body":
-                admission.release(ticket)  # a learning slot is free before the client has its answer
             await send(message)
 
         if te is not None or ticket.pending:

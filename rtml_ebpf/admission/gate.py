@@ -1,6 +1,7 @@
 """Admission once more for a request already admitted: its body grew as it was read, its body has
-arrived (a pending request takes its slot), or its response is going out (a learning request
-frees its slot). A mixin of :class:`~rtml_ebpf.admission.budget.Admission`, on its state."""
+arrived (a pending request takes its slot). A request holds its slot until its app returns (work
+after the response, such as Starlette's BackgroundTasks, is the request's). A mixin of
+:class:`~rtml_ebpf.admission.budget.Admission`, on its state."""
 
 from __future__ import annotations
 
@@ -113,16 +114,6 @@ class BodyGate:
             shared.sums(shared.ledger, (*own_totals(self._inflight.values()), est.largest_bytes, est.per_kib_bytes))
         self._publisher.refused(trim=True)
         return False
-
-    def release(self, ticket: Ticket) -> None:
-        """The request's response is about to go out whole: a learning or guessed request frees its
-        slot now, not after the client has its answer (its next request arrived while it was still
-        held and was refused). Its cost is still measured at :meth:`finish`."""
-        if ticket.released or not (ticket.estimate is None or ticket.basis in GUESSES):
-            return
-        with self._mu:
-            ticket.released = True
-            self._publish_now()
 
     def _publish_now(self) -> None:
         """This process's row, now (under ``_mu``; a claim on the mapping, no system call)."""

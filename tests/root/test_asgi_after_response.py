@@ -22,13 +22,25 @@ import pytest
 from support.cgroups import MiB, needs_bpf, needs_cgroups
 
 from rtml_ebpf.demo.cgroups import ChildCgroup
-from rtml_ebpf.demo.flood import free_port, wait_listening
+from rtml_ebpf.demo.flood import Flood, free_port, uvicorn_server, wait_listening
 
 pytestmark = [pytest.mark.root, needs_bpf, needs_cgroups]
 
 LIMIT = 256 * MiB
 ENV = {"RTML_THRESHOLD": "0.8", "RTML_METRIC": "usage"}
 SUPPORT = str(Path(__file__).resolve().parent.parent / "support")
+
+
+@pytest.mark.parametrize("guard", ["none", "admission"])
+def test_background_tasks_under_a_flood(guard: str) -> None:
+    server = uvicorn_server(guard, workers=2, env={**ENV, "PYTHONPATH": SUPPORT}, app="tasks_app:app")
+    r = Flood(guard, guard, server, limit=LIMIT, duration=12.0, clients=48, path="/bg?mib=24").run()
+    if guard == "none":
+        assert r.oom_kills >= 1, r
+    else:
+        assert r.oom_kills == 0, r
+        assert r.restarts == 0, r
+        assert r.served >= 10, r
 
 
 def get(port: int, path: str) -> tuple[int, bytes, str]:
