@@ -15,8 +15,8 @@ is known.
 
 Each request message's bytes grow the call's reservation as it is decoded (its cost scales with
 its size); a message whose grown reservation no longer fits is not decoded and its call is refused
-(the code and details of any refusal) before the handler gets it. A call the enforcer ends (it overran its reservation while the cgroup neared the
-OOM killer) ends with RESOURCE_EXHAUSTED.
+(the code and details of any refusal) before the handler gets it. A call the enforcer ends (it
+overran its reservation while the cgroup neared the OOM killer) ends with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
