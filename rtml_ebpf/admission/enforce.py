@@ -299,6 +299,10 @@ class Enforcer:
         if not self._active.is_set():
             self._active.set()
 
+    def event(self) -> threading.Event:
+        """What :meth:`wake` sets (admission's fast path sets it itself: one call less per request)."""
+        return self._active
+
     def ensure(self, source: Callable[[], tuple[Limiter | None, list[Enforced], int]]) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, args=(source,), name="rtml-ebpf-enforcer",

@@ -305,6 +305,18 @@ class CostEstimator:
         with self._lock:
             routes = self._routes
             r = routes.get(route)
+            if r is not None and not cls:
+                # The common case, a route seen before and no size class: its window, and the
+                # rest only when its estimate moved.
+                if r.costs.add(cost) < self.min_samples:
+                    return
+                new = r.costs.rank(self.q)
+                old = self._estimates.get(route, 0)
+                if new != old or route not in self._learned:
+                    self._estimates[route] = new
+                    self._learned[route] = Estimate(new, "route")
+                    self._moved(old, new)
+                return
             bucket = route
             if r is None:
                 bucket = route if len(routes) < self.max_routes else OVERFLOW_ROUTE
@@ -333,11 +345,15 @@ class CostEstimator:
                     changed.append((old, new))
                     self.per_kib_bytes = max(self.per_kib_bytes, new * 1024 // max(sizes.rank(0.0), SIZE_FLOOR))
             for old, new in changed:
-                if new >= self.largest_bytes:
-                    self.largest_bytes = new
-                elif old == self.largest_bytes:  # the largest one shrank: find the new largest
-                    self.largest_bytes = max(self._declared_largest, *self._estimates.values(),
-                                        *(e for c in self._class_estimates.values() for _, e in c.values()))
+                self._moved(old, new)
+
+    def _moved(self, old: int, new: int) -> None:
+        """An estimate moved from ``old`` to ``new``: the largest known follows (lock held)."""
+        if new >= self.largest_bytes:
+            self.largest_bytes = new
+        elif old == self.largest_bytes:  # the largest one shrank: find the new largest
+            self.largest_bytes = max(self._declared_largest, *self._estimates.values(),
+                                     *(e for c in self._class_estimates.values() for _, e in c.values()))
 
     def routes(self) -> list[RouteEstimate]:
         with self._lock:

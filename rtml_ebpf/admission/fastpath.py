@@ -36,18 +36,20 @@ if TYPE_CHECKING:
     from .publisher import Publisher
 
 log = logging.getLogger("rtml_ebpf")
+_set_current = _follow.CURRENT.set  # the request's account, for the threads it hands work to
 
 
 class Prepared:
     """What the common case needs, made once per limiter, ledger and process."""
 
-    __slots__ = ("pid", "lim", "check", "watch", "room", "meter", "ledger", "rows", "row")
+    __slots__ = ("pid", "lim", "check", "watch", "room", "meter", "ledger", "rows", "row", "events")
 
-    def __init__(self, lim: Limiter, check: object, watch: Any, room: Any, meter: Meter, ledger: Ledger,
-                 rows: memoryview, row: int) -> None:
+    def __init__(self, lim: Limiter, check: Any, watch: Any, room: Any, meter: Meter, ledger: Ledger,
+                 rows: memoryview, row: int, events: tuple[threading.Event, ...]) -> None:
         self.pid = forks.pid
         self.lim, self.check, self.watch, self.room, self.meter = lim, check, watch, room, meter
         self.ledger, self.rows, self.row = ledger, rows, row
+        self.events = events  # what the enforcer's and the publisher's wake() set (their threads run)
 
 
 class FastPath:
@@ -99,14 +101,17 @@ class FastPath:
                     or fast.ledger._rows is not fast.rows):
                 self._fast = None  # something it relied on changed: made again after a slow admission
                 return self._admit_slow(route, size, stepped, bind, body)
-            if lim.is_mem_limit_reached():
+            if fast.check():
                 self.rejected_tripped += 1
                 return None
             est = self.estimator
-            guess = est.estimate_for(route, size)
+            fixed = est._fixed  # declared costs: estimate_for's first look, without its call
+            guess = fixed.get(route, est._default) if fixed is not None else None
+            if guess is None:
+                guess = est.estimate_for(route, size)
             if guess is None:
                 return self._admit_slow(route, size, stepped, bind, body)  # learning, or a guess
-            estimate = guess.bytes
+            estimate = guess[0]  # (bytes, basis): indexing a NamedTuple is cheaper than its names
             with self._mu:
                 inflight = self._inflight
                 own, n, learning = own_totals(inflight.values()) if inflight else (0, 0, 0)
@@ -118,16 +123,15 @@ class FastPath:
                     if limit_room is not None and limit_room > self._widest:
                         self._widest = limit_room
                     meter = fast.meter
-                    ticket = Ticket(route, estimate, forks.native_id(), meter.begin(), False, meter, size,
-                                    guess.basis)
-                    _follow.CURRENT.set(ticket.account)
+                    ticket = Ticket(route, estimate, forks.native_id(), meter.begin(), False, meter, size, guess[1])
+                    _set_current(ticket.account)
                     inflight[id(ticket)] = ticket
                     self.admitted += 1
             if got is None:
                 return self._admit_slow(route, size, stepped, bind, body)  # the rule's other cases
-            if self.enforcer is not None:
-                self.enforcer.wake()
-            self._publisher.wake()
+            for event in fast.events:  # the enforcer and the publisher look while requests are in flight
+                if not event.is_set():  # set only from idle, as their wake() does
+                    event.set()
             return ticket
         except Exception as exc:  # noqa: BLE001 - admission must not take the service down
             return self._admit_failed(route, stepped, exc)
@@ -141,8 +145,10 @@ class FastPath:
         reader = lim.room_reader()
         if reader is None or not hasattr(reader.room, "fits"):
             return
+        publisher = self._publisher.event()
+        events = (publisher,) if self.enforcer is None else (self.enforcer.event(), publisher)
         self._fast = Prepared(lim, reader.check, reader.watch, reader.room, self._meter(lim), ledger,
-                              ledger._rows, ledger._row)
+                              ledger._rows, ledger._row, events)
 
     def finish(self, ticket: Ticket) -> int | None:
         """The request ended (answered, failed or cancelled): learn its cost, free its reservation.
@@ -154,7 +160,7 @@ class FastPath:
             finished(ticket, own_thread)  # the enforcer leaves it alone from now on
             ended = ticket.ended
             if own_thread:
-                _follow.CURRENT.set(None)
+                _set_current(None)
                 _, peak = ticket.meter.read()
                 cost = peak - ticket.net0 + acc.peak  # acc: what its helper threads held (an upper bound)
             elif ticket.stepped:

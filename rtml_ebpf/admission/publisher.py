@@ -40,6 +40,11 @@ class Publisher:
             self._thread = threading.Thread(target=self._loop, name="rtml-ebpf-admission", daemon=True)
             self._thread.start()
 
+    def event(self) -> threading.Event:
+        """What :meth:`wake` sets, for a caller that has seen the thread started (admission's fast
+        path: one call less per request); a forked child has another."""
+        return self._wake
+
     def refused(self, trim: bool) -> None:
         """A request was refused: run once even with nothing in flight, so a dead process's row
         that may be what refuses it is reaped (the ledger's upkeep is this thread's); ``trim``:

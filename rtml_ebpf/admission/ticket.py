@@ -3,11 +3,11 @@ its asyncio steps, and every helper thread working for it), and whether the enfo
 
 from __future__ import annotations
 
-import threading
+from threading import get_ident
 
 from ..backends.meter import RUSAGE, Meter
-from . import follow as _follow
 from .estimator import CostEstimator
+from .follow import Account
 
 
 class Ticket:
@@ -26,12 +26,12 @@ class Ticket:
         self.basis = basis  # how the estimate was reached (Estimate.basis)
         self.size = size  # the request's body bytes, when known
         self.tid = tid
-        self.ident = threading.get_ident() if tid else 0  # the Python ident of that thread
+        self.ident = get_ident() if tid else 0  # the Python ident of that thread
         self.net0 = net0
         self.stepped = stepped  # asyncio: net/peak are kept by run_async, not read from the thread
         self.net = 0  # bytes charged since admission (stepped mode)
         self.peak = 0
-        self.account = _follow.Account(meter, owner=tid)  # helper threads' charges
+        self.account = Account(meter, tid)  # helper threads' charges
         self.stepping = 0  # asyncio: the loop thread's ident while a step of this request runs
         self.finished = False
         self.ended = False  # the enforcer ended it
