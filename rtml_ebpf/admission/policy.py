@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from .. import _cgroup
+from ..config import env_hooks, env_settings
 from ..errors import ConfigError, RtmlError
 from ..limiter import Level, Limiter
 
@@ -102,6 +103,13 @@ class Policy:
     ) -> None:
         if limiter is not None and not isinstance(limiter, Limiter):
             raise ConfigError(f"limiter={limiter!r}: pass a rtml_ebpf.Limiter, or None for the process default")
+        if limiter is None:
+            # The process default is built from RTML_*. The module-level check fails open on a bad
+            # value (logged once), by contract; an integration that did the same ran its service
+            # unguarded from a typo (RTML_THRESHOLD=90 read as 90 bytes: every request admitted,
+            # OOM kills as with no guard). Here it is the service's ConfigError, at start.
+            env_settings()
+            env_hooks()
         if shed_at not in SHED_AT:
             raise ConfigError(f"shed_at={shed_at!r}: use one of {', '.join(map(repr, SHED_AT))}")
         if shed_at == "stall":
