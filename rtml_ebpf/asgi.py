@@ -53,7 +53,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DRAIN_BYTES = 64 << 20
 DRAIN_SECONDS = 10.0  # in all (a loaded 2-core VM took over 2 s to drop 58 MiB: 3 resets in 20)
 DRAIN_IDLE = 1.0  # between two pieces of the body: a client that stops sending is not waited for
-SERVER_LOGGERS = ("uvicorn.error", "hypercorn.error")  # where the servers log an app's exception
+# Where an ended request's exception is logged with its traceback: the servers' error loggers
+# (an app's exception), and asyncio's (an exception landing in a transport's write of the request's
+# own response: the transport closes that connection and logs "Fatal write error on socket transport").
+SERVER_LOGGERS = ("uvicorn.error", "hypercorn.error", "asyncio")
 
 
 class MemoryLimitMiddleware:
