@@ -399,7 +399,14 @@ def _with_async_ticket(handler: Any, admission: Admission, ticket: Ticket, rejec
             try:
                 if request is REFUSED:
                     await sized.refuse_async(context)
-                async for item in inner(request, context):
+                # Each step to the next response message is metered to the call (Stepped), as a
+                # unary coroutine is: unmetered, a streaming answer's memory was in no budget.
+                items = inner(request, context)
+                while True:
+                    try:
+                        item = await admission.run_async(ticket, items.__anext__())
+                    except StopAsyncIteration:
+                        break
                     yield item
             except RequestMemoryExceeded:
                 await stopped(context)

@@ -154,3 +154,59 @@ def test_a_message_that_does_not_fit_never_reaches_the_handler(guard: str, kind:
             assert call(SMALL).startswith(b"ok"), "the refused calls hold nothing: the next one is served"
         assert proc.poll() is None
         assert cg.oom_kills() == 0
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+@pytest.mark.parametrize("guard", ["none", "exhausted"])
+def test_a_response_stream_is_metered_as_it_answers(guard: str, kind: str) -> None:
+    # Each call builds 24 MiB while it streams its answer: its cost must be measured (and so
+    # learned and enforced) across the whole stream, on grpc.aio's event loop as on a pool thread.
+    import grpc
+
+    from rtml_ebpf.demo.cgroups import ChildCgroup
+    from rtml_ebpf.demo.flood import wait_listening
+
+    port = free_port()
+    counts: Counter[str] = Counter()
+    odd: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    with ChildCgroup(LIMIT, prefix="rtml-grpc-sizes") as cg:
+        proc = cg.popen([sys.executable, str(SERVER), str(port), guard, kind, str(THREADS)], env=ENV)
+        wait_listening(port, proc)
+
+        def client() -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as channel:
+                call = channel.unary_stream("/test.Mem/AllocStream")
+                while not stop.is_set():
+                    try:
+                        pieces = list(call(b"x", timeout=15))
+                        outcome = "ok" if len(pieces) == 6 else "short"
+                    except grpc.RpcError as exc:
+                        code, details = exc.code(), exc.details() or ""
+                        ours = code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        outcome = "refused" if ours and details == DETAILS else "ended" if ours and \
+                            details == ENDED_DETAILS else "failed"
+                        if outcome == "failed":
+                            with lock:
+                                odd.append(f"{code.name}: {details[:120]}")
+                    with lock:
+                        counts[outcome] += 1
+                    if outcome != "ok":
+                        time.sleep(0.05)
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(DURATION)
+        stop.set()
+        for t in threads:
+            t.join(timeout=20)
+        oom = cg.oom_kills()
+    print(f"{kind} response stream {guard}: {oom} OOM kills, {dict(sorted(counts.items()))}")  # shown with -s
+    if guard == "none":
+        assert oom >= 1, (counts, odd[:5])
+        return
+    assert oom == 0, (counts, odd[:5])
+    assert not odd and counts["short"] == 0, (counts, odd[:5])
+    assert counts["ok"] >= 10 and counts["refused"] > 0, counts

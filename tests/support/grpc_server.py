@@ -10,6 +10,8 @@ ThreadPoolExecutor of THREADS, 16 by default) or ``aio`` (grpc.aio, the handlers
 - ``test.Mem/Decode`` decodes its message into 32x its size (every page touched) and holds it.
 - ``test.Mem/DecodeStream`` (a request stream) does so with each message, holding all of them
   until the stream ends: a message whose decoded size does not fit must never reach it.
+- ``test.Mem/AllocStream`` (a response stream) builds the same payload piece by piece as it
+  answers, 4 MiB per response message (24 MiB in all), and holds it to the end.
 - ``test.Mem/DecodeStreamCatching``: the same, but it catches any exception while it reads (as
   a careless handler does) and answers what it has: the call must still be refused.
 """
@@ -92,6 +94,22 @@ async def decode_stream_catching_async(requests: Any, context: Any) -> bytes:
     return b"ok %d" % len(held)
 
 
+async def alloc_stream_async(request: bytes, context: Any) -> Any:
+    held = []
+    for _ in range(6):
+        held.append(decoded(b"x" * ((4 << 20) // GROWTH)))
+        yield b"piece"
+        await asyncio.sleep(HOLD / 6)
+
+
+def alloc_stream(request: bytes, context: Any) -> Any:
+    held = []
+    for _ in range(6):
+        held.append(decoded(b"x" * ((4 << 20) // GROWTH)))
+        yield b"piece"
+        time.sleep(HOLD / 6)
+
+
 def interceptor(guard: str, kind: str) -> list[Any]:
     if guard == "none":
         return []
@@ -107,6 +125,7 @@ def methods(kind: str) -> Any:
         "Alloc": grpc.unary_unary_rpc_method_handler(alloc),
         "Decode": grpc.unary_unary_rpc_method_handler(decode if sync else decode_async),
         "DecodeStream": grpc.stream_unary_rpc_method_handler(decode_stream if sync else decode_stream_async),
+        "AllocStream": grpc.unary_stream_rpc_method_handler(alloc_stream if sync else alloc_stream_async),
         "DecodeStreamCatching": grpc.stream_unary_rpc_method_handler(
             decode_stream_catching if sync else decode_stream_catching_async),
     })
