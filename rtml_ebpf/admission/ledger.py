@@ -51,6 +51,9 @@ from .._private_dir import open_place
 from ..errors import ConfigError
 from . import forks, ledger_fast
 from .ledger_fast import Others
+from .ledger_files import ofd_lock as _ofd_lock
+from .ledger_files import same_file as _same_file
+from .ledger_files import sweep
 from .ledger_layout import (
     FIELDS,
     H_USED,
@@ -71,7 +74,6 @@ log = logging.getLogger("rtml_ebpf")
 
 REAP_INTERVAL = 0.5
 CHECK_INTERVAL = 0.5  # how often a process looks whether its ledger file was deleted
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: type, whence, start, len, pid
 
 
 class Totals(NamedTuple):
@@ -115,18 +117,6 @@ def read_totals(cgroup_id: int, directory: str | None = None) -> Totals | None:
     live = [HEADER + r * FIELDS for r in range(ROWS) if q[HEADER + r * FIELDS + PID]]
     return Totals(sum(q[b + RESERVED] for b in live), sum(q[b + INFLIGHT] for b in live),
                   sum(q[b + LEARNING] for b in live), max((q[b + LARGEST] for b in live), default=0))
-
-
-def _ofd_lock(fd: int, kind: int, wait: bool) -> bool:
-    """An OFD lock on the file's first byte (the "still using it" mark). OFD locks belong to the
-    open file, like flock, and do not conflict with the flock taken to join and to reap."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 1, 0))
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
 
 
 _open_ledgers: weakref.WeakSet[Ledger] = weakref.WeakSet()
@@ -239,6 +229,7 @@ class Ledger:
         self._next_check = time.monotonic() + CHECK_INTERVAL
         _open_ledgers.add(self)
         _register_exit()
+        sweep(dfd, file_name(self.cgroup_id))  # files of services killed whole (ledger_files.py)
 
     def open(self) -> None:
         """Join the ledger now (else at the first use): raises ConfigError when it cannot."""
@@ -400,13 +391,3 @@ class Ledger:
                 except OSError as exc:
                     if exc.errno != errno.EBADF:
                         raise
-
-
-def _same_file(dfd: int, name: str, fd: int) -> bool:
-    """Whether ``name`` in the directory still leads to the open file ``fd``."""
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except OSError:
-        return False
-    own = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

@@ -326,6 +326,37 @@ def test_13_the_last_process_out_removes_it_while_others_stay_it_stays(tmp_path:
     assert not os.path.exists(path)
 
 
+def test_13_a_file_left_by_a_service_killed_whole_is_swept_by_the_next_join(tmp_path: Path) -> None:
+    # A service's only process SIGKILLed (an OOM kill of the last worker): nothing removed its
+    # file, named by a cgroup id that does not come back. The next process to join any ledger of
+    # the directory removes it; a file a live process holds stays.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            Ledger(CGID + 1, str(tmp_path)).open()
+            os.write(w, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.read(r, 1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    dead = tmp_path / _ledger.file_name(CGID + 1)
+    assert dead.exists()
+    live = worker_reserving(8, w, str(tmp_path))
+    try:
+        os.read(r, 1)
+        joining = Ledger(CGID + 2, str(tmp_path))
+        joining.open()
+        assert not dead.exists(), os.listdir(tmp_path)
+        assert (tmp_path / _ledger.file_name(CGID)).exists()  # held by the live worker
+        joining.close()
+    finally:
+        os.kill(live, signal.SIGKILL)
+        os.waitpid(live, 0)
+
+
 def test_read_totals_reads_a_ledger_without_joining_it(tmp_path: Path) -> None:
     r, w = os.pipe()
     pid = worker_reserving(64, w, str(tmp_path))
