@@ -50,6 +50,7 @@ from .meter_of import MeterOf
 from .publisher import Publisher
 from .rule import decide, never_fits
 from .shapes import Shapes
+from .shared_routes import SharedRoutes
 from .sums import cgroup_guess, own_totals, validate
 from .ticket import Ticket
 
@@ -138,6 +139,7 @@ class Admission(FastPath, BodyGate, Shapes):
         self._mu = threading.Lock()
         self._inflight: dict[int, Ticket] = {}
         self._shared = SharedLedger()
+        self._routes = SharedRoutes()  # the cgroup's learned routes, for workers that come later
         self._pid = forks.pid
         self._meters = MeterOf()
         self._publisher = Publisher(self._publish, lambda: bool(self._inflight))
@@ -168,6 +170,7 @@ class Admission(FastPath, BodyGate, Shapes):
             if self._pid == forks.pid:
                 return
             self._mu = threading.Lock()
+            self._routes = SharedRoutes()  # its lock may have been held by a parent's thread
             self._inflight = {}
             self._publisher.after_fork()
             self._pid = forks.pid
@@ -201,6 +204,8 @@ class Admission(FastPath, BodyGate, Shapes):
             self.rejected_tripped += 1
             return None
         guess: Estimate | None = self.estimator.estimate_for(route, size)
+        if guess is None and self._share and self._routes.seed(lim.cgroup_id, self.estimator, route):
+            guess = self.estimator.estimate_for(route, size)  # learned by the cgroup's processes
         estimate = None if guess is None else guess.bytes
         meter, est, shared = self._meters.of(lim), self.estimator, self._shared
         with self._mu:
@@ -278,6 +283,8 @@ class Admission(FastPath, BodyGate, Shapes):
         with self._mu:
             own, inflight, learning = own_totals(self._inflight.values())
             ledger.publish(own, inflight, learning, self.estimator.largest(), self.estimator.per_kib())
+        self._routes.publish(ledger.cgroup_id, self.estimator.routes())  # for the cgroup's next workers
+        with self._mu:
             try:
                 ledger.upkeep()  # reaping dead processes' rows: off the request path
             except (ConfigError, OSError) as exc:

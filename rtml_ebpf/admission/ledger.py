@@ -52,8 +52,8 @@ from ..errors import ConfigError
 from . import forks, ledger_fast
 from .ledger_fast import Others
 from .ledger_files import ofd_lock as _ofd_lock
+from .ledger_files import remove_beside, sweep
 from .ledger_files import same_file as _same_file
-from .ledger_files import sweep
 from .ledger_layout import (
     FIELDS,
     H_USED,
@@ -368,6 +368,7 @@ class Ledger:
                 if _ofd_lock(self._fd, fcntl.F_WRLCK, wait=False) and _same_file(self._dfd, file_name(
                         self.cgroup_id), self._fd):
                     os.unlink(file_name(self.cgroup_id), dir_fd=self._dfd)
+                    remove_beside(self._dfd, file_name(self.cgroup_id))
             except OSError as exc:
                 log.debug("rtml-ebpf: ledger %s not removed: %s", self.path, exc)
         self._drop()

@@ -21,6 +21,7 @@ import struct
 log = logging.getLogger("rtml_ebpf")
 
 SUFFIX = ".ledger"
+BESIDE = (".routes",)  # files that live and go with a cgroup's ledger (shared_routes.py)
 SWEEP_MAX = 64  # files looked at per join: bounds the cost at a worker's start (~10 µs each)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: type, whence, start, len, pid
 
@@ -47,6 +48,16 @@ def same_file(dfd: int, name: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
+def remove_beside(dfd: int, ledger_name: str) -> None:
+    """The files that go with a ledger (its last process removed it, or the sweep). Never raises."""
+    stem = ledger_name.removesuffix(SUFFIX)
+    for suffix in BESIDE:
+        try:
+            os.unlink(stem + suffix, dir_fd=dfd)
+        except OSError:
+            pass
+
+
 def sweep(dfd: int, keep: str) -> int:
     """Remove the ledger files in the directory ``dfd`` that no process holds (none has the
     shared lock), other than ``keep``; returns how many. A file someone is joining right now is
@@ -54,9 +65,14 @@ def sweep(dfd: int, keep: str) -> int:
     opens a new one if not (ledger.py, ``_open_file``). Never raises."""
     removed = 0
     try:
-        names = [n for n in os.listdir(dfd) if n.endswith(SUFFIX) and n != keep][:SWEEP_MAX]
+        present = os.listdir(dfd)
     except OSError:
         return 0
+    names = [n for n in present if n.endswith(SUFFIX) and n != keep][:SWEEP_MAX]
+    ledgers = {n for n in present if n.endswith(SUFFIX)}
+    for n in present:  # a file beside a ledger that is gone (its last process was killed)
+        if n.endswith(BESIDE) and n.rsplit(".", 1)[0] + SUFFIX not in ledgers:
+            remove_beside(dfd, n.rsplit(".", 1)[0] + SUFFIX)
     for name in names:
         try:
             fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
@@ -68,6 +84,7 @@ def sweep(dfd: int, keep: str) -> int:
                 continue
             if ofd_lock(fd, fcntl.F_WRLCK, wait=False) and same_file(dfd, name, fd):
                 os.unlink(name, dir_fd=dfd)
+                remove_beside(dfd, name)
                 removed += 1
         except OSError as exc:
             log.debug("rtml-ebpf: ledger %s not swept: %s", name, exc)
