@@ -53,6 +53,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DRAIN_BYTES = 64 << 20
 DRAIN_SECONDS = 10.0  # in all (a loaded 2-core VM took over 2 s to drop 58 MiB: 3 resets in 20)
 DRAIN_IDLE = 1.0  # between two pieces of the body: a client that stops sending is not waited for
+# A request refused as "learning" (that one is in flight, in any process) waits for it this long,
+# trying again every LEARNING_STEP (a waiting coroutine holds no memory to speak of).
+LEARNING_WAIT = 0.5
+LEARNING_STEP = 0.01
 # Where an ended request's exception is logged with its traceback: the servers' error loggers
 # (an app's exception), and asyncio's (an exception landing in a transport's write of the request's
 # own response: the transport closes that connection and logs "Fatal write error on socket transport").
@@ -109,8 +113,7 @@ class MemoryLimitMiddleware:
         length, te = _headers(scope)
         size = None if chunked(te) else content_length(length)  # Transfer-Encoding wins (RFC 9112 6.3)
         has_body = size is None and te is not None or bool(size)
-        shed, ticket = self.policy.admit(path, route_key(scope.get("method", "GET"), path), size=size, stepped=True,
-                                         body=has_body)
+        shed, ticket = await self._admit(path, route_key(scope.get("method", "GET"), path), size, has_body)
         if shed:
             await self._reject(send, self.policy.rejection_body(), receive if has_body else None)
             return
@@ -150,6 +153,27 @@ class MemoryLimitMiddleware:
                 await self._reject(send, self._refused(ticket), _unread(body))
         finally:
             admission.finish(ticket)
+
+    async def _admit(self, path: str, route: str, size: int | None, body: bool) -> tuple[bool, Ticket | None]:
+        """Policy.admit, except that a request refused as "learning" (a learning request is in
+        flight in the cgroup, or its route's one guessed request) waits for that one, up to
+        LEARNING_WAIT: it holds its slot until its app returns, which may be after it answered
+        (BackgroundTasks), and a client's next request must not be refused for it. Counted once,
+        as one rejection, when it gives up."""
+        policy, adm = self.policy, self.policy.admission
+        if adm is None or policy.excluded(path):
+            return policy.admit(path, route, size=size, stepped=True, body=body)
+        deadline = time.monotonic() + LEARNING_WAIT
+        while not policy.door():
+            ticket = adm.try_admit(route, size=size, stepped=True, body=body)
+            if ticket is not None:
+                return False, ticket
+            if adm.refusal() != "learning" or time.monotonic() >= deadline:
+                break
+            adm.learning_retried()
+            await asyncio.sleep(LEARNING_STEP)
+        record_rejection("asgi")
+        return True, None
 
     def _reporting(self, send: Send) -> Send:
         report = self.report

@@ -115,6 +115,12 @@ class BodyGate:
         self._publisher.refused(trim=True)
         return False
 
+    def learning_retried(self) -> None:
+        """The request this thread's admission just refused as "learning" is tried again (the ASGI
+        middleware waits for the learning slot): not a rejection yet, so it is not counted twice."""
+        with self._mu:
+            self.rejected_learning -= 1
+
     def _publish_now(self) -> None:
         """This process's row, now (under ``_mu``; a claim on the mapping, no system call)."""
         if self._shared.ledger is not None and self._pid == forks.pid:

@@ -4,7 +4,9 @@
 - FastAPI BackgroundTasks run after the response's last bytes, inside the same app call. The
   middleware freed a learning request's slot at those last bytes, so under a flood many 24 MiB
   background tasks ran at once, unreserved (2 and 3 OOM kills in 3 runs). Now a request holds its
-  slot until the app returns: guarded, no OOM kill; unguarded, the same flood is OOM-killed.
+  slot until the app returns: guarded, no OOM kill; unguarded, the same flood is OOM-killed. And
+  one client's back-to-back requests to the learning route are all answered (the next one waits
+  for the learning slot).
 - A StreamingResponse ended mid-way: the client sees the connection closed before the end (never
   a complete-looking body), and the log has the enforcer's one line and no traceback (uvicorn
   logged 85 lines of "Exception in ASGI application" per ended request).
@@ -58,6 +60,24 @@ def get(port: int, path: str) -> tuple[int, bytes, str]:
         return response.status, body, "complete" if response.isclosed() or not response.chunked else "open"
     finally:
         conn.close()
+
+
+def test_back_to_back_requests_to_a_learning_route_with_background_tasks() -> None:
+    """One client, one request after another, each answered before its 0.3 s background task ends:
+    the next request waits for the learning slot (in either worker) instead of being refused."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "--workers", "2", "--port", str(port), "--log-level", "warning",
+           "tasks_app:app"]
+    with ChildCgroup(LIMIT, prefix="rtml-after") as cg:
+        proc = cg.popen(cmd, env={**ENV, "PYTHONPATH": SUPPORT}, cwd=SUPPORT)
+        try:
+            wait_listening(port, proc)
+            answers = [get(port, "/bg?mib=4")[0] for _ in range(30)]
+        finally:
+            proc.terminate()
+            proc.wait(20)
+        assert cg.oom_kills() == 0
+    assert answers == [200] * 30, [i for i, a in enumerate(answers) if a != 200]
 
 
 def test_a_streamed_response_ended_midway_closes_the_connection_and_logs_one_line(tmp_path: Path) -> None:
