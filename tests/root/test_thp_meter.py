@@ -3,7 +3,9 @@
 (MADV_HUGEPAGE on a 2 MiB-aligned mapping, one memset as a bytearray's allocation does), and the
 meter must read it within 10%. Before the page allocator's hook, the lean set read 32 faults:
 128 KiB. In-process (the library's meter) and through the node agent (a client's meter, as uid
-65534), with the lean set and with what this kernel attaches by default."""
+65534), with the lean set and with what this kernel attaches by default. And the bound on a
+huge page the cgroup cannot take: allocated, counted, its charge refused, its range faulted in
+small pages; counted once, never again for that range."""
 
 from __future__ import annotations
 
@@ -94,4 +96,62 @@ def test_an_agent_client_meter_counts_a_huge_page_at_its_size(hook_set: str) -> 
             agent.stop()
         assert out["source"] == "agent", out
         check_reading(out, hook_set)
+        assert cg.oom_kills() == 0
+
+
+# Runs in the cgroup (limit argv[1]): small pages up to about 1 MiB under the limit (no swap, nothing
+# to reclaim), then 512 KiB touched in one 2 MiB range with THP asked for. The kernel allocates the
+# huge page, its charge fails, the range falls back to small pages.
+NO_ROOM = r"""
+import ctypes, json, mmap, sys
+from rtml_ebpf import Limiter
+
+limit = int(sys.argv[1])
+HUGE = 2 << 20
+lim = Limiter(backend="ebpf", threshold=0.99, metric="usage", relief=False)
+meter = lim.thread_meter()
+usage_file = lim.cgroup.directory + ("/memory.current" if lim.cgroup.version == 2 else "/memory.usage_in_bytes")
+
+def usage():
+    with open(usage_file) as f:
+        return int(f.read())
+
+hold = mmap.mmap(-1, limit, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+hold.madvise(mmap.MADV_NOHUGEPAGE)
+off = 0
+while usage() < limit - (1 << 20) - (256 << 10):
+    for _ in range(64):
+        hold[off] = 1
+        off += 4096
+room = limit - usage()
+m = mmap.mmap(-1, 2 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_HUGEPAGE)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+start = (-addr) % HUGE
+begin = meter.begin()
+touched = 0
+for o in range(start, start + (512 << 10), 4096):
+    m[o] = 1
+    touched += 1
+net, _ = meter.read()
+huge = 0
+with open("/proc/self/smaps_rollup") as f:
+    for line in f:
+        if line.startswith("AnonHugePages:"):
+            huge = int(line.split()[1]) * 1024
+print(json.dumps({"hooks": list(lim.stats().hooks), "room": room, "touched": touched,
+                  "metered": (net - begin) // 4096, "huge_bytes": huge}))
+"""
+
+
+@pytest.mark.vm
+def test_a_huge_page_the_cgroup_refuses_is_counted_once() -> None:
+    env = {**os.environ, "RTML_HOOKS": "lean", "RTML_SHARED": "0"}
+    with make_cgroup(limit=64 * MiB) as cg:
+        out = run(cg, [sys.executable, "-c", NO_ROOM, str(64 * MiB)], env)
+        assert "page_alloc" in out["hooks"], out
+        # the charge was refused (the room is under 2 MiB): the range is small pages, one each
+        assert out["huge_bytes"] == 0 and out["room"] < 2 * MiB, out
+        # the refused huge page adds its 511 once; the next 127 faults in its range add one each
+        assert out["touched"] <= out["metered"] <= out["touched"] + 511 + 16, out
         assert cg.oom_kills() == 0
