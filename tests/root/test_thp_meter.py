@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from typing import Any
 
@@ -99,35 +100,39 @@ def test_an_agent_client_meter_counts_a_huge_page_at_its_size(hook_set: str) -> 
         assert cg.oom_kills() == 0
 
 
-# Runs in the cgroup (limit argv[1]): small pages up to about 1 MiB under the limit (no swap, nothing
-# to reclaim), then 512 KiB touched in one 2 MiB range with THP asked for. The kernel allocates the
-# huge page, its charge fails, the range falls back to small pages.
+# Started outside the cgroup (argv[2]) so that the interpreter's file pages are charged to the test's
+# own cgroup, not to this one: it imports, watches the cgroup, then moves in. There, with only its
+# anonymous pages charged (no swap: nothing to reclaim), it fills small pages to about 1 MiB under
+# the limit (argv[1]), then touches 512 KiB of one 2 MiB range with THP asked for: the kernel
+# allocates the huge page, its charge fails, the range falls back to small pages.
 NO_ROOM = r"""
-import ctypes, json, mmap, sys
+import ctypes, json, mmap, os, sys
 from rtml_ebpf import Limiter
 
-limit = int(sys.argv[1])
+limit, directory = int(sys.argv[1]), sys.argv[2]
 HUGE = 2 << 20
-lim = Limiter(backend="ebpf", threshold=0.99, metric="usage", relief=False)
+lim = Limiter(directory, backend="ebpf", threshold=0.99, metric="usage", relief=False)
 meter = lim.thread_meter()
-usage_file = lim.cgroup.directory + ("/memory.current" if lim.cgroup.version == 2 else "/memory.usage_in_bytes")
+usage_file = directory + ("/memory.current" if lim.cgroup.version == 2 else "/memory.usage_in_bytes")
+hold = mmap.mmap(-1, limit, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+hold.madvise(mmap.MADV_NOHUGEPAGE)
+m = mmap.mmap(-1, 2 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_HUGEPAGE)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+start = (-addr) % HUGE
+with open(directory + "/cgroup.procs", "w") as f:
+    f.write(str(os.getpid()))
 
 def usage():
     with open(usage_file) as f:
         return int(f.read())
 
-hold = mmap.mmap(-1, limit, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-hold.madvise(mmap.MADV_NOHUGEPAGE)
 off = 0
 while usage() < limit - (1 << 20) - (256 << 10):
     for _ in range(64):
         hold[off] = 1
         off += 4096
 room = limit - usage()
-m = mmap.mmap(-1, 2 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-m.madvise(mmap.MADV_HUGEPAGE)
-addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-start = (-addr) % HUGE
 begin = meter.begin()
 touched = 0
 for o in range(start, start + (512 << 10), 4096):
@@ -148,9 +153,13 @@ print(json.dumps({"hooks": list(lim.stats().hooks), "room": room, "touched": tou
 def test_a_huge_page_the_cgroup_refuses_is_counted_once() -> None:
     env = {**os.environ, "RTML_HOOKS": "lean", "RTML_SHARED": "0"}
     with make_cgroup(limit=64 * MiB) as cg:
-        out = run(cg, [sys.executable, "-c", NO_ROOM, str(64 * MiB)], env)
+        p = subprocess.Popen([sys.executable, "-c", NO_ROOM, str(64 * MiB), cg.directory], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        out = json.loads(stdout.strip().splitlines()[-1])
         assert "page_alloc" in out["hooks"], out
-        # the charge was refused (the room is under 2 MiB): the range is small pages, one each
+        # the charge was refused (under 2 MiB of room, nothing to reclaim): small pages, one each
         assert out["huge_bytes"] == 0 and out["room"] < 2 * MiB, out
         # the refused huge page adds its 511 once; the next 127 faults in its range add one each
         assert out["touched"] <= out["metered"] <= out["touched"] + 511 + 16, out
