@@ -139,10 +139,14 @@ for o in range(start, start + (512 << 10), 4096):
     m[o] = 1
     touched += 1
 net, _ = meter.read()
-huge = 0
-with open("/proc/self/smaps_rollup") as f:
+huge = None  # this mapping's huge pages (the process has others where THP is "always")
+with open("/proc/self/smaps") as f:
+    inside = False
     for line in f:
-        if line.startswith("AnonHugePages:"):
+        if "-" in line.split()[0] and not line.split()[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("AnonHugePages:"):
             huge = int(line.split()[1]) * 1024
 print(json.dumps({"hooks": list(lim.stats().hooks), "room": room, "touched": touched,
                   "metered": (net - begin) // 4096, "huge_bytes": huge}))
