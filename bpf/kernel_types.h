@@ -30,6 +30,7 @@ typedef __s64 s64;
 typedef int pid_t;
 typedef unsigned int uid_t;
 typedef _Bool bool;
+typedef unsigned int gfp_t;
 #define true 1
 #define false 0
 
@@ -120,6 +121,7 @@ struct task_struct {
 };
 
 struct pt_regs;
+struct page;	/* mm_page_alloc's first argument: only compared with NULL */
 
 #pragma clang attribute pop
 

@@ -8,6 +8,7 @@
  *   tp_btf/mod_memcg_lruvec_state  6.13+  per-memcg LRU/anon/file stat deltas
  *   tp_btf/mod_memcg_state         6.13+  per-memcg kmem/sock stat deltas
  *   tp_btf/page_fault_user         x86    every user fault, before it is charged
+ *   tp_btf/mm_page_alloc           any    large folios, for the fault-counting meter (with the fault hook only)
  *   tp_btf/mark_victim             6.8+   OOM victim with its task pointer (and oom_events)
  * Without the memcg tracepoints (before 6.13) the fault hook refreshes the
  * slot itself from the faulting task's memcg page counter (RTML_CTL_FAULT_REFRESH).
@@ -854,6 +855,93 @@ SEC("tp_btf/page_fault_user")
 int BPF_PROG(handle_page_fault, unsigned long address, struct pt_regs *regs, unsigned long error_code)
 {
 	on_task(bpf_get_current_task_btf(), EV_FAULT);
+	return 0;
+}
+
+/*
+ * Large folios for the fault-counting meter. Without the memcg tracepoints (before 6.13, or the
+ * lean set) a metered thread's charges are seen as one page per user fault, but one fault may
+ * map a whole transparent huge page (order 9: 2 MiB, where THP is "always" or asked for with
+ * MADV_HUGEPAGE) or, since 6.8, a smaller multi-size THP folio: a 64 MiB bytearray was metered
+ * as 33 pages. The page allocator's tracepoint sees the folio's order in the faulting thread,
+ * after the fault hook counted its one page; the other (1 << order) - 1 go to the same meters,
+ * on the same conditions (a registered thread in a watched cgroup, the fault-counting set live).
+ * Only movable allocations are user pages (anonymous and page-cache folios; slab, page tables
+ * and kernel stacks are not movable). A huge page whose memcg charge then fails is counted once:
+ * its 2 MiB range falls back to small pages, which never ask for a huge one there again. A huge
+ * page migrated by NUMA balancing in the thread's hinting fault counts as a new one.
+ */
+#define RTML_FOLIO_MAX_ORDER 9		/* HPAGE_PMD_ORDER with 4 KiB pages (the fault hook is x86 only) */
+#define RTML_GFP_MOVABLE 0x08u		/* ___GFP_MOVABLE: bit 3 since 2.6 (an enum bit since 6.10, same value) */
+
+/* The current thread has a meter: the library's (threads) or an agent client's (tmeters). */
+static __always_inline int thread_metered(int lib, int clients)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+
+	if (lib) {
+		__u32 key = tid & (RTML_MAX_THREADS - 1);
+		struct rtml_thread *t = bpf_map_lookup_elem(&threads, &key);
+		if (t && t->tid == tid)
+			return 1;
+	}
+	if (clients) {
+		struct rtml_tref *ref = bpf_map_lookup_elem(&tmeters, &tid);
+		if (ref && ref->tgid == (__u32)(pid_tgid >> 32))
+			return 1;
+	}
+	return 0;
+}
+
+/*
+ * The current task's memcg is watched, or sits below a watched cgroup (the fault hook meters only
+ * there). A walk of its own, once per large folio of a metered thread: not through the per-CPU
+ * cache, which this program, run from an interrupt on top of the fault hook, must not refill
+ * between that hook's check and its writes (fault_skipped).
+ */
+static __always_inline int task_watched(const struct rtml_ctl *c)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct cgroup_subsys_state *css =
+		task->cgroups->subsys[bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id)];
+	__u32 min_level = c->min_level;
+
+	for (int depth = 0; depth < RTML_WATCH_DEPTH && css; depth++) {
+		struct cgroup *g = css->cgroup;
+		if (!g || (__u32)g->level < min_level)
+			return 0;
+		__u64 gid = g->kn->id;
+		if (bpf_map_lookup_elem(&watch, &gid))
+			return 1;
+		css = css->parent;
+	}
+	return 0;
+}
+
+/* Every page allocation of the node comes here: order 0, nearly all of them, leaves at the first compare. */
+SEC("tp_btf/mm_page_alloc")
+int BPF_PROG(handle_page_alloc, struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)
+{
+	__u32 zero = 0;
+
+	if (order - 1 >= RTML_FOLIO_MAX_ORDER)	/* order 0, or past a PMD: one unsigned compare */
+		return 0;
+	struct rtml_ctl *c = active_ctl();
+	if (!c || !(c->flags & RTML_CTL_FAULT_REFRESH))	/* the memcg events meter charges at their size */
+		return 0;
+	__u32 *n = bpf_map_lookup_elem(&tmeter_n, &zero);
+	int lib = !(c->flags & RTML_CTL_METER_OFF);
+	int clients = n && *n;
+	if ((!lib && !clients) || !page || !(gfp_flags & RTML_GFP_MOVABLE))
+		return 0;
+	if (!thread_metered(lib, clients) || !task_watched(c))
+		return 0;
+	long more = (1L << order) - 1;
+	if (lib)
+		meter_thread(more);
+	if (clients)
+		meter_client_thread(more);
 	return 0;
 }
 

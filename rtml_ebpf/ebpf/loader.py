@@ -20,7 +20,7 @@ from ..errors import LoadError, NotSupported
 from ..relief import trim_heap
 from . import abi, probes
 from . import libbpf as _libbpf
-from .hooks import MEMCG, MEMCG_LRUVEC, PAGE_FAULT_USER
+from .hooks import MEMCG, MEMCG_LRUVEC, PAGE_ALLOC, PAGE_FAULT_USER
 
 log = logging.getLogger("rtml_ebpf")
 
@@ -82,15 +82,22 @@ class Loaded:
 
 def choose_hooks(wanted: tuple[str, ...] | None) -> tuple[list[probes.Hook], dict[str, str]]:
     """The hooks to attach and, for the others, why not. ``wanted`` None: what the kernel
-    offers, the fault hook only where the memcg events are missing (they follow every charge)."""
+    offers, the fault hook only where the memcg events are missing (they follow every charge).
+    The page allocator's hook only completes the fault hook's meter: it goes with that hook, never
+    with the memcg events (they meter huge pages at their size already)."""
     memcg_events = all(probes.hook_unavailable(h) is None for h in probes.HOOKS if h.name in probes.MEMCG_HOOKS)
     chosen: list[probes.Hook] = []
     skipped: dict[str, str] = {}
-    for hook in probes.HOOKS:
+    for hook in probes.HOOKS:  # page_alloc comes after the hooks it depends on
+        names = {h.name for h in chosen}
         if wanted is not None and hook.name not in wanted:
             skipped[hook.name] = "not requested (RTML_HOOKS)"
         elif wanted is None and hook.name == PAGE_FAULT_USER and memcg_events:
             skipped[hook.name] = "not needed: memcg events are live (RTML_HOOKS=all adds it to count faults)"
+        elif hook.name == PAGE_ALLOC and names & set(MEMCG):
+            skipped[hook.name] = "not needed: the memcg events meter huge pages at their size"
+        elif hook.name == PAGE_ALLOC and PAGE_FAULT_USER not in names:
+            skipped[hook.name] = "not needed: it completes the page_fault_user meter, which is not attached"
         elif (why := probes.hook_unavailable(hook)) is not None:
             skipped[hook.name] = why
         else:

@@ -39,6 +39,8 @@ HOOKS: tuple[Hook, ...] = (
          "per-memcg kernel-memory and socket stat deltas"),
     Hook(hooks.PAGE_FAULT_USER, "handle_page_fault", "page_fault_user", 3, "x86 (any kernel with BTF)",
          "every user page fault, before it is charged (BTF raw tracepoint)"),
+    Hook(hooks.PAGE_ALLOC, "handle_page_alloc", "mm_page_alloc", 4, "2.6.32 (any kernel with BTF)",
+         "page allocations: a metered thread's huge page counted at its size (beside page_fault_user)"),
     Hook(hooks.OOM_VICTIM, "handle_oom_victim", "mark_victim", 2, "6.8",
          "OOM victims, with the task they kill"),
 )
