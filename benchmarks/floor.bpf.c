@@ -23,3 +23,10 @@ int floor_fault(void *ctx)
 {
 	return 0;
 }
+
+/* The lean set's page allocator hook (huge pages for the meter): about one allocation per fault. */
+SEC("tp_btf/mm_page_alloc")
+int floor_alloc(void *ctx)
+{
+	return 0;
+}

@@ -12,7 +12,7 @@ from typing import Any
 from benchmarks.common import HERE, HOOK_SETS, MiB, med, spread
 from benchmarks.faultstorm import PAGES, bpf_run_stats, bpf_stats_setting, compile_storm, set_bpf_stats, storm_seconds
 
-FLOORS = {"memcg": (b"floor_lruvec", b"floor_state"), "lean": (b"floor_fault",)}
+FLOORS = {"memcg": (b"floor_lruvec", b"floor_state"), "lean": (b"floor_fault", b"floor_alloc")}
 # Another build of rtml.bpf.o (say, the previous commit's) timed beside the packaged one in the
 # same interleaved rounds: a before/after figure that the machine's drift between runs cannot bend.
 BEFORE_ENV = "RTML_P3_OBJECT_BEFORE"

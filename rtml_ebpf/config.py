@@ -151,7 +151,8 @@ HOOK_SETS = hooks.SETS
 def parse_hooks(value: str | None, *, name: str = "RTML_HOOKS") -> tuple[str, ...] | None:
     """RTML_HOOKS: unset/"auto" -> what the kernel offers (page_fault_user only where the memcg
     events are missing); "memcg" (the precise set, 6.13+); "lean" (alias "fault": one event per
-    fault, the pre-6.13 set); "all"; or a comma list of hook names."""
+    fault, and page_alloc for the meter's huge pages: the pre-6.13 set); "all"; or a comma list
+    of hook names."""
     value = (value or "").strip()
     if value in ("", "auto"):
         return None

@@ -186,7 +186,7 @@ def test_bad_hook_selection_names_the_choices() -> None:
 
     with pytest.raises(ValueError, match=r"RTML_HOOKS='memcg,nope': unknown hook 'memcg'.*page_fault_user"):
         hooks_from_env("memcg,nope")
-    assert hooks_from_env("fault") == ("page_fault_user", "oom_victim")
+    assert hooks_from_env("fault") == ("page_fault_user", "page_alloc", "oom_victim")
     assert hooks_from_env("") is None and hooks_from_env("auto") is None
 
 

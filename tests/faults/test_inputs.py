@@ -116,8 +116,8 @@ def test_15_mountinfo_unescape_of_non_octal_is_kept() -> None:
 
 
 def test_hook_sets_by_name_and_bad_names_refused() -> None:
-    assert config.parse_hooks("lean") == ("page_fault_user", "oom_victim")
-    assert config.parse_hooks("fault") == ("page_fault_user", "oom_victim")
+    assert config.parse_hooks("lean") == ("page_fault_user", "page_alloc", "oom_victim")
+    assert config.parse_hooks("fault") == ("page_fault_user", "page_alloc", "oom_victim")
     assert config.parse_hooks("auto") is None
     assert config.parse_hooks("memcg") == ("memcg_lruvec", "memcg_state", "oom_victim")
     with pytest.raises(ConfigError, match="nope"):

@@ -74,16 +74,15 @@ def test_a_restart_with_another_hook_set_reloads_and_says_so() -> None:
             lean = AgentProcess(glob_for(cg), pin_dir=pin_dir, socket_dir=first.dir, extra=("--hooks", "lean"))
             try:
                 text = lean.text()
-                assert "--hooks asks for oom_victim, page_fault_user" in text, text
-                assert "loaded programs (page_fault_user, oom_victim" in text or \
-                    "loaded programs (oom_victim, page_fault_user" in text, text
-                assert sorted(os.listdir(f"{pin_dir}/links")) == ["oom_victim", "page_fault_user"]
+                assert "--hooks asks for oom_victim, page_alloc, page_fault_user" in text, text
+                assert "loaded programs (page_fault_user, page_alloc, oom_victim" in text, text
+                assert sorted(os.listdir(f"{pin_dir}/links")) == ["oom_victim", "page_alloc", "page_fault_user"]
                 lean.kill9()
                 again = AgentProcess(glob_for(cg), pin_dir=pin_dir, socket_dir=first.dir, extra=("--hooks", "lean"))
                 again.stop()
                 text = again.text()
                 assert text.count("adopting the pinned programs") == 1, text  # only the last one adopted
-                assert "(hooks oom_victim, page_fault_user; --hooks page_fault_user, oom_victim)" in text, text
+                assert "(hooks oom_victim, page_alloc, page_fault_user; --hooks page_fault_user, page_alloc, oom_victim)" in text, text
             finally:
                 lean.stop()
         finally:
