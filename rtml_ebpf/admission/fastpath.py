@@ -97,8 +97,7 @@ class FastPath:
         try:
             lim = self._fixed if self._fixed is not None else self.limiter()
             if (fast.pid != forks.pid or lim is not fast.lim or lim.is_mem_limit_reached is not fast.check
-                    or fast.watch.closed or self._shared.ledger is not fast.ledger
-                    or fast.ledger._rows is not fast.rows):
+                    or fast.watch.closed):
                 self._fast = None  # something it relied on changed: made again after a slow admission
                 return self._admit_slow(route, size, stepped, bind, body)
             if fast.check():
@@ -112,22 +111,29 @@ class FastPath:
             if guess is None:
                 return self._admit_slow(route, size, stepped, bind, body)  # learning, or a guess
             estimate = guess[0]  # (bytes, basis): indexing a NamedTuple is cheaper than its names
+            ticket = None
             with self._mu:
-                inflight = self._inflight
-                own, n, learning = own_totals(inflight.values()) if inflight else (0, 0, 0)
-                # The claim, then the look (ledger_fast's order), then the room: one C call
-                got = fast.room.fits(fast.rows, fast.row, own, n, learning, est.largest_bytes, est.per_kib_bytes,
-                                     estimate)
-                if got is not None:
-                    self._others_reserved, limit_room = got
-                    if limit_room is not None and limit_room > self._widest:
-                        self._widest = limit_room
-                    meter = fast.meter
-                    ticket = Ticket(route, estimate, forks.native_id(), meter.begin(), False, meter, size, guess[1])
-                    _set_current(ticket.account)
-                    inflight[id(ticket)] = ticket
-                    self.admitted += 1
-            if got is None:
+                # The ledger is left, failed or relinked by the publisher thread under this lock:
+                # looked at here, where its old view cannot be released under us.
+                if self._shared.ledger is fast.ledger and fast.ledger._rows is fast.rows:
+                    inflight = self._inflight
+                    own, n, learning = own_totals(inflight.values()) if inflight else (0, 0, 0)
+                    # The claim, then the look (ledger_fast's order), then the room: one C call
+                    got = fast.room.fits(fast.rows, fast.row, own, n, learning, est.largest_bytes,
+                                         est.per_kib_bytes, estimate)
+                    if got is not None:
+                        self._others_reserved, limit_room = got
+                        if limit_room is not None and limit_room > self._widest:
+                            self._widest = limit_room
+                        meter = fast.meter
+                        ticket = Ticket(route, estimate, forks.native_id(), meter.begin(), False, meter, size,
+                                        guess[1])
+                        _set_current(ticket.account)
+                        inflight[id(ticket)] = ticket
+                        self.admitted += 1
+                else:
+                    self._fast = None  # made again after the next admission on the full path
+            if ticket is None:
                 return self._admit_slow(route, size, stepped, bind, body)  # the rule's other cases
             for event in fast.events:  # the enforcer and the publisher look while requests are in flight
                 if not event.is_set():  # set only from idle, as their wake() does

@@ -5,7 +5,9 @@ its claim given back); and it stops reading the slot once the limiter is closed 
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,5 +122,34 @@ def test_the_fast_path_is_dropped_when_the_limiter_closes_or_its_cgroup_is_gone(
         assert t is not None and adm._fast is None and lim.room_reader() is None
         adm.finish(t)
         assert adm._fast is None
+        adm.close()
+        lim.close()
+
+
+def test_the_fast_path_follows_a_relinked_ledger(ledger_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    """``rm`` of the ledger file: the publisher thread joins a new one (under the admission lock)
+    and the fast path, which looks at the ledger under that lock, goes on with the new mapping."""
+    caplog.set_level(logging.INFO, logger="rtml_ebpf")
+    with make_cgroup(limit=64 * MiB) as cg:
+        lim = Limiter(cg.directory, backend="ebpf", metric="usage", threshold=0.5, relief=False)
+        adm = Admission(lim, request_bytes=COST, enforce=False)
+        held = adm.try_admit("GET /held")  # in flight throughout: the publisher looks every 5 ms
+        assert held is not None
+        adm.finish(adm.try_admit("GET /x"))
+        fast = adm._fast
+        assert fast is not None
+        old = fast.rows
+        os.unlink(fast.ledger.path)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and (adm._fast is None or adm._fast.rows is old):
+            t = adm.try_admit("GET /x")
+            assert t is not None
+            adm.finish(t)
+        assert adm._fast is not None and adm._fast.rows is not old, "the fast path kept the deleted ledger"
+        assert os.path.exists(adm._fast.ledger.path)
+        # the held request, in the new file (the last finish is re-published within PUBLISH_INTERVAL)
+        assert wait_until(lambda: getattr(read_totals(lim.cgroup_id, ledger_dir), "inflight", None) == 1)
+        assert "admission failed" not in caplog.text
+        adm.finish(held)
         adm.close()
         lim.close()
