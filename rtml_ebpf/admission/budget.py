@@ -283,7 +283,7 @@ class Admission(FastPath, BodyGate, Shapes):
         with self._mu:
             own, inflight, learning = own_totals(self._inflight.values())
             ledger.publish(own, inflight, learning, self.estimator.largest(), self.estimator.per_kib())
-        self._routes.publish(ledger.cgroup_id, self.estimator.routes())  # for the cgroup's next workers
+        self._routes.publish(ledger.cgroup_id)  # the costs measured here, for the cgroup's next workers
         with self._mu:
             try:
                 ledger.upkeep()  # reaping dead processes' rows: off the request path

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .ledger import Ledger
     from .ledger_join import SharedLedger
     from .publisher import Publisher
+    from .shared_routes import SharedRoutes
 
 log = logging.getLogger("rtml_ebpf")
 _set_current = _follow.CURRENT.set  # the request's account, for the threads it hands work to
@@ -60,6 +61,7 @@ class FastPath:
     _shared: SharedLedger
     _share: bool
     _publisher: Publisher
+    _routes: SharedRoutes
     _widest: int
     _why: threading.local
     _others_reserved: int
@@ -174,6 +176,7 @@ class FastPath:
             # else: finished on another thread than it ran on: nothing to learn
             if cost is not None and not ended and not ticket.refused:  # stopped early: not what it needed
                 self.estimator.observe(ticket.route, cost, ticket.size)
+                self._routes.note(ticket.route, cost, ticket.size)  # for the cgroup's next workers
         except Exception as exc:  # noqa: BLE001 - RequestMemoryExceeded too: the request is over
             log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
         with self._mu:
