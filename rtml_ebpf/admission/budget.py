@@ -40,8 +40,8 @@ from ..errors import ConfigError
 from ..limiter import Limiter
 from ..relief import set_mmap_threshold
 from . import follow as _follow
-from . import forks
-from .enforce import DEFAULT_BAND, GUESSES, Enforcer
+from . import forks, turn
+from .enforce import DEFAULT_BAND, Enforcer
 from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
 from .fastpath import FastPath, Prepared
 from .gate import BodyGate
@@ -146,6 +146,7 @@ class Admission(FastPath, BodyGate, Shapes):
         self._widest = 0  # the most room before the OOM killer seen: what "never fits" is against
         self._why = threading.local()  # the calling thread's last refusal: why (see refusal())
         self._fast: Prepared | None = None  # what the common case's request path needs (fastpath.py)
+        self._turn = turn.local_words()  # the fair turn's words when no ledger is shared (turn.py)
         if limiter is not None and share:
             with self._mu:
                 self._shared.get(limiter.cgroup_id)  # at start: a ledger that cannot be made is said now
@@ -213,22 +214,30 @@ class Admission(FastPath, BodyGate, Shapes):
                 seen = shared.sums(ledger, None)
                 estimate = cgroup_guess(est, size, seen[4], max(own_largest, seen[3]))
                 guessed = estimate is not None
-            claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None), own_largest, per_kib)
+            # A guess counts as learning in the ledger (sums.own_totals): one guess or learning
+            # request at a time in the cgroup, not one per process (N workers, N unknown requests).
+            claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None or guessed), own_largest,
+                     per_kib)
             others, others_inflight, others_learning, _, _ = shared.sums(ledger, claim)
             self._others_reserved = others
             fits, room = False, None
-            if guessed and any(t.route == route and t.basis in GUESSES and not t.pending
-                               for t in self._inflight.values()):
+            words = ledger._rows if self._share and ledger is not None and ledger._rows is not None else self._turn
+            if guessed and own_learning + others_learning > 0:
                 why: str | None = "learning"
             else:
                 room, limit_room = lim.room() if estimate is not None else (None, None)
                 if limit_room is not None and limit_room > self._widest:
                     self._widest = limit_room
-                fits = estimate is not None and room is not None and estimate + own + others <= room  # decide's 1st
+                held = 0 if estimate is None else turn.held(words, estimate)  # a larger one's turn: leave it room
+                fits = estimate is not None and room is not None and estimate + own + others + held <= room
                 why = None if fits else decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
                                                own_learning + others_learning,
                                                guessed or (guess is not None and guess.extrapolated),
-                                               size is not None and never_fits(estimate, self._widest))
+                                               size is not None and never_fits(estimate, self._widest), held)
+                if why == "budget" and estimate is not None and estimate < self._widest:
+                    turn.take(words, estimate)  # it could fit: smaller ones leave it room for a while
+                elif why is None and estimate is not None:
+                    turn.served(words, estimate)
             if why is not None:
                 if shared.ledger is not None:  # give the claim back
                     shared.sums(shared.ledger, (own, own_inflight, own_learning, own_largest, per_kib))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import follow as _follow
 from . import forks
 from .enforce import GUESSES, finished
+from .ledger_layout import H_TURN
 from .sums import own_totals
 from .ticket import Ticket
 
@@ -106,6 +107,8 @@ class FastPath:
             guess = est.estimate_for(route, size)
             if guess is None:
                 return self._admit_slow(route, size, stepped, bind, body)  # learning, or a guess
+            if fast.rows[H_TURN]:
+                return self._admit_slow(route, size, stepped, bind, body)  # a large request's turn (turn.py)
             estimate = guess.bytes
             with self._mu:
                 inflight = self._inflight
@@ -160,8 +163,14 @@ class FastPath:
             elif ticket.stepped:
                 cost = ticket.peak + acc.peak
             # else: finished on another thread than it ran on: nothing to learn
-            if cost is not None and not ended and not ticket.refused:  # stopped early: not what it needed
-                self.estimator.observe(ticket.route, cost, ticket.size)
+            if cost is not None and not ticket.refused:
+                # Ended: stopped early, it needed at least what it held. Learned as a lower bound (it
+                # only raises an estimate), else a route whose requests are always ended would stay
+                # on the cgroup's guess for ever (issue 19, D6: held 44 MiB, estimate 9.7).
+                if not ended:
+                    self.estimator.observe(ticket.route, cost, ticket.size)
+                elif cost > (ticket.estimate or 0):
+                    self.estimator.observe(ticket.route, cost, ticket.size, floor=True)
         except Exception as exc:  # noqa: BLE001 - RequestMemoryExceeded too: the request is over
             log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
         with self._mu:

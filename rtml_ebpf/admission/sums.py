@@ -29,7 +29,10 @@ def cgroup_guess(estimator: CostEstimator, size: int | None, per_kib: int, large
 
 
 def own_totals(tickets: Iterable[Ticket]) -> tuple[int, int, int]:
-    """(reserved not yet charged, in flight, learning) of these requests."""
+    """(reserved not yet charged, in flight, learning) of these requests. A request admitted on the
+    cgroup's guess (basis "cgroup") counts as learning too: its route's cost is unknown here, so
+    it runs one at a time in the cgroup like a learning one (issue 19, D6: 4 workers each ran a
+    100 MiB request on a 9.7 MiB guess)."""
     reserved = learning = inflight = 0
     for t in tickets:
         if t.pending or t.released:
@@ -38,5 +41,7 @@ def own_totals(tickets: Iterable[Ticket]) -> tuple[int, int, int]:
         if t.estimate is None:
             learning += 1
             continue
+        if t.basis == "cgroup":
+            learning += 1
         reserved += max(0, t.estimate - max(0, t.grown()))
     return reserved, inflight, learning
