@@ -50,8 +50,20 @@ def test_the_turn_holds_smaller_requests_back_until_its_size_is_served() -> None
     assert words[H_TURN] == 72 * MiB
     turn.served(words, 4 * MiB)
     assert words[H_TURN] == 72 * MiB  # a small one admitted beside it does not end it
-    turn.served(words, 72 * MiB)
-    assert words[H_TURN] == 0 and turn.held(words, 4 * MiB, now) == 0
+    turn.served(words, 72 * MiB, now)
+    assert turn.held(words, 4 * MiB, now) == 0
+    # Served: the flood has its room back for a while before the next large one takes a turn
+    assert not turn.take(words, 72 * MiB, now) and turn.held(words, 4 * MiB, now) == 0
+    assert turn.take(words, 72 * MiB, now + turn.TURN_REST_NS + 1)
+
+
+def test_a_far_larger_request_takes_over_a_small_requests_turn() -> None:
+    words = turn.local_words()
+    now = 10 * SECOND
+    assert turn.take(words, 3 * MiB, now)  # one of the flood, refused, takes a turn
+    assert not turn.take(words, 3 * MiB, now + 1)  # its retries renew it...
+    assert turn.take(words, 72 * MiB, now + 2)  # ...but a large one is not kept from its turn
+    assert turn.held(words, 3 * MiB, now + 2) == 72 * MiB
 
 
 def test_a_turn_expires_and_its_size_renews_it() -> None:

@@ -107,7 +107,7 @@ class FastPath:
             guess = est.estimate_for(route, size)
             if guess is None:
                 return self._admit_slow(route, size, stepped, bind, body)  # learning, or a guess
-            if fast.rows[H_TURN]:
+            if fast.rows[H_TURN] > 0:
                 return self._admit_slow(route, size, stepped, bind, body)  # a large request's turn (turn.py)
             estimate = guess.bytes
             with self._mu:
