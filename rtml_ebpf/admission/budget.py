@@ -13,11 +13,14 @@ Rules, in order:
   1. the limiter's verdict is tripped: refuse (the door check);
   2. a route this process has not learned yet reserves the largest estimate any process of
      the cgroup knows (a fresh worker learns from its siblings' figures); only when no process
-     knows anything is it *learning*: admitted only if no other learning request is in flight
-     in the cgroup (one at a time until it has ``min_samples`` measurements);
-  3. admit if estimate + reserved (all processes) <= headroom to the threshold;
-  4. else admit only if nothing at all is in flight and the estimate fits below the limit
-     (progress: one request larger than the margin still runs when it alone fits).
+     knows anything is it *learning*. Either is admitted only if no other learning or guessed
+     request is in flight in the cgroup (one at a time until it has ``min_samples``
+     measurements; an ended request's cost counts as a lower bound, see fastpath.finish);
+  3. admit if estimate + reserved (all processes) + a larger request's turn <= headroom to the
+     threshold (turn.py: a large request refused although it could fit holds its room ~1 s);
+  4. else admit only if nothing at all is in flight, no turn holds room against it, and the
+     estimate fits below the limit (progress: one request larger than the margin still runs
+     when it alone fits).
 
 asyncio (ASGI, grpc.aio): requests share one thread, so the thread meter alone cannot tell
 them apart. :meth:`Admission.run_async` drives the request's coroutine step by step and
@@ -41,7 +44,7 @@ from ..limiter import Limiter
 from ..relief import set_mmap_threshold
 from . import follow as _follow
 from . import forks, turn
-from .enforce import DEFAULT_BAND, Enforcer
+from .enforce import DEFAULT_BAND, GUESSES, Enforcer
 from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
 from .fastpath import FastPath, Prepared
 from .gate import BodyGate
@@ -50,6 +53,7 @@ from .meter_of import MeterOf
 from .publisher import Publisher
 from .rule import decide, never_fits
 from .shapes import Shapes
+from .sums import blind as sums_blind
 from .sums import cgroup_guess, own_totals, validate
 from .ticket import Ticket
 
@@ -214,15 +218,19 @@ class Admission(FastPath, BodyGate, Shapes):
                 seen = shared.sums(ledger, None)
                 estimate = cgroup_guess(est, size, seen[4], max(own_largest, seen[3]))
                 guessed = estimate is not None
-            # A guess counts as learning in the ledger (sums.own_totals): one guess or learning
-            # request at a time in the cgroup, not one per process (N workers, N unknown requests).
-            claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None or guessed), own_largest,
+            # An unsized guess (another route's figure) counts as learning in the ledger
+            # (sums.blind): one at a time in the cgroup, not one per process (N workers, N unknown
+            # requests); a sized one, scaled by the cgroup's cost per KiB, one per route per process.
+            blind = guessed and sums_blind(size)
+            claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None or blind), own_largest,
                      per_kib)
             others, others_inflight, others_learning, _, _ = shared.sums(ledger, claim)
             self._others_reserved = others
             fits, room = False, None
             words = ledger._rows if self._share and ledger is not None and ledger._rows is not None else self._turn
-            if guessed and own_learning + others_learning > 0:
+            if (blind and own_learning + others_learning > 0) or (
+                    guessed and not blind and any(t.route == route and t.basis in GUESSES and not t.pending
+                                                  for t in self._inflight.values())):
                 why: str | None = "learning"
             else:
                 room, limit_room = lim.room() if estimate is not None else (None, None)

@@ -28,7 +28,7 @@ from collections.abc import MutableSequence
 from .ledger_layout import H_TURN, H_TURN_UNTIL, HEADER
 
 TURN_TTL_NS = 1_000_000_000  # how long a turn holds room: a few of a client's retries, not more
-TURN_REST_NS = 1_000_000_000  # after a turn is served, none is taken for this long (see served())
+TURN_REST_NS = 2_000_000_000  # after a turn is served, none is taken for this long (see served())
 TURN_SHARE = 2  # a request of at least half the turn's bytes takes the turn rather than waits for it
 
 Words = MutableSequence[int] | memoryview  # a ledger mapping's int64 view, or local_words()
