@@ -117,3 +117,6 @@ def test_a_request_on_the_cgroups_guess_counts_as_learning() -> None:
     learned = Ticket("GET /a", 8 * MiB, 0, 0, True, basis="route")
     learning = Ticket("GET /c", None, 0, 0, True, basis="learning")
     assert own_totals([guessed, learned, learning]) == (16 * MiB, 3, 2)
+    # A sized guess is scaled by the cgroup's cost per KiB: one per route per process, not learning
+    sized = Ticket("POST /up", 72 * MiB, 0, 0, True, size=2304 << 10, basis="cgroup")
+    assert own_totals([sized]) == (72 * MiB, 1, 0)
