@@ -7,7 +7,8 @@ So a request refused for the budget whose estimate could fit (below the widest r
 killer this cgroup has had) takes a *turn*: its estimate is held for ``TURN_TTL_NS``, and every
 later admission of a smaller request must leave that much room beside what is reserved (nor may a
 smaller one run "alone" over it). As the flood's requests finish, the room the turn holds frees
-up, and the large request's retry finds it.
+up, and the large request's retry finds it. Once it is served, no turn is taken for
+``TURN_REST_NS``, so the flood is held back for at most one large request at a time.
 
 The turn is two words of the shared ledger's header (``ledger_layout.H_TURN``), not reserved
 bytes in a row: a claim published as a reservation would also stand in the way of the claimant's
@@ -75,9 +76,10 @@ def take(words: Words, estimate: int, now: int | None = None) -> bool:
 def served(words: Words, estimate: int, now: int | None = None) -> None:
     """A request of ``estimate`` bytes was admitted: if it is the size the turn waits for, the
     turn has come. It ends, and no other is taken for ``TURN_REST_NS``: one large request gets
-    its turn, then the flood has the room back; otherwise the next large one's turn would hold
-    the room again at once and the small requests would starve in their turn (measured: 163
-    small served in 12 s instead of 716 when turns followed one another)."""
+    its turn, then the flood has the room back; otherwise the next large one's retry (a few
+    clients sending large uploads retry every 50 ms) would hold the room again at once, and the
+    small requests would be the ones starved. The rest bounds how often that happens: at most one
+    turn per ``TURN_REST_NS`` plus the time it waits."""
     turn = words[H_TURN]
     if turn > 0 and estimate * TURN_SHARE >= turn:
         words[H_TURN_UNTIL] = (time.monotonic_ns() if now is None else now) + TURN_REST_NS
