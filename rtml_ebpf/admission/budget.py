@@ -13,11 +13,14 @@ Rules, in order:
   1. the limiter's verdict is tripped: refuse (the door check);
   2. a route this process has not learned yet reserves the largest estimate any process of
      the cgroup knows (a fresh worker learns from its siblings' figures); only when no process
-     knows anything is it *learning*: admitted only if no other learning request is in flight
-     in the cgroup (one at a time until it has ``min_samples`` measurements);
-  3. admit if estimate + reserved (all processes) <= headroom to the threshold;
-  4. else admit only if nothing at all is in flight and the estimate fits below the limit
-     (progress: one request larger than the margin still runs when it alone fits).
+     knows anything is it *learning*. Either is admitted only if no other learning or guessed
+     request is in flight in the cgroup (one at a time until it has ``min_samples``
+     measurements; an ended request's cost counts as a lower bound, see fastpath.finish);
+  3. admit if estimate + reserved (all processes) + a larger request's turn <= headroom to the
+     threshold (turn.py: a large request refused although it could fit holds its room ~1 s);
+  4. else admit only if nothing at all is in flight, no turn holds room against it, and the
+     estimate fits below the limit (progress: one request larger than the margin still runs
+     when it alone fits).
 
 asyncio (ASGI, grpc.aio): requests share one thread, so the thread meter alone cannot tell
 them apart. :meth:`Admission.run_async` drives the request's coroutine step by step and
@@ -40,7 +43,7 @@ from ..errors import ConfigError
 from ..limiter import Limiter
 from ..relief import set_mmap_threshold
 from . import follow as _follow
-from . import forks
+from . import forks, turn
 from .enforce import DEFAULT_BAND, GUESSES, Enforcer
 from .estimator import CostEstimator, CostFunction, Estimate, RouteEstimate
 from .fastpath import FastPath, Prepared
@@ -51,6 +54,7 @@ from .publisher import Publisher
 from .rule import decide, never_fits
 from .shapes import Shapes
 from .shared_routes import SharedRoutes
+from .sums import blind as sums_blind
 from .sums import cgroup_guess, own_totals, validate
 from .ticket import Ticket
 
@@ -148,6 +152,7 @@ class Admission(FastPath, BodyGate, Shapes):
         self._widest = 0  # the most room before the OOM killer seen: what "never fits" is against
         self._why = threading.local()  # the calling thread's last refusal: why (see refusal())
         self._fast: Prepared | None = None  # what the common case's request path needs (fastpath.py)
+        self._turn = turn.local_words()  # the fair turn's words when no ledger is shared (turn.py)
         if limiter is not None and share:
             with self._mu:
                 self._shared.get(limiter.cgroup_id)  # at start: a ledger that cannot be made is said now
@@ -218,22 +223,34 @@ class Admission(FastPath, BodyGate, Shapes):
                 seen = shared.sums(ledger, None)
                 estimate = cgroup_guess(est, size, seen[4], max(own_largest, seen[3]))
                 guessed = estimate is not None
-            claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None), own_largest, per_kib)
+            # An unsized guess (another route's figure) counts as learning in the ledger
+            # (sums.blind): one at a time in the cgroup, not one per process (N workers, N unknown
+            # requests); a sized one, scaled by the cgroup's cost per KiB, one per route per process.
+            blind = guessed and sums_blind(size)
+            claim = (own + (estimate or 0), own_inflight + 1, own_learning + (estimate is None or blind), own_largest,
+                     per_kib)
             others, others_inflight, others_learning, _, _ = shared.sums(ledger, claim)
             self._others_reserved = others
             fits, room = False, None
-            if guessed and any(t.route == route and t.basis in GUESSES and not t.pending
-                               for t in self._inflight.values()):
+            words = ledger._rows if self._share and ledger is not None and ledger._rows is not None else self._turn
+            if (blind and own_learning + others_learning > 0) or (
+                    guessed and not blind and any(t.route == route and t.basis in GUESSES and not t.pending
+                                                  for t in self._inflight.values())):
                 why: str | None = "learning"
             else:
                 room, limit_room = lim.room() if estimate is not None else (None, None)
                 if limit_room is not None and limit_room > self._widest:
                     self._widest = limit_room
-                fits = estimate is not None and room is not None and estimate + own + others <= room  # decide's 1st
+                held = 0 if estimate is None else turn.held(words, estimate)  # a larger one's turn: leave it room
+                fits = estimate is not None and room is not None and estimate + own + others + held <= room
                 why = None if fits else decide(estimate, own + others, room, limit_room, own_inflight + others_inflight,
                                                own_learning + others_learning,
                                                guessed or (guess is not None and guess.extrapolated),
-                                               size is not None and never_fits(estimate, self._widest))
+                                               size is not None and never_fits(estimate, self._widest), held)
+                if why == "budget" and estimate is not None and estimate < self._widest:
+                    turn.take(words, estimate)  # it could fit: smaller ones leave it room for a while
+                elif why is None and estimate is not None:
+                    turn.served(words, estimate)
             if why is not None:
                 if shared.ledger is not None:  # give the claim back
                     shared.sums(shared.ledger, (own, own_inflight, own_learning, own_largest, per_kib))

@@ -297,17 +297,19 @@ class CostEstimator:
         return Estimate(per_kib * size // 1024, "extrapolated")
 
     # -- learning ---------------------------------------------------------------------------
-    def observe(self, route: str, cost: int, size: int | None = None) -> None:
-        """One finished request's measured peak growth in bytes (and its body size, if known)."""
+    def observe(self, route: str, cost: int, size: int | None = None, floor: bool = False) -> None:
+        """One finished request's measured peak growth in bytes (and its body size, if known).
+        ``floor``: the request was ended before it finished, so its cost is a lower bound: it is
+        added only where it is not below the current estimate (it raises one, never lowers it)."""
         # Per finished request (the request path): no call that can be an expression.
         cost = int(cost) if cost > 0 else 0
         cls = 0 if size is None else size_class(size)
         with self._lock:
             routes = self._routes
             r = routes.get(route)
-            if r is not None and not cls:
+            if r is not None and not cls and not floor:
                 # The common case, a route seen before and no size class: its window, and the
-                # rest only when its estimate moved.
+                # rest only when its estimate moved. (A floor, from an ended request, is rare: below.)
                 if r.costs.add(cost) < self.min_samples:
                     return
                 new = r.costs.rank(self.q)
@@ -324,7 +326,8 @@ class CostEstimator:
                 if r is None:
                     r = routes[bucket] = _Route(self.window)
             changed: list[tuple[int, int]] = []  # (old, new) of every estimate this sample moved
-            if r.costs.add(cost) >= self.min_samples:
+            # A sample at or above a quantile cannot lower it, even with the window's oldest leaving.
+            if not (floor and cost < self._estimates.get(bucket, 0)) and r.costs.add(cost) >= self.min_samples:
                 old = self._estimates.get(bucket, 0)
                 new = self._estimates[bucket] = r.costs.rank(self.q)
                 if new != old or bucket not in self._learned:
@@ -336,8 +339,10 @@ class CostEstimator:
                     costs = r.classes[cls] = _Window(self.window)
                     r.sizes[cls] = _Window(self.window)
                 sizes = r.sizes[cls]
-                sizes.add(size or 0)
-                if costs.add(cost) >= self.min_samples:
+                below = floor and cost < self._class_estimates.get(bucket, {}).get(cls, (0, 0))[1]
+                if not below:
+                    sizes.add(size or 0)
+                if not below and costs.add(cost) >= self.min_samples:
                     by_class = self._class_estimates.setdefault(bucket, {})
                     old = by_class.get(cls, (0, 0))[1]
                     new = costs.rank(self.q)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import follow as _follow
 from . import forks
 from .enforce import GUESSES, finished
+from .ledger_layout import H_TURN
 from .sums import own_totals
 from .ticket import Ticket
 
@@ -117,7 +118,9 @@ class FastPath:
             with self._mu:
                 # The ledger is left, failed or relinked by the publisher thread under this lock:
                 # looked at here, where its old view cannot be released under us.
-                if self._shared.ledger is fast.ledger and fast.ledger._rows is fast.rows:
+                if self._shared.ledger is not fast.ledger or fast.ledger._rows is not fast.rows:
+                    self._fast = None  # made again after the next admission on the full path
+                elif fast.rows[H_TURN] <= 0:  # no large request's turn is live (else the full path decides: turn.py)
                     inflight = self._inflight
                     own, n, learning = own_totals(inflight.values()) if inflight else (0, 0, 0)
                     # The claim, then the look (ledger_fast's order), then the room: one C call
@@ -133,8 +136,6 @@ class FastPath:
                         _set_current(ticket.account)
                         inflight[id(ticket)] = ticket
                         self.admitted += 1
-                else:
-                    self._fast = None  # made again after the next admission on the full path
             if ticket is None:
                 return self._admit_slow(route, size, stepped, bind, body)  # the rule's other cases
             for event in fast.events:  # the enforcer and the publisher look while requests are in flight
@@ -174,9 +175,15 @@ class FastPath:
             elif ticket.stepped:
                 cost = ticket.peak + acc.peak
             # else: finished on another thread than it ran on: nothing to learn
-            if cost is not None and not ended and not ticket.refused:  # stopped early: not what it needed
-                self.estimator.observe(ticket.route, cost, ticket.size)
-                self._routes.note(ticket.route, cost, ticket.size)  # for the cgroup's next workers
+            if cost is not None and not ticket.refused:
+                # Ended: stopped early, it needed at least what it held. Learned as a lower bound (it
+                # only raises an estimate), else a route whose requests are always ended would stay
+                # on the cgroup's guess for ever (issue 19, D6: held 44 MiB, estimate 9.7).
+                if not ended:
+                    self.estimator.observe(ticket.route, cost, ticket.size)
+                    self._routes.note(ticket.route, cost, ticket.size)  # for the cgroup's next workers
+                elif cost > (ticket.estimate or 0):
+                    self.estimator.observe(ticket.route, cost, ticket.size, floor=True)
         except Exception as exc:  # noqa: BLE001 - RequestMemoryExceeded too: the request is over
             log.debug("rtml-ebpf: no cost measured for %s (%s)", ticket.route, exc)
         with self._mu:

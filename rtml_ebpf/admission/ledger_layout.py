@@ -15,4 +15,8 @@ FIELDS = 8  # int64 per row
 PID, START, RESERVED, INFLIGHT, LEARNING, UPDATED, LARGEST, PER_KIB = range(8)
 HEADER = 8  # int64 of header: magic, version, rows, rows in use (high-water mark), ...
 H_USED = 3
+# A fair turn (admission/turn.py): the bytes a refused large request holds room for, and until when
+# (CLOCK_MONOTONIC ns, one clock for every process). Written by any process, no lock: a lost or
+# overwritten turn is only less fair, never a request admitted into bytes that are not there.
+H_TURN, H_TURN_UNTIL = 4, 5
 SIZE = (HEADER + ROWS * FIELDS) * 8

@@ -13,6 +13,7 @@ def decide(
     learning: int,
     extrapolated: bool = False,
     never: bool = False,
+    held: int = 0,
 ) -> str | None:
     """The admission rule, as arithmetic: None to admit, else why not ("learning", "budget").
 
@@ -23,15 +24,17 @@ def decide(
     ``extrapolated``: the estimate is a guess beyond every size measured (see _estimator);
     ``never``: the estimate (of a declared body size) is far beyond any room this cgroup has had:
     refused as "too_large" rather than let through alone, where it would shut out every other
-    request for as long as it runs (a header declaring 200 MiB).
+    request for as long as it runs (a header declaring 200 MiB); ``held``: bytes a larger request
+    refused earlier holds for its turn (admission/turn.py): this one must leave them free, and does
+    not run alone over them.
     """
     if estimate is None:
         return None if learning == 0 else "learning"
-    if room is None or estimate + reserved <= room:
+    if room is None or estimate + reserved + held <= room:
         return None
     if never:
         return "too_large"
-    if inflight == 0 and (extrapolated or limit_room is None or estimate < limit_room):
+    if inflight == 0 and held == 0 and (extrapolated or limit_room is None or estimate < limit_room):
         # Alone it fits below the limit: let one through so the service progresses. A guess
         # runs alone too, so it is measured instead of refused for ever (the enforcer ends it
         # if it really does not fit).

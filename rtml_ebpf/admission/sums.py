@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from ..errors import ConfigError
 from ..limiter import Limiter
-from .estimator import CostEstimator
+from .estimator import SIZE_FLOOR, CostEstimator
 from .ticket import Ticket
 
 
@@ -28,8 +28,18 @@ def cgroup_guess(estimator: CostEstimator, size: int | None, per_kib: int, large
     return largest if largest > 0 else None
 
 
+def blind(size: int | None) -> bool:
+    """A guess for a request of this body size is another route's figure, not one scaled by the
+    cgroup's cost per KiB of body (a sized guess: kept one per route per process, since making
+    each fresh worker's first uploads wait for each other cost a flood most of its throughput)."""
+    return size is None or size < SIZE_FLOOR
+
+
 def own_totals(tickets: Iterable[Ticket]) -> tuple[int, int, int]:
-    """(reserved not yet charged, in flight, learning) of these requests."""
+    """(reserved not yet charged, in flight, learning) of these requests. A request admitted on the
+    cgroup's guess (basis "cgroup") without a body size counts as learning too: its route's cost
+    is unknown here and its figure is another route's, so it runs one at a time in the cgroup like
+    a learning one (issue 19, D6: 4 workers each ran a 100 MiB request on a 9.7 MiB guess)."""
     reserved = learning = inflight = 0
     for t in tickets:
         if t.pending or t.released:
@@ -38,5 +48,7 @@ def own_totals(tickets: Iterable[Ticket]) -> tuple[int, int, int]:
         if t.estimate is None:
             learning += 1
             continue
+        if t.basis == "cgroup" and blind(t.size):
+            learning += 1
         reserved += max(0, t.estimate - max(0, t.grown()))
     return reserved, inflight, learning
