@@ -82,7 +82,8 @@ def test_a_restart_with_another_hook_set_reloads_and_says_so() -> None:
                 again.stop()
                 text = again.text()
                 assert text.count("adopting the pinned programs") == 1, text  # only the last one adopted
-                assert "(hooks oom_victim, page_alloc, page_fault_user; --hooks page_fault_user, page_alloc, oom_victim)" in text, text
+                assert ("(hooks oom_victim, page_alloc, page_fault_user; "
+                        "--hooks page_fault_user, page_alloc, oom_victim)") in text, text
             finally:
                 lean.stop()
         finally:
