@@ -9,7 +9,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from . import forks
+from . import forks, turn
 from .enforce import GUESSES
 from .rule import decide, never_fits
 from .sums import own_totals
@@ -36,6 +36,8 @@ class BodyGate:
     _publisher: Publisher
     _widest: int
     _why: threading.local
+    _share: bool
+    _turn: turn.Words
     estimator: CostEstimator
     rejected_budget: int
     rejected_learning: int
@@ -96,13 +98,17 @@ class BodyGate:
                 room, limit_room = lim.room()
                 if limit_room is not None and limit_room > self._widest:
                     self._widest = limit_room
+                ledger = shared.ledger
+                words = ledger._rows if self._share and ledger is not None and ledger._rows is not None else self._turn
+                held = 0 if ticket.estimate is None else turn.held(words, ticket.estimate)  # a larger one's turn
                 if ticket.estimate is None:
                     why = decide(None, 0, room, limit_room, 0, own_learning - 1 + others_learning)
-                elif room is None or own + others <= room:
+                elif room is None or own + others + held <= room:
                     why = None
                 else:
                     why = decide(mine, own - mine + others, room, limit_room, own_inflight - 1 + others_inflight, 0,
-                                 ticket.basis in GUESSES, never_fits(ticket.estimate, self._widest))
+                                 ticket.basis in GUESSES or ticket.basis == "extrapolated",
+                                 never_fits(ticket.estimate, self._widest), held)
             if why is None:
                 return True
             ticket.pending, ticket.refused = True, True  # holds nothing from now on
