@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from .admission import Admission, Ticket
 from .admission.body import GatedInput, chunked
 from .admission.estimator import route_key
+from .admission.follow import clear_async_exception
 from .admission.policy import (
     DEFAULT_EXCLUDE_PATHS,
     ENDED_BODY,
@@ -49,6 +51,20 @@ DRAIN_SECONDS = 10.0
 DRAIN_IDLE = 1.0
 
 
+def _in_app(ticket: Ticket, inside: bool) -> None:
+    """The request's thread enters (``inside``) or leaves the app's code. Outside it runs the
+    server's (gunicorn writing the headers and the body): the enforcer does not raise there, where
+    the exception became the server's 500 with a traceback. Leaving, an exception raised as the
+    app's code ended and not fired yet is dropped. An ended request whose body generator still
+    runs is raised in again inside next() (the enforcer's end_again, while the cgroup is short)."""
+    acc = ticket.account
+    with acc.lock:
+        ticket.outside = not inside
+        ended = ticket.ended and not ticket.finished
+    if ended and not inside:
+        clear_async_exception(threading.get_ident())
+
+
 class _Finishing:
     """The app's response iterable, ending the request's ticket when the server closes it."""
 
@@ -56,9 +72,24 @@ class _Finishing:
         self._body = body
         self._admission = admission
         self._ticket: Ticket | None = ticket
+        _in_app(ticket, False)  # the app returned: the server's code from here, but for next()
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._body)
+        ticket = self._ticket
+        return iter(self._body) if ticket is None else self._running(iter(self._body), ticket)
+
+    @staticmethod
+    def _running(body: Iterator[bytes], ticket: Ticket) -> Iterator[bytes]:
+        """The body, each next() in the app's code (a generator may still allocate there)."""
+        while True:
+            _in_app(ticket, True)
+            try:
+                chunk = next(body)
+            except StopIteration:
+                return
+            finally:
+                _in_app(ticket, False)
+            yield chunk
 
     def close(self) -> None:
         try:

@@ -99,6 +99,7 @@ class Enforced(Protocol):
     stepped: bool
     ident: int  # Python ident of the request's own thread, 0 when none (asyncio)
     stepping: int  # asyncio: ident of the loop's thread while one of its steps runs, else 0
+    outside: bool  # WSGI: its thread runs the server's code now (the app returned), not the app's
     finished: bool
     ended: bool
 
@@ -160,7 +161,7 @@ def end_again(ticket: Enforced) -> bool:
 def _raise_in_its_threads(ticket: Enforced) -> None:
     """RequestMemoryExceeded in the request's thread (or the one stepping its coroutine) and in
     every helper working for it. Called under the account's lock."""
-    targets = [ticket.stepping] if ticket.stepped else [ticket.ident]
+    targets = [ticket.stepping] if ticket.stepped else [] if ticket.outside else [ticket.ident]
     targets += [ident for ident, _ in ticket.account.running.values()]
     for ident in targets:
         if ident:

@@ -42,8 +42,8 @@ def own_totals(tickets: Iterable[Ticket]) -> tuple[int, int, int]:
     a learning one (issue 19, D6: 4 workers each ran a 100 MiB request on a 9.7 MiB guess)."""
     reserved = learning = inflight = 0
     for t in tickets:
-        if t.pending or t.released:
-            continue  # waiting for its body, or answered: no slot, no reservation
+        if t.pending:
+            continue  # waiting for its body: no slot, no reservation
         inflight += 1
         if t.estimate is None:
             learning += 1

@@ -16,7 +16,7 @@ class Ticket:
 
     __slots__ = ("route", "estimate", "basis", "size", "tid", "ident", "net0", "stepped", "net", "peak", "meter",
                  "account", "stepping", "finished", "ended", "pending", "refused",
-                 "released")
+                 "outside")
 
     def __init__(self, route: str, estimate: int | None, tid: int, net0: int, stepped: bool,
                  meter: Meter = RUSAGE, size: int | None = None, basis: str = "route") -> None:
@@ -39,7 +39,10 @@ class Ticket:
         # nothing until the body has arrived (a stalled upload must not shut everyone else out).
         self.pending = False
         self.refused = False  # its body grew past what the budget can hold: answered 503, not learned
-        self.released = False  # its response's last bytes are going out: its slot is free (Admission.release)
+        # WSGI: its app returned, and its thread runs the server's code (writing the answer) except
+        # while the response iterable's next() runs the app's (wsgi._Finishing): the enforcer
+        # raises in that thread only then, not into the server's own writes (a 500 and a traceback).
+        self.outside = False
 
     def grown(self) -> int:
         """Bytes charged to this request and still held: its own thread or steps, and helpers."""
