@@ -2,7 +2,13 @@
 apart: the request's coroutine is driven step by step, and what the thread's meter moved during
 each step is charged to that request. Between two awaits only that request runs, so the
 attribution is exact for the request's own code; its threadpool work is charged through the
-account in its context (see follow.py)."""
+account in its context (see follow.py).
+
+While a step runs, the loop's thread is listed among the account's running threads, as a helper
+thread is: the enforcer sees the step's growth as it happens (``Ticket.grown``) and raises in that
+thread. An ``async def`` handler that builds 80 MiB with no await in between has one step; when
+its growth was counted only as the step ended, the enforcer saw 0 for it until it held all of it,
+and ended the requests at rest beside it instead (adversarial review D10: 3-5 OOM kills)."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from typing import Any
 from ..backends.meter import Meter
 from ..errors import RequestMemoryExceeded
 from . import follow as _follow
+from .forks import native_id
 from .ticket import Ticket
 
 
@@ -31,6 +38,7 @@ class Stepped:
         coro, ticket, meter = self._coro, self._ticket, self._meter
         acc = ticket.account
         ident = threading.get_ident()
+        tid = native_id()
         token = _follow.CURRENT.set(acc)
         send: Any = None
         error: BaseException | None = None
@@ -43,15 +51,18 @@ class Stepped:
                     if ticket.ended and not thrown and error is None:
                         error, thrown = RequestMemoryExceeded(), True
                     ticket.stepping = ident
+                    listed = tid not in acc.running  # (a step inside another's: the outer one lists it)
+                    if listed:
+                        acc.running[tid] = (ident, net0)
                 try:
                     yielded = coro.send(send) if error is None else coro.throw(error)
                 except StopIteration as stop:
-                    _step(ticket, meter, net0, ident)
+                    _step(ticket, meter, net0, ident, tid if listed else 0)
                     return stop.value
                 except BaseException:
-                    _step(ticket, meter, net0, ident)
+                    _step(ticket, meter, net0, ident, tid if listed else 0)
                     raise
-                _step(ticket, meter, net0, ident)
+                _step(ticket, meter, net0, ident, tid if listed else 0)
                 try:
                     send, error = (yield yielded), None
                 except BaseException as exc:  # noqa: BLE001 - thrown into us: pass it to the coroutine
@@ -63,13 +74,15 @@ class Stepped:
                 pass  # closed from another context (collected): nothing of ours is set there
 
 
-def _step(ticket: Ticket, meter: Meter, net0: int, ident: int) -> None:
+def _step(ticket: Ticket, meter: Meter, net0: int, ident: int, tid: int) -> None:
     acc = ticket.account
+    net1, peak1 = meter.read()
     with acc.lock:
         ticket.stepping = 0
         ended = ticket.ended
+        ticket.peak = max(ticket.peak, ticket.net + (peak1 - net0))
+        ticket.net += net1 - net0  # with the thread's leaving running, under the lock: one change
+        if tid:
+            acc.running.pop(tid, None)
     if ended:
         _follow.clear_async_exception(ident)  # raised as the step ended: it is not the next task's
-    net1, peak1 = meter.read()
-    ticket.peak = max(ticket.peak, ticket.net + (peak1 - net0))
-    ticket.net += net1 - net0
