@@ -165,6 +165,9 @@ def _raise_in_its_threads(ticket: Enforced) -> None:
     for ident in targets:
         if ident:
             raise_in_thread(ident, RequestMemoryExceeded)
+    wake = ticket.account.wake
+    if ticket.stepped and not ticket.stepping and wake is not None:
+        wake()  # at rest in an await: what it holds is freed only once it unwinds, so now, not at its next step
 
 
 def finished(ticket: Enforced, own_thread: bool) -> None:
