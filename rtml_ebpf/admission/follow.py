@@ -40,7 +40,7 @@ T = TypeVar("T")
 class Account:
     """What the helper threads of one request charged (its own thread is metered by its ticket)."""
 
-    __slots__ = ("meter", "owner", "lock", "running", "net", "peak", "ended")
+    __slots__ = ("meter", "owner", "lock", "running", "net", "peak", "ended", "wake")
 
     def __init__(self, meter: Meter, owner: int = 0) -> None:
         self.meter = meter
@@ -50,6 +50,9 @@ class Account:
         self.net = 0  # bytes still charged from finished helper runs
         self.peak = 0  # the most the helpers held at once, as far as runs in sequence tell
         self.ended = False  # the enforcer ended the request: no new work starts for it
+        # asyncio: interrupts the request's await from any thread (admission/stepped.py); None
+        # while no step driver waits for it
+        self.wake: Callable[[], object] | None = None
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn`` on this thread, charging what it allocates to the request."""
