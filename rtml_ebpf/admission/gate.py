@@ -107,8 +107,7 @@ class BodyGate:
                     why = None
                 else:
                     why = decide(mine, own - mine + others, room, limit_room, own_inflight - 1 + others_inflight, 0,
-                                 ticket.basis in GUESSES or ticket.basis == "extrapolated",
-                                 never_fits(ticket.estimate, self._widest), held)
+                                 ticket.basis in GUESSES, never_fits(ticket.estimate, self._widest), held)
             if why is None:
                 return True
             ticket.pending, ticket.refused = True, True  # holds nothing from now on
