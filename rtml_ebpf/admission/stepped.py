@@ -18,16 +18,19 @@ spared the request growing beside it."""
 
 from __future__ import annotations
 
-import asyncio
+import sys
 import threading
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backends.meter import Meter
 from ..errors import RequestMemoryExceeded
 from . import follow as _follow
 from .forks import native_id
 from .ticket import Ticket
+
+if TYPE_CHECKING:  # asyncio is imported by the request's server, not by `import rtml_ebpf` (P4)
+    import asyncio
 
 
 class Stepped:
@@ -65,8 +68,9 @@ class Stepped:
         acc = ticket.account
         ident = threading.get_ident()
         tid = native_id()
+        aio = sys.modules.get("asyncio")  # loaded wherever a coroutine is driven by asyncio
         try:
-            self._task = asyncio.current_task()
+            self._task = aio.current_task() if aio is not None else None
         except RuntimeError:
             self._task = None  # not under asyncio (driven by hand): an ended request waits for its next step
         wake = acc.wake = self._wake if self._task is not None else None
@@ -102,7 +106,7 @@ class Stepped:
                     send, error = (yield yielded), None
                 except BaseException as exc:  # noqa: BLE001 - thrown into us: pass it to the coroutine
                     send, error = None, exc
-                    if self._interrupting and isinstance(exc, asyncio.CancelledError):
+                    if self._interrupting and aio is not None and isinstance(exc, aio.CancelledError):
                         error, thrown = RequestMemoryExceeded(), True  # our cancel: the request was ended
                         uncancel = getattr(self._task, "uncancel", None)  # 3.11+: keeps cancelling() true
                         if uncancel is not None:
