@@ -172,12 +172,10 @@ class SharedRoutes:
                 with self._lock:
                     self._known = known
         with self._lock:
-            samples = self._known.pop(route, None)  # replayed once: the file's, not ours, from here
-        if not samples or len(samples) < estimator.min_samples:
-            if samples:
-                with self._lock:
-                    self._known.setdefault(route, samples)
-            return False
+            samples = self._known.get(route)
+            if not samples or len(samples) < estimator.min_samples:
+                return False
+            del self._known[route]  # replayed once: the file's, not ours, from here
         for cost, size in samples:
             estimator.observe(route, cost, size or None)
         log.debug("rtml-ebpf: %s starts from %d measurements of the cgroup's processes", route, len(samples))
